@@ -1,0 +1,1 @@
+"""Backends: one per framework and gradient path; see base.py for the contract."""

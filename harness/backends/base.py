@@ -1,0 +1,156 @@
+"""The Backend contract every framework implementation fulfils.
+
+The training loop (harness/loop.py) and the parameter server only talk to this interface, so
+the PyTorch and TensorFlow implementations cannot drift apart. Implementations are chosen by
+name with :func:`create`; only the chosen module imports its framework.
+
+The real asymmetry between the frameworks is part of the contract:
+``broadcast_after_first_step`` is False for PyTorch (parameters and optimizer state are
+broadcast before step 1) and True for TensorFlow (the optimizer's variables only exist once it
+has applied a step, so model and optimizer variables are broadcast right after step 1).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from harness.backends.common import configure_threads
+from harness.config import RunConfig
+from harness.env import World
+from models.base import ModelSpec
+
+# (framework, gradient path) -> "module:Class"
+IMPLEMENTATIONS = {
+    ("torch", "horovod"): "harness.backends.horovod_torch:HorovodTorchBackend",
+    ("torch", "mpi"): "harness.backends.horovod_torch:MPITorchBackend",
+    ("torch", "local"): "harness.backends.horovod_torch:LocalTorchBackend",
+    ("tensorflow", "horovod"): "harness.backends.horovod_tf:HorovodTFBackend",
+    ("tensorflow", "mpi"): "harness.backends.horovod_tf:MPITFBackend",
+    ("tensorflow", "local"): "harness.backends.horovod_tf:LocalTFBackend",
+}
+
+
+@dataclass
+class StepResult:
+    loss: float          # mean loss of this rank's batch
+    correct: int         # correctly classified samples of this rank's batch
+    applied: bool = True  # False when the step was skipped (non-finite gradients, nan_policy=skip)
+
+
+@dataclass
+class BackendInfo:
+    framework: str
+    gradient_path: str                   # horovod | mpi | local
+    versions: dict[str, str] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    """One framework's model, optimizer and gradient exchange for one rank."""
+
+    framework: ClassVar[str]
+    gradient_path: ClassVar[str]
+    broadcast_after_first_step: ClassVar[bool]
+
+    def __init__(self, cfg: RunConfig, world: World) -> None:
+        self.cfg = cfg
+        self.world = world
+
+    # --- lifecycle ---
+    @abstractmethod
+    def init_distributed(self) -> World:
+        """Start the communication runtime; return the world it sees (checked by the caller)."""
+
+    @abstractmethod
+    def setup(self, spec: ModelSpec, weights: dict[str, np.ndarray], lr: float) -> None:
+        """Build the model from canonical ``weights`` and the (wrapped) optimizer."""
+
+    @abstractmethod
+    def broadcast_state(self, resumed: bool = False) -> None:
+        """Make every rank's model and optimizer state equal to rank 0's.
+
+        ``resumed`` (the same on every rank) says rank 0 restored optimizer state that the
+        other ranks do not have yet.
+        """
+
+    def shutdown(self) -> None:  # noqa: B027 - optional hook
+        """Release the runtime (called once, also after errors)."""
+
+    # --- training ---
+    @abstractmethod
+    def train_step(self, x: np.ndarray, y: np.ndarray) -> StepResult:
+        """Forward, backward, gradient exchange and update on this rank's batch."""
+
+    @abstractmethod
+    def eval_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
+        """(sum of per-sample losses, correct predictions) in inference mode."""
+
+    @abstractmethod
+    def set_lr(self, lr: float) -> None:
+        ...
+
+    # --- state, canonical layout (see models.base) ---
+    @abstractmethod
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """Model weights and batch-norm statistics by canonical name."""
+
+    @abstractmethod
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        ...
+
+    @abstractmethod
+    def get_optimizer_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """(arrays, JSON-able metadata) that restore the optimizer exactly."""
+
+    @abstractmethod
+    def set_optimizer_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        ...
+
+    # --- flat-vector interface used by the parameter server ---
+    @abstractmethod
+    def compute_gradients(self, x: np.ndarray, y: np.ndarray, out: np.ndarray) -> StepResult:
+        """Write this batch's gradient of the trainable parameters into the flat ``out``."""
+
+    @abstractmethod
+    def get_flat_params(self, out: np.ndarray) -> None:
+        ...
+
+    @abstractmethod
+    def set_flat_params(self, flat: np.ndarray) -> None:
+        ...
+
+    # --- small host-side collectives (metrics, agreement flags) ---
+    @abstractmethod
+    def allreduce_host(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
+        """Reduce a small float64 vector over all ranks (op: sum or max)."""
+
+    @abstractmethod
+    def info(self) -> BackendInfo:
+        ...
+
+
+def resolve_gradient_path(requested: str, mode: str) -> str:
+    """``auto`` means Horovod when it imports, else mpi4py. Async workers compute locally."""
+    if mode == "async":
+        return "local"
+    if requested != "auto":
+        return requested
+    return "horovod" if importlib.util.find_spec("horovod") is not None else "mpi"
+
+
+def create(cfg: RunConfig, world: World, gradient_path: str) -> Backend:
+    """Instantiate the backend for ``cfg.framework`` and ``gradient_path`` (imports it now)."""
+    configure_threads(cfg, world)      # before the framework is imported
+    key = (cfg.framework, gradient_path)
+    if key not in IMPLEMENTATIONS:
+        valid = ", ".join(f"{f}/{p}" for f, p in IMPLEMENTATIONS)
+        raise ValueError(f"no backend for framework {cfg.framework!r} with gradient path "
+                         f"{gradient_path!r}; valid: {valid}")
+    module, cls = IMPLEMENTATIONS[key].split(":")
+    return getattr(importlib.import_module(module), cls)(cfg, world)

@@ -1,0 +1,130 @@
+"""Framework-free pieces both backends share: Horovod settings, threads, flat layouts.
+
+Only functions that receive the framework's operations as arguments live here (DESIGN.md §3.2);
+nothing in this module imports torch, tensorflow, horovod or mpi4py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from harness.config import RunConfig
+from harness.env import World, cores_per_rank
+from harness.errors import ConfigError
+from models.base import ModelSpec
+
+
+def configure_threads(cfg: RunConfig, world: World) -> int:
+    """Per-rank compute threads, exported before the framework is imported.
+
+    Without this every rank starts one thread per core: two ranks on two cores then run ~30x
+    slower from oversubscription.
+    """
+    threads = cfg.threads_per_rank or cores_per_rank(world.local_size)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return threads
+
+
+def horovod_environment(cfg: RunConfig, world: World) -> dict[str, str]:
+    """HOROVOD_* variables for the knobs set in the config (None keeps Horovod's default)."""
+    env: dict[str, str] = {}
+    if cfg.fusion_threshold_mb is not None:
+        env["HOROVOD_FUSION_THRESHOLD"] = str(int(cfg.fusion_threshold_mb * 1024 * 1024))
+    if cfg.cycle_time_ms is not None:
+        env["HOROVOD_CYCLE_TIME"] = repr(cfg.cycle_time_ms)
+    if cfg.timeline:
+        env["HOROVOD_TIMELINE"] = os.path.abspath(cfg.timeline)
+    # Horovod's stall inspector names the ranks that did not submit a tensor; past the shutdown
+    # time it stops the job instead of waiting for the wall-clock limit.
+    check = max(1, int(min(60.0, cfg.stall_timeout_s / 2)))
+    env["HOROVOD_STALL_CHECK_TIME_SECONDS"] = str(check)
+    env["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] = str(int(math.ceil(cfg.stall_timeout_s)))
+    return env
+
+
+def apply_horovod_environment(cfg: RunConfig, world: World) -> dict[str, str]:
+    env = horovod_environment(cfg, world)
+    os.environ.update(env)
+    return env
+
+
+def check_horovod_combination(cfg: RunConfig, size: int, gloo: bool, gpu: bool) -> None:
+    """Reject knob combinations Horovod would fail on mid-run, before the first step."""
+    if cfg.reduction == "adasum":
+        if gloo and not gpu:
+            raise ConfigError("reduction = 'adasum' on CPU needs Horovod's MPI controller, but "
+                              "this job runs on Gloo: launch with `horovodrun --mpi` (or mpirun) "
+                              "or set reduction = 'average'")
+        if size & (size - 1):
+            raise ConfigError(f"reduction = 'adasum' needs a power-of-two number of ranks; this "
+                              f"job has {size}: use 1, 2, 4, 8, ... ranks or reduction = 'average'")
+        if cfg.gradient_predivide_factor != 1.0:
+            raise ConfigError("gradient_predivide_factor applies to reduction = 'average' only")
+
+
+def check_mpi_path(cfg: RunConfig) -> None:
+    """The mpi4py gradient path implements the plain averaging allreduce only."""
+    if cfg.compression != "none":
+        raise ConfigError(f"compression = {cfg.compression!r} needs Horovod (allreduce = "
+                          "'horovod'); the mpi4py path sends fp32")
+    if cfg.reduction != "average":
+        raise ConfigError(f"reduction = {cfg.reduction!r} needs Horovod (allreduce = 'horovod')")
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """Where each trainable parameter lives in one flat float32 vector (spec order)."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    offsets: tuple[int, ...]
+    total: int
+
+    @classmethod
+    def of(cls, spec: ModelSpec) -> "FlatLayout":
+        names, shapes, offsets, off = [], [], [], 0
+        for p in spec.trainable:
+            names.append(p.name)
+            shapes.append(p.shape)
+            offsets.append(off)
+            off += p.size
+        return cls(tuple(names), tuple(shapes), tuple(offsets), off)
+
+    def shard(self, k: int, n: int) -> tuple[int, int]:
+        """[start, stop) of shard k of n, as even as possible."""
+        base, extra = divmod(self.total, n)
+        start = k * base + min(k, extra)
+        return start, start + base + (1 if k < extra else 0)
+
+    def flatten(self, weights: dict[str, np.ndarray]) -> np.ndarray:
+        out = np.empty(self.total, np.float32)
+        for name, off in zip(self.names, self.offsets):
+            a = weights[name]
+            out[off:off + a.size] = a.ravel()
+        return out
+
+    def unflatten(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: flat[off:off + math.prod(shape)].reshape(shape)
+                for name, shape, off in zip(self.names, self.shapes, self.offsets)}
+
+
+def check_weight_names(expected: dict[str, tuple[int, ...]], got: dict[str, np.ndarray],
+                       what: str) -> None:
+    """Same parameter names and shapes, or an error naming the first difference."""
+    from harness.errors import CheckpointError
+
+    missing = [k for k in expected if k not in got]
+    extra = [k for k in got if k not in expected]
+    if missing or extra:
+        raise CheckpointError(f"{what} does not fit this model: missing {missing[:3]}, "
+                              f"unexpected {extra[:3]}; was it saved from another model?")
+    for k, shape in expected.items():
+        if tuple(got[k].shape) != tuple(shape):
+            raise CheckpointError(f"{what}: parameter {k!r} has shape {tuple(got[k].shape)}, "
+                                  f"the model expects {tuple(shape)}")

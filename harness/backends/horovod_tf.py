@@ -1,0 +1,339 @@
+"""TensorFlow 2 / Keras backends: Horovod (DistributedGradientTape), mpi4py flat allreduce, local.
+
+TensorFlow side of the contract: the optimizer's variables exist only after it has applied a
+step, so model *and* optimizer variables are broadcast right after step 1
+(``broadcast_after_first_step``). Keras 3 variables have no ``.ref()``: Horovod is given the
+underlying ``tf.Variable`` of each (``v.value``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from harness.backends.base import Backend, BackendInfo, StepResult
+from harness.backends.common import (FlatLayout, apply_horovod_environment, check_horovod_combination,
+                                     check_mpi_path, check_weight_names, configure_threads)
+from harness.env import World
+from models import load_impl
+from models.base import ModelSpec, from_keras_layout, to_keras_layout
+
+
+def import_keras(flavour: str):
+    """(tensorflow, keras module) for ``keras3`` or ``legacy`` (tf_keras, Keras 2)."""
+    if flavour == "legacy":
+        os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    import tensorflow as tf
+
+    if flavour == "legacy":
+        import tf_keras as keras
+    else:
+        import keras
+    return tf, keras
+
+
+def tf_variables(variables) -> list:
+    """The tf.Variable behind each Keras variable (Keras 3 wraps them; Keras 2 does not)."""
+    import tensorflow as tf
+
+    return [v if isinstance(v, tf.Variable) else v.value for v in variables]
+
+
+def optimizer_variables(opt) -> list:
+    v = opt.variables
+    return list(v() if callable(v) else v)
+
+
+class TFBackend(Backend):
+    framework = "tensorflow"
+    broadcast_after_first_step = True
+
+    def __init__(self, cfg, world: World) -> None:
+        super().__init__(cfg, world)
+        self.threads = configure_threads(cfg, world)
+        tf, keras = import_keras(cfg.keras)
+        self.tf, self.keras = tf, keras
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(self.threads)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:   # the runtime was already initialised in this process
+            pass
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            gpu = gpus[world.local_rank % len(gpus)]
+            tf.config.set_visible_devices(gpu, "GPU")
+            tf.config.experimental.set_memory_growth(gpu, True)
+        self.gpu = bool(gpus)
+
+    # --- building ---
+    def setup(self, spec: ModelSpec, weights: dict[str, np.ndarray], lr: float) -> None:
+        from models.tf_layers import canonical_variables
+
+        tf, keras, c = self.tf, self.keras, self.cfg
+        self.spec = spec
+        self.layout = FlatLayout.of(spec)
+        self.kinds = {p.name: p.kind for p in spec.params}
+        self.model = load_impl(spec.name, "tensorflow").build(spec, keras)
+        self.canon = canonical_variables(self.model)
+        self.set_weights(weights)
+        self.trainable = [self.canon[n] for n in self.layout.names]
+        self.tf_trainable = tf_variables(self.trainable)
+        if c.optimizer == "sgd":
+            self.opt = keras.optimizers.SGD(learning_rate=lr, momentum=c.momentum)
+        else:
+            self.opt = keras.optimizers.Adam(learning_rate=lr, epsilon=1e-8)
+        self.opt.build(self.trainable)
+        x_spec = tf.TensorSpec([None, *spec.input_shape], tf.float32)
+        y_spec = tf.TensorSpec([None], tf.int64)
+        self._train_fn = tf.function(self._train_step_graph, input_signature=[x_spec, y_spec])
+        self._grad_fn = tf.function(self._local_gradients, input_signature=[x_spec, y_spec])
+        self._eval_fn = tf.function(self._eval_graph, input_signature=[x_spec, y_spec])
+        self._apply_fn = tf.function(self._apply_flat)
+
+    def _loss(self, x, y, training: bool = True):
+        tf = self.tf
+        logits = self.model(x, training=training)
+        losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, 1), y), tf.int64))
+        return losses, correct
+
+    def _local_gradients(self, x, y):
+        """Mean-loss gradients accumulated over backward_passes_per_step micro-batches."""
+        tf, k = self.tf, self.cfg.backward_passes_per_step
+        n = tf.cast(tf.shape(x)[0], tf.float32)
+        xs, ys = (tf.split(x, k), tf.split(y, k)) if k > 1 else ([x], [y])
+        acc, total, correct = None, 0.0, tf.constant(0, tf.int64)
+        for xc, yc in zip(xs, ys):
+            with tf.GradientTape() as tape:
+                losses, corr = self._loss(xc, yc)
+                loss = tf.reduce_sum(losses) / n
+            grads = tape.gradient(loss, self.tf_trainable)
+            acc = grads if acc is None else [a + g for a, g in zip(acc, grads)]
+            total, correct = total + loss, correct + corr
+        return total, correct, acc
+
+    def _apply(self, grads):
+        """Weight decay (as PyTorch's SGD/Adam do it: added to the gradient) and the update."""
+        tf, wd = self.tf, self.cfg.weight_decay
+        if wd:
+            grads = [g + wd * v for g, v in zip(grads, self.tf_trainable)]
+        if self.cfg.nan_policy == "skip":
+            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+
+            def apply():
+                self.opt.apply_gradients(zip(grads, self.trainable))
+                return tf.constant(True)
+
+            return tf.cond(finite, apply, lambda: tf.constant(False))
+        self.opt.apply_gradients(zip(grads, self.trainable))
+        return tf.constant(True)
+
+    def _reduced_gradients(self, x, y):
+        """Local gradients; the Horovod subclass averages them over ranks."""
+        return self._local_gradients(x, y)
+
+    def _train_step_graph(self, x, y):
+        loss, correct, grads = self._reduced_gradients(x, y)
+        applied = self._apply(grads)
+        return loss, correct, applied
+
+    def _apply_flat(self, flat):
+        tf = self.tf
+        grads, off = [], 0
+        for v in self.tf_trainable:
+            n = int(np.prod(v.shape))
+            grads.append(tf.reshape(flat[off:off + n], v.shape))
+            off += n
+        return self._apply(grads)
+
+    def _eval_graph(self, x, y):
+        losses, correct = self._loss(x, y, training=False)
+        return self.tf.reduce_sum(losses), correct
+
+    # --- steps ---
+    def train_step(self, x: np.ndarray, y: np.ndarray) -> StepResult:
+        loss, correct, applied = self._train_fn(x, y)
+        return StepResult(float(loss), int(correct), bool(applied))
+
+    def eval_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
+        loss, correct = self._eval_fn(x, y)
+        return float(loss), int(correct)
+
+    def set_lr(self, lr: float) -> None:
+        self.opt.learning_rate = lr
+
+    # --- state ---
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return {n: np.array(from_keras_layout(self.kinds[n], v.numpy()))
+                for n, v in self.canon.items()}
+
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        expected = {n: tuple(from_keras_layout(self.kinds[n], np.empty(v.shape)).shape)
+                    for n, v in self.canon.items()}
+        check_weight_names(expected, weights, "weights")
+        for n, v in self.canon.items():
+            v.assign(to_keras_layout(self.kinds[n], np.asarray(weights[n], np.float32)))
+
+    def get_optimizer_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        variables = optimizer_variables(self.opt)
+        arrays = {f"{i:04d}": np.array(v.numpy()) for i, v in enumerate(variables)}
+        names = [getattr(v, "path", None) or v.name for v in variables]
+        return arrays, {"kind": f"keras.optimizers.{self.cfg.optimizer}", "names": names}
+
+    def set_optimizer_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        from harness.errors import CheckpointError
+
+        variables = optimizer_variables(self.opt)
+        if len(arrays) != len(variables):
+            raise CheckpointError(f"optimizer state has {len(arrays)} variables, this optimizer "
+                                  f"{len(variables)}: was it saved with another optimizer?")
+        for i, v in enumerate(variables):
+            a = arrays[f"{i:04d}"]
+            if tuple(a.shape) != tuple(v.shape):
+                raise CheckpointError(f"optimizer variable {i} has shape {a.shape}, expected "
+                                      f"{tuple(v.shape)}")
+            v.assign(a)
+
+    # --- flat vectors (parameter server), canonical layout ---
+    def compute_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[StepResult, np.ndarray]:
+        loss, correct, grads = self._grad_fn(x, y)
+        flat = np.empty(self.layout.total, np.float32)
+        for n, off, g in zip(self.layout.names, self.layout.offsets, grads):
+            a = from_keras_layout(self.kinds[n], g.numpy())
+            flat[off:off + a.size] = a.ravel()
+        return StepResult(float(loss), int(correct), bool(np.isfinite(float(loss)))), flat
+
+    def get_flat_params(self) -> np.ndarray:
+        return self.layout.flatten(self.get_weights())
+
+    def set_flat_params(self, flat: np.ndarray) -> None:
+        for n, a in self.layout.unflatten(flat).items():
+            self.canon[n].assign(to_keras_layout(self.kinds[n], a))
+
+    def info(self) -> BackendInfo:
+        versions = {"tensorflow": self.tf.__version__, "keras": self.keras.__version__}
+        return BackendInfo("tensorflow", self.gradient_path, versions,
+                           {"threads_per_rank": self.threads, "keras": self.cfg.keras,
+                            "device": "gpu" if self.gpu else "cpu"})
+
+
+class LocalTFBackend(TFBackend):
+    gradient_path = "local"
+
+    def init_distributed(self) -> World:
+        return self.world
+
+    def broadcast_state(self, resumed: bool = False) -> None:
+        pass
+
+    def allreduce_host(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
+        return np.asarray(values, dtype=np.float64)
+
+
+class HorovodTFBackend(TFBackend):
+    """Horovod: hvd.DistributedGradientTape; variables broadcast after the first step."""
+
+    gradient_path = "horovod"
+
+    def init_distributed(self) -> World:
+        self.hvd_env = apply_horovod_environment(self.cfg, self.world)
+        import horovod.tensorflow as hvd
+
+        self.hvd = hvd
+        hvd.init()
+        check_horovod_combination(self.cfg, hvd.size(), gloo=hvd.gloo_enabled(), gpu=self.gpu)
+        return World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(),
+                     self.world.source)
+
+    def _reduced_gradients(self, x, y):
+        tf, hvd, c = self.tf, self.hvd, self.cfg
+        compression = hvd.Compression.fp16 if c.compression == "fp16" else hvd.Compression.none
+        op = hvd.Adasum if c.reduction == "adasum" else hvd.Average
+        if c.backward_passes_per_step == 1:
+            with tf.GradientTape() as tape:
+                losses, correct = self._loss(x, y)
+                loss = tf.reduce_mean(losses)
+            tape = hvd.DistributedGradientTape(
+                tape, compression=compression, op=op,
+                gradient_predivide_factor=c.gradient_predivide_factor)
+            return loss, correct, tape.gradient(loss, self.tf_trainable)
+        # Accumulated micro-batches: one allreduce of the summed gradients, with the same
+        # grouped op and scaling the tape uses.
+        loss, correct, grads = self._local_gradients(x, y)
+        pre, post = ((1.0 / c.gradient_predivide_factor, c.gradient_predivide_factor)
+                     if op == hvd.Average else (1.0, 1.0))
+        grads = hvd.grouped_allreduce(grads, op=op, compression=compression,
+                                      prescale_factor=pre, postscale_factor=post)
+        return loss, correct, grads
+
+    def broadcast_state(self, resumed: bool = False) -> None:
+        variables = tf_variables(self.model.variables) + \
+            tf_variables(optimizer_variables(self.opt))
+        self.hvd.broadcast_variables(variables, root_rank=0)
+
+    def allreduce_host(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
+        hvd = self.hvd
+        t = self.tf.constant(np.asarray(values, dtype=np.float64))
+        out = hvd.allreduce(t, op=hvd.Sum if op == "sum" else hvd.Max, name=f"harness.host.{op}")
+        return out.numpy()
+
+    def shutdown(self) -> None:
+        self.hvd.shutdown()
+
+    def info(self) -> BackendInfo:
+        import horovod
+
+        info = super().info()
+        info.versions["horovod"] = horovod.__version__
+        info.settings.update(self.hvd_env)
+        info.settings["controller"] = "gloo" if self.hvd.gloo_enabled() else "mpi"
+        info.settings.update(compression=self.cfg.compression, reduction=self.cfg.reduction,
+                             backward_passes_per_step=self.cfg.backward_passes_per_step,
+                             gradient_predivide_factor=self.cfg.gradient_predivide_factor)
+        return info
+
+
+class MPITFBackend(TFBackend):
+    """No Horovod: one in-place mpi4py Allreduce of the flat gradient per step."""
+
+    gradient_path = "mpi"
+
+    def init_distributed(self) -> World:
+        check_mpi_path(self.cfg)
+        from harness.backends.mpi_comm import HostReducer
+
+        self.comm = HostReducer()
+        local = self.comm.comm.Split_type(self.comm.MPI.COMM_TYPE_SHARED)
+        return World(self.comm.rank, self.comm.size, local.Get_rank(), local.Get_size(),
+                     self.world.source)
+
+    def train_step(self, x: np.ndarray, y: np.ndarray) -> StepResult:
+        tf = self.tf
+        loss, correct, grads = self._grad_fn(x, y)
+        flat = tf.concat([tf.reshape(g, [-1]) for g in grads], 0).numpy()
+        if self.comm.size > 1:
+            self.comm.allreduce_flat_(flat)
+            flat *= np.float32(1.0 / self.comm.size)
+        applied = self._apply_fn(tf.constant(flat))
+        return StepResult(float(loss), int(correct), bool(applied))
+
+    def broadcast_state(self, resumed: bool = False) -> None:
+        if self.comm.size == 1:
+            return
+        for v in list(self.model.variables) + optimizer_variables(self.opt):
+            host = np.array(v.numpy())
+            self.comm.bcast_(host)
+            v.assign(host)
+
+    def allreduce_host(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
+        return self.comm.allreduce(values, op)
+
+    def info(self) -> BackendInfo:
+        import mpi4py
+
+        info = super().info()
+        info.versions["mpi4py"] = mpi4py.__version__
+        info.settings["mpi"] = self.comm.library_version()
+        return info

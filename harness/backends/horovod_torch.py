@@ -1,0 +1,346 @@
+"""PyTorch backends: Horovod (DistributedOptimizer), mpi4py flat allreduce, and local.
+
+PyTorch side of the contract: parameters and optimizer state are broadcast *before* step 1,
+and the optimizer is wrapped by ``hvd.DistributedOptimizer`` with ``named_parameters`` so every
+rank reduces tensors under the same names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from harness.backends.base import Backend, BackendInfo, StepResult
+from harness.backends.common import (FlatLayout, apply_horovod_environment, check_horovod_combination,
+                                     check_mpi_path, check_weight_names, configure_threads)
+from harness.env import World
+from models import load_impl
+from models.base import ModelSpec
+
+
+class TorchBackend(Backend):
+    """Model, optimizer and steps; subclasses decide how gradients travel."""
+
+    framework = "torch"
+    broadcast_after_first_step = False
+
+    def __init__(self, cfg, world: World) -> None:
+        super().__init__(cfg, world)
+        self.threads = configure_threads(cfg, world)
+        torch.set_num_threads(self.threads)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:   # already fixed by an earlier parallel op in this process
+            pass
+        self.device = torch.device("cpu")
+        self._flat_grad: torch.Tensor | None = None
+
+    # --- building ---
+    def setup(self, spec: ModelSpec, weights: dict[str, np.ndarray], lr: float) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.world.local_rank % torch.cuda.device_count())
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.spec = spec
+        self.layout = FlatLayout.of(spec)
+        self.model = load_impl(spec.name, "torch").build(spec).to(self.device)
+        self._state = {k: v for k, v in self.model.state_dict().items()
+                       if not k.endswith("num_batches_tracked")}
+        named = dict(self.model.named_parameters())
+        self.named_params = [(name, named[name]) for name in self.layout.names]
+        self.params = [p for _, p in self.named_params]
+        self.set_weights(weights)
+        self.optimizer = self.wrap_optimizer(self._make_optimizer(lr))
+        self.model.train()
+
+    def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        c = self.cfg
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(self.params, lr=lr, momentum=c.momentum,
+                                   weight_decay=c.weight_decay)
+        return torch.optim.Adam(self.params, lr=lr, weight_decay=c.weight_decay, eps=1e-8)
+
+    def wrap_optimizer(self, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return opt
+
+    def _use_flat_grads(self) -> torch.Tensor:
+        """Point every .grad at a slice of one contiguous buffer (zeroed with one memset)."""
+        if self._flat_grad is None:
+            self._flat_grad = torch.zeros(self.layout.total, device=self.device)
+            for p, off in zip(self.params, self.layout.offsets):
+                p.grad = self._flat_grad[off:off + p.numel()].view_as(p)
+        return self._flat_grad
+
+    # --- steps ---
+    def _batch(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        xb, yb = torch.from_numpy(x), torch.from_numpy(y)
+        if self.device.type != "cpu":
+            xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+        return xb, yb
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _forward_backward(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Local gradients of the batch mean loss, accumulated over backward_passes_per_step
+        micro-batches (each loss scaled by 1/k so the sum is the mean over the whole batch)."""
+        xb, yb = self._batch(x, y)
+        k = self.cfg.backward_passes_per_step
+        if k == 1:
+            out = self.model(xb)
+            loss = F.cross_entropy(out, yb)
+            loss.backward()
+            return loss.detach(), (out.argmax(1) == yb).sum()
+        total, correct = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        for xc, yc in zip(xb.chunk(k), yb.chunk(k)):
+            out = self.model(xc)
+            loss = F.cross_entropy(out, yc) * (len(xc) / len(xb))
+            loss.backward()
+            total += loss.detach()
+            correct += (out.argmax(1) == yc).sum()
+        return total, correct
+
+    def grads_finite(self) -> bool:
+        if self._flat_grad is not None:
+            return bool(torch.isfinite(self._flat_grad.sum()))
+        return bool(torch.isfinite(torch.stack([p.grad.sum() for p in self.params
+                                                if p.grad is not None]).sum()))
+
+    def exchange_and_step(self) -> bool:
+        """Reduce gradients over ranks and apply them; False if the step was skipped."""
+        if self.cfg.nan_policy == "skip" and not self.grads_finite():
+            return False
+        self.optimizer.step()
+        return True
+
+    def train_step(self, x: np.ndarray, y: np.ndarray) -> StepResult:
+        self.zero_grad()
+        loss, correct = self._forward_backward(x, y)
+        applied = self.exchange_and_step()
+        return StepResult(float(loss), int(correct), applied)
+
+    @torch.no_grad()
+    def eval_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
+        self.model.eval()
+        try:
+            xb, yb = self._batch(x, y)
+            out = self.model(xb)
+            loss = F.cross_entropy(out, yb, reduction="sum")
+            return float(loss), int((out.argmax(1) == yb).sum())
+        finally:
+            self.model.train()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    # --- state ---
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return {k: v.detach().cpu().numpy().copy() for k, v in self._state.items()}
+
+    @torch.no_grad()
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        check_weight_names({k: tuple(v.shape) for k, v in self._state.items()}, weights,
+                           "weights")
+        for k, t in self._state.items():
+            t.copy_(torch.from_numpy(np.ascontiguousarray(weights[k])))
+
+    def get_optimizer_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        sd = self.optimizer.state_dict()
+        arrays, scalars = {}, {}
+        for idx, st in sd["state"].items():
+            for key, val in st.items():
+                if torch.is_tensor(val):
+                    arrays[f"{idx}/{key}"] = val.detach().cpu().numpy().copy()
+                else:
+                    scalars[f"{idx}/{key}"] = val
+        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+                  for g in sd["param_groups"]]
+        return arrays, {"kind": f"torch.optim.{self.cfg.optimizer}", "param_groups": groups,
+                        "scalars": scalars}
+
+    def set_optimizer_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        state: dict[int, dict[str, Any]] = {}
+        for key, arr in arrays.items():
+            idx, name = key.split("/", 1)
+            state.setdefault(int(idx), {})[name] = torch.from_numpy(arr.copy()).to(self.device) \
+                if arr.ndim else torch.tensor(arr.item())
+        for key, val in meta.get("scalars", {}).items():
+            idx, name = key.split("/", 1)
+            state.setdefault(int(idx), {})[name] = val
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+    # --- flat vectors (parameter server) ---
+    def compute_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[StepResult, np.ndarray]:
+        flat = self._use_flat_grads()
+        flat.zero_()
+        loss, correct = self._forward_backward(x, y)
+        finite = bool(torch.isfinite(loss))
+        return StepResult(float(loss), int(correct), finite), flat.cpu().numpy()
+
+    def get_flat_params(self) -> np.ndarray:
+        with torch.no_grad():
+            return torch.cat([p.detach().reshape(-1) for p in self.params]).cpu().numpy()
+
+    @torch.no_grad()
+    def set_flat_params(self, flat: np.ndarray) -> None:
+        src = torch.from_numpy(flat)
+        for p, off in zip(self.params, self.layout.offsets):
+            p.copy_(src[off:off + p.numel()].view_as(p))
+
+    # --- info ---
+    def info(self) -> BackendInfo:
+        return BackendInfo("torch", self.gradient_path, {"torch": torch.__version__},
+                           {"threads_per_rank": self.threads, "device": str(self.device)})
+
+
+class LocalTorchBackend(TorchBackend):
+    """One process, no gradient exchange (single-process runs and parameter-server workers)."""
+
+    gradient_path = "local"
+
+    def init_distributed(self) -> World:
+        return self.world
+
+    def broadcast_state(self, resumed: bool = False) -> None:
+        pass
+
+    def allreduce_host(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
+        return np.asarray(values, dtype=np.float64)
+
+
+class HorovodTorchBackend(TorchBackend):
+    """Horovod: hvd.DistributedOptimizer, broadcast_parameters + broadcast_optimizer_state."""
+
+    gradient_path = "horovod"
+
+    def init_distributed(self) -> World:
+        self.hvd_env = apply_horovod_environment(self.cfg, self.world)
+        import horovod.torch as hvd
+
+        self.hvd = hvd
+        hvd.init()
+        check_horovod_combination(self.cfg, hvd.size(), gloo=hvd.gloo_enabled(),
+                                  gpu=torch.cuda.is_available())
+        return World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(),
+                     self.world.source)
+
+    def wrap_optimizer(self, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        hvd, c = self.hvd, self.cfg
+        return hvd.DistributedOptimizer(
+            opt, named_parameters=self.named_params,
+            compression=hvd.Compression.fp16 if c.compression == "fp16" else hvd.Compression.none,
+            backward_passes_per_step=c.backward_passes_per_step,
+            op=hvd.Adasum if c.reduction == "adasum" else hvd.Average,
+            gradient_predivide_factor=c.gradient_predivide_factor)
+
+    def broadcast_state(self, resumed: bool = False) -> None:
+        hvd = self.hvd
+        # A fresh optimizer is identical on every rank by construction, so only a restored one
+        # is broadcast: Horovod initialises an empty optimizer state with one zero-gradient
+        # step, which would apply weight decay once and advance Adam's step counter. That step
+        # can move the weights of the ranks without state, so parameters are broadcast after.
+        if resumed:
+            hvd.broadcast_optimizer_state(self.optimizer, root_rank=0)
+        hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
+
+    def exchange_and_step(self) -> bool:
+        if self.cfg.nan_policy == "skip":
+            self.optimizer.synchronize()          # averaged gradients: the same on every rank
+            if not self.grads_finite():
+                return False
+            with self.optimizer.skip_synchronize():
+                self.optimizer.step()
+            return True
+        self.optimizer.step()
+        return True
+
+    def allreduce_host(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
+        hvd = self.hvd
+        t = torch.from_numpy(np.asarray(values, dtype=np.float64).copy())
+        out = hvd.allreduce(t, op=hvd.Sum if op == "sum" else hvd.Max, name=f"harness.host.{op}")
+        return out.numpy()
+
+    def shutdown(self) -> None:
+        self.hvd.shutdown()
+
+    def info(self) -> BackendInfo:
+        import horovod
+
+        info = super().info()
+        info.versions["horovod"] = horovod.__version__
+        info.settings.update(self.hvd_env)
+        info.settings["controller"] = "gloo" if self.hvd.gloo_enabled() else "mpi"
+        info.settings.update(compression=self.cfg.compression, reduction=self.cfg.reduction,
+                             backward_passes_per_step=self.cfg.backward_passes_per_step,
+                             gradient_predivide_factor=self.cfg.gradient_predivide_factor)
+        return info
+
+
+class MPITorchBackend(TorchBackend):
+    """No Horovod: one in-place mpi4py Allreduce of the flat gradient buffer per step."""
+
+    gradient_path = "mpi"
+
+    def init_distributed(self) -> World:
+        check_mpi_path(self.cfg)
+        from harness.backends.mpi_comm import HostReducer
+
+        self.comm = HostReducer()
+        local = self.comm.comm.Split_type(self.comm.MPI.COMM_TYPE_SHARED)
+        return World(self.comm.rank, self.comm.size, local.Get_rank(), local.Get_size(),
+                     self.world.source)
+
+    def zero_grad(self) -> None:
+        self._use_flat_grads().zero_()
+
+    def exchange_and_step(self) -> bool:
+        flat = self._flat_grad
+        if self.comm.size > 1:
+            if self.device.type != "cpu":
+                host = flat.cpu().numpy()
+                self.comm.allreduce_flat_(host)
+                flat.copy_(torch.from_numpy(host))
+            else:
+                self.comm.allreduce_flat_(flat.numpy())
+            flat.mul_(1.0 / self.comm.size)
+        return super().exchange_and_step()
+
+    def broadcast_state(self, resumed: bool = False) -> None:
+        if self.comm.size == 1:
+            return
+        for t in self._state.values():
+            host = t.detach().cpu().numpy().copy()
+            self.comm.bcast_(host)
+            with torch.no_grad():
+                t.copy_(torch.from_numpy(host))
+        if resumed:
+            self._bcast_optimizer_state()
+
+    def _bcast_optimizer_state(self) -> None:
+        """Rank 0's restored optimizer state to every rank (metadata as JSON bytes)."""
+        import json
+
+        arrays, meta = self.get_optimizer_state()
+        blob = json.dumps({"meta": meta, "shapes": {k: [list(a.shape), str(a.dtype)]
+                                                    for k, a in arrays.items()}}).encode()
+        info = json.loads(self.comm.bcast_bytes(blob))
+        arrays = {k: (arrays[k] if self.world.rank == 0 else np.empty(s, dtype=d))
+                  for k, (s, d) in info["shapes"].items()}
+        for key in sorted(arrays):
+            self.comm.bcast_(arrays[key])
+        self.set_optimizer_state(arrays, info["meta"])
+
+    def allreduce_host(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
+        return self.comm.allreduce(values, op)
+
+    def info(self) -> BackendInfo:
+        info = super().info()
+        import mpi4py
+
+        info.versions["mpi4py"] = mpi4py.__version__
+        info.settings["mpi"] = self.comm.library_version()
+        return info
+

@@ -1,0 +1,58 @@
+"""mpi4py helpers: the world communicator and buffer-based (never pickled) reductions."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def mpi():
+    """The mpi4py MPI module, initialised with MPI_THREAD_MULTIPLE (Horovod needs it too)."""
+    import mpi4py
+
+    mpi4py.rc.thread_level = "multiple"
+    from mpi4py import MPI
+
+    return MPI
+
+
+class HostReducer:
+    """Small float64 reductions over a private duplicate of COMM_WORLD."""
+
+    def __init__(self, comm=None) -> None:
+        MPI = mpi()
+        self.MPI = MPI
+        self.comm = (comm or MPI.COMM_WORLD).Dup()
+        self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
+
+    def allreduce(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
+        send = np.ascontiguousarray(values, dtype=np.float64)
+        recv = np.empty_like(send)
+        self.comm.Allreduce(send, recv, op=self._ops[op])
+        return recv
+
+    def allreduce_flat_(self, flat: np.ndarray) -> None:
+        """In-place sum of a contiguous float32 vector (the flat gradient)."""
+        self.comm.Allreduce(self.MPI.IN_PLACE, flat, op=self.MPI.SUM)
+
+    def bcast_(self, flat: np.ndarray, root: int = 0) -> None:
+        self.comm.Bcast(flat, root=root)
+
+    def bcast_bytes(self, blob: bytes, root: int = 0) -> bytes:
+        """Broadcast a byte string through the buffer API (length first; nothing pickled)."""
+        n = np.array([len(blob)], np.int64)
+        self.comm.Bcast(n, root=root)
+        buf = np.frombuffer(blob, np.uint8).copy() if self.rank == root else \
+            np.empty(int(n[0]), np.uint8)
+        self.comm.Bcast(buf, root=root)
+        return buf.tobytes()
+
+    @property
+    def rank(self) -> int:
+        return self.comm.Get_rank()
+
+    @property
+    def size(self) -> int:
+        return self.comm.Get_size()
+
+    def library_version(self) -> str:
+        return self.MPI.Get_library_version().strip().splitlines()[0]

@@ -1,0 +1,168 @@
+"""Atomic, pickle-free checkpoints.
+
+A checkpoint is one ``.npz`` file (numeric arrays only, read with ``allow_pickle=False``, so
+loading one never executes code) holding the weights in the canonical layout, the optimizer
+state, and a JSON header with the position in training and the config. Files are named by
+step and written to a temporary file, fsynced, then ``os.replace``d into place: an interrupted
+write leaves at most a stray temporary file, never a broken checkpoint under a real name.
+The newest checkpoint that loads wins; a corrupt newest one falls back to the previous one,
+which is never overwritten. ``keep`` newest files are retained.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import tempfile
+import time
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harness.errors import CheckpointError, TrainingAborted
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^(?P<prefix>[a-z0-9_-]+)-(?P<step>\d{9})\.npz$")
+
+
+@dataclass
+class Checkpoint:
+    meta: dict[str, Any]
+    weights: dict[str, np.ndarray]
+    optimizer: dict[str, np.ndarray] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["position"]["step"])
+
+
+def check_writable(directory: Path) -> None:
+    """Fail before training starts if checkpoints could not be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".probe-", delete=True):
+            pass
+    except OSError as e:
+        raise CheckpointError(f"checkpoint folder {str(directory)!r} is not writable "
+                              f"({e.strerror}): choose another out_dir or fix its "
+                              "permissions") from None
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(directory: Path, ckpt: Checkpoint, prefix: str = "ckpt", keep: int = 2) -> Path:
+    """Write atomically as ``<prefix>-<step>.npz``; keep the ``keep`` newest. Returns the path."""
+    for name, arr in ckpt.weights.items():
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise TrainingAborted(f"refusing to checkpoint step {ckpt.step}: parameter "
+                                  f"{name!r} holds NaN/Inf values (the previous checkpoint is "
+                                  "kept)")
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = dict(ckpt.meta, format_version=FORMAT_VERSION, saved_at=time.time())
+    arrays = {"meta.json": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+    arrays.update({f"w/{k}": v for k, v in ckpt.weights.items()})
+    arrays.update({f"o/{k}": v for k, v in ckpt.optimizer.items()})
+    final = directory / f"{prefix}-{ckpt.step:09d}.npz"
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{prefix}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        hint = " (the disk is full)" if e.errno == errno.ENOSPC else ""
+        prev = latest_paths(directory, prefix)
+        kept = f"; the previous checkpoint {prev[0].name} is intact" if prev else ""
+        raise CheckpointError(f"could not write checkpoint {final}: {e.strerror}{hint}{kept}. "
+                              "Free space or choose another out_dir, then resume.") from None
+    _fsync_dir(directory)
+    for old in latest_paths(directory, prefix)[keep:]:
+        try:
+            old.unlink()
+        except OSError:
+            pass
+    return final
+
+
+def latest_paths(directory: Path, prefix: str = "ckpt") -> list[Path]:
+    """Checkpoint files of ``prefix`` in ``directory``, newest (highest step) first."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for p in directory.iterdir():
+        m = _NAME.match(p.name)
+        if m and m["prefix"] == prefix:
+            found.append((int(m["step"]), p))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def load(path: Path) -> Checkpoint:
+    """Read one checkpoint file; CheckpointError if it is not a complete harness checkpoint."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "meta.json" not in z.files:
+                raise CheckpointError(f"{path} is not a harness checkpoint (no meta.json)")
+            meta = json.loads(bytes(z["meta.json"]).decode())
+            weights = {k[2:]: z[k] for k in z.files if k.startswith("w/")}
+            optimizer = {k[2:]: z[k] for k in z.files if k.startswith("o/")}
+    except CheckpointError:
+        raise
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error,
+            json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: "
+                              f"{e})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format {meta.get('format_version')!r}; "
+                              f"this harness reads format {FORMAT_VERSION}")
+    return Checkpoint(meta, weights, optimizer, path)
+
+
+def load_latest(directory: Path, prefix: str = "ckpt",
+                warn=None) -> Checkpoint | None:
+    """The newest checkpoint that loads, skipping (and reporting) corrupt newer ones."""
+    errors = []
+    for p in latest_paths(directory, prefix):
+        try:
+            ckpt = load(p)
+        except CheckpointError as e:
+            errors.append(str(e))
+            if warn:
+                warn(f"skipping unreadable checkpoint: {e}")
+            continue
+        return ckpt
+    if errors:
+        raise CheckpointError("no readable checkpoint in " f"{directory}: " + "; ".join(errors))
+    return None
+
+
+def check_compatible(ckpt: Checkpoint, expected: dict[str, Any]) -> None:
+    """The checkpoint must come from the same framework, model and parameter-server layout."""
+    for key, want in expected.items():
+        got = ckpt.meta.get(key)
+        if got != want:
+            raise CheckpointError(f"checkpoint {ckpt.path} was written with {key} = {got!r}, but "
+                                  f"this run has {key} = {want!r}: resume with the same {key}, "
+                                  "or start in a fresh out_dir/run_name")

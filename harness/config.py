@@ -1,0 +1,342 @@
+"""Run configuration: one typed, flat dataclass loaded from TOML with CLI overrides.
+
+The dataclass is the single source of truth: the TOML keys, the ``harness train`` flags and
+the values saved next to every result and checkpoint all come from its fields.
+
+Example::
+
+    cfg = RunConfig.load("configs/digits.toml", overrides={"framework": "tensorflow"})
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.errors import ConfigError
+
+
+def option(default: Any, help: str, choices: tuple | None = None, minimum: float | None = None,
+           exclusive_min: bool = False, maximum: float | None = None) -> Any:
+    """A dataclass field with the metadata that validation and CLI flags are made from."""
+    meta = {"help": help, "choices": choices, "minimum": minimum,
+            "exclusive_min": exclusive_min, "maximum": maximum}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_opt = option
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Everything that defines a run. Per-rank quantities say so in their help."""
+
+    # --- what to train ---
+    framework: str = _opt("torch", "deep learning framework", ("torch", "tensorflow"))
+    model: str = _opt("mlp", "model name (see `harness models`)",
+                      ("mlp", "cnn", "resnet20", "resnet50"))
+    dataset: str = _opt("digits", "digits (bundled with scikit-learn), synthetic, or npz",
+                        ("digits", "synthetic", "npz"))
+    data_path: str | None = _opt(None, "npz file with x_train, y_train, x_test, y_test "
+                                 "(dataset = npz)")
+    synthetic_samples: int = _opt(2048, "training samples of the synthetic dataset", minimum=1)
+    mode: str = _opt("sync", "sync: allreduce data parallel; async: mpi4py parameter server",
+                     ("sync", "async"))
+    allreduce: str = _opt("auto", "sync gradient path: horovod, mpi (mpi4py Allreduce of one flat "
+                          "buffer), or auto (horovod if importable)", ("auto", "horovod", "mpi"))
+
+    # --- optimisation ---
+    optimizer: str = _opt("sgd", "optimizer (the parameter server supports sgd only)",
+                          ("sgd", "adam"))
+    lr: float = _opt(0.05, "learning rate for one rank; scaled by world size when "
+                     "lr_scaling = linear", minimum=0.0, exclusive_min=True)
+    lr_scaling: str = _opt("linear", "learning-rate scaling with the number of ranks",
+                           ("linear", "none"))
+    warmup_epochs: float = _opt(0.0, "linear learning-rate warm-up from lr to the scaled lr",
+                                minimum=0.0)
+    momentum: float = _opt(0.9, "SGD momentum", minimum=0.0, maximum=1.0)
+    weight_decay: float = _opt(0.0, "L2 weight decay", minimum=0.0)
+    batch_size: int = _opt(32, "samples per rank and step", minimum=1)
+    global_batch_size: int | None = _opt(None, "samples per step over all ranks; when set it "
+                                         "replaces batch_size (must divide by the world size)",
+                                         minimum=1)
+    epochs: int = _opt(10, "passes over the training data", minimum=1)
+    max_steps: int | None = _opt(None, "stop after this many steps in total", minimum=1)
+    seed: int = _opt(0, "seed of the initial weights and of the data order", minimum=0)
+    shuffle: bool = _opt(True, "reshuffle the training data every epoch (from the seed)")
+    eval_every: int = _opt(1, "evaluate every N epochs (0: only at the end)", minimum=0)
+    target_accuracy: float | None = _opt(None, "test accuracy whose first crossing reports "
+                                         "time-to-accuracy", minimum=0.0, maximum=1.0)
+
+    # --- outputs ---
+    out_dir: str = _opt("results", "folder that holds one sub-folder per run")
+    run_name: str | None = _opt(None, "run folder name (default: derived from the config)")
+    checkpoint_every: int = _opt(0, "also checkpoint every N steps (0: at epoch ends only)",
+                                 minimum=0)
+    resume: str = _opt("auto", "auto: resume from the run folder's checkpoint if there is one; "
+                       "never: refuse to start over an existing checkpoint; or a checkpoint path")
+    log_every: int = _opt(10, "progress line every N steps on rank 0", minimum=1)
+
+    # --- Horovod knobs ---
+    compression: str = _opt("none", "gradient compression on the wire", ("none", "fp16"))
+    backward_passes_per_step: int = _opt(1, "local gradient accumulation steps per allreduce",
+                                         minimum=1)
+    reduction: str = _opt("average", "gradient reduction op", ("average", "adasum"))
+    gradient_predivide_factor: float = _opt(1.0, "divide gradients by this before the sum and "
+                                            "by size/this after", minimum=0.0,
+                                            exclusive_min=True)
+    fusion_threshold_mb: float | None = _opt(None, "Horovod tensor fusion buffer in MiB "
+                                             "(default: Horovod's 128; 0 disables fusion)",
+                                             minimum=0.0)
+    cycle_time_ms: float | None = _opt(None, "Horovod cycle time in ms (default: Horovod's)",
+                                       minimum=0.0, exclusive_min=True)
+    timeline: str | None = _opt(None, "write Horovod's timeline (Chrome trace JSON) to this file")
+    threads_per_rank: int | None = _opt(None, "compute threads per rank (default: cores on the "
+                                        "node divided by ranks on the node)", minimum=1)
+
+    # --- TensorFlow ---
+    tf_loop: str = _opt("custom", "TensorFlow training style: custom (GradientTape) or fit "
+                        "(model.fit with Horovod callbacks)", ("custom", "fit"))
+    keras: str = _opt("keras3", "Keras flavour: keras3, or legacy (tf_keras, Keras 2)",
+                      ("keras3", "legacy"))
+
+    # --- asynchronous parameter server ---
+    ps_servers: int = _opt(1, "server ranks (placed first); the other ranks are workers",
+                           minimum=1)
+    ps_consistency: str = _opt("async", "async (unbounded staleness), ssp (bounded) or bsp "
+                               "(synchronous)", ("async", "ssp", "bsp"))
+    ps_staleness: int = _opt(3, "ssp: how many versions a worker may run ahead of the slowest",
+                             minimum=0)
+    ps_staleness_lr: bool = _opt(False, "scale each update's learning rate by 1/staleness")
+    ps_on_worker_failure: str = _opt("continue", "a worker that raises: continue with the rest, "
+                                     "or abort the job", ("continue", "abort"))
+    straggler_rank: int | None = _opt(None, "make this rank slow, for experiments", minimum=0)
+    straggler_factor: float = _opt(2.0, "the straggler's step time as a multiple of its "
+                                   "compute time", minimum=1.0)
+
+    # --- reliability ---
+    stall_timeout_s: float = _opt(300.0, "report a rank that makes no progress for this long "
+                                  "and stop the job", minimum=1.0)
+    nan_policy: str = _opt("stop", "non-finite loss or gradients: stop the run, or skip the "
+                           "step", ("stop", "skip"))
+    agree_every: int = _opt(20, "steps between the ranks' agreement on stopping "
+                            "(preemption, errors)", minimum=1)
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        if self.dataset == "npz" and not self.data_path:
+            raise ConfigError("dataset = 'npz' needs data_path: set data_path = "
+                              "'/path/to/data.npz' (arrays x_train, y_train, x_test, y_test)")
+        if self.dataset != "npz" and self.data_path:
+            raise ConfigError(f"data_path = {self.data_path!r} is only read when dataset = 'npz' "
+                              f"(dataset is {self.dataset!r}): drop data_path or set "
+                              "dataset = 'npz'")
+        if self.mode == "async" and self.optimizer != "sgd":
+            raise ConfigError(f"optimizer = {self.optimizer!r} is not available in async mode: "
+                              "the parameter servers run SGD with momentum; set optimizer = 'sgd'")
+        if self.tf_loop == "fit" and self.framework != "tensorflow":
+            raise ConfigError("tf_loop = 'fit' needs framework = 'tensorflow'")
+        if self.tf_loop == "fit" and self.mode == "async":
+            raise ConfigError("tf_loop = 'fit' runs in sync mode only: set mode = 'sync' or "
+                              "tf_loop = 'custom'")
+        if self.keras == "legacy" and self.framework != "tensorflow":
+            raise ConfigError("keras = 'legacy' needs framework = 'tensorflow'")
+        if self.resume not in ("auto", "never") and not self.resume.strip():
+            raise ConfigError("resume must be 'auto', 'never' or a checkpoint path")
+
+    # --- world-size dependent checks, done once the world is known ---
+    def per_rank_batch(self, workers: int) -> int:
+        """Batch per rank for ``workers`` data-parallel ranks; raises ConfigError if impossible."""
+        if self.global_batch_size is None:
+            return self.batch_size
+        if self.global_batch_size < workers:
+            raise ConfigError(f"global_batch_size = {self.global_batch_size} is smaller than the "
+                              f"{workers} ranks that share it: use at least {workers}, or fewer "
+                              "ranks")
+        if self.global_batch_size % workers:
+            raise ConfigError(f"global_batch_size = {self.global_batch_size} does not divide by "
+                              f"{workers} ranks: use a multiple of {workers}, e.g. "
+                              f"{(self.global_batch_size // workers + 1) * workers}")
+        return self.global_batch_size // workers
+
+    def default_run_name(self, world_size: int) -> str:
+        return (f"{self.framework}-{self.model}-{self.dataset}-{self.mode}-np{world_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    # --- loading ---
+    @classmethod
+    def load(cls, path: str | Path | None = None,
+             overrides: dict[str, Any] | None = None) -> "RunConfig":
+        """Build from an optional TOML file, then apply ``overrides`` (e.g. CLI flags)."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            values.update(read_toml(path))
+        values.update(overrides or {})
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "RunConfig":
+        check_known_keys(cls, values, source, "harness train --help")
+        return cls(**values)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a flat TOML run config; tables are rejected with the key to move."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist: check the path given to "
+                          "--config")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text") from None
+    for key, value in data.items():
+        if isinstance(value, dict):
+            raise ConfigError(f"config file {str(p)!r}: [{key}] is a table, but run configs "
+                              "are flat: write its keys at the top level")
+    return data
+
+
+def check_known_keys(cls: type, values: dict[str, Any], source: str, help_cmd: str) -> None:
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else \
+                f" Run `{help_cmd}` for the valid keys."
+            raise ConfigError(f"unknown key {key!r} in {source}.{hint}")
+
+
+def validate_fields(obj: Any) -> None:
+    """Type-check and range-check every field of a dataclass built with ``option()``."""
+    for f in dataclasses.fields(obj):
+        setattr(obj, f.name, _coerce(type(obj), f, getattr(obj, f.name)))
+    for f in dataclasses.fields(obj):
+        _check_range(f, getattr(obj, f.name))
+
+
+def _base_type(cls: type, f: dataclasses.Field) -> tuple[type, bool]:
+    """(scalar type, optional?) of a field annotation such as ``int | None``."""
+    hint = typing.get_type_hints(cls)[f.name]
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        return inner[0], True
+    return hint, False
+
+
+def _coerce(cls: type, f: dataclasses.Field, value: Any) -> Any:
+    typ, optional = _base_type(cls, f)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{f.name} cannot be empty: give a {typ.__name__}")
+    if typ is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{f.name} = {value!r} must be a list of strings")
+        return list(value)
+    ok = (isinstance(value, typ) and not (typ is int and isinstance(value, bool))) or \
+        (typ is float and isinstance(value, int) and not isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{f.name} = {value!r} has the wrong type: expected "
+                          f"{typ.__name__}{' or nothing' if optional else ''}, got "
+                          f"{type(value).__name__}")
+    return float(value) if typ is float else value
+
+
+def _check_range(f: dataclasses.Field, value: Any) -> None:
+    if value is None or not f.metadata:
+        return
+    m = f.metadata
+    if m.get("choices") and value not in m["choices"]:
+        close = difflib.get_close_matches(str(value), m["choices"], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{f.name} = {value!r} is not one of "
+                          f"{', '.join(map(repr, m['choices']))}{hint}")
+    lo, hi = m.get("minimum"), m.get("maximum")
+    if lo is not None and (value < lo or (m.get("exclusive_min") and value == lo)):
+        bound = f"greater than {lo}" if m.get("exclusive_min") else f"at least {lo}"
+        raise ConfigError(f"{f.name} = {value!r} is out of range: it must be {bound}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{f.name} = {value!r} is out of range: it must be at most {hi}")
+
+
+# --- CLI flags derived from the fields ---------------------------------------------------------
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, title: str,
+                            flag_names: dict[str, list[str]] | None = None) -> None:
+    """Add one ``--flag`` per field of ``cls``. Unset flags stay out of the parsed namespace."""
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("help"):
+            continue
+        typ, _ = _base_type(cls, f)
+        flags = (flag_names or {}).get(f.name) or ["--" + f.name.replace("_", "-")]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
+                                  "help": f"{f.metadata['help']} (default: {default!r})"}
+        if typ is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typ is list:
+            kwargs["type"] = lambda s: [v for v in s.split(",") if v]
+            kwargs["metavar"] = "A,B"
+        else:
+            kwargs["type"] = typ
+            kwargs["metavar"] = typ.__name__.upper()
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+                kwargs.pop("metavar")
+        group.add_argument(*flags, **kwargs)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_arguments(parser, RunConfig, "run configuration (each also a TOML key)")
+
+
+def fields_from_namespace(cls: type, ns: argparse.Namespace) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(ns).items() if k in names}
+
+
+def overrides_from_namespace(ns: argparse.Namespace) -> dict[str, Any]:
+    return fields_from_namespace(RunConfig, ns)
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    def error(self, message: str):   # argparse would print usage and exit 2
+        raise ConfigError(f"train arguments: {message}")
+
+
+def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """``harness train``'s arguments: --config plus one flag per RunConfig field."""
+    parser = parser or _RaisingParser(prog="harness train", add_help=False)
+    parser.add_argument("--config", metavar="TOML", help="run config file; flags override its keys")
+    add_config_arguments(parser)
+    return parser
+
+
+def parse_train_args(argv: list[str]) -> RunConfig:
+    """Validate ``harness train`` arguments without running anything."""
+    ns = train_parser().parse_args(argv)
+    return RunConfig.load(ns.config, overrides_from_namespace(ns))

@@ -1,0 +1,31 @@
+"""Error types the CLI turns into one clear message and a non-zero exit (no traceback)."""
+
+
+class HarnessError(Exception):
+    """A problem the user can fix; the message names the bad value and the fix."""
+
+    exit_code = 2
+
+
+class ConfigError(HarnessError):
+    """Invalid run configuration (TOML, CLI flags or a combination of them)."""
+
+
+class DataError(HarnessError):
+    """Missing or malformed dataset files."""
+
+
+class CheckpointError(HarnessError):
+    """A checkpoint that cannot be read, or that belongs to another run."""
+
+
+class EnvironmentMismatch(HarnessError):
+    """Launcher, MPI and scheduler disagree about the world (rank, size)."""
+
+
+class TrainingAborted(HarnessError):
+    """Training stopped on purpose: non-finite values, a stalled or failed rank."""
+
+    exit_code = 3
+
+

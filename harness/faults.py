@@ -1,0 +1,70 @@
+"""Fault injection for reliability tests and drills.
+
+``HARNESS_FAULT="kind@rank:step"`` (several separated by commas) makes that rank misbehave when
+it reaches that global step: ``raise`` (a Python exception), ``exit`` (exit code 13 without
+cleanup), ``kill`` (SIGKILL to itself), ``hang`` (sleep forever), ``nan`` (its batch becomes
+NaN, so loss and gradients do), or ``signal`` (SIGUSR1 to itself, as a scheduler would send).
+``rank`` may be ``*`` for every rank. Unset, it costs one dictionary lookup per step.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from harness.errors import ConfigError
+
+KINDS = ("raise", "exit", "kill", "hang", "nan", "signal")
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    rank: int | None   # None: every rank
+    step: int
+
+
+def parse(spec: str | None) -> list[Fault]:
+    faults = []
+    for part in filter(None, (p.strip() for p in (spec or "").split(","))):
+        try:
+            kind, where = part.split("@")
+            rank, step = where.split(":")
+            fault = Fault(kind, None if rank == "*" else int(rank), int(step))
+        except ValueError:
+            raise ConfigError(f"HARNESS_FAULT entry {part!r} is not kind@rank:step "
+                              "(e.g. raise@1:5)") from None
+        if fault.kind not in KINDS:
+            raise ConfigError(f"HARNESS_FAULT kind {fault.kind!r} is not one of {', '.join(KINDS)}")
+        faults.append(fault)
+    return faults
+
+
+class FaultInjector:
+    def __init__(self, rank: int, spec: str | None = None) -> None:
+        spec = os.environ.get("HARNESS_FAULT") if spec is None else spec
+        self.rank = rank
+        self.by_step = {f.step: f for f in parse(spec) if f.rank in (None, rank)}
+
+    def before_step(self, step: int, x: np.ndarray) -> np.ndarray:
+        """Called with the global step about to run (1-based) and this rank's batch."""
+        fault = self.by_step.get(step)
+        if fault is None:
+            return x
+        if fault.kind == "raise":
+            raise RuntimeError(f"injected fault: rank {self.rank} raises at step {step}")
+        if fault.kind == "exit":
+            os._exit(13)
+        if fault.kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if fault.kind == "hang":
+            while True:
+                time.sleep(3600)
+        if fault.kind == "signal":
+            os.kill(os.getpid(), signal.SIGUSR1)
+            return x
+        return np.full_like(x, np.nan)   # nan

@@ -1,0 +1,133 @@
+"""Metrics from explicit counts, written as JSON lines by rank 0.
+
+``results/<run>/metrics.jsonl`` holds one record per line, each with a ``kind``:
+
+* ``run``: once per (re)start: config, environment, world, versions, command.
+* ``step``: loss/accuracy of rank 0's batch, lr, step time, samples/s per rank and in total.
+* ``epoch``: epoch means on rank 0 and test loss/accuracy over all ranks (exact global sums).
+* ``ps``: parameter-server counters (updates/s, push/pull latency, staleness histogram).
+* ``summary``: percentiles and rates computed from the step records above, nothing estimated:
+  a value that was not measured is ``null``.
+
+The file is opened in append mode so records survive requeues; ``restart`` numbers the starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+
+def percentile(values: Iterable[float], q: float) -> float | None:
+    arr = np.asarray(list(values), dtype=np.float64)
+    return float(np.percentile(arr, q)) if arr.size else None
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/Inf become strings so the line stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        return _clean(value.item())
+    return value
+
+
+class MetricsWriter:
+    """Appends records to metrics.jsonl (rank 0); other ranks get a writer that drops them."""
+
+    def __init__(self, path: Path | None, flush_every: int = 50) -> None:
+        self.path = path
+        self._f = None
+        self._pending = 0
+        self.flush_every = flush_every
+        self.restart = 0
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.restart = sum(1 for r in read_records(path) if r.get("kind") == "run") \
+                if path.exists() else 0
+            self._f = open(path, "a", encoding="utf-8")
+
+    def write(self, kind: str, **fields: Any) -> None:
+        if self._f is None:
+            return
+        record = {"kind": kind, "restart": self.restart, "time": time.time(), **fields}
+        self._f.write(json.dumps(_clean(record), allow_nan=False) + "\n")
+        self._pending += 1
+        if kind != "step" or self._pending >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._f is not None:
+            self._f.flush()
+            self._pending = 0
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.flush()
+            self._f.close()
+            self._f = None
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl; a torn last line (killed writer) is ignored."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def latest_by_step(records: list[dict[str, Any]], kind: str, key: str = "step") -> list[dict]:
+    """Records of ``kind`` keeping only the last one written for each ``key`` value.
+
+    After a resume the steps since the last checkpoint run again; the later record is the one
+    whose effects the final weights contain.
+    """
+    by: dict[Any, dict] = {}
+    for r in records:
+        if r.get("kind") == kind:
+            by[r[key]] = r
+    return [by[k] for k in sorted(by)]
+
+
+class StepTimer:
+    """Step times of one run, with warm-up steps (graph tracing, allocator growth) set apart."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.times: list[float] = []
+        self.count = 0
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        if self.count > self.warmup:
+            self.times.append(seconds)
+
+    def summary(self, global_batch: int, world_size: int) -> dict[str, Any]:
+        p50 = percentile(self.times, 50)
+        total = global_batch / p50 if p50 else None
+        return {
+            "steps_timed": len(self.times),
+            "warmup_steps_excluded": min(self.count, self.warmup),
+            "step_time_p50_s": p50,
+            "step_time_p90_s": percentile(self.times, 90),
+            "step_time_p99_s": percentile(self.times, 99),
+            "step_time_mean_s": float(np.mean(self.times)) if self.times else None,
+            "samples_per_s_total": total,
+            "samples_per_s_per_device": total / world_size if total else None,
+        }

@@ -1,0 +1,92 @@
+"""Preemption and stall handling.
+
+Signals (SIGTERM, SIGUSR1; SLURM sends one before the time limit with ``--signal``) only set a
+flag. The loop makes every rank agree on it at a step boundary (an allreduce of the flags every
+``agree_every`` steps), rank 0 writes an atomic checkpoint, and the process exits with
+:data:`EXIT_PREEMPTED` so a batch script can requeue the job. A watchdog thread reports a rank
+that makes no progress within ``stall_timeout_s`` by name and ends it, so a stalled job stops
+instead of burning its allocation.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import sys
+import threading
+import time
+
+EXIT_PREEMPTED = 75          # EX_TEMPFAIL: "stopped at a checkpoint, requeue me"
+EXIT_STALLED = 4
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopFlag:
+    """Set by a stop signal; read by the training loop at step boundaries."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> "StopFlag":
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:   # noqa: ARG002 - signal handler signature
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def uninstall(self) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        self._previous.clear()
+
+
+class Watchdog:
+    """Ends this rank if ``tick()`` is not called for ``timeout`` seconds.
+
+    The report names the rank, the last step and what it was doing, and dumps every thread's
+    stack to stderr; the launcher then stops the other ranks.
+    """
+
+    def __init__(self, rank: int, timeout: float, log) -> None:
+        self.rank, self.timeout, self.log = rank, timeout, log
+        self.phase, self.step = "starting", 0
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="harness-watchdog", daemon=True)
+
+    def start(self) -> "Watchdog":
+        self._thread.start()
+        return self
+
+    def tick(self, step: int | None = None, phase: str | None = None) -> None:
+        self._last = time.monotonic()
+        if step is not None:
+            self.step = step
+        if phase is not None:
+            self.phase = phase
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(1.0, self.timeout / 4)):
+            idle = time.monotonic() - self._last
+            if idle > self.timeout:
+                self.log.error(
+                    f"rank {self.rank} stalled: no progress for {idle:.0f}s (stall_timeout_s = "
+                    f"{self.timeout:g}) while {self.phase} at step {self.step}. If it waits in a "
+                    "collective, Horovod's stall report above names the ranks that did not "
+                    "join. Stopping this rank; the launcher stops the others.")
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+                sys.stderr.flush()
+                os._exit(EXIT_STALLED)

@@ -1,0 +1,132 @@
+"""Pure argv builders: ``LaunchSpec`` + the per-rank program -> the launcher's argv list.
+
+No shell strings anywhere: every value is its own list element, so paths with spaces or quotes
+reach the program intact. ``shlex.join`` renders a list for display (``--dry-run``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from launchers.spec import LaunchSpec
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+def rank_program(spec: LaunchSpec, train_args: list[str]) -> list[str]:
+    """What every rank runs."""
+    return [spec.python, "-m", "harness", "train", *train_args]
+
+
+def horovodrun_argv(spec: LaunchSpec, program: list[str]) -> list[str]:
+    argv = ["horovodrun", "-np", str(spec.np)]
+    if spec.hosts:
+        argv += ["-H", spec.hosts]
+    if spec.hostfile:
+        argv += ["--hostfile", spec.hostfile]
+    if spec.controller:
+        argv.append(f"--{spec.controller}")
+    if spec.timeline_filename:
+        argv += ["--timeline-filename", spec.timeline_filename]
+    if spec.fusion_threshold_mb is not None:
+        argv += ["--fusion-threshold-mb", _num(spec.fusion_threshold_mb)]
+    if spec.cycle_time_ms is not None:
+        argv += ["--cycle-time-ms", _num(spec.cycle_time_ms)]
+    if spec.autotune:
+        argv.append("--autotune")
+    if spec.start_timeout is not None:
+        argv += ["--start-timeout", str(spec.start_timeout)]
+    return argv + program
+
+
+def mpirun_argv(spec: LaunchSpec, program: list[str]) -> list[str]:
+    if spec.mpi_flavour == "mpich":
+        argv = ["mpirun", "-n", str(spec.np)]
+        if spec.hosts:
+            argv += ["-hosts", spec.hosts]
+        if spec.hostfile:
+            argv += ["-f", spec.hostfile]
+        if spec.bind_to:
+            argv += ["-bind-to", spec.bind_to]
+        if spec.map_by:
+            argv += ["-map-by", spec.map_by]
+        if spec.export:
+            argv += ["-genvlist", ",".join(spec.export)]
+        return argv + program
+    argv = ["mpirun", "-np", str(spec.np)]
+    if spec.allow_run_as_root:
+        argv.append("--allow-run-as-root")
+    if spec.oversubscribe:
+        argv.append("--oversubscribe")
+    if spec.hosts:
+        argv += ["-H", spec.hosts]
+    if spec.hostfile:
+        argv += ["--hostfile", spec.hostfile]
+    if spec.bind_to:
+        argv += ["--bind-to", spec.bind_to]
+    if spec.map_by:
+        argv += ["--map-by", spec.map_by]
+    for name in spec.export:
+        argv += ["-x", name]
+    return argv + program
+
+
+def _slurm_layout(spec: LaunchSpec) -> list[str]:
+    argv = []
+    if spec.nodes:
+        argv.append(f"--nodes={spec.nodes}")
+    if spec.ntasks_per_node:
+        argv.append(f"--ntasks-per-node={spec.ntasks_per_node}")
+    if spec.gpus_per_task is not None:
+        argv.append(f"--gpus-per-task={spec.gpus_per_task}")
+    if spec.cpus_per_task:
+        argv.append(f"--cpus-per-task={spec.cpus_per_task}")
+    return argv
+
+
+def srun_argv(spec: LaunchSpec, program: list[str]) -> list[str]:
+    argv = ["srun", f"--mpi={spec.srun_mpi}", f"--ntasks={spec.np}", *_slurm_layout(spec),
+            "--kill-on-bad-exit=1"]
+    if spec.export:
+        argv.append("--export=" + ",".join(["ALL", *spec.export]))
+    return argv + program
+
+
+def sbatch_argv(spec: LaunchSpec, program: list[str]) -> list[str]:
+    """sbatch the script; it runs ``srun ... harness train <train args>`` itself."""
+    argv = ["sbatch", f"--ntasks={spec.np}", *_slurm_layout(spec)]
+    if spec.time:
+        argv.append(f"--time={spec.time}")
+    if spec.partition:
+        argv.append(f"--partition={spec.partition}")
+    if spec.job_name:
+        argv.append(f"--job-name={spec.job_name}")
+    if spec.export:
+        argv.append("--export=" + ",".join(["ALL", *spec.export]))
+    train_args = program[4:]           # drop "python -m harness train": the script adds them
+    return argv + [spec.script, *train_args]
+
+
+def local_argv(spec: LaunchSpec, program: list[str]) -> list[str]:
+    return list(program)
+
+
+BUILDERS: dict[str, Callable[[LaunchSpec, list[str]], list[str]]] = {
+    "horovodrun": horovodrun_argv,
+    "mpirun": mpirun_argv,
+    "srun": srun_argv,
+    "sbatch": sbatch_argv,
+    "local": local_argv,
+}
+
+
+def build_argv(spec: LaunchSpec, train_args: list[str]) -> list[str]:
+    """The full command line for ``spec`` running ``harness train <train_args>``."""
+    try:
+        builder = BUILDERS[spec.launcher]
+    except KeyError:
+        raise ValueError(f"unknown launcher {spec.launcher!r}: valid launchers are "
+                         f"{', '.join(BUILDERS)}") from None
+    return builder(spec, rank_program(spec, train_args))

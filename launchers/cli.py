@@ -1,0 +1,59 @@
+"""``harness launch``: build the launcher command for a run and start it (or print it).
+
+    harness launch --launcher horovodrun -np 2 -- --framework torch --model cnn
+    harness launch --launcher mpirun -np 4 --bind-to core --dry-run -- --config run.toml
+    harness launch --launcher sbatch --nodes 2 --ntasks-per-node 4 --gpus-per-task 1 -- ...
+
+Everything after ``--`` goes to ``harness train`` in every rank; it is validated here first, so
+a typo fails in a second instead of after N processes have started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+from harness.config import add_dataclass_arguments, fields_from_namespace, parse_train_args
+from launchers.builders import build_argv
+from launchers.spec import LaunchSpec
+
+DEFAULT_EXPORTS = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV")
+
+
+def add_launch_parser(sub) -> None:
+    p = sub.add_parser("launch", help="start a run with horovodrun, mpirun, srun or sbatch",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_arguments(p, LaunchSpec, "launcher options", {"np": ["-np", "--np"]})
+    p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    p.add_argument("train_args", nargs=argparse.REMAINDER,
+                   help="-- followed by `harness train` arguments")
+    p.set_defaults(func=cmd_launch)
+
+
+def spec_from_args(args: argparse.Namespace) -> LaunchSpec:
+    given = fields_from_namespace(LaunchSpec, args)
+    given.setdefault("python", sys.executable)
+    launcher = given.get("launcher", "horovodrun")
+    if launcher == "mpirun" and "allow_run_as_root" not in given and os.geteuid() == 0:
+        given["allow_run_as_root"] = True
+    if launcher in ("mpirun", "srun") and "export" not in given:
+        given["export"] = [v for v in DEFAULT_EXPORTS if v in os.environ]
+    return LaunchSpec(**given)
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from launchers.runner import run
+
+    train_args = list(args.train_args)
+    if train_args and train_args[0] == "--":
+        train_args = train_args[1:]
+    parse_train_args(train_args)              # fail fast on a bad run config
+    spec = spec_from_args(args)
+    argv = build_argv(spec, train_args)
+    if args.dry_run:
+        print(shlex.join(argv))
+        return 0
+    print(f"harness launch: {shlex.join(argv)}", file=sys.stderr, flush=True)
+    return run(argv)

@@ -1,0 +1,1 @@
+"""The cnn model: spec.py, torch_impl.py, tf_impl.py."""

@@ -1,0 +1,1 @@
+"""The resnet20 model: spec.py, torch_impl.py, tf_impl.py."""

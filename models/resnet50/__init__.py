@@ -1,0 +1,1 @@
+"""The resnet50 model: spec.py, torch_impl.py, tf_impl.py."""
