@@ -172,7 +172,8 @@ class RunConfig:
         return self.global_batch_size // workers
 
     def default_run_name(self, world_size: int) -> str:
-        return (f"{self.framework}-{self.model}-{self.dataset}-{self.mode}-np{world_size}")
+        mode = self.mode if self.mode == "sync" else f"ps-{self.ps_consistency}"
+        return f"{self.framework}-{self.model}-{self.dataset}-{mode}-np{world_size}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

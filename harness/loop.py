@@ -86,6 +86,7 @@ class RunContext:
     metrics: MetricsWriter
     stop: StopFlag
     ckpt_meta: dict[str, Any] = field(default_factory=dict)
+    last_saved_step: int | None = None
 
 
 def evaluate(ctx: RunContext) -> dict[str, float]:
@@ -104,7 +105,7 @@ def evaluate(ctx: RunContext) -> dict[str, float]:
 
 
 def save_checkpoint(ctx: RunContext, pos: Position, wall_s: float) -> Path | None:
-    if ctx.world.rank != 0:
+    if ctx.world.rank != 0 or ctx.last_saved_step == pos.step:
         return None
     arrays, opt_meta = ctx.backend.get_optimizer_state()
     meta = dict(ctx.ckpt_meta, optimizer=opt_meta,
@@ -115,6 +116,7 @@ def save_checkpoint(ctx: RunContext, pos: Position, wall_s: float) -> Path | Non
                           "steps_to_target": pos.steps_to_target})
     path = ckpt_io.save(ctx.run_dir / "checkpoints",
                         ckpt_io.Checkpoint(meta, ctx.backend.get_weights(), arrays))
+    ctx.last_saved_step = pos.step
     ctx.log.info(f"checkpoint {path.name} (step {pos.step})")
     return path
 
@@ -129,6 +131,7 @@ def train(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
     total_steps = min(cfg.epochs * spe, cfg.max_steps or math.inf)
     schedule = LRSchedule.of(cfg, world.size, spe)
     faults = FaultInjector(world.rank)
+    straggle = cfg.straggler_rank == world.rank
     watchdog = Watchdog(world.rank, cfg.stall_timeout_s, log).start()
     timer = StepTimer(warmup=min(5, max(1, total_steps // 10)))
     progress = Progress(world.rank == 0, total_steps, log, cfg.log_every)
@@ -162,6 +165,8 @@ def train(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
                     backend.set_lr(new_lr)
                     lr = new_lr
                 res = backend.train_step(xb, yb)
+                if straggle:                   # experiments: this rank is slow
+                    time.sleep((cfg.straggler_factor - 1.0) * (time.perf_counter() - t0))
                 step_time = time.perf_counter() - t0
                 if not first_step_done:
                     first_step_done = True
@@ -209,6 +214,7 @@ def train(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
                     watchdog.tick(phase="evaluating")
                     last_eval = evaluate(ctx)
                     rec.update(last_eval)
+                    last_eval["step"] = pos.step
                     _track_target(cfg, pos, last_eval["eval_acc"], start_wall)
                 rec.update(wall_s=time.perf_counter() - start_wall, samples=pos.samples,
                            time_to_target_s=pos.time_to_target_s)
@@ -218,10 +224,13 @@ def train(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
                 _agree_or_stop(ctx, pos, start_wall, watchdog)
                 watchdog.tick(phase="checkpointing")
                 save_checkpoint(ctx, pos, time.perf_counter() - start_wall)
-        if not last_eval:                      # max_steps ended mid-epoch
+        if last_eval.get("step") != pos.step:     # max_steps ended mid-epoch, or resumed at end
             watchdog.tick(phase="evaluating")
             last_eval = evaluate(ctx)
+            last_eval["step"] = pos.step
             _track_target(cfg, pos, last_eval["eval_acc"], start_wall)
+            ctx.metrics.write("eval", epoch=pos.epoch, **last_eval,
+                              wall_s=time.perf_counter() - start_wall)
             save_checkpoint(ctx, pos, time.perf_counter() - start_wall)
     finally:
         watchdog.stop()

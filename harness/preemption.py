@@ -60,6 +60,7 @@ class Watchdog:
     def __init__(self, rank: int, timeout: float, log) -> None:
         self.rank, self.timeout, self.log = rank, timeout, log
         self.phase, self.step = "starting", 0
+        self.describe = None            # optional callable: more context for the report
         self._last = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="harness-watchdog", daemon=True)
@@ -86,7 +87,8 @@ class Watchdog:
                     f"rank {self.rank} stalled: no progress for {idle:.0f}s (stall_timeout_s = "
                     f"{self.timeout:g}) while {self.phase} at step {self.step}. If it waits in a "
                     "collective, Horovod's stall report above names the ranks that did not "
-                    "join. Stopping this rank; the launcher stops the others.")
+                    "join. Stopping this rank; the launcher stops the others." +
+                    (f" ({self.describe()})" if self.describe else ""))
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 sys.stderr.flush()
                 os._exit(EXIT_STALLED)

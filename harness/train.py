@@ -158,7 +158,8 @@ def _run(cfg: RunConfig, backend: Backend, world: World, log, stop: StopFlag) ->
         write_json_atomic(run_dir / "config.json", record)
         metrics.write("run", **record)
     ctx = RunContext(cfg, world, backend, data, run_dir, log, metrics, stop,
-                     ckpt_meta={**identity, "config": cfg.to_dict(), "world_size": world.size})
+                     ckpt_meta={**identity, "config": cfg.to_dict(), "world_size": world.size},
+                     last_saved_step=ckpt.step if ckpt is not None else None)
     try:
         summary = train(ctx, pos, resumed)
     except Preempted as p:
