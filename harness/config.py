@@ -99,7 +99,8 @@ class RunConfig:
                                              minimum=0.0)
     cycle_time_ms: float | None = _opt(None, "Horovod cycle time in ms (default: Horovod's)",
                                        minimum=0.0, exclusive_min=True)
-    timeline: str | None = _opt(None, "write Horovod's timeline (Chrome trace JSON) to this file")
+    horovod_timeline: str | None = _opt(None, "write Horovod's timeline (Chrome trace JSON) to "
+                                        "this file")
     threads_per_rank: int | None = _opt(None, "compute threads per rank (default: cores on the "
                                         "node divided by ranks on the node)", minimum=1)
 

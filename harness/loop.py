@@ -264,4 +264,7 @@ def _agree_or_stop(ctx: RunContext, pos: Position, start_wall: float, watchdog: 
                         f"{pos.step} and exiting for requeue")
         watchdog.tick(phase="checkpointing for preemption")
         save_checkpoint(ctx, pos, time.perf_counter() - start_wall)
+        # every rank waits for rank 0's checkpoint: a launcher that kills the job when the first
+        # rank exits (srun --kill-on-bad-exit) must not interrupt the write
+        ctx.backend.allreduce_host(np.zeros(1))
         raise Preempted(pos.step, ctx.stop.signum)

@@ -38,6 +38,9 @@ def horovodrun_argv(spec: LaunchSpec, program: list[str]) -> list[str]:
         argv.append("--autotune")
     if spec.start_timeout is not None:
         argv += ["--start-timeout", str(spec.start_timeout)]
+    # No "--" before the program: horovodrun's Gloo path would run "--" as a command. Its argparse
+    # hands every argument after the program to the program, except a flag that abbreviates two
+    # of its own options (an error); tests/test_launchers.py keeps train flags clear of those.
     return argv + program
 
 

@@ -38,8 +38,8 @@ def horovod_environment(cfg: RunConfig, world: World) -> dict[str, str]:
         env["HOROVOD_FUSION_THRESHOLD"] = str(int(cfg.fusion_threshold_mb * 1024 * 1024))
     if cfg.cycle_time_ms is not None:
         env["HOROVOD_CYCLE_TIME"] = repr(cfg.cycle_time_ms)
-    if cfg.timeline:
-        env["HOROVOD_TIMELINE"] = os.path.abspath(cfg.timeline)
+    if cfg.horovod_timeline:
+        env["HOROVOD_TIMELINE"] = os.path.abspath(cfg.horovod_timeline)
     # Horovod's stall inspector names the ranks that did not submit a tensor; past the shutdown
     # time it stops the job instead of waiting for the wall-clock limit.
     check = max(1, int(min(60.0, cfg.stall_timeout_s / 2)))

@@ -186,7 +186,7 @@ def _serve(ctx, comm, MPI, rank, shards, layout, spec, W, per_rank, run_dir, ckp
     summary.update(
         steps=total, epochs=math.ceil(total / spe), world_size=comm.Get_size(), workers=W,
         global_batch=per_rank * W, train_wall_s=report["ps_wall_s"],
-        samples_per_s_wall=report["samples_per_s_total"],
+        samples_per_s_wall=report["samples"] / report["ps_wall_s"],
         samples_per_s_per_device=(report["samples_per_s_total"] / W
                                   if report["samples_per_s_total"] else None),
         final_eval_loss=final["eval_loss"] if final else None,

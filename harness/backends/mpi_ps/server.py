@@ -57,6 +57,8 @@ class Server:
         self.step_times: list[float] = []        # worker compute + round trip, per push
         self.samples = 0
         self.t0 = time.perf_counter()
+        self._t_ready = self._t_first = self._t_last = None
+        self._samples_first = self._version_first = 0
         self.start_clock = 0
         if resume:
             self.params[...] = resume["params"]
@@ -83,6 +85,9 @@ class Server:
             w.last_seen = time.monotonic()
             kind = int(hdr[0])
             if kind == P.PULL:
+                if self._t_ready is None:        # wall clock starts when workers are ready
+                    self._t_ready = time.perf_counter()
+                    self.t0 = self._t_ready
                 self._reply(src)
             elif kind == P.PUSH:
                 self.comm.Recv(self.grad_bufs[src], source=src, tag=P.GRAD)
@@ -109,6 +114,11 @@ class Server:
 
     def _on_push(self, w: WorkerState, hdr: np.ndarray) -> None:
         version_used, samples = int(hdr[2]), int(hdr[3])
+        now = time.perf_counter()
+        if self._t_first is None:
+            self._t_first, self._samples_first = now, self.samples + samples
+            self._version_first = self.version + (0 if self.cfg.ps_consistency == "bsp" else 1)
+        self._t_last = now
         self.samples += samples
         if hdr[7] > 0:                # the worker's previous push-to-parameters round trip
             self.latencies.append(float(hdr[7]))
@@ -272,12 +282,15 @@ class Server:
     # --- results ---
     def report(self) -> dict:
         wall = time.perf_counter() - self.t0
+        # throughput over the updates themselves: from the first push to the last one
+        window = (self._t_last - self._t_first) if self._t_first is not None else 0.0
+        rate = (self.samples - self._samples_first) / window if window > 0 else None
         values = np.repeat(np.array(list(self.staleness.keys()), dtype=np.float64),
                            list(self.staleness.values())) if self.staleness else np.array([])
         return {
             "updates": self.version, "samples": self.samples, "ps_wall_s": wall,
-            "updates_per_s": self.version / wall if wall > 0 else None,
-            "samples_per_s_total": self.samples / wall if wall > 0 else None,
+            "updates_per_s": (self.version - self._version_first) / window if window > 0 else None,
+            "samples_per_s_total": rate,
             "staleness_histogram": {str(k): v for k, v in sorted(self.staleness.items())},
             "staleness_mean": float(values.mean()) if values.size else None,
             "staleness_p99": percentile(values, 99),

@@ -1,0 +1,138 @@
+"""``harness compare`` and ``harness report``.
+
+    harness compare --config configs/compare_digits.toml --frameworks torch,tensorflow \\
+        --np 1,2 --modes sync,async
+    harness report results/compare-*/torch-sync-np2 results/compare-*/tensorflow-sync-np2
+
+``compare`` runs every combination of the same model, data, seed and hyperparameters, each in
+its own processes through the launchers, then writes ``report.md`` with figures next to the runs.
+For ``async`` the ``--np`` value counts workers; the job gets ``ps_servers`` more ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.config import parse_train_args
+from harness.errors import ConfigError, HarnessError
+
+
+@dataclass
+class Job:
+    name: str
+    argv: list[str]
+
+
+def _csv(value: str, valid: tuple[str, ...] | None, what: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise ConfigError(f"--{what} is empty: give a comma-separated list")
+    if valid:
+        bad = [v for v in items if v not in valid]
+        if bad:
+            raise ConfigError(f"--{what}: {', '.join(bad)} not in {', '.join(valid)}")
+    return items
+
+
+def plan(train_args: list[str], frameworks: list[str], nps: list[int], modes: list[str],
+         launcher: str, out_dir: Path, python: str) -> list[Job]:
+    """The jobs of a comparison, as launcher argv lists (pure: nothing runs)."""
+    from launchers.builders import build_argv
+    from launchers.spec import LaunchSpec
+
+    cfg = parse_train_args(train_args)
+    cores = os.cpu_count() or 1
+    jobs = []
+    for mode in modes:
+        for fw in frameworks:
+            for n in nps:
+                ranks = n + (cfg.ps_servers if mode == "async" else 0)
+                name = f"{fw}-{mode}-np{n}" if mode == "sync" else f"{fw}-ps-{n}w"
+                args = [*train_args, "--framework", fw, "--mode", mode, "--out-dir",
+                        str(out_dir), "--run-name", name, "--resume", "never"]
+                use = launcher if mode == "sync" or launcher == "srun" else "mpirun"
+                spec = LaunchSpec(launcher=use, np=ranks, python=python,
+                                  allow_run_as_root=use == "mpirun" and os.geteuid() == 0,
+                                  oversubscribe=use == "mpirun" and ranks > cores)
+                jobs.append(Job(name, build_argv(spec, args)))
+    return jobs
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from harness.report import build_report
+    from launchers.runner import run
+
+    train_args = list(args.train_args)
+    if train_args and train_args[0] == "--":
+        train_args = train_args[1:]
+    if args.config:
+        train_args = ["--config", args.config, *train_args]
+    frameworks = _csv(args.frameworks, ("torch", "tensorflow"), "frameworks")
+    modes = _csv(args.modes, ("sync", "async"), "modes")
+    try:
+        nps = [int(v) for v in _csv(args.np, None, "np")]
+    except ValueError:
+        raise ConfigError(f"--np {args.np!r}: give comma-separated rank counts, e.g. 1,2") \
+            from None
+    if any(n < 1 for n in nps):
+        raise ConfigError(f"--np {args.np!r}: rank counts must be at least 1")
+    out_dir = Path(args.out_dir or f"results/compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    jobs = plan(train_args, frameworks, nps, modes, args.launcher, out_dir, sys.executable)
+    existing = [j.name for j in jobs if (out_dir / j.name).exists()]
+    if existing and not args.dry_run:
+        raise ConfigError(f"{out_dir} already holds runs {', '.join(existing)}: choose a new "
+                          "--out-dir (the default is a fresh timestamped folder)")
+    commands = [shlex.join(j.argv) for j in jobs]
+    if args.dry_run:
+        print("\n".join(commands))
+        return 0
+    for i, job in enumerate(jobs, 1):
+        print(f"\n=== [{i}/{len(jobs)}] {job.name}: {shlex.join(job.argv)}", file=sys.stderr,
+              flush=True)
+        code = run(job.argv)
+        if code != 0:
+            raise HarnessError(f"run {job.name} failed with exit code {code}; its command was: "
+                               f"{shlex.join(job.argv)}. Runs finished so far are in {out_dir}; "
+                               f"`harness report` can still compare them.")
+    build_report([out_dir / j.name for j in jobs], out_dir, commands)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness.report import build_report
+
+    paths = [Path(p) for p in args.runs]
+    out = Path(args.out) if args.out else (paths[0].parent if len(paths) > 1 else paths[0])
+    build_report(paths, out)
+    return 0
+
+
+def add_compare_parser(sub) -> None:
+    p = sub.add_parser("compare", help="run frameworks/modes/rank counts side by side and report",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="TOML", help="run config shared by every run")
+    p.add_argument("--frameworks", default="torch,tensorflow", help="default: %(default)s")
+    p.add_argument("--np", default="1,2", help="ranks (workers for async); default: %(default)s")
+    p.add_argument("--modes", default="sync", help="sync, async or both; default: %(default)s")
+    p.add_argument("--launcher", default="horovodrun", choices=("horovodrun", "mpirun", "srun"),
+                   help="launcher for sync runs (async runs use mpirun, or srun under SLURM)")
+    p.add_argument("--out-dir", help="folder for the runs and the report (default: "
+                   "results/compare-<timestamp>)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    p.add_argument("train_args", nargs=argparse.REMAINDER,
+                   help="-- followed by `harness train` arguments for every run")
+    p.set_defaults(func=cmd_compare)
+
+
+def add_report_parser(sub) -> None:
+    p = sub.add_parser("report", help="compare finished result folders (report.md + figures)")
+    p.add_argument("runs", nargs="+", help="result folders (results/<run>)")
+    p.add_argument("--out", help="where to write report.md and figures/ (default: the runs' "
+                   "parent folder)")
+    p.set_defaults(func=cmd_report)

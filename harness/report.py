@@ -1,0 +1,325 @@
+"""Comparison reports from result folders: ``report.md``, PNG figures and a terminal table.
+
+Every number shown comes from a record in a run's ``metrics.jsonl`` (the ``summary`` record of
+its latest start for the table; ``step``/``epoch`` records for the curves). Nothing is estimated:
+a value that was not measured shows as "n/a". Runs of different models or data are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.errors import ConfigError
+from harness.metrics import latest_by_step, read_records
+
+
+@dataclass
+class Run:
+    path: Path
+    name: str
+    run: dict[str, Any]                  # the latest "run" record
+    summary: dict[str, Any]              # the latest "summary" record
+    steps: list[dict[str, Any]]
+    epochs: list[dict[str, Any]]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cfg(self) -> dict[str, Any]:
+        return self.run["config"]
+
+    @property
+    def framework(self) -> str:
+        return self.cfg["framework"]
+
+    @property
+    def mode(self) -> str:
+        c = self.cfg
+        if c["mode"] == "sync":
+            return "sync" + ("" if c.get("tf_loop", "custom") == "custom" else "-fit")
+        return f"ps-{c['ps_consistency']}"
+
+    @property
+    def workers(self) -> int:
+        return int(self.summary.get("workers") or self.summary.get("world_size") or 1)
+
+    @property
+    def label(self) -> str:
+        return f"{self.framework} {self.mode} x{self.workers}"
+
+
+def load_run(path: Path) -> Run:
+    metrics = path / "metrics.jsonl"
+    if not metrics.is_file():
+        raise ConfigError(f"{path} is not a result folder: it has no metrics.jsonl (pass the "
+                          "folders that `harness train` wrote, e.g. results/<run>)")
+    records = read_records(metrics)
+    runs = [r for r in records if r.get("kind") == "run"]
+    if not runs:
+        raise ConfigError(f"{metrics} has no run record: the run never started")
+    last = runs[-1]["restart"]
+    summaries = [r for r in records if r.get("kind") == "summary"]
+    if not summaries:
+        raise ConfigError(f"{path} has no summary: the run did not finish (resume it, or leave "
+                          "it out of the report)")
+    steps = latest_by_step(records, "step")
+    epochs = latest_by_step([r for r in records if r.get("kind") == "epoch"], "epoch", "epoch")
+    return Run(path, path.name, runs[-1], summaries[-1], steps, epochs,
+               {"restarts": last + 1})
+
+
+def check_comparable(runs: list[Run]) -> list[str]:
+    """Refuse different models or data; return notes on other differences."""
+    ref = runs[0]
+    for r in runs[1:]:
+        if r.cfg["model"] != ref.cfg["model"]:
+            raise ConfigError(f"runs are not comparable: {ref.path} trains {ref.cfg['model']!r} "
+                              f"but {r.path} trains {r.cfg['model']!r}; report runs of one "
+                              "model at a time")
+        if r.run["data"] != ref.run["data"]:
+            raise ConfigError(f"runs are not comparable: {ref.path} uses data {ref.run['data']} "
+                              f"but {r.path} uses {r.run['data']}; report runs on the same data")
+    notes = []
+    for key in ("lr", "batch_size", "global_batch_size", "epochs", "seed", "optimizer",
+                "momentum", "weight_decay", "lr_scaling", "warmup_epochs"):
+        values = {str(r.cfg.get(key)) for r in runs}
+        if len(values) > 1:
+            notes.append(f"{key} differs between runs: {', '.join(sorted(values))}")
+    return notes
+
+
+def _fmt(v: Any, spec: str = ".4f") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return format(v, spec)
+
+
+def scaling_efficiency(runs: list[Run]) -> dict[str, float | None]:
+    """E(n) = X(n) / (n X(1)) against the measured single-worker run of the same framework and
+    mode (samples/s from each run's summary record). None when there is no such baseline."""
+    base: dict[tuple[str, str], float] = {}
+    for r in runs:
+        if r.workers == 1 and r.summary.get("samples_per_s_total"):
+            base[(r.framework, r.mode)] = r.summary["samples_per_s_total"]
+    out = {}
+    for r in runs:
+        x1 = base.get((r.framework, r.mode))
+        xn = r.summary.get("samples_per_s_total")
+        out[r.name] = xn / (r.workers * x1) if x1 and xn else None
+    return out
+
+
+COLUMNS = [
+    ("run", "name", None), ("framework", "framework", None), ("mode", "mode", None),
+    ("workers", "workers", "d"), ("final acc", "final_eval_acc", ".4f"),
+    ("best acc", "best_eval_acc", ".4f"), ("time to target (s)", "time_to_target_s", ".2f"),
+    ("samples/s total", "samples_per_s_total", ",.0f"),
+    ("samples/s/device", "samples_per_s_per_device", ",.0f"),
+    ("step p50 (ms)", "step_time_p50_s", "ms"), ("step p90 (ms)", "step_time_p90_s", "ms"),
+    ("scaling eff.", "scaling", ".3f"), ("train wall (s)", "train_wall_s", ".1f"),
+]
+
+
+def table_rows(runs: list[Run]) -> list[list[str]]:
+    eff = scaling_efficiency(runs)
+    rows = []
+    for r in runs:
+        row = []
+        for _, key, spec in COLUMNS:
+            if key in ("name", "framework", "mode"):
+                row.append(getattr(r, key))
+            elif key == "workers":
+                row.append(str(r.workers))
+            elif key == "scaling":
+                row.append(_fmt(eff[r.name], spec))
+            elif spec == "ms":
+                v = r.summary.get(key)
+                row.append(_fmt(v * 1000 if v is not None else None, ".2f"))
+            else:
+                row.append(_fmt(r.summary.get(key), spec))
+        rows.append(row)
+    return rows
+
+
+def figures(runs: list[Run], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    colors = {"torch": "tab:red", "tensorflow": "tab:blue"}
+    styles = ["-", "--", ":", "-."]
+
+    def style(i: int, r: Run) -> dict:
+        return {"color": colors.get(r.framework, None), "linestyle": styles[i % len(styles)],
+                "label": r.label}
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for i, r in enumerate(runs):
+        st = [s for s in r.steps if isinstance(s.get("loss"), (int, float))]
+        axes[0, 0].plot([s["step"] for s in st], [s["loss"] for s in st], alpha=0.8,
+                        **style(i, r))
+        axes[0, 1].plot([s["wall_s"] for s in st], [s["loss"] for s in st], alpha=0.8,
+                        **style(i, r))
+        ev = [e for e in r.epochs if e.get("eval_acc") is not None]
+        axes[1, 0].plot([e["step"] for e in ev], [e["eval_acc"] for e in ev], marker="o",
+                        **style(i, r))
+        axes[1, 1].plot([e["wall_s"] for e in ev], [e["eval_acc"] for e in ev], marker="o",
+                        **style(i, r))
+    for ax, (x, y) in zip(axes.flat, [("step (updates)", "training loss (rank 0's batch)"),
+                                      ("wall time (s)", "training loss (rank 0's batch)"),
+                                      ("step (updates)", "test accuracy"),
+                                      ("wall time (s)", "test accuracy")]):
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "curves.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    labels = [r.label for r in runs]
+    total = [r.summary.get("samples_per_s_total") or 0 for r in runs]
+    per_dev = [r.summary.get("samples_per_s_per_device") or 0 for r in runs]
+    p50 = [(r.summary.get("step_time_p50_s") or 0) * 1000 for r in runs]
+    p90 = [(r.summary.get("step_time_p90_s") or 0) * 1000 for r in runs]
+    cols = [colors.get(r.framework, "gray") for r in runs]
+    axes[0].barh(labels, total, color=cols)
+    axes[0].set_xlabel("samples/s, total")
+    axes[1].barh(labels, per_dev, color=cols)
+    axes[1].set_xlabel("samples/s per device")
+    axes[2].barh(labels, p50, color=cols, label="p50")
+    axes[2].scatter(p90, labels, color="black", marker="|", s=200, label="p90", zorder=3)
+    axes[2].set_xlabel("step time (ms)")
+    axes[2].legend()
+    for ax in axes:
+        ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    paths.append(out / "throughput.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    eff = scaling_efficiency(runs)
+    multi = [r for r in runs if r.workers > 1 and eff[r.name] is not None]
+    if multi:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.bar([r.label for r in multi], [eff[r.name] for r in multi],
+               color=[colors.get(r.framework, "gray") for r in multi])
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_ylabel("scaling efficiency X(n) / (n X(1))")
+        ax.tick_params(axis="x", rotation=20)
+        fig.tight_layout()
+        paths.append(out / "scaling.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+    ps = [r for r in runs if r.summary.get("staleness_histogram")]
+    if ps:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        width = 0.8 / len(ps)
+        for i, r in enumerate(ps):
+            hist = {int(k): v for k, v in r.summary["staleness_histogram"].items()}
+            ax.bar([k + i * width for k in hist], list(hist.values()), width=width,
+                   label=r.label, color=colors.get(r.framework, "gray"),
+                   alpha=0.5 + 0.5 * (i % 2))
+        ax.set_xlabel("staleness (server versions between pull and push)")
+        ax.set_ylabel("updates")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out / "staleness.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def render_markdown(runs: list[Run], notes: list[str], figs: list[Path], out_dir: Path,
+                    commands: list[str] | None = None) -> str:
+    header = [c[0] for c in COLUMNS]
+    lines = ["# Comparison report", "",
+             f"Model **{runs[0].cfg['model']}** on **{runs[0].run['data']['name']}** "
+             f"({runs[0].run['data']['train']} training / {runs[0].run['data']['test']} test "
+             "samples). Every number below is read from the runs' `metrics.jsonl` files: the "
+             "table from each run's last `summary` record, the curves from `step` and `epoch` "
+             "records. Throughput is the global batch over the median step time (warm-up steps "
+             "excluded); scaling efficiency is X(n) / (n X(1)) against the measured "
+             "single-worker run of the same framework and mode.", ""]
+    if runs[0].cfg.get("target_accuracy") is not None:
+        lines += [f"Target accuracy for time-to-accuracy: {runs[0].cfg['target_accuracy']}.", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(runs)]
+    lines.append("")
+    if notes:
+        lines += ["**Differences between runs:**", ""] + [f"- {n}" for n in notes] + [""]
+    for f in figs:
+        lines += [f"![{f.stem}]({f.relative_to(out_dir).as_posix()})", ""]
+    ps = [r for r in runs if r.summary.get("staleness_histogram")]
+    if ps:
+        lines += ["## Parameter-server runs", "",
+                  "| run | updates/s | staleness mean | p99 | max | max clock lead | "
+                  "push/pull p50 (ms) | p99 (ms) | failed workers |", "|" + "---|" * 9]
+        for r in ps:
+            s = r.summary
+            lines.append(
+                f"| {r.name} | {_fmt(s.get('updates_per_s'), ',.0f')} | "
+                f"{_fmt(s.get('staleness_mean'), '.2f')} | {_fmt(s.get('staleness_p99'), '.1f')}"
+                f" | {s.get('staleness_max')} | {s.get('max_clock_lead')} | "
+                f"{_fmt((s.get('push_pull_latency_p50_s') or 0) * 1000, '.2f')} | "
+                f"{_fmt((s.get('push_pull_latency_p99_s') or 0) * 1000, '.2f')} | "
+                f"{s.get('failed_workers') or 'none'} |")
+        lines.append("")
+    lines += ["## Runs: environment and commands", ""]
+    for r in runs:
+        env = r.run["environment"]
+        b = r.run["backend"]
+        versions = ", ".join(f"{k} {v}" for k, v in sorted(b["versions"].items()))
+        lines += [f"### {r.name}", "",
+                  f"- folder: `{r.path}`; starts: {r.extra['restarts']}",
+                  f"- gradient path: {b['gradient_path']}; world: {r.run['world']}",
+                  f"- versions: {versions}; Python {env['python']}",
+                  f"- machine: {env['host']}, {env['cpu']} ({env['cpus']} CPUs); git "
+                  f"{env.get('git_commit')}",
+                  f"- settings: `{json.dumps(b.get('settings', {}), sort_keys=True)}`",
+                  f"- rank 0 command: `{env['command']}`", ""]
+    if commands:
+        lines += ["## Launch commands", "", "```"] + commands + ["```", ""]
+    return "\n".join(lines)
+
+
+def print_table(runs: list[Run]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{runs[0].cfg['model']} on {runs[0].run['data']['name']}")
+    for name, _, _ in COLUMNS:
+        t.add_column(name, justify="left" if name in ("run", "framework", "mode") else "right")
+    for row in table_rows(runs):
+        t.add_row(*row)
+    Console(width=200).print(t)
+
+
+def build_report(paths: list[Path], out_dir: Path, commands: list[str] | None = None,
+                 show: bool = True) -> Path:
+    if not paths:
+        raise ConfigError("no result folders given: pass results/<run> folders")
+    runs = [load_run(Path(p)) for p in paths]
+    notes = check_comparable(runs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figs = figures(runs, out_dir / "figures")
+    md = render_markdown(runs, notes, figs, out_dir, commands)
+    report = out_dir / "report.md"
+    tmp = report.with_suffix(".md.tmp")
+    tmp.write_text(md, encoding="utf-8")
+    tmp.replace(report)
+    if show:
+        print_table(runs)
+        for n in notes:
+            print(f"note: {n}")
+        print(f"report: {report}")
+    return report

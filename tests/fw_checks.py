@@ -1,0 +1,186 @@
+"""Framework-specific checks, run as ``python tests/fw_checks.py FRAMEWORK CHECK [ARGS]`` so
+that every process imports one framework only. Each check prints one JSON line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from harness.backends.base import create  # noqa: E402
+from harness.config import RunConfig  # noqa: E402
+from harness.env import World  # noqa: E402
+from harness.train import load_data  # noqa: E402
+from models import REGISTRY, get_spec, load_impl  # noqa: E402
+from models.base import to_keras_layout  # noqa: E402
+
+WORLD = World(0, 1, 0, 1)
+SMALL_SHAPES = {"mlp": (8, 8, 1), "cnn": (8, 8, 1), "resnet20": (32, 32, 3),
+                "resnet50": (64, 64, 3)}
+
+
+def framework_names_and_shapes(fw: str, spec) -> dict[str, tuple]:
+    if fw == "torch":
+        model = load_impl(spec.name, "torch").build(spec)
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()
+                if not k.endswith("num_batches_tracked")}, \
+            sum(p.numel() for p in model.parameters() if p.requires_grad)
+    import keras
+
+    from models.base import from_keras_layout
+    from models.tf_layers import canonical_variables
+
+    model = load_impl(spec.name, "tensorflow").build(spec, keras)
+    kinds = {p.name: p.kind for p in spec.params}
+    shapes = {k: tuple(from_keras_layout(kinds[k], np.empty(v.shape)).shape)
+              for k, v in canonical_variables(model).items()}
+    return shapes, int(sum(np.prod(v.shape) for v in model.trainable_variables))
+
+
+def check_models(fw: str) -> dict:
+    out = {}
+    for name in REGISTRY:
+        spec = get_spec(name) if name != "resnet50" else get_spec(name, (224, 224, 3), 1000)
+        shapes, count = framework_names_and_shapes(fw, spec)
+        expected = {p.name: p.shape for p in spec.params}
+        out[name] = {"framework_params": int(count), "spec_params": spec.num_parameters,
+                     "same_names_and_shapes": shapes == expected}
+    return out
+
+
+def check_forward(fw: str, name: str, out_path: str) -> dict:
+    spec = get_spec(name, SMALL_SHAPES[name], 10)
+    w = spec.init_weights(3)
+    x = np.random.default_rng(1).standard_normal((4, *spec.input_shape)).astype(np.float32)
+    if fw == "torch":
+        import torch
+
+        m = load_impl(name, "torch").build(spec)
+        m.load_state_dict({k: torch.from_numpy(v) for k, v in w.items()}, strict=False)
+        m.eval()
+        with torch.no_grad():
+            logits = m(torch.from_numpy(x)).numpy()
+    else:
+        import keras
+
+        from models.tf_layers import canonical_variables
+
+        m = load_impl(name, "tensorflow").build(spec, keras)
+        for p in spec.params:
+            canonical_variables(m)[p.name].assign(to_keras_layout(p.kind, w[p.name]))
+        logits = np.asarray(m(x, training=False))
+    np.save(out_path, logits)
+    return {"shape": list(logits.shape)}
+
+
+def _backend(fw: str, **cfg_kw):
+    cfg = RunConfig(framework=fw, **cfg_kw)
+    data, spec = load_data(cfg)
+    b = create(cfg, WORLD, "local")
+    b.setup(spec, spec.init_weights(cfg.seed), cfg.lr)
+    return b, data, spec
+
+
+def check_backend(fw: str) -> dict:
+    """State round trips and knobs of the local backend."""
+    out = {}
+    b, data, spec = _backend(fw, model="cnn", optimizer="sgd", momentum=0.9)
+    x, y = data.x_train[:32], data.y_train[:32]
+    w0 = b.get_weights()
+    out["weights_round_trip"] = all(np.array_equal(w0[k], v) for k, v in
+                                    spec.init_weights(0).items())
+    b.set_lr(0.0)
+    b.train_step(x, y)
+    out["lr_zero_keeps_weights"] = all(np.array_equal(w0[k], v) for k, v in
+                                       b.get_weights().items())
+    b.set_lr(0.05)
+    for i in range(2):
+        b.train_step(data.x_train[32 * i:32 * (i + 1)], data.y_train[32 * i:32 * (i + 1)])
+    arrays, meta = b.get_optimizer_state()
+    weights = b.get_weights()
+    b2, _, _ = _backend(fw, model="cnn", optimizer="sgd", momentum=0.9)
+    b2.set_weights(weights)
+    b2.set_optimizer_state(arrays, json.loads(json.dumps(meta)))
+    b2.set_lr(0.05)
+    xs, ys = data.x_train[64:96], data.y_train[64:96]
+    r1, r2 = b.train_step(xs, ys), b2.train_step(xs, ys)
+    w1, w2 = b.get_weights(), b2.get_weights()
+    out["optimizer_state_round_trip"] = r1.loss == r2.loss and all(
+        np.array_equal(w1[k], w2[k]) for k in w1)
+    flat = b.get_flat_params()
+    b2.set_flat_params(flat * 0 + 1)
+    b2.set_flat_params(flat)
+    out["flat_params_round_trip"] = bool(np.array_equal(b2.get_flat_params(), flat))
+    res, grad = b.compute_gradients(xs, ys)
+    out["gradient_size"] = int(grad.size) == spec.num_parameters
+    out["gradient_finite"] = bool(np.isfinite(grad).all())
+    # skip policy: a NaN batch is not applied
+    b3, _, _ = _backend(fw, model="mlp", nan_policy="skip")
+    before = b3.get_weights()
+    res = b3.train_step(np.full_like(xs, np.nan), ys)
+    out["nan_step_skipped"] = (not res.applied) and all(
+        np.array_equal(before[k], v) for k, v in b3.get_weights().items())
+    return out
+
+
+def check_fidelity(fw: str, out_path: str) -> dict:
+    """50 SGD steps of mlp from the seeded initial weights on fixed batches: the losses."""
+    b, data, spec = _backend(fw, model="mlp", lr=0.05, momentum=0.9)
+    losses = []
+    for i in range(50):
+        j = (i * 32) % (len(data.x_train) - 32)
+        losses.append(b.train_step(data.x_train[j:j + 32], data.y_train[j:j + 32]).loss)
+    np.savez(out_path, **b.get_weights())
+    return {"losses": losses}
+
+
+def check_horovod(fw: str) -> dict:
+    """Under horovodrun -np 2: allreduce, broadcast and (torch) the patched zero_grad."""
+    out: dict = {}
+    if fw == "torch":
+        import horovod.torch as hvd
+        import torch
+
+        hvd.init()
+        t = torch.full((5,), float(hvd.rank() + 1))
+        out["allreduce_sum"] = hvd.allreduce(t, op=hvd.Sum).tolist()
+        out["allreduce_avg"] = hvd.allreduce(t, op=hvd.Average).tolist()
+        out["broadcast"] = hvd.broadcast(t, root_rank=0).tolist()
+        model = torch.nn.Linear(3, 2)
+        opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                       named_parameters=model.named_parameters())
+        model(torch.ones(4, 3)).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        out["zero_grad_set_to_none"] = all(p.grad is None for p in model.parameters())
+        opt.zero_grad(set_to_none=False)
+    else:
+        import horovod.tensorflow as hvd
+        import tensorflow as tf
+
+        hvd.init()
+        t = tf.fill([5], float(hvd.rank() + 1))
+        out["allreduce_sum"] = hvd.allreduce(t, op=hvd.Sum).numpy().tolist()
+        out["allreduce_avg"] = hvd.allreduce(t, op=hvd.Average).numpy().tolist()
+        out["broadcast"] = hvd.broadcast(t, root_rank=0).numpy().tolist()
+    out["size"] = hvd.size()
+    out["rank"] = hvd.rank()
+    out["mpi_built"] = bool(hvd.mpi_built())
+    out["gloo_built"] = bool(hvd.gloo_built())
+    if hvd.rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    return out
+
+
+CHECKS = {"models": check_models, "forward": check_forward, "backend": check_backend,
+          "fidelity": check_fidelity, "horovod": check_horovod}
+
+if __name__ == "__main__":
+    fw, check, *args = sys.argv[1:]
+    print(json.dumps(CHECKS[check](fw, *args)), flush=True)

@@ -1,0 +1,75 @@
+"""Config: typed fields, validation messages, TOML, CLI flags derived from the fields."""
+
+import argparse
+import dataclasses
+
+import pytest
+
+from harness.config import RunConfig, add_config_arguments, overrides_from_namespace, \
+    parse_train_args
+from harness.errors import ConfigError
+
+
+def test_defaults_are_valid_and_round_trip():
+    cfg = RunConfig()
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"lr": -0.1}, "lr = -0.1 is out of range"),
+    ({"lr": "fast"}, "lr = 'fast' has the wrong type"),
+    ({"model": "resnet"}, "model = 'resnet' is not one of"),
+    ({"framework": "pytorch"}, "did you mean 'torch'"),
+    ({"batch_size": 0}, "batch_size = 0 is out of range"),
+    ({"epochs": 2.5}, "epochs = 2.5 has the wrong type"),
+    ({"shuffle": "yes"}, "shuffle = 'yes' has the wrong type"),
+    ({"dataset": "npz"}, "needs data_path"),
+    ({"mode": "async", "optimizer": "adam"}, "not available in async mode"),
+    ({"tf_loop": "fit"}, "needs framework = 'tensorflow'"),
+])
+def test_invalid_values_name_field_value_and_fix(values, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("?", r"\?")):
+        RunConfig(**values)
+
+
+def test_unknown_key_suggests_the_closest():
+    with pytest.raises(ConfigError, match="unknown key 'batchsize'.*Did you mean 'batch_size'"):
+        RunConfig.from_dict({"batchsize": 3})
+
+
+def test_toml_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("lr = = 3\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        RunConfig.load(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        RunConfig.load(tmp_path / "missing.toml")
+    table = tmp_path / "table.toml"
+    table.write_text("[horovod]\nfusion_threshold_mb = 1\n")
+    with pytest.raises(ConfigError, match=r"\[horovod\] is a table"):
+        RunConfig.load(table)
+
+
+def test_cli_overrides_toml(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('model = "cnn"\nlr = 0.2\nepochs = 3\n')
+    cfg = parse_train_args(["--config", str(f), "--lr", "0.3", "--no-shuffle"])
+    assert (cfg.model, cfg.lr, cfg.epochs, cfg.shuffle) == ("cnn", 0.3, 3, False)
+
+
+def test_every_field_has_a_flag():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    flags = {a.dest for a in parser._actions}
+    assert {f.name for f in dataclasses.fields(RunConfig)} <= flags
+    ns = parser.parse_args(["--batch-size", "7"])
+    assert overrides_from_namespace(ns) == {"batch_size": 7}
+
+
+def test_global_batch_divides_over_ranks():
+    cfg = RunConfig(global_batch_size=64)
+    assert cfg.per_rank_batch(4) == 16
+    with pytest.raises(ConfigError, match="does not divide by 3 ranks"):
+        cfg.per_rank_batch(3)
+    with pytest.raises(ConfigError, match="smaller than the 128 ranks"):
+        cfg.per_rank_batch(128)

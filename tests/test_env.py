@@ -1,0 +1,60 @@
+"""Rank and topology detection from launcher variables."""
+
+import pytest
+
+from harness.env import World, check_runtime_world, cores_per_rank, detect_world
+from harness.errors import EnvironmentMismatch
+
+
+def test_single_process_default():
+    assert detect_world({}) == World(0, 1, 0, 1)
+
+
+def test_open_mpi():
+    env = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4",
+           "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+    w = detect_world(env)
+    assert (w.rank, w.size, w.local_rank, w.local_size, w.source) == (3, 4, 1, 2, "Open MPI")
+
+
+def test_horovodrun_gloo():
+    env = {"HOROVOD_RANK": "1", "HOROVOD_SIZE": "2", "HOROVOD_LOCAL_RANK": "1",
+           "HOROVOD_LOCAL_SIZE": "2"}
+    assert detect_world(env).source == "horovodrun"
+
+
+def test_srun_pmix_agrees_with_slurm():
+    env = {"PMIX_RANK": "2", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "0",
+           "SLURM_PROCID": "2", "SLURM_STEP_ID": "0", "SLURM_NODEID": "1",
+           "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}
+    w = detect_world(env)
+    assert (w.rank, w.size, w.local_rank) == (2, 4, 0)
+
+
+def test_plain_srun_without_pmi_is_refused():
+    env = {"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_ID": "0",
+           "SLURM_LOCALID": "0", "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "1(x2)"}
+    with pytest.raises(EnvironmentMismatch, match="srun --mpi=pmix"):
+        detect_world(env)
+
+
+def test_batch_script_slurm_vars_are_not_a_rank():
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "5"}
+    assert detect_world(env) == World(0, 1, 0, 1)
+
+
+def test_disagreeing_launchers_are_refused():
+    env = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2",
+           "HOROVOD_RANK": "1", "HOROVOD_SIZE": "4"}
+    with pytest.raises(EnvironmentMismatch, match="Launch once, with one launcher"):
+        detect_world(env)
+
+
+def test_runtime_must_match_launcher():
+    with pytest.raises(EnvironmentMismatch, match="not connected"):
+        check_runtime_world(World(1, 2, 1, 2, "Open MPI"), 0, 1, "horovod")
+
+
+def test_threads_split_cores_between_local_ranks():
+    assert cores_per_rank(2, cpu_count=8) == 4
+    assert cores_per_rank(16, cpu_count=8) == 1

@@ -1,0 +1,190 @@
+"""Synchronous data-parallel training under real launchers (horovodrun -np 2, mpirun -np 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import (FRAMEWORKS, PY, REPO, checkpoint_weights, fw_check, harness, json_line,
+                      latest_checkpoint, launch, needs_horovod, needs_mpi, read_jsonl, run,
+                      summary)
+from launchers.builders import mpirun_argv
+from launchers.spec import LaunchSpec
+
+pytestmark = [needs_horovod, pytest.mark.mpi]
+
+DIGITS = ["--model", "cnn", "--dataset", "digits", "--epochs", "4", "--batch-size", "32",
+          "--lr", "0.05", "--target-accuracy", "0.9"]
+
+
+@pytest.fixture(scope="module")
+def digits_runs(tmp_path_factory):
+    """One horovodrun -np 2 digits run per framework, shared by the tests below."""
+    out = tmp_path_factory.mktemp("digits")
+    runs = {}
+    for fw in FRAMEWORKS:
+        run(launch("horovodrun", 2, "--framework", fw, *DIGITS, "--out-dir", out,
+                   "--run-name", fw), timeout=300, check=True)
+        runs[fw] = out / fw
+    return runs
+
+
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+def test_horovod_allreduce_two_ranks(fw):
+    p = run(["horovodrun", "-np", "2", PY, REPO / "tests" / "fw_checks.py", fw, "horovod"],
+            timeout=180, check=True)
+    out = json_line(p.stdout, "allreduce_sum")
+    assert out["size"] == 2
+    assert out["allreduce_sum"] == [3.0] * 5
+    assert out["allreduce_avg"] == [1.5] * 5
+    assert out["broadcast"] == [1.0] * 5
+    assert out["mpi_built"] and out["gloo_built"]
+    if fw == "torch":
+        assert out["zero_grad_set_to_none"]
+
+
+@needs_mpi
+def test_mpi4py_runs_on_the_same_mpi_as_horovod():
+    p = run(harness("doctor", "--json"), timeout=300, check=True)
+    facts = json.loads(p.stdout)["facts"]
+    assert facts["mpi4py_libmpi"] and facts["mpi4py_libmpi"] == facts["horovod_libmpi"]
+    code = ("from mpi4py import MPI; import numpy as np; a = np.array([MPI.COMM_WORLD.rank + 1.]);"
+            " MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, a); print('sum', a[0])")
+    spec = LaunchSpec(launcher="mpirun", np=2, allow_run_as_root=os.geteuid() == 0)
+    p = run(mpirun_argv(spec, [PY, "-c", code]), timeout=60, check=True)
+    assert p.stdout.count("sum 3.0") == 2
+
+
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+def test_digits_two_ranks_reaches_90_percent(fw, digits_runs):
+    d = digits_runs[fw]
+    s = summary(d)
+    assert s["final_eval_acc"] >= 0.90
+    assert s["world_size"] == 2 and s["global_batch"] == 64
+    assert s["time_to_target_s"] is not None and s["samples_per_s_total"] > 0
+    records = read_jsonl(d / "metrics.jsonl")
+    kinds = [r["kind"] for r in records]
+    assert kinds[0] == "run" and kinds[-1] == "summary" and kinds.count("epoch") == 4
+    run_rec = records[0]
+    assert run_rec["backend"]["gradient_path"] == "horovod"
+    assert run_rec["world"]["size"] == 2
+    assert run_rec["backend"]["versions"]["horovod"] == "0.28.1"
+    steps = [r for r in records if r["kind"] == "step"]
+    assert len(steps) == 4 * (1437 // 64)
+    assert all(r["samples_per_s_total"] > r["samples_per_s_rank"] for r in steps)
+    assert json.loads((d / "config.json").read_text())["config"]["framework"] == fw
+
+
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+def test_allreduce_equals_single_rank_with_double_batch(fw, results):
+    common = ["--framework", fw, "--model", "mlp", "--momentum", "0", "--lr-scaling", "none",
+              "--lr", "0.1", "--max-steps", "15", "--eval-every", "0", "--out-dir", results]
+    run(launch("horovodrun", 2, *common, "--batch-size", "16", "--run-name", "np2"),
+        timeout=240, check=True)
+    run(launch("local", 1, *common, "--batch-size", "32", "--run-name", "np1"),
+        timeout=240, check=True)
+    a = checkpoint_weights(latest_checkpoint(results / "np2"))
+    b = checkpoint_weights(latest_checkpoint(results / "np1"))
+    for k in b:
+        rel = np.abs(a[k] - b[k]).max() / max(np.abs(b[k]).max(), 1e-12)
+        assert rel <= 1e-5, f"{k}: relative difference {rel:.2e}"
+    start = {k: v for k, v in b.items()}
+    assert any(np.abs(start[k]).sum() > 0 for k in start)
+
+
+def test_tensorflow_and_torch_give_the_same_losses(tmp_path):
+    runs = {fw: fw_check(fw, "fidelity", tmp_path / f"{fw}.npz")["losses"] for fw in FRAMEWORKS}
+    t, f = np.array(runs["torch"]), np.array(runs["tensorflow"])
+    assert abs(t[0] - f[0]) <= 1e-5
+    assert np.abs(t - f).max() <= 1e-3
+    assert t[-1] < t[0] * 0.5                    # it did learn
+
+
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+def test_resume_ends_with_the_same_weights(fw, digits_runs, tmp_path):
+    """Stopped mid-epoch after K steps and resumed == the uninterrupted run of the fixture."""
+    args = ["--framework", fw, *DIGITS, "--out-dir", tmp_path, "--run-name", "resumed"]
+    run(launch("horovodrun", 2, *args, "--max-steps", "30"), timeout=300, check=True)
+    assert latest_checkpoint(tmp_path / "resumed").name == "ckpt-000000030.npz"
+    p = run(launch("horovodrun", 2, *args), timeout=300, check=True)
+    assert "resuming from" in p.stderr and "at step 30" in p.stderr
+    a = checkpoint_weights(latest_checkpoint(tmp_path / "resumed"))
+    b = checkpoint_weights(latest_checkpoint(digits_runs[fw]))
+    for k in b:
+        np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+def test_model_parameter_counts_match_the_spec(fw):
+    out = fw_check(fw, "models")
+    for name, r in out.items():
+        assert r["same_names_and_shapes"], name
+        assert r["framework_params"] == r["spec_params"], name
+    assert out["resnet50"]["framework_params"] == 25_557_032
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn", "resnet20", "resnet50"])
+def test_same_initial_weights_give_the_same_outputs(model, tmp_path):
+    for fw in FRAMEWORKS:
+        fw_check(fw, "forward", model, tmp_path / f"{fw}.npy")
+    t, f = np.load(tmp_path / "torch.npy"), np.load(tmp_path / "tensorflow.npy")
+    np.testing.assert_allclose(t, f, rtol=1e-4, atol=1e-4 * np.abs(t).max())
+
+
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+def test_backend_state_round_trips(fw):
+    out = fw_check(fw, "backend")
+    assert all(out.values()), out
+
+
+@needs_mpi
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+def test_mpi4py_fallback_without_horovod(fw, results):
+    """allreduce = mpi: one mpi4py Allreduce of the flat gradient; results say which path ran."""
+    common = ["--framework", fw, "--model", "mlp", "--momentum", "0", "--lr-scaling", "none",
+              "--lr", "0.1", "--max-steps", "15", "--eval-every", "0", "--out-dir", results,
+              "--batch-size", "16"]
+    run(launch("mpirun", 2, *common, "--allreduce", "mpi", "--run-name", "mpi"), timeout=240,
+        check=True)
+    run(launch("horovodrun", 2, *common, "--run-name", "hvd"), timeout=240, check=True)
+    rec = read_jsonl(results / "mpi" / "metrics.jsonl")[0]
+    assert rec["backend"]["gradient_path"] == "mpi"
+    a = checkpoint_weights(latest_checkpoint(results / "mpi"))
+    b = checkpoint_weights(latest_checkpoint(results / "hvd"))
+    for k in b:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+def test_horovod_knobs_are_applied(fw, results):
+    timeline = results / "timeline.json"
+    run(launch("horovodrun", 2, "--framework", fw, "--model", "mlp", "--max-steps", "12",
+               "--compression", "fp16", "--backward-passes-per-step", "2",
+               "--gradient-predivide-factor", "2", "--fusion-threshold-mb", "8",
+               "--cycle-time-ms", "2", "--horovod-timeline", timeline, "--out-dir", results,
+               "--run-name", "knobs"), timeout=240, check=True)
+    rec = read_jsonl(results / "knobs" / "metrics.jsonl")[0]
+    settings = rec["backend"]["settings"]
+    assert settings["HOROVOD_FUSION_THRESHOLD"] == str(8 * 1024 * 1024)
+    assert settings["HOROVOD_CYCLE_TIME"] == "2.0"
+    assert settings["compression"] == "fp16" and settings["backward_passes_per_step"] == 2
+    assert summary(results / "knobs")["global_batch"] == 2 * 32 * 2
+    assert timeline.exists() and "allreduce" in timeline.read_text().lower()
+
+
+def test_adasum_on_gloo_is_refused_at_start(results):
+    p = run(launch("horovodrun", 2, "--framework", "torch", "--model", "mlp", "--reduction",
+                   "adasum", "--out-dir", results, extra=("--controller", "gloo")),
+            timeout=120)
+    assert p.returncode != 0
+    assert "needs Horovod's MPI controller" in p.stderr
+
+
+def test_adasum_with_mpi_controller_trains(results):
+    run(launch("horovodrun", 2, "--framework", "torch", "--model", "mlp", "--reduction",
+               "adasum", "--max-steps", "20", "--out-dir", results, "--run-name", "adasum",
+               extra=("--controller", "mpi")), timeout=180, check=True)
+    assert summary(results / "adasum")["steps"] == 20
