@@ -38,6 +38,9 @@ def spec_from_args(args: argparse.Namespace) -> LaunchSpec:
     launcher = given.get("launcher", "horovodrun")
     if launcher == "mpirun" and "allow_run_as_root" not in given and os.geteuid() == 0:
         given["allow_run_as_root"] = True
+    if launcher == "mpirun" and "oversubscribe" not in given and not given.get("hosts") and \
+            not given.get("hostfile") and given.get("np", 2) > (os.cpu_count() or 1):
+        given["oversubscribe"] = True          # one workstation, more ranks than cores
     if launcher in ("mpirun", "srun") and "export" not in given:
         given["export"] = [v for v in DEFAULT_EXPORTS if v in os.environ]
     return LaunchSpec(**given)

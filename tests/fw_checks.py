@@ -178,8 +178,35 @@ def check_horovod(fw: str) -> dict:
     return out
 
 
+def check_serial_sgd(fw: str, out_path: str, steps: str, *flags: str) -> dict:
+    """The reference for a one-worker parameter-server run: the same gradients and the servers'
+    SGD applied in one process, in order."""
+    from harness.backends.common import FlatLayout
+    from harness.backends.mpi_ps.optim import SGDMomentum
+    from harness.config import parse_train_args
+    from harness.data import Sharder, gather
+
+    cfg = parse_train_args(["--framework", fw, *flags])
+    data, spec = load_data(cfg)
+    b = create(cfg, WORLD, "local")
+    b.setup(spec, spec.init_weights(cfg.seed), cfg.lr)
+    params = FlatLayout.of(spec).flatten(spec.init_weights(cfg.seed))
+    b.set_flat_params(params)
+    opt = SGDMomentum(params, cfg.momentum, cfg.weight_decay)
+    sharder = Sharder(len(data.x_train), cfg.batch_size, 0, 1, cfg.seed, cfg.shuffle)
+    for clock in range(int(steps)):
+        epoch, step = divmod(clock, sharder.steps_per_epoch)
+        x, y = gather(data.x_train, data.y_train, sharder.indices(epoch, step))
+        _, grad = b.compute_gradients(x, y)
+        opt.step(grad, cfg.lr)
+        b.set_flat_params(params)
+    np.save(out_path, params)
+    return {"steps": int(steps)}
+
+
 CHECKS = {"models": check_models, "forward": check_forward, "backend": check_backend,
-          "fidelity": check_fidelity, "horovod": check_horovod}
+          "fidelity": check_fidelity, "horovod": check_horovod,
+          "serial_sgd": check_serial_sgd}
 
 if __name__ == "__main__":
     fw, check, *args = sys.argv[1:]

@@ -182,6 +182,15 @@ def _serve(ctx, comm, MPI, rank, shards, layout, spec, W, per_rank, run_dir, ckp
     final = server.finish()
     if rank != 0:
         return 0
+    try:
+        return _write_summary(cfg, comm, run_dir, metrics, report, final, total, spe, W, per_rank,
+                              target, log, write_json_atomic)
+    finally:
+        server.release_left_workers()
+
+
+def _write_summary(cfg, comm, run_dir, metrics, report, final, total, spe, W, per_rank, target,
+                   log, write_json_atomic) -> int:
     summary = dict(report)
     summary.update(
         steps=total, epochs=math.ceil(total / spe), world_size=comm.Get_size(), workers=W,
@@ -225,10 +234,11 @@ def _work(ctx, comm, MPI, rank, size, shards, layout, spec, W, per_rank, watchdo
     sharder = Sharder(len(ctx.data.x_train), per_rank, index, W, cfg.seed, cfg.shuffle)
     worker = Worker(comm, MPI, ctx, backend, layout, shards, sharder, total, index, log, watchdog)
     t0 = time.perf_counter()
-    ok = worker.run()
-    if ok and index == 0:
+    if worker.run() and index == 0:
         log.info(f"worker {rank}: {worker.clock} steps in {time.perf_counter() - t0:.1f}s")
-    return 0 if ok else 1
+    # A failed worker reported itself (ps_on_worker_failure = 'continue': the job went on and
+    # its summary lists the failed workers), so it ends like the others.
+    return 0
 
 
 def _versions() -> dict[str, str]:

@@ -279,6 +279,13 @@ class Server:
         self._on_eval(hdr)
         return {"eval_loss": float(hdr[4]), "eval_acc": float(hdr[5]), "epoch": int(hdr[8])}
 
+    def release_left_workers(self) -> None:
+        """Server 0, after the results are written: workers that failed may exit now."""
+        for r, w in self.workers.items():
+            if w.left_reason is not None:
+                self.comm.Send(np.array([-1.0, self.version, 0, 0], np.float64), dest=r,
+                               tag=P.FINAL_HDR)
+
     # --- results ---
     def report(self) -> dict:
         wall = time.perf_counter() - self.t0

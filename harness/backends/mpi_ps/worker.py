@@ -73,6 +73,11 @@ class Worker:
             reason = f"{type(e).__name__}: {e}"
             self.log.error(f"worker rank {self.rank} failed: {reason}\n{traceback.format_exc()}")
             self._leave(reason)
+            # Stay in the job until it ends: with Open MPI, a rank that exits early makes mpirun
+            # stop everyone. Server 0 says when the others are done (or aborts the job).
+            self.watchdog.stop()
+            done = np.empty(P.REPLY_LEN, np.float64)
+            self.comm.Recv(done, source=self.shards[0][0], tag=P.FINAL_HDR)
             return False
         self._send_all(P.header(P.DONE, clock=self.clock))
         self._final()
