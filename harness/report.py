@@ -153,11 +153,14 @@ def figures(runs: list[Run], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     colors = {"torch": "tab:red", "tensorflow": "tab:blue"}
-    styles = ["-", "--", ":", "-."]
+    shades = {"torch": ["#f4a582", "#d6604d", "#b2182b", "#67001f"],
+              "tensorflow": ["#92c5de", "#4393c3", "#2166ac", "#053061"]}
+    workers = sorted({r.workers for r in runs})
 
-    def style(i: int, r: Run) -> dict:
-        return {"color": colors.get(r.framework, None), "linestyle": styles[i % len(styles)],
-                "label": r.label}
+    def style(i: int, r: Run) -> dict:   # colour: framework (darker = more workers); line: mode
+        shade = shades.get(r.framework, ["gray"] * 4)[min(workers.index(r.workers), 3)]
+        line = "-" if r.mode == "sync" else (":" if r.mode == "sync-fit" else "--")
+        return {"color": shade, "linestyle": line, "label": r.label}
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     for i, r in enumerate(runs):

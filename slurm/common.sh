@@ -24,7 +24,8 @@ launch_ranks() {   # launch_ranks NTASKS -- program...
   if [ "$HARNESS_LAUNCH" = mpirun ]; then
     local per_node=${SLURM_NTASKS_PER_NODE:-$(( (ntasks + SLURM_JOB_NUM_NODES - 1) / SLURM_JOB_NUM_NODES ))}
     per_node=${per_node%%(*}
-    mpirun -np "$ntasks" --map-by "ppr:${per_node}:node" --bind-to none \
+    local root=(); [ "$(id -u)" = 0 ] && root=(--allow-run-as-root)
+    mpirun "${root[@]}" -np "$ntasks" --map-by "ppr:${per_node}:node" --bind-to none \
       -x PATH -x LD_LIBRARY_PATH -x NCCL_DEBUG -x HARNESS_FAULT "$@"
   else
     local extra=()

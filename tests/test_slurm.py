@@ -1,0 +1,118 @@
+"""The sbatch scripts on a real two-node SLURM cluster started on this machine."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import (PY, REPO, checkpoint_weights, latest_checkpoint, launch, needs_horovod,
+                      read_jsonl, run, summary)
+from slurm_cluster import Cluster, available
+
+pytestmark = [pytest.mark.slurm, needs_horovod,
+              pytest.mark.skipif(available() is not None, reason=f"SLURM: {available()}")]
+
+CPU_LAYOUT = ["--gpus-per-task=0", "--cpus-per-task=1"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster().start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def jobs(cluster, request) -> Path:
+    d = cluster.dir / "jobs" / request.node.name.replace("[", "-").replace("]", "")
+    d.mkdir(parents=True)
+    return d
+
+
+def submit(cluster, script, *args, layout=("--nodes=2", "--ntasks-per-node=1"), env=None,
+           cwd=None):
+    env = {"HARNESS_ROOT": str(REPO), "HARNESS_PYTHON": PY, **(env or {})}
+    return cluster.sbatch(*layout, *CPU_LAYOUT, f"--chdir={cwd}", str(REPO / "slurm" / script),
+                          *args, cwd=cwd, env=env)
+
+
+def output(cwd: Path, job: int) -> str:
+    return "\n".join(p.read_text() for p in cwd.glob(f"slurm-*-{job}.out"))
+
+
+@pytest.mark.parametrize("fw", ["torch", "tensorflow"])
+def test_train_sbatch_across_two_nodes(cluster, jobs, fw):
+    job = submit(cluster, "train.sbatch", "--framework", fw, "--model", "mlp", "--epochs", "2",
+                 "--out-dir", jobs / "results", cwd=jobs)
+    info = cluster.wait(job, timeout=240)
+    assert info["JobState"] == "COMPLETED", output(jobs, job)
+    run_dir = jobs / "results" / f"harness-train-{job}"
+    s = summary(run_dir)
+    assert s["world_size"] == 2 and s["final_eval_acc"] > 0.8
+    rec = read_jsonl(run_dir / "metrics.jsonl")[0]
+    assert rec["world"]["launcher"] == "PMIx" and rec["backend"]["gradient_path"] == "horovod"
+    assert "node[1-2]" in output(jobs, job)
+
+
+def test_train_sbatch_with_mpirun_inside_the_allocation(cluster, jobs):
+    job = submit(cluster, "train.sbatch", "--framework", "torch", "--model", "mlp", "--epochs",
+                 "1", "--out-dir", jobs / "results", cwd=jobs, env={"HARNESS_LAUNCH": "mpirun"})
+    info = cluster.wait(job, timeout=240)
+    assert info["JobState"] == "COMPLETED", output(jobs, job)
+    rec = read_jsonl(jobs / "results" / f"harness-train-{job}" / "metrics.jsonl")[0]
+    assert rec["world"] == {"size": 2, "launcher": "Open MPI"}
+
+
+def test_ps_sbatch(cluster, jobs):
+    job = submit(cluster, "ps.sbatch", "--framework", "torch", "--model", "mlp", "--epochs", "2",
+                 "--momentum", "0.5", "--out-dir", jobs / "results",
+                 layout=("--nodes=2", "--ntasks-per-node=2"), cwd=jobs, env={"PS_SERVERS": "1"})
+    info = cluster.wait(job, timeout=240)
+    assert info["JobState"] == "COMPLETED", output(jobs, job)
+    s = summary(jobs / "results" / f"harness-ps-{job}")
+    assert s["workers"] == 3 and s["updates"] == 3 * 2 * (1437 // 96)
+    assert s["final_eval_acc"] > 0.8
+
+
+def test_compare_sbatch(cluster, jobs):
+    job = submit(cluster, "compare.sbatch", "--model", "mlp", "--epochs", "2", cwd=jobs,
+                 env={"NP": "1,2", "OUT_DIR": str(jobs / "cmp")})
+    info = cluster.wait(job, timeout=400)
+    assert info["JobState"] == "COMPLETED", output(jobs, job)
+    report = (jobs / "cmp" / "report.md").read_text()
+    for name in ("torch-sync-np1", "torch-sync-np2", "tensorflow-sync-np1",
+                 "tensorflow-sync-np2"):
+        assert name in report
+    assert "srun --mpi=pmix" in report
+
+
+def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(cluster, jobs):
+    args = ["--framework", "torch", "--model", "cnn", "--epochs", "40", "--eval-every", "10",
+            "--out-dir", jobs / "results"]
+    job = submit(cluster, "train.sbatch", *args, cwd=jobs)
+    metrics = jobs / "results" / f"harness-train-{job}" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if metrics.exists() and metrics.read_text().count('"kind": "step"') >= 100:
+            break
+        time.sleep(0.2)
+    cluster.signal_batch(job, "USR1")          # what --signal=B:USR1@120 sends before the limit
+    info = cluster.wait(job, timeout=300)
+    log = output(jobs, job)
+    assert info["JobState"] == "COMPLETED", log
+    assert info["Restarts"] == "1", log
+    for expected in ("preemption warning", "requeueing job", "resuming from"):
+        assert expected in log, log
+    records = read_jsonl(metrics)
+    assert [r["kind"] for r in records].count("run") == 2
+    assert any(r["kind"] == "preempted" for r in records)
+    # the same run without interruption, launched directly
+    run(launch("horovodrun", 2, *args[:-1], jobs / "reference", "--run-name", "ref"),
+        timeout=300, check=True)
+    a = checkpoint_weights(latest_checkpoint(metrics.parent))
+    b = checkpoint_weights(latest_checkpoint(jobs / "reference" / "ref"))
+    for k in b:
+        np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-6, err_msg=k)
