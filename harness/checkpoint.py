@@ -11,9 +11,7 @@ which is never overwritten. ``keep`` newest files are retained.
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import re
 import tempfile
 import time
@@ -25,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from harness.errors import CheckpointError, TrainingAborted
+from harness.errors import CheckpointError, StorageError, TrainingAborted
+from harness.files import atomic_write
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^(?P<prefix>[a-z0-9_-]+)-(?P<step>\d{9})\.npz$")
@@ -55,17 +54,6 @@ def check_writable(directory: Path) -> None:
                               "permissions") from None
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(directory: Path, ckpt: Checkpoint, prefix: str = "ckpt", keep: int = 2) -> Path:
     """Write atomically as ``<prefix>-<step>.npz``; keep the ``keep`` newest. Returns the path."""
     for name, arr in ckpt.weights.items():
@@ -79,24 +67,12 @@ def save(directory: Path, ckpt: Checkpoint, prefix: str = "ckpt", keep: int = 2)
     arrays.update({f"w/{k}": v for k, v in ckpt.weights.items()})
     arrays.update({f"o/{k}": v for k, v in ckpt.optimizer.items()})
     final = directory / f"{prefix}-{ckpt.step:09d}.npz"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{prefix}-", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        hint = " (the disk is full)" if e.errno == errno.ENOSPC else ""
+        atomic_write(final, lambda f: np.savez(f, **arrays))
+    except StorageError as e:
         prev = latest_paths(directory, prefix)
-        kept = f"; the previous checkpoint {prev[0].name} is intact" if prev else ""
-        raise CheckpointError(f"could not write checkpoint {final}: {e.strerror}{hint}{kept}. "
-                              "Free space or choose another out_dir, then resume.") from None
-    _fsync_dir(directory)
+        kept = f" The previous checkpoint {prev[0].name} is intact." if prev else ""
+        raise CheckpointError(f"{e}{kept} Resume from it once there is room.") from None
     for old in latest_paths(directory, prefix)[keep:]:
         try:
             old.unlink()

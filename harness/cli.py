@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_parser(sub)
     add_report_parser(sub)
 
+    from bench.cli import add_bench_parser
+    add_bench_parser(sub)
+
     return parser
 
 

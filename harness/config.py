@@ -52,7 +52,8 @@ class RunConfig:
     mode: str = _opt("sync", "sync: allreduce data parallel; async: mpi4py parameter server",
                      ("sync", "async"))
     allreduce: str = _opt("auto", "sync gradient path: horovod, mpi (mpi4py Allreduce of one flat "
-                          "buffer), or auto (horovod if importable)", ("auto", "horovod", "mpi"))
+                          "buffer), local (one process, no communication runtime), or auto "
+                          "(horovod if importable, else mpi)", ("auto", "horovod", "mpi", "local"))
 
     # --- optimisation ---
     optimizer: str = _opt("sgd", "optimizer (the parameter server supports sgd only)",
@@ -91,6 +92,10 @@ class RunConfig:
     backward_passes_per_step: int = _opt(1, "local gradient accumulation steps per allreduce",
                                          minimum=1)
     reduction: str = _opt("average", "gradient reduction op", ("average", "adasum"))
+    grad_exchange: str = _opt("optimizer", "PyTorch + Horovod: optimizer (hvd.DistributedOptimizer, "
+                              "per-parameter allreduces overlapping backward) or flat (one in-place "
+                              "allreduce of a contiguous gradient buffer after backward)",
+                              ("optimizer", "flat"))
     gradient_predivide_factor: float = _opt(1.0, "divide gradients by this before the sum and "
                                             "by size/this after", minimum=0.0,
                                             exclusive_min=True)
@@ -152,6 +157,9 @@ class RunConfig:
         if self.tf_loop == "fit" and self.mode == "async":
             raise ConfigError("tf_loop = 'fit' runs in sync mode only: set mode = 'sync' or "
                               "tf_loop = 'custom'")
+        if self.grad_exchange == "flat" and self.reduction == "adasum":
+            raise ConfigError("reduction = 'adasum' combines gradients layer by layer; it needs "
+                              "grad_exchange = 'optimizer'")
         if self.keras == "legacy" and self.framework != "tensorflow":
             raise ConfigError("keras = 'legacy' needs framework = 'tensorflow'")
         if self.resume not in ("auto", "never") and not self.resume.strip():

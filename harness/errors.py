@@ -19,6 +19,10 @@ class CheckpointError(HarnessError):
     """A checkpoint that cannot be read, or that belongs to another run."""
 
 
+class StorageError(HarnessError):
+    """Results or checkpoints cannot be written (permissions, full disk)."""
+
+
 class EnvironmentMismatch(HarnessError):
     """Launcher, MPI and scheduler disagree about the world (rank, size)."""
 

@@ -3,7 +3,8 @@
 ``HARNESS_FAULT="kind@rank:step"`` (several separated by commas) makes that rank misbehave when
 it reaches that global step: ``raise`` (a Python exception), ``exit`` (exit code 13 without
 cleanup), ``kill`` (SIGKILL to itself), ``hang`` (sleep forever), ``nan`` (its batch becomes
-NaN, so loss and gradients do), or ``signal`` (SIGUSR1 to itself, as a scheduler would send).
+NaN, so loss and gradients do), or ``sigterm``/``sigusr1`` (that signal to itself, as a scheduler
+would send before preempting the job).
 ``rank`` may be ``*`` for every rank. Unset, it costs one dictionary lookup per step.
 """
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from harness.errors import ConfigError
 
-KINDS = ("raise", "exit", "kill", "hang", "nan", "signal")
+KINDS = ("raise", "exit", "kill", "hang", "nan", "sigterm", "sigusr1")
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class FaultInjector:
         if fault.kind == "hang":
             while True:
                 time.sleep(3600)
-        if fault.kind == "signal":
-            os.kill(os.getpid(), signal.SIGUSR1)
+        if fault.kind in ("sigterm", "sigusr1"):
+            os.kill(os.getpid(), signal.SIGTERM if fault.kind == "sigterm" else signal.SIGUSR1)
             return x
         return np.full_like(x, np.nan)   # nan

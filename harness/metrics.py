@@ -14,6 +14,7 @@ The file is opened in append mode so records survive requeues; ``restart`` numbe
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import time
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+
+from harness.errors import StorageError
 
 
 def percentile(values: Iterable[float], q: float) -> float | None:
@@ -60,21 +63,38 @@ class MetricsWriter:
         if self._f is None:
             return
         record = {"kind": kind, "restart": self.restart, "time": time.time(), **fields}
-        self._f.write(json.dumps(_clean(record), allow_nan=False) + "\n")
+        try:
+            self._f.write(json.dumps(_clean(record), allow_nan=False) + "\n")
+        except OSError as e:
+            self._fail(e)
         self._pending += 1
         if kind != "step" or self._pending >= self.flush_every:
             self.flush()
 
     def flush(self) -> None:
         if self._f is not None:
-            self._f.flush()
+            try:
+                self._f.flush()
+            except OSError as e:
+                self._fail(e)
             self._pending = 0
+
+    def _fail(self, e: OSError) -> None:
+        raise StorageError(f"could not write {self.path}: {e.strerror}"
+                           f"{' (the disk is full)' if e.errno == errno.ENOSPC else ''}; "
+                           "free space or choose another out_dir, then resume from the last "
+                           "checkpoint")
 
     def close(self) -> None:
         if self._f is not None:
-            self._f.flush()
-            self._f.close()
-            self._f = None
+            try:
+                self.flush()
+            finally:
+                try:
+                    self._f.close()
+                except OSError:
+                    pass
+                self._f = None
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import ConfigError
+from harness.files import atomic_write
 from harness.metrics import latest_by_step, read_records
 
 
@@ -317,9 +318,7 @@ def build_report(paths: list[Path], out_dir: Path, commands: list[str] | None = 
     figs = figures(runs, out_dir / "figures")
     md = render_markdown(runs, notes, figs, out_dir, commands)
     report = out_dir / "report.md"
-    tmp = report.with_suffix(".md.tmp")
-    tmp.write_text(md, encoding="utf-8")
-    tmp.replace(report)
+    atomic_write(report, lambda f: f.write(md.encode("utf-8")))
     if show:
         print_table(runs)
         for n in notes:

@@ -6,8 +6,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +14,10 @@ import numpy as np
 from harness import checkpoint as ckpt_io
 from harness.backends.base import Backend, create, resolve_gradient_path
 from harness.config import RunConfig
-from harness.data import Dataset, check_model_input, load_dataset
+from harness.data import Dataset, Sharder, check_model_input, load_dataset
 from harness.env import World, check_runtime_world, detect_world
 from harness.errors import CheckpointError, ConfigError, HarnessError
+from harness.files import atomic_write
 from harness.logging import get_logger
 from harness.loop import Position, Preempted, RunContext, train
 from harness.metrics import MetricsWriter
@@ -28,17 +27,8 @@ from models import default_classes, default_input_shape, get_spec
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    blob = (json.dumps(data, indent=2, default=str) + "\n").encode()
+    atomic_write(path, lambda f: f.write(blob))
 
 
 def load_data(cfg: RunConfig) -> tuple[Dataset, Any]:
@@ -112,17 +102,20 @@ def run(cfg: RunConfig) -> int:
 
 
 def _run(cfg: RunConfig, backend: Backend, world: World, log, stop: StopFlag) -> int:
+    # Everything that can be wrong with the input is checked before anything is written.
     data, spec = load_data(cfg)
-    cfg.per_rank_batch(world.size)       # fails the same way on every rank
+    Sharder(len(data.x_train), cfg.per_rank_batch(world.size) * cfg.backward_passes_per_step,
+            world.rank, world.size, cfg.seed, cfg.shuffle)     # fails the same way on every rank
     run_dir = run_dir_of(cfg, world.size)
     identity = checkpoint_identity(cfg, data)
     ckpt, error, pos = None, None, Position()
     if world.rank == 0:
         try:
-            ckpt_io.check_writable(run_dir / "checkpoints")
             ckpt = find_resume_checkpoint(cfg, run_dir, log)
             if ckpt is not None:
                 ckpt_io.check_compatible(ckpt, identity)
+            ckpt_io.check_writable(run_dir / "checkpoints")     # the first write of the run
+            if ckpt is not None:
                 p = ckpt.meta["position"]
                 pos = Position(p["epoch"], p["step_in_epoch"], p["step"], p["samples"],
                                p["wall_s"], p.get("best_eval_acc"), p.get("time_to_target_s"),

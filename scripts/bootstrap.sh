@@ -77,8 +77,8 @@ if [ ! -f "$VENV/.complete" ]; then
   "$PY" -m venv "$VENV"
   "${PIP[@]}" install --upgrade pip setuptools wheel 2>&1 | grep -v 'is ignored' || true
   "${PIP[@]}" install -r "$ROOT/requirements.txt" 2>&1 | grep -v 'is ignored' || true
-  "$VENV/bin/python" -c 'import torch, tensorflow, numpy, sklearn, matplotlib, rich, pytest' \
-    || die "the pinned requirements did not install (see pip's output above)"
+  TF_CPP_MIN_LOG_LEVEL=3 "$VENV/bin/python" -c 'import torch, tensorflow, numpy, sklearn, matplotlib, rich, pytest' \
+    2>/dev/null || die "the pinned requirements did not install (see pip's output above)"
   # tf-keras (the Keras 2 route, TF_USE_LEGACY_KERAS=1) would drag in the full tensorflow package.
   "${PIP[@]}" install --no-deps "tf-keras==$TF_KERAS_VERSION" 2>&1 | grep -v 'is ignored' || true
   touch "$VENV/.complete"
@@ -103,8 +103,14 @@ fi
 # --- 4. Horovod from source with our patches --------------------------------------------------
 FW_VERSIONS=$("$VENV/bin/python" - <<'EOF'
 import importlib.metadata as md
-print(md.version("torch"), md.version("tensorflow-cpu") if any(
-    d.metadata["Name"] == "tensorflow-cpu" for d in md.distributions()) else md.version("tensorflow"))
+def version(*names):
+    for n in names:
+        try:
+            return f"{n}=={md.version(n)}"
+        except md.PackageNotFoundError:
+            pass
+    return "none"
+print(version("torch"), version("tensorflow-cpu", "tensorflow", "tensorflow-gpu"))
 EOF
 )
 GPU_ENV=$(env | grep -E '^HOROVOD_(GPU|CUDA|NCCL|ROCM|WITHOUT_|WITH_)' | sort || true)

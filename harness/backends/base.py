@@ -141,7 +141,9 @@ def resolve_gradient_path(requested: str, mode: str) -> str:
         return "local"
     if requested != "auto":
         return requested
-    return "horovod" if importlib.util.find_spec("horovod") is not None else "mpi"
+    if importlib.util.find_spec("horovod") is not None:
+        return "horovod"
+    return "mpi" if importlib.util.find_spec("mpi4py") is not None else "local"
 
 
 def create(cfg: RunConfig, world: World, gradient_path: str) -> Backend:

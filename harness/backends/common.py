@@ -38,6 +38,9 @@ def horovod_environment(cfg: RunConfig, world: World) -> dict[str, str]:
         env["HOROVOD_FUSION_THRESHOLD"] = str(int(cfg.fusion_threshold_mb * 1024 * 1024))
     if cfg.cycle_time_ms is not None:
         env["HOROVOD_CYCLE_TIME"] = repr(cfg.cycle_time_ms)
+    if cfg.grad_exchange == "flat" and cfg.framework == "torch":
+        # one tensor per step: nothing to fuse, so start it at once (our patch 0004)
+        env["HOROVOD_WAKE_ON_ENQUEUE"] = "1"
     if cfg.horovod_timeline:
         env["HOROVOD_TIMELINE"] = os.path.abspath(cfg.horovod_timeline)
     # Horovod's stall inspector names the ranks that did not submit a tensor; past the shutdown

@@ -223,6 +223,10 @@ class LocalTFBackend(TFBackend):
     gradient_path = "local"
 
     def init_distributed(self) -> World:
+        if self.world.size > 1 and self.cfg.mode == "sync":
+            from harness.errors import ConfigError
+            raise ConfigError(f"allreduce = 'local' trains one process, but the launcher started "
+                              f"{self.world.size}: use allreduce = 'horovod' or 'mpi'")
         return self.world
 
     def broadcast_state(self, resumed: bool = False) -> None:

@@ -83,21 +83,24 @@ class TorchBackend(Backend):
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    #: gradients come out multiplied by this (the flat Horovod exchange pre-divides here)
+    grad_scale = 1.0
+
     def _forward_backward(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Local gradients of the batch mean loss, accumulated over backward_passes_per_step
         micro-batches (each loss scaled by 1/k so the sum is the mean over the whole batch)."""
         xb, yb = self._batch(x, y)
-        k = self.cfg.backward_passes_per_step
+        k, scale = self.cfg.backward_passes_per_step, self.grad_scale
         if k == 1:
             out = self.model(xb)
             loss = F.cross_entropy(out, yb)
-            loss.backward()
+            (loss * scale if scale != 1.0 else loss).backward()
             return loss.detach(), (out.argmax(1) == yb).sum()
         total, correct = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         for xc, yc in zip(xb.chunk(k), yb.chunk(k)):
             out = self.model(xc)
             loss = F.cross_entropy(out, yc) * (len(xc) / len(xb))
-            loss.backward()
+            (loss * scale if scale != 1.0 else loss).backward()
             total += loss.detach()
             correct += (out.argmax(1) == yc).sum()
         return total, correct
@@ -202,6 +205,10 @@ class LocalTorchBackend(TorchBackend):
     gradient_path = "local"
 
     def init_distributed(self) -> World:
+        if self.world.size > 1 and self.cfg.mode == "sync":
+            from harness.errors import ConfigError
+            raise ConfigError(f"allreduce = 'local' trains one process, but the launcher started "
+                              f"{self.world.size}: use allreduce = 'horovod' or 'mpi'")
         return self.world
 
     def broadcast_state(self, resumed: bool = False) -> None:
@@ -229,6 +236,14 @@ class HorovodTorchBackend(TorchBackend):
 
     def wrap_optimizer(self, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
         hvd, c = self.hvd, self.cfg
+        if c.grad_exchange == "flat":
+            # One in-place allreduce of one contiguous gradient buffer per step: no fusion-buffer
+            # copies, no averaging pass. The loss is scaled by 1/(size x predivide) so the sum
+            # over ranks is the average (bit for bit when the world size is a power of two).
+            self._use_flat_grads()
+            self.grad_scale = 1.0 / (hvd.size() * c.gradient_predivide_factor)
+            self._post_scale = c.gradient_predivide_factor
+            return opt
         return hvd.DistributedOptimizer(
             opt, named_parameters=self.named_params,
             compression=hvd.Compression.fp16 if c.compression == "fp16" else hvd.Compression.none,
@@ -246,7 +261,27 @@ class HorovodTorchBackend(TorchBackend):
             hvd.broadcast_optimizer_state(self.optimizer, root_rank=0)
         hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
 
+    def zero_grad(self) -> None:
+        if self.cfg.grad_exchange == "flat":
+            self._flat_grad.zero_()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def _exchange_flat(self) -> None:
+        hvd, flat = self.hvd, self._flat_grad
+        if self.cfg.compression == "fp16":
+            wire, ctx = hvd.Compression.fp16.compress(flat)
+            flat.copy_(hvd.Compression.fp16.decompress(
+                hvd.allreduce(wire, op=hvd.Sum, name="harness.grads"), ctx))
+        else:
+            hvd.allreduce_(flat, op=hvd.Sum, name="harness.grads")
+        if self._post_scale != 1.0:
+            flat.mul_(self._post_scale)
+
     def exchange_and_step(self) -> bool:
+        if self.cfg.grad_exchange == "flat":
+            self._exchange_flat()
+            return super().exchange_and_step()
         if self.cfg.nan_policy == "skip":
             self.optimizer.synchronize()          # averaged gradients: the same on every rank
             if not self.grads_finite():
@@ -273,7 +308,8 @@ class HorovodTorchBackend(TorchBackend):
         info.versions["horovod"] = horovod.__version__
         info.settings.update(self.hvd_env)
         info.settings["controller"] = "gloo" if self.hvd.gloo_enabled() else "mpi"
-        info.settings.update(compression=self.cfg.compression, reduction=self.cfg.reduction,
+        info.settings.update(grad_exchange=self.cfg.grad_exchange,
+                             compression=self.cfg.compression, reduction=self.cfg.reduction,
                              backward_passes_per_step=self.cfg.backward_passes_per_step,
                              gradient_predivide_factor=self.cfg.gradient_predivide_factor)
         return info

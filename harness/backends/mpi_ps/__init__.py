@@ -122,10 +122,10 @@ def _serve(ctx, comm, MPI, rank, shards, layout, spec, W, per_rank, run_dir, ckp
     error: HarnessError | None = None
     resume = None
     try:
-        if rank == 0:
-            ckpt_io.check_writable(ckpt_dir)
         resume = _resume_state(cfg, ckpt_dir, rank, {k: ctx.ckpt_meta[k] for k in
                                                       ("framework", "model", "dataset")}, log)
+        if rank == 0:
+            ckpt_io.check_writable(ckpt_dir)
     except HarnessError as e:
         error = e
     # every server must agree before workers are answered

@@ -1,0 +1,327 @@
+"""Fault injection: crashes, hangs, preemption, storage and numerical faults, bad input, security.
+
+Faults are injected with HARNESS_FAULT=kind@rank:step (harness/faults.py) into real jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import (PY, REPO, checkpoint_weights, harness, latest_checkpoint, launch,
+                      needs_horovod, needs_mpi, read_jsonl, run, summary)
+from harness import checkpoint as ck
+
+pytestmark = [needs_horovod, needs_mpi, pytest.mark.mpi]
+
+SHORT = ["--framework", "torch", "--model", "mlp", "--epochs", "3"]
+
+
+def leftover_ranks(marker: str) -> list[str]:
+    out = subprocess.run(["pgrep", "-af", marker], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "pgrep" not in line]
+
+
+# --- rank crashes -----------------------------------------------------------------------------
+
+CRASHES = {
+    "raise": ("raise@1:30", ["unexpected error on rank 1", "injected fault: rank 1 raises"]),
+    "exit": ("exit@1:30", ["13"]),
+    "kill": ("kill@1:30", ["signal 9", "Killed", "-9"]),
+}
+
+
+@pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])
+@pytest.mark.parametrize("kind", list(CRASHES))
+def test_rank_crash_ends_the_job_and_names_the_rank(launcher, kind, results):
+    fault, expected = CRASHES[kind]
+    name = f"crash-{launcher}-{kind}"
+    start = time.monotonic()
+    p = run(launch(launcher, 2, *SHORT, "--out-dir", results, "--run-name", name),
+            env={"HARNESS_FAULT": fault}, timeout=120)
+    elapsed = time.monotonic() - start
+    out = p.stdout + p.stderr
+    assert p.returncode != 0, out[-3000:]
+    assert elapsed < 60
+    assert any(e in out for e in expected), out[-3000:]
+    assert "1" in out and ("rank 1" in out or "rank: 1" in out or "[1,1]" in out or
+                           "Process name: 1" in out or "rank 1 " in out), out[-3000:]
+    time.sleep(1)
+    assert not leftover_ranks(name), "ranks left running"
+    # step 30 is mid-epoch 2: the epoch-1 checkpoint (step 22) is the last one and it loads
+    c = ck.load_latest(results / name / "checkpoints")
+    assert c is not None and c.step == 22
+
+
+def test_hung_rank_is_reported_and_the_job_stopped(results):
+    start = time.monotonic()
+    p = run(launch("horovodrun", 2, *SHORT, "--stall-timeout-s", "8", "--out-dir", results,
+                   "--run-name", "hang"), env={"HARNESS_FAULT": "hang@1:10"}, timeout=120)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and time.monotonic() - start < 60, out[-3000:]
+    assert "rank 1 stalled" in out or "missing ranks: 1" in out.lower(), out[-4000:]
+    time.sleep(1)
+    assert not leftover_ranks("run-name hang")
+
+
+# --- preemption -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig", ["sigterm", "sigusr1"])
+def test_signal_checkpoints_and_resume_is_exact(sig, results):
+    """A stop signal reaches rank 1 only, mid-epoch: all ranks agree at the next agreement
+    point, rank 0 checkpoints, the job exits 75; the resumed run ends with the weights of an
+    uninterrupted run."""
+    common = [*SHORT, "--agree-every", "5", "--out-dir", results]
+    p = run(launch("horovodrun", 2, *common, "--run-name", "pre"),
+            env={"HARNESS_FAULT": f"{sig}@1:28"}, timeout=120)
+    assert p.returncode != 0
+    assert "stop requested" in p.stderr and "checkpointing at step 30" in p.stderr
+    kinds = [r["kind"] for r in read_jsonl(results / "pre" / "metrics.jsonl")]
+    assert kinds.count("preempted") == 1 and "summary" not in kinds
+    assert ck.load_latest(results / "pre" / "checkpoints").step == 30
+    r = run(launch("horovodrun", 2, *common, "--run-name", "pre"), timeout=120, check=True)
+    assert "at step 30" in r.stderr
+    run(launch("horovodrun", 2, *common, "--run-name", "ref"), timeout=120, check=True)
+    a = checkpoint_weights(latest_checkpoint(results / "pre"))
+    b = checkpoint_weights(latest_checkpoint(results / "ref"))
+    for k in b:
+        np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-6, err_msg=k)
+
+
+KILL_DURING_WRITE = """
+import os, signal, sys
+import numpy as np
+from harness import checkpoint as ck
+sig = sys.argv[2]
+real = np.savez
+def slow(f, **arrays):
+    f.write(b"PK partial checkpoint bytes")
+    f.flush()
+    os.kill(os.getpid(), getattr(signal, sig))   # the signal arrives mid-write
+    real(f, **arrays)
+np.savez = slow
+from harness.preemption import StopFlag
+flag = StopFlag().install()
+d = __import__("pathlib").Path(sys.argv[1])
+ck.save(d, ck.Checkpoint({"position": {"step": 2}}, {"w": np.ones(4, np.float32)}))
+print("flag", flag.requested)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM", "SIGUSR1"])
+def test_signal_during_checkpoint_write_leaves_a_loadable_checkpoint(sig, tmp_path):
+    ck.save(tmp_path, ck.Checkpoint({"position": {"step": 1}}, {"w": np.zeros(4, np.float32)}))
+    p = run([PY, "-c", KILL_DURING_WRITE, tmp_path, sig])
+    latest = ck.load_latest(tmp_path)
+    if sig == "SIGKILL":
+        assert p.returncode == -9
+        assert latest.step == 1                        # the interrupted write is not visible
+    else:
+        assert p.returncode == 0 and "flag True" in p.stdout
+        assert latest.step == 2 and latest.weights["w"].sum() == 4   # the write completed
+    assert all(not f.name.startswith("ckpt") or f.suffix == ".npz" for f in tmp_path.iterdir())
+
+
+# --- storage faults ---------------------------------------------------------------------------
+
+def test_unwritable_output_folder_fails_before_training(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    p = run(harness("train", *SHORT, "--allreduce", "local", "--out-dir", blocker / "results"))
+    assert p.returncode == 2 and "is not writable" in p.stderr
+    assert "training" not in p.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mnt)], check=True)
+    try:
+        args = ["--framework", "torch", "--model", "cnn", "--epochs", "40", "--allreduce", "local",
+                "--out-dir", mnt, "--run-name", "full", "--log-every", "1000"]
+        p = run(harness("train", *args), timeout=300)
+        assert p.returncode == 2, p.stderr[-3000:]
+        assert "No space left on device" in p.stderr and "the disk is full" in p.stderr
+        good = ck.load_latest(mnt / "full" / "checkpoints")
+        assert good is not None and good.step > 0
+        assert not [f for f in (mnt / "full" / "checkpoints").iterdir()
+                    if f.name.endswith(".tmp")]
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(results):
+    args = [*SHORT, "--allreduce", "local", "--out-dir", results, "--run-name", "c"]
+    run(harness("train", *args, "--max-steps", "50"), timeout=120, check=True)
+    newest = latest_checkpoint(results / "c")
+    assert newest.name == "ckpt-000000050.npz"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    p = run(harness("train", *args), timeout=120, check=True)
+    assert "skipping unreadable checkpoint" in p.stderr and "corrupt or truncated" in p.stderr
+    assert "resuming from" in p.stderr and "at step 44" in p.stderr
+    assert summary(results / "c")["steps"] == 66
+
+
+# --- numerical faults -------------------------------------------------------------------------
+
+def test_nan_stops_the_run_and_no_nan_checkpoint_is_written(results):
+    p = run(launch("horovodrun", 2, *SHORT, "--out-dir", results, "--run-name", "nan"),
+            env={"HARNESS_FAULT": "nan@1:30"}, timeout=120)
+    assert p.returncode != 0
+    assert "non-finite loss (nan) at step 30" in p.stderr + p.stdout
+    for path in (results / "nan" / "checkpoints").glob("ckpt-*.npz"):
+        assert all(np.isfinite(v).all() for v in ck.load(path).weights.values())
+    assert ck.load_latest(results / "nan" / "checkpoints").step == 22
+
+
+def test_nan_skip_policy_skips_the_step_and_finishes(results):
+    p = run(launch("horovodrun", 2, *SHORT, "--nan-policy", "skip", "--out-dir", results,
+                   "--run-name", "skip"), env={"HARNESS_FAULT": "nan@*:30"}, timeout=120,
+            check=True)
+    assert "step 30: non-finite gradients, update skipped" in p.stderr + p.stdout
+    s = summary(results / "skip")
+    assert s["skipped_steps"] == 1 and s["final_eval_acc"] > 0.8
+
+
+# --- bad input battery ------------------------------------------------------------------------
+
+def write_npz(path, **change):
+    rng = np.random.default_rng(0)
+    a = {"x_train": rng.random((64, 8, 8, 1), dtype=np.float32),
+         "y_train": rng.integers(0, 10, 64), "x_test": rng.random((16, 8, 8, 1),
+                                                                   dtype=np.float32),
+         "y_test": rng.integers(0, 10, 16)}
+    a.update(change)
+    np.savez(path, **a)
+    return path
+
+
+BAD_INPUT = {
+    "malformed toml": (["--config", "{bad_toml}"], "is not valid TOML"),
+    "unknown key": (["--config", "{unknown_key}"], "Did you mean 'epochs'"),
+    "wrong type": (["--config", "{wrong_type}"], "lr = 'fast' has the wrong type"),
+    "out of range": (["--momentum", "1.5"], "momentum = 1.5 is out of range"),
+    "unknown model": (["--model", "vgg"], "model = 'vgg' is not one of"),
+    "negative lr": (["--lr", "-0.1"], "lr = -0.1 is out of range"),
+    "more ranks than samples": (["--dataset", "npz", "--data-path", "{tiny}", "--batch-size",
+                                 "64"], "fewer than one global batch"),
+    "missing npz": (["--dataset", "npz", "--data-path", "{missing}"], "does not exist"),
+    "wrong shape": (["--dataset", "npz", "--data-path", "{bad_shape}"], "y_train has shape"),
+    "wrong dtype": (["--dataset", "npz", "--data-path", "{bad_dtype}"],
+                    "labels must be integer"),
+    "image model on flat data": (["--model", "cnn", "--dataset", "npz", "--data-path",
+                                  "{flat}"], "needs channels-last images"),
+    "corrupt checkpoint": (["--resume", "{corrupt}"], "corrupt or truncated"),
+    "checkpoint of another model": (["--model", "cnn", "--run-name", "good"],
+                                    "written with model = 'mlp'"),
+    "checkpoint of another framework": (["--framework", "tensorflow", "--run-name", "good"],
+                                         "written with framework = 'torch'"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "bad.toml").write_text("lr = = 1\n")
+    (d / "unknown.toml").write_text("epoch = 3\n")
+    (d / "type.toml").write_text('lr = "fast"\n')
+    (d / "corrupt.npz").write_bytes(b"PK\x03\x04 not really")
+    rng = np.random.default_rng(0)
+    files = {
+        "bad_toml": d / "bad.toml", "unknown_key": d / "unknown.toml",
+        "wrong_type": d / "type.toml", "missing": d / "missing.npz",
+        "tiny": write_npz(d / "tiny.npz", x_train=np.zeros((100, 8, 8, 1), np.float32),
+                          y_train=np.zeros(100, np.int64)),
+        "bad_shape": write_npz(d / "shape.npz", y_train=rng.integers(0, 10, 10)),
+        "bad_dtype": write_npz(d / "dtype.npz", y_train=rng.random(64)),
+        "flat": write_npz(d / "flat.npz", x_train=np.zeros((64, 64), np.float32),
+                          x_test=np.zeros((16, 64), np.float32)),
+        "corrupt": d / "corrupt.npz",
+    }
+    results = d / "results"
+    run(harness("train", "--framework", "torch", "--model", "mlp", "--max-steps", "5",
+                "--allreduce", "local", "--out-dir", results, "--run-name", "good"),
+        timeout=120, check=True)
+    return files, results
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_gives_one_clear_error_and_writes_nothing(case, bad_inputs):
+    files, results = bad_inputs
+    args, message = BAD_INPUT[case]
+    args = [a.format(**{k: str(v) for k, v in files.items()}) for a in args]
+    before = {p: p.stat().st_mtime_ns for p in results.rglob("*")}
+    np_ = 2 if case == "more ranks than samples" else 1
+    if np_ > 1:
+        p = run(launch("horovodrun", 2, "--framework", "torch", "--out-dir", results, *args),
+                timeout=120)
+    else:
+        p = run(harness("train", "--framework", "torch", "--allreduce", "local",
+                        "--out-dir", results, *args), timeout=120)
+    assert p.returncode != 0
+    assert message in p.stderr, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    after = {p: p.stat().st_mtime_ns for p in results.rglob("*")}
+    assert after == before, "the failed run wrote or changed files"
+
+
+def test_parameter_server_without_workers_is_refused(results):
+    p = run(launch("mpirun", 2, "--framework", "torch", "--mode", "async", "--ps-servers", "2",
+                   "--out-dir", results))
+    assert p.returncode != 0 and "leaves no worker" in p.stderr
+    assert not any(results.iterdir())
+
+
+# --- security ---------------------------------------------------------------------------------
+
+def test_results_are_created_with_the_users_umask(tmp_path):
+    for mask, mode in ((0o022, 0o644), (0o027, 0o640)):
+        out = tmp_path / f"u{mask:o}"
+        code = (f"import os, sys; os.umask({mask}); from harness.cli import main; "
+                f"sys.exit(main(['train', '--model', 'mlp', '--max-steps', '3', '--allreduce', "
+                f"'local', '--out-dir', '{out}', '--run-name', 'r']))")
+        run([PY, "-c", code], timeout=120, check=True)
+        files = [f for f in (out / "r").rglob("*") if f.is_file()]
+        assert files and all(stat.S_IMODE(f.stat().st_mode) == mode for f in files), \
+            {str(f): oct(stat.S_IMODE(f.stat().st_mode)) for f in files}
+
+
+def test_the_harness_opens_no_network_port(tmp_path):
+    """A run without a communication runtime listens on nothing (MPI/Gloo sockets are theirs)."""
+    psutil = pytest.importorskip("psutil")
+    p = subprocess.Popen(harness("train", "--model", "cnn", "--epochs", "30", "--allreduce",
+                                 "local", "--out-dir", tmp_path), cwd=REPO,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, seen = time.monotonic() + 60, None
+        while time.monotonic() < deadline and p.poll() is None:
+            if list(tmp_path.rglob("ckpt-*.npz")):
+                proc = psutil.Process(p.pid)
+                seen = [c for c in proc.net_connections(kind="all") if c.status == "LISTEN"] + \
+                    [c for c in proc.net_connections(kind="inet") if c.raddr]
+                break
+            time.sleep(0.1)
+        assert seen == [], seen
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_source_has_no_servers_or_pickle_loads():
+    bad = ("pickle.load", "torch.load(", "allow_pickle=True", "socketserver", "http.server",
+           ".listen(", "eval(", "exec(")
+    for path in [*REPO.glob("harness/**/*.py"), *REPO.glob("launchers/**/*.py"),
+                 *REPO.glob("models/**/*.py")]:
+        text = path.read_text()
+        for b in bad:
+            assert b not in text, f"{path}: {b}"
