@@ -154,6 +154,9 @@ class RunConfig:
                               "the parameter servers run SGD with momentum; set optimizer = 'sgd'")
         if self.tf_loop == "fit" and self.framework != "tensorflow":
             raise ConfigError("tf_loop = 'fit' needs framework = 'tensorflow'")
+        if self.tf_loop == "fit" and self.allreduce not in ("auto", "horovod"):
+            raise ConfigError("tf_loop = 'fit' trains with Horovod's Keras DistributedOptimizer: "
+                              f"set allreduce = 'horovod' (not {self.allreduce!r})")
         if self.tf_loop == "fit" and self.mode == "async":
             raise ConfigError("tf_loop = 'fit' runs in sync mode only: set mode = 'sync' or "
                               "tf_loop = 'custom'")
@@ -312,11 +315,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, title: s
             kwargs["type"] = lambda s: [v for v in s.split(",") if v]
             kwargs["metavar"] = "A,B"
         else:
+            # choices are shown but checked by the dataclass, whose message says more
             kwargs["type"] = typ
-            kwargs["metavar"] = typ.__name__.upper()
-            if f.metadata.get("choices"):
-                kwargs["choices"] = f.metadata["choices"]
-                kwargs.pop("metavar")
+            choices = f.metadata.get("choices")
+            kwargs["metavar"] = "{" + ",".join(choices) + "}" if choices else typ.__name__.upper()
         group.add_argument(*flags, **kwargs)
 
 

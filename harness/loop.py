@@ -121,49 +121,166 @@ def save_checkpoint(ctx: RunContext, pos: Position, wall_s: float) -> Path | Non
     return path
 
 
+class TrainingRun:
+    """The schedule, bookkeeping and stop logic of one run, shared by both training drivers:
+    the step loop (``backend.train_step``) and Keras ``model.fit`` (``tf_loop = "fit"``)."""
+
+    def __init__(self, ctx: RunContext, pos: Position, resumed: bool, per_rank: int) -> None:
+        cfg, world = ctx.cfg, ctx.world
+        self.ctx, self.pos, self.resumed = ctx, pos, resumed
+        self.sharder = Sharder(len(ctx.data.x_train), per_rank, world.rank, world.size,
+                               cfg.seed, cfg.shuffle)
+        self.spe = self.sharder.steps_per_epoch
+        self.total_steps = min(cfg.epochs * self.spe, cfg.max_steps or math.inf)
+        self.schedule = LRSchedule.of(cfg, world.size, self.spe)
+        self.timer = StepTimer(warmup=min(5, max(1, self.total_steps // 10)))
+        self.progress = Progress(world.rank == 0, self.total_steps, ctx.log, cfg.log_every)
+        self.watchdog = Watchdog(world.rank, cfg.stall_timeout_s, ctx.log)
+        self.start_wall = time.perf_counter() - pos.wall_s
+        self.epoch_losses: list[float] = []
+        self.epoch_correct = self.epoch_seen = 0
+        self.last_eval: dict[str, Any] = {}
+        self.skipped = 0
+        self.lr = self.schedule(pos.step)
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.start_wall
+
+    def announce(self, style: str) -> None:
+        c, w, s = self.ctx.cfg, self.ctx.world, self.sharder
+        self.ctx.log.info(
+            f"training {c.framework}/{c.model} on {self.ctx.data.name} ({style}): {w.size} "
+            f"rank(s), batch {s.batch}/rank ({s.global_batch} global), {self.spe} steps/epoch, "
+            f"{self.total_steps} steps, lr {self.schedule.peak:g} (warm-up "
+            f"{self.schedule.warmup_steps} steps)")
+
+    def record_step(self, loss: float, correct: int, n: int, step_time: float,
+                    applied: bool = True) -> None:
+        """After every optimizer step: metrics, progress, NaN and stop checks, checkpoints."""
+        cfg, pos, ctx = self.ctx.cfg, self.pos, self.ctx
+        pos.step += 1
+        pos.step_in_epoch += 1
+        pos.samples += self.sharder.global_batch
+        self.watchdog.tick(pos.step, "training")
+        if not applied:
+            self.skipped += 1
+            ctx.log.warning(f"step {pos.step}: non-finite gradients, update skipped "
+                            f"(nan_policy = skip; {self.skipped} skipped so far)")
+        elif not math.isfinite(loss):
+            raise TrainingAborted(
+                f"non-finite loss ({loss}) at step {pos.step} (epoch {pos.epoch + 1}) on rank "
+                f"{ctx.world.rank}: lower lr, check the data, or set nan_policy = 'skip'. No "
+                "checkpoint was written after it.")
+        self.timer.add(step_time)
+        acc = correct / n
+        self.epoch_losses.append(loss)
+        self.epoch_correct += correct
+        self.epoch_seen += n
+        rate = self.sharder.global_batch / step_time
+        ctx.metrics.write("step", step=pos.step, epoch=pos.epoch + 1, loss=loss, acc=acc,
+                          lr=self.lr, step_time_s=step_time, samples_per_s_rank=n / step_time,
+                          samples_per_s_total=rate, wall_s=self.wall(), applied=applied)
+        self.progress.update(pos.step, loss, acc, rate)
+        ckpt_due = cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0
+        if pos.step % cfg.agree_every == 0 or ckpt_due:
+            self.agree_or_stop()
+        if ckpt_due:
+            self.watchdog.tick(phase="checkpointing")
+            save_checkpoint(ctx, pos, self.wall())
+
+    def end_epoch(self) -> None:
+        cfg, pos, ctx = self.ctx.cfg, self.pos, self.ctx
+        pos.epoch += 1
+        pos.step_in_epoch = 0
+        rec: dict[str, Any] = {
+            "epoch": pos.epoch, "step": pos.step,
+            "train_loss": float(np.mean(self.epoch_losses)) if self.epoch_losses else None,
+            "train_acc": self.epoch_correct / self.epoch_seen if self.epoch_seen else None}
+        if pos.step >= self.total_steps or (cfg.eval_every and pos.epoch % cfg.eval_every == 0):
+            self._evaluate()
+            rec.update({k: v for k, v in self.last_eval.items() if k != "step"})
+        rec.update(wall_s=self.wall(), samples=pos.samples, time_to_target_s=pos.time_to_target_s)
+        ctx.metrics.write("epoch", **rec)
+        self.progress.epoch(pos.epoch, rec)
+        self.epoch_losses, self.epoch_correct, self.epoch_seen = [], 0, 0
+        self.agree_or_stop()
+        self.watchdog.tick(phase="checkpointing")
+        save_checkpoint(ctx, pos, self.wall())
+
+    def _evaluate(self) -> None:
+        self.watchdog.tick(phase="evaluating")
+        self.last_eval = evaluate(self.ctx)
+        self.last_eval["step"] = self.pos.step
+        _track_target(self.ctx.cfg, self.pos, self.last_eval["eval_acc"], self.start_wall)
+
+    def finish(self) -> dict[str, Any]:
+        """Final evaluation and checkpoint (if the last epoch did not end on them); summary."""
+        pos, ctx = self.pos, self.ctx
+        if self.last_eval.get("step") != pos.step:    # max_steps ended mid-epoch, or resumed at end
+            self._evaluate()
+            ctx.metrics.write("eval", epoch=pos.epoch, **self.last_eval, wall_s=self.wall())
+            save_checkpoint(ctx, pos, self.wall())
+        wall = self.wall()
+        summary = self.timer.summary(self.sharder.global_batch, ctx.world.size)
+        summary.update(
+            steps=pos.step, epochs=pos.epoch, samples=pos.samples, train_wall_s=wall,
+            samples_per_s_wall=pos.samples / wall if wall > 0 else None,
+            final_eval_loss=self.last_eval.get("eval_loss"),
+            final_eval_acc=self.last_eval.get("eval_acc"), best_eval_acc=pos.best_eval_acc,
+            target_accuracy=ctx.cfg.target_accuracy, time_to_target_s=pos.time_to_target_s,
+            steps_to_target=pos.steps_to_target, skipped_steps=self.skipped,
+            global_batch=self.sharder.global_batch, world_size=ctx.world.size,
+            **weights_consistency(ctx))
+        return summary
+
+    def agree_or_stop(self) -> None:
+        _agree_or_stop(self.ctx, self.pos, self.start_wall, self.watchdog)
+
+    def close(self) -> None:
+        self.watchdog.stop()
+        self.progress.close()
+
+
+def weights_consistency(ctx: RunContext) -> dict[str, Any]:
+    """Do all ranks end with the same weights? (Catches silently unsynchronised training.)"""
+    checksum = float(sum(np.sum(w, dtype=np.float64) for w in ctx.backend.get_weights().values()))
+    hi = ctx.backend.allreduce_host(np.array([checksum, -checksum]), "max")
+    spread = float(hi[0] + hi[1])
+    if spread != 0.0:
+        ctx.log.error(f"ranks ended with different weights (checksum spread {spread:g}): the "
+                      "gradient exchange did not keep them in sync")
+    return {"weights_checksum": checksum, "ranks_consistent": spread == 0.0}
+
+
 def train(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
     """Run from ``pos`` to the end of the schedule; returns the summary record's fields."""
-    cfg, world, backend, log = ctx.cfg, ctx.world, ctx.backend, ctx.log
-    per_rank = cfg.per_rank_batch(world.size) * cfg.backward_passes_per_step
-    sharder = Sharder(len(ctx.data.x_train), per_rank, world.rank, world.size, cfg.seed,
-                      cfg.shuffle)
-    spe = sharder.steps_per_epoch
-    total_steps = min(cfg.epochs * spe, cfg.max_steps or math.inf)
-    schedule = LRSchedule.of(cfg, world.size, spe)
+    cfg, world, backend = ctx.cfg, ctx.world, ctx.backend
+    if cfg.tf_loop == "fit":
+        return train_fit(ctx, pos, resumed)
+    run = TrainingRun(ctx, pos, resumed, cfg.per_rank_batch(world.size) *
+                      cfg.backward_passes_per_step)
     faults = FaultInjector(world.rank)
     straggle = cfg.straggler_rank == world.rank
-    watchdog = Watchdog(world.rank, cfg.stall_timeout_s, log).start()
-    timer = StepTimer(warmup=min(5, max(1, total_steps // 10)))
-    progress = Progress(world.rank == 0, total_steps, log, cfg.log_every)
-    lr = schedule(pos.step)
-    backend.set_lr(lr)
-    log.info(f"training {cfg.framework}/{cfg.model} on {ctx.data.name}: {world.size} rank(s), "
-             f"batch {per_rank}/rank ({sharder.global_batch} global), {spe} steps/epoch, "
-             f"{total_steps} steps, lr {schedule.peak:g} (warm-up {schedule.warmup_steps} steps)")
-
+    backend.set_lr(run.lr)
+    run.announce("step loop")
+    run.watchdog.start()
     # PyTorch: broadcast before step 1. TensorFlow: after step 1 (its optimizer slots exist
     # only then); a resumed TF run also broadcasts before step 1 so that every rank starts
     # from rank 0's checkpoint instead of its own initial weights.
     if not backend.broadcast_after_first_step or resumed:
         backend.broadcast_state(resumed=resumed)
     first_step_done = False
-    start_wall = time.perf_counter() - pos.wall_s
-    epoch_losses: list[float] = []
-    epoch_correct = epoch_seen = 0
-    last_eval: dict[str, float] = {}
-    skipped = 0
     try:
-        while pos.step < total_steps:
-            epoch = pos.epoch
-            while pos.step_in_epoch < spe and pos.step < total_steps:
+        while pos.step < run.total_steps:
+            while pos.step_in_epoch < run.spe and pos.step < run.total_steps:
                 t0 = time.perf_counter()
                 xb, yb = gather(ctx.data.x_train, ctx.data.y_train,
-                                sharder.indices(epoch, pos.step_in_epoch))
+                                run.sharder.indices(pos.epoch, pos.step_in_epoch))
                 xb = faults.before_step(pos.step + 1, xb)
-                new_lr = schedule(pos.step)
-                if new_lr != lr:
+                new_lr = run.schedule(pos.step)
+                if new_lr != run.lr:
                     backend.set_lr(new_lr)
-                    lr = new_lr
+                    run.lr = new_lr
                 res = backend.train_step(xb, yb)
                 if straggle:                   # experiments: this rank is slow
                     time.sleep((cfg.straggler_factor - 1.0) * (time.perf_counter() - t0))
@@ -172,79 +289,44 @@ def train(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
                     first_step_done = True
                     if backend.broadcast_after_first_step:
                         backend.broadcast_state(resumed=resumed)
-                pos.step += 1
-                pos.step_in_epoch += 1
-                pos.samples += sharder.global_batch
-                watchdog.tick(pos.step, "training")
-                if not res.applied:
-                    skipped += 1
-                    log.warning(f"step {pos.step}: non-finite gradients, update skipped "
-                                f"(nan_policy = skip; {skipped} skipped so far)")
-                elif not math.isfinite(res.loss):
-                    raise TrainingAborted(
-                        f"non-finite loss ({res.loss}) at step {pos.step} (epoch {epoch + 1}) "
-                        f"on rank {world.rank}: lower lr, check the data, or set "
-                        "nan_policy = 'skip'. No checkpoint was written after it.")
-                timer.add(step_time)
-                acc = res.correct / len(yb)
-                epoch_losses.append(res.loss)
-                epoch_correct += res.correct
-                epoch_seen += len(yb)
-                ctx.metrics.write("step", step=pos.step, epoch=epoch + 1, loss=res.loss,
-                                  acc=acc, lr=lr, step_time_s=step_time,
-                                  samples_per_s_rank=len(yb) / step_time,
-                                  samples_per_s_total=sharder.global_batch / step_time,
-                                  wall_s=time.perf_counter() - start_wall, applied=res.applied)
-                progress.update(pos.step, res.loss, acc, sharder.global_batch / step_time)
-                ckpt_due = cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0
-                if pos.step % cfg.agree_every == 0 or ckpt_due:
-                    _agree_or_stop(ctx, pos, start_wall, watchdog)
-                if ckpt_due:
-                    watchdog.tick(phase="checkpointing")
-                    save_checkpoint(ctx, pos, time.perf_counter() - start_wall)
-            if pos.step_in_epoch >= spe:        # a completed epoch
-                pos.epoch += 1
-                pos.step_in_epoch = 0
-                is_last = pos.step >= total_steps
-                rec: dict[str, Any] = {
-                    "epoch": pos.epoch, "step": pos.step,
-                    "train_loss": float(np.mean(epoch_losses)) if epoch_losses else None,
-                    "train_acc": epoch_correct / epoch_seen if epoch_seen else None}
-                if is_last or (cfg.eval_every and pos.epoch % cfg.eval_every == 0):
-                    watchdog.tick(phase="evaluating")
-                    last_eval = evaluate(ctx)
-                    rec.update(last_eval)
-                    last_eval["step"] = pos.step
-                    _track_target(cfg, pos, last_eval["eval_acc"], start_wall)
-                rec.update(wall_s=time.perf_counter() - start_wall, samples=pos.samples,
-                           time_to_target_s=pos.time_to_target_s)
-                ctx.metrics.write("epoch", **rec)
-                progress.epoch(pos.epoch, rec)
-                epoch_losses, epoch_correct, epoch_seen = [], 0, 0
-                _agree_or_stop(ctx, pos, start_wall, watchdog)
-                watchdog.tick(phase="checkpointing")
-                save_checkpoint(ctx, pos, time.perf_counter() - start_wall)
-        if last_eval.get("step") != pos.step:     # max_steps ended mid-epoch, or resumed at end
-            watchdog.tick(phase="evaluating")
-            last_eval = evaluate(ctx)
-            last_eval["step"] = pos.step
-            _track_target(cfg, pos, last_eval["eval_acc"], start_wall)
-            ctx.metrics.write("eval", epoch=pos.epoch, **last_eval,
-                              wall_s=time.perf_counter() - start_wall)
-            save_checkpoint(ctx, pos, time.perf_counter() - start_wall)
+                run.record_step(res.loss, res.correct, len(yb), step_time, res.applied)
+            if pos.step_in_epoch >= run.spe:        # a completed epoch
+                run.end_epoch()
+        return run.finish()
     finally:
-        watchdog.stop()
-        progress.close()
-    wall = time.perf_counter() - start_wall
-    summary = timer.summary(sharder.global_batch, world.size)
-    summary.update(
-        steps=pos.step, epochs=pos.epoch, samples=pos.samples, train_wall_s=wall,
-        samples_per_s_wall=pos.samples / wall if wall > 0 else None,
-        final_eval_loss=last_eval.get("eval_loss"), final_eval_acc=last_eval.get("eval_acc"),
-        best_eval_acc=pos.best_eval_acc, target_accuracy=cfg.target_accuracy,
-        time_to_target_s=pos.time_to_target_s, steps_to_target=pos.steps_to_target,
-        skipped_steps=skipped, global_batch=sharder.global_batch, world_size=world.size)
-    return summary
+        run.close()
+
+
+def train_fit(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
+    """The same schedule driven by Keras ``model.fit`` (one fit call per epoch)."""
+    cfg, world, backend = ctx.cfg, ctx.world, ctx.backend
+    run = TrainingRun(ctx, pos, resumed, cfg.per_rank_batch(world.size))
+    faults = FaultInjector(world.rank)
+    backend.set_lr(run.lr if cfg.warmup_epochs == 0 else run.schedule.peak)
+    run.announce("model.fit")
+    run.watchdog.start()
+    if resumed:
+        backend.broadcast_state(resumed=True)
+
+    def on_step(loss: float, acc: float, step_time: float) -> None:
+        faults.before_step(pos.step + 1, np.zeros(1))
+        run.record_step(loss, int(round(acc * run.sharder.batch)), run.sharder.batch, step_time)
+
+    step_callback = backend.step_callback(on_step)
+    try:
+        while pos.step < run.total_steps:
+            end = min(run.spe, pos.step_in_epoch + run.total_steps - pos.step)
+            idx = np.concatenate([np.arange(run.sharder.n)[run.sharder.indices(pos.epoch, s)]
+                                  for s in range(pos.step_in_epoch, end)])
+            x, y = gather(ctx.data.x_train, ctx.data.y_train, idx)
+            callbacks = backend.callbacks(run.spe, run.schedule.peak, cfg.warmup_epochs)
+            backend.fit_epoch(x, y, run.sharder.batch, pos.epoch, [*callbacks, step_callback])
+            run.lr = backend.current_lr()
+            if pos.step_in_epoch >= run.spe:
+                run.end_epoch()
+        return run.finish()
+    finally:
+        run.close()
 
 
 def _track_target(cfg: RunConfig, pos: Position, acc: float, start_wall: float) -> None:

@@ -61,7 +61,8 @@ def json_line(output: str, key: str) -> dict:
     """The JSON object on the first output line mentioning ``key`` (launcher prefixes dropped)."""
     for line in output.splitlines():
         if f'"{key}"' in line and "{" in line:
-            return json.loads(line[line.index("{"):])
+            obj, _ = json.JSONDecoder().raw_decode(line[line.index("{"):])
+            return obj
     raise AssertionError(f"no JSON line with {key!r} in:\n{output[-3000:]}")
 
 

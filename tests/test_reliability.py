@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -53,8 +54,9 @@ def test_rank_crash_ends_the_job_and_names_the_rank(launcher, kind, results):
     assert p.returncode != 0, out[-3000:]
     assert elapsed < 60
     assert any(e in out for e in expected), out[-3000:]
-    assert "1" in out and ("rank 1" in out or "rank: 1" in out or "[1,1]" in out or
-                           "Process name: 1" in out or "rank 1 " in out), out[-3000:]
+    # our own report ("rank 1"), or Open MPI's process name [[job,1],1] for a rank that died
+    # without a word (exit, SIGKILL)
+    assert re.search(r"rank 1\b|\[\[\d+,\d+\],1\]", out), out[-3000:]
     time.sleep(1)
     assert not leftover_ranks(name), "ranks left running"
     # step 30 is mid-epoch 2: the epoch-1 checkpoint (step 22) is the last one and it loads
@@ -102,12 +104,16 @@ import os, signal, sys
 import numpy as np
 from harness import checkpoint as ck
 sig = sys.argv[2]
+import io
 real = np.savez
 def slow(f, **arrays):
-    f.write(b"PK partial checkpoint bytes")
+    buf = io.BytesIO()
+    real(buf, **arrays)
+    data = buf.getvalue()
+    f.write(data[: len(data) // 2])
     f.flush()
     os.kill(os.getpid(), getattr(signal, sig))   # the signal arrives mid-write
-    real(f, **arrays)
+    f.write(data[len(data) // 2:])
 np.savez = slow
 from harness.preemption import StopFlag
 flag = StopFlag().install()
@@ -169,7 +175,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(results):
     p = run(harness("train", *args), timeout=120, check=True)
     assert "skipping unreadable checkpoint" in p.stderr and "corrupt or truncated" in p.stderr
     assert "resuming from" in p.stderr and "at step 44" in p.stderr
-    assert summary(results / "c")["steps"] == 66
+    assert summary(results / "c")["steps"] == 3 * (1437 // 32)
 
 
 # --- numerical faults -------------------------------------------------------------------------
@@ -318,10 +324,10 @@ def test_the_harness_opens_no_network_port(tmp_path):
 
 
 def test_source_has_no_servers_or_pickle_loads():
-    bad = ("pickle.load", "torch.load(", "allow_pickle=True", "socketserver", "http.server",
-           ".listen(", "eval(", "exec(")
+    bad = [r"pickle\.loads?\(", r"torch\.load\(", r"allow_pickle=True", r"socketserver",
+           r"http\.server", r"\.listen\(", r"(?<![\w.])eval\(", r"(?<![\w.])exec\("]
     for path in [*REPO.glob("harness/**/*.py"), *REPO.glob("launchers/**/*.py"),
                  *REPO.glob("models/**/*.py")]:
         text = path.read_text()
         for b in bad:
-            assert b not in text, f"{path}: {b}"
+            assert not re.search(b, text), f"{path}: {b}"

@@ -33,6 +33,7 @@ IMPLEMENTATIONS = {
     ("tensorflow", "horovod"): "harness.backends.horovod_tf:HorovodTFBackend",
     ("tensorflow", "mpi"): "harness.backends.horovod_tf:MPITFBackend",
     ("tensorflow", "local"): "harness.backends.horovod_tf:LocalTFBackend",
+    ("tensorflow", "horovod-fit"): "harness.backends.keras_fit:KerasFitBackend",
 }
 
 
@@ -149,7 +150,7 @@ def resolve_gradient_path(requested: str, mode: str) -> str:
 def create(cfg: RunConfig, world: World, gradient_path: str) -> Backend:
     """Instantiate the backend for ``cfg.framework`` and ``gradient_path`` (imports it now)."""
     configure_threads(cfg, world)      # before the framework is imported
-    key = (cfg.framework, gradient_path)
+    key = (cfg.framework, gradient_path + ("-fit" if cfg.tf_loop == "fit" else ""))
     if key not in IMPLEMENTATIONS:
         valid = ", ".join(f"{f}/{p}" for f, p in IMPLEMENTATIONS)
         raise ValueError(f"no backend for framework {cfg.framework!r} with gradient path "
