@@ -17,9 +17,11 @@ def run(quick: bool = False, out=None) -> list[dict]:
     sizes = QUICK_SIZES if quick else SIZES
     iters = 5 if quick else 50
     rows = []
-    for transport in ("shm", "tcp"):
-        for group in ("mpi", "torch", "tensorflow", "harness-optimizer", "harness-flat",
-                      "harness-mpi"):
+    transports = ("shm",) if quick else ("shm", "tcp")
+    groups = ("mpi", "torch", "tensorflow", "harness-flat") if quick else \
+        ("mpi", "torch", "tensorflow", "harness-optimizer", "harness-flat", "harness-mpi")
+    for transport in transports:
+        for group in groups:
             cycles = [None] if group in ("mpi", "harness-mpi") or quick else [None, "0.1"]
             for cycle in cycles:
                 env = {"HOROVOD_CYCLE_TIME": cycle} if cycle else {}

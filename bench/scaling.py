@@ -28,7 +28,7 @@ def run(quick: bool = False, out=None, model: str = "resnet20", repeats: int = 3
     batch, steps, samples = (8, 6, 64) if quick else (32, 30, 2048)
     repeats = 1 if quick else repeats
     rows = []
-    for framework in ("torch", "tensorflow"):
+    for framework in (("torch",) if quick else ("torch", "tensorflow")):
         effs = []
         for _ in range(repeats):
             x1 = throughput(framework, model, 1, batch, steps, samples, extra or [])

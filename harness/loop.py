@@ -310,6 +310,7 @@ def train_fit(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
 
     def on_step(loss: float, acc: float, step_time: float) -> None:
         faults.before_step(pos.step + 1, np.zeros(1))
+        run.lr = backend.current_lr()                  # Horovod's warm-up callback moves it
         run.record_step(loss, int(round(acc * run.sharder.batch)), run.sharder.batch, step_time)
 
     step_callback = backend.step_callback(on_step)
@@ -321,7 +322,6 @@ def train_fit(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
             x, y = gather(ctx.data.x_train, ctx.data.y_train, idx)
             callbacks = backend.callbacks(run.spe, run.schedule.peak, cfg.warmup_epochs)
             backend.fit_epoch(x, y, run.sharder.batch, pos.epoch, [*callbacks, step_callback])
-            run.lr = backend.current_lr()
             if pos.step_in_epoch >= run.spe:
                 run.end_epoch()
         return run.finish()
