@@ -7,7 +7,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from bench.common import emit, median, mpirun, python, run_json_lines, spread
+from bench.common import emit, mpirun, python, run_json_lines, spread
 
 
 def throughput(framework: str, model: str, np_: int, batch: int, steps: int, samples: int,

@@ -92,9 +92,10 @@ class RunConfig:
     backward_passes_per_step: int = _opt(1, "local gradient accumulation steps per allreduce",
                                          minimum=1)
     reduction: str = _opt("average", "gradient reduction op", ("average", "adasum"))
-    grad_exchange: str = _opt("optimizer", "PyTorch + Horovod: optimizer (hvd.DistributedOptimizer, "
-                              "per-parameter allreduces overlapping backward) or flat (one in-place "
-                              "allreduce of a contiguous gradient buffer after backward)",
+    grad_exchange: str = _opt("optimizer", "PyTorch + Horovod: optimizer "
+                              "(hvd.DistributedOptimizer, per-parameter allreduces overlapping "
+                              "backward) or flat (one in-place allreduce of a contiguous gradient "
+                              "buffer after backward)",
                               ("optimizer", "flat"))
     gradient_predivide_factor: float = _opt(1.0, "divide gradients by this before the sum and "
                                             "by size/this after", minimum=0.0,

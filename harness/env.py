@@ -97,8 +97,8 @@ LAUNCHER_SOURCES = (HorovodSource, OpenMPISource, PMIxSource, PMISource)
 
 
 def _slurm_tasks_on_node(env: Mapping[str, str]) -> int | None:
-    # SLURM_STEP_TASKS_PER_NODE looks like "2(x3),1"; the node's own count is in SLURM_NTASKS_PER_NODE
-    # only when it was requested, so count from SLURM_STEP_TASKS_PER_NODE and SLURM_NODEID.
+    # SLURM_STEP_TASKS_PER_NODE looks like "2(x3),1"; SLURM_NTASKS_PER_NODE exists only when it
+    # was requested, so count from SLURM_STEP_TASKS_PER_NODE and SLURM_NODEID.
     spec, node = env.get("SLURM_STEP_TASKS_PER_NODE"), env.get("SLURM_NODEID")
     if not spec or node is None:
         return None

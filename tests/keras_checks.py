@@ -161,6 +161,6 @@ if __name__ == "__main__":
     out = globals()[f"check_{sys.argv[1]}"]()
     if RANK == 0:      # to a file: launchers split long output lines
         with open(sys.argv[2], "w") as f:
-            version = getattr(keras, "__version__", None) or \
-                __import__("tf_keras" if os.environ.get("TF_USE_LEGACY_KERAS") else "keras").__version__
+            flavour = "tf_keras" if os.environ.get("TF_USE_LEGACY_KERAS") else "keras"
+            version = getattr(keras, "__version__", None) or __import__(flavour).__version__
             json.dump({"check": sys.argv[1], "keras": version, **out}, f)

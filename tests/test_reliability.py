@@ -5,15 +5,11 @@ Faults are injected with HARNESS_FAULT=kind@rank:step (harness/faults.py) into r
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import signal
 import stat
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest

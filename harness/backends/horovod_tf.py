@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from harness.backends.base import Backend, BackendInfo, StepResult
-from harness.backends.common import (FlatLayout, apply_horovod_environment, check_horovod_combination,
-                                     check_mpi_path, check_weight_names, configure_threads)
+from harness.backends.comm import HorovodComm, LocalComm, MPIComm
+from harness.backends.common import FlatLayout, check_weight_names, configure_threads
 from harness.env import World
 from models import load_impl
 from models.base import ModelSpec, from_keras_layout, to_keras_layout
@@ -212,6 +212,13 @@ class TFBackend(Backend):
         for n, a in self.layout.unflatten(flat).items():
             self.canon[n].assign(to_keras_layout(self.kinds[n], a))
 
+    # --- what the communication mixins need (harness/backends/comm.py) ---
+    def _host_tensor(self, values: np.ndarray):
+        return self.tf.constant(values)
+
+    def _has_gpu(self) -> bool:
+        return self.gpu
+
     def info(self) -> BackendInfo:
         versions = {"tensorflow": self.tf.__version__, "keras": self.keras.__version__}
         return BackendInfo("tensorflow", self.gradient_path, versions,
@@ -219,37 +226,14 @@ class TFBackend(Backend):
                             "device": "gpu" if self.gpu else "cpu"})
 
 
-class LocalTFBackend(TFBackend):
-    gradient_path = "local"
-
-    def init_distributed(self) -> World:
-        if self.world.size > 1 and self.cfg.mode == "sync":
-            from harness.errors import ConfigError
-            raise ConfigError(f"allreduce = 'local' trains one process, but the launcher started "
-                              f"{self.world.size}: use allreduce = 'horovod' or 'mpi'")
-        return self.world
-
-    def broadcast_state(self, resumed: bool = False) -> None:
-        pass
-
-    def allreduce_host(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
-        return np.asarray(values, dtype=np.float64)
+class LocalTFBackend(LocalComm, TFBackend):
+    """One process, no gradient exchange (single-process runs and parameter-server workers)."""
 
 
-class HorovodTFBackend(TFBackend):
+class HorovodTFBackend(HorovodComm, TFBackend):
     """Horovod: hvd.DistributedGradientTape; variables broadcast after the first step."""
 
-    gradient_path = "horovod"
-
-    def init_distributed(self) -> World:
-        self.hvd_env = apply_horovod_environment(self.cfg, self.world)
-        import horovod.tensorflow as hvd
-
-        self.hvd = hvd
-        hvd.init()
-        check_horovod_combination(self.cfg, hvd.size(), gloo=hvd.gloo_enabled(), gpu=self.gpu)
-        return World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(),
-                     self.world.source)
+    hvd_module = "horovod.tensorflow"
 
     def _reduced_gradients(self, x, y):
         tf, hvd, c = self.tf, self.hvd, self.cfg
@@ -277,41 +261,9 @@ class HorovodTFBackend(TFBackend):
             tf_variables(optimizer_variables(self.opt))
         self.hvd.broadcast_variables(variables, root_rank=0)
 
-    def allreduce_host(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
-        hvd = self.hvd
-        t = self.tf.constant(np.asarray(values, dtype=np.float64))
-        out = hvd.allreduce(t, op=hvd.Sum if op == "sum" else hvd.Max, name=f"harness.host.{op}")
-        return out.numpy()
 
-    def shutdown(self) -> None:
-        self.hvd.shutdown()
-
-    def info(self) -> BackendInfo:
-        import horovod
-
-        info = super().info()
-        info.versions["horovod"] = horovod.__version__
-        info.settings.update(self.hvd_env)
-        info.settings["controller"] = "gloo" if self.hvd.gloo_enabled() else "mpi"
-        info.settings.update(compression=self.cfg.compression, reduction=self.cfg.reduction,
-                             backward_passes_per_step=self.cfg.backward_passes_per_step,
-                             gradient_predivide_factor=self.cfg.gradient_predivide_factor)
-        return info
-
-
-class MPITFBackend(TFBackend):
+class MPITFBackend(MPIComm, TFBackend):
     """No Horovod: one in-place mpi4py Allreduce of the flat gradient per step."""
-
-    gradient_path = "mpi"
-
-    def init_distributed(self) -> World:
-        check_mpi_path(self.cfg)
-        from harness.backends.mpi_comm import HostReducer
-
-        self.comm = HostReducer()
-        local = self.comm.comm.Split_type(self.comm.MPI.COMM_TYPE_SHARED)
-        return World(self.comm.rank, self.comm.size, local.Get_rank(), local.Get_size(),
-                     self.world.source)
 
     def train_step(self, x: np.ndarray, y: np.ndarray) -> StepResult:
         tf = self.tf
@@ -330,14 +282,3 @@ class MPITFBackend(TFBackend):
             host = np.array(v.numpy())
             self.comm.bcast_(host)
             v.assign(host)
-
-    def allreduce_host(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
-        return self.comm.allreduce(values, op)
-
-    def info(self) -> BackendInfo:
-        import mpi4py
-
-        info = super().info()
-        info.versions["mpi4py"] = mpi4py.__version__
-        info.settings["mpi"] = self.comm.library_version()
-        return info

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from harness.backends.base import Backend, BackendInfo, StepResult
-from harness.backends.common import (FlatLayout, apply_horovod_environment, check_horovod_combination,
-                                     check_mpi_path, check_weight_names, configure_threads)
+from harness.backends.comm import HorovodComm, LocalComm, MPIComm
+from harness.backends.common import FlatLayout, check_weight_names, configure_threads
 from harness.env import World
 from models import load_impl
 from models.base import ModelSpec
@@ -193,46 +193,26 @@ class TorchBackend(Backend):
         for p, off in zip(self.params, self.layout.offsets):
             p.copy_(src[off:off + p.numel()].view_as(p))
 
-    # --- info ---
+    # --- what the communication mixins need (harness/backends/comm.py) ---
+    def _host_tensor(self, values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(values)
+
+    def _has_gpu(self) -> bool:
+        return torch.cuda.is_available()
+
     def info(self) -> BackendInfo:
         return BackendInfo("torch", self.gradient_path, {"torch": torch.__version__},
                            {"threads_per_rank": self.threads, "device": str(self.device)})
 
 
-class LocalTorchBackend(TorchBackend):
+class LocalTorchBackend(LocalComm, TorchBackend):
     """One process, no gradient exchange (single-process runs and parameter-server workers)."""
 
-    gradient_path = "local"
 
-    def init_distributed(self) -> World:
-        if self.world.size > 1 and self.cfg.mode == "sync":
-            from harness.errors import ConfigError
-            raise ConfigError(f"allreduce = 'local' trains one process, but the launcher started "
-                              f"{self.world.size}: use allreduce = 'horovod' or 'mpi'")
-        return self.world
-
-    def broadcast_state(self, resumed: bool = False) -> None:
-        pass
-
-    def allreduce_host(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
-        return np.asarray(values, dtype=np.float64)
-
-
-class HorovodTorchBackend(TorchBackend):
+class HorovodTorchBackend(HorovodComm, TorchBackend):
     """Horovod: hvd.DistributedOptimizer, broadcast_parameters + broadcast_optimizer_state."""
 
-    gradient_path = "horovod"
-
-    def init_distributed(self) -> World:
-        self.hvd_env = apply_horovod_environment(self.cfg, self.world)
-        import horovod.torch as hvd
-
-        self.hvd = hvd
-        hvd.init()
-        check_horovod_combination(self.cfg, hvd.size(), gloo=hvd.gloo_enabled(),
-                                  gpu=torch.cuda.is_available())
-        return World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(),
-                     self.world.source)
+    hvd_module = "horovod.torch"
 
     def wrap_optimizer(self, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
         hvd, c = self.hvd, self.cfg
@@ -292,42 +272,14 @@ class HorovodTorchBackend(TorchBackend):
         self.optimizer.step()
         return True
 
-    def allreduce_host(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
-        hvd = self.hvd
-        t = torch.from_numpy(np.asarray(values, dtype=np.float64).copy())
-        out = hvd.allreduce(t, op=hvd.Sum if op == "sum" else hvd.Max, name=f"harness.host.{op}")
-        return out.numpy()
-
-    def shutdown(self) -> None:
-        self.hvd.shutdown()
-
     def info(self) -> BackendInfo:
-        import horovod
-
         info = super().info()
-        info.versions["horovod"] = horovod.__version__
-        info.settings.update(self.hvd_env)
-        info.settings["controller"] = "gloo" if self.hvd.gloo_enabled() else "mpi"
-        info.settings.update(grad_exchange=self.cfg.grad_exchange,
-                             compression=self.cfg.compression, reduction=self.cfg.reduction,
-                             backward_passes_per_step=self.cfg.backward_passes_per_step,
-                             gradient_predivide_factor=self.cfg.gradient_predivide_factor)
+        info.settings["grad_exchange"] = self.cfg.grad_exchange
         return info
 
 
-class MPITorchBackend(TorchBackend):
+class MPITorchBackend(MPIComm, TorchBackend):
     """No Horovod: one in-place mpi4py Allreduce of the flat gradient buffer per step."""
-
-    gradient_path = "mpi"
-
-    def init_distributed(self) -> World:
-        check_mpi_path(self.cfg)
-        from harness.backends.mpi_comm import HostReducer
-
-        self.comm = HostReducer()
-        local = self.comm.comm.Split_type(self.comm.MPI.COMM_TYPE_SHARED)
-        return World(self.comm.rank, self.comm.size, local.Get_rank(), local.Get_size(),
-                     self.world.source)
 
     def zero_grad(self) -> None:
         self._use_flat_grads().zero_()
@@ -368,15 +320,3 @@ class MPITorchBackend(TorchBackend):
         for key in sorted(arrays):
             self.comm.bcast_(arrays[key])
         self.set_optimizer_state(arrays, info["meta"])
-
-    def allreduce_host(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
-        return self.comm.allreduce(values, op)
-
-    def info(self) -> BackendInfo:
-        info = super().info()
-        import mpi4py
-
-        info.versions["mpi4py"] = mpi4py.__version__
-        info.settings["mpi"] = self.comm.library_version()
-        return info
-

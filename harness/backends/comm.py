@@ -1,0 +1,101 @@
+"""How a backend talks to the other ranks, written once for both frameworks.
+
+Each mixin supplies ``init_distributed``, ``allreduce_host``, ``shutdown`` and its part of
+``info`` on top of a framework backend (TorchBackend, TFBackend), which supplies what differs:
+``hvd_module`` (horovod.torch or horovod.tensorflow), ``_host_tensor`` and ``_has_gpu``.
+Nothing here imports a framework at import time.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+
+from harness.backends.base import BackendInfo
+from harness.backends.common import (apply_horovod_environment, check_horovod_combination,
+                                     check_mpi_path)
+from harness.env import World
+from harness.errors import ConfigError
+
+
+class LocalComm:
+    """One process, no gradient exchange (single-process runs and parameter-server workers)."""
+
+    gradient_path = "local"
+
+    def init_distributed(self) -> World:
+        if self.world.size > 1 and self.cfg.mode == "sync":
+            raise ConfigError(f"allreduce = 'local' trains one process, but the launcher started "
+                              f"{self.world.size}: use allreduce = 'horovod' or 'mpi'")
+        return self.world
+
+    def broadcast_state(self, resumed: bool = False) -> None:
+        pass
+
+    def allreduce_host(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
+        return np.asarray(values, dtype=np.float64)
+
+
+class HorovodComm:
+    """Horovod: init with the harness's Horovod settings; small reductions through hvd."""
+
+    gradient_path = "horovod"
+    hvd_module = ""
+
+    def init_distributed(self) -> World:
+        self.hvd_env = apply_horovod_environment(self.cfg, self.world)
+        hvd = importlib.import_module(self.hvd_module)
+        self.hvd = hvd
+        hvd.init()
+        check_horovod_combination(self.cfg, hvd.size(), gloo=hvd.gloo_enabled(),
+                                  gpu=self._has_gpu())
+        return World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(),
+                     self.world.source)
+
+    def allreduce_host(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
+        hvd = self.hvd
+        t = self._host_tensor(np.asarray(values, dtype=np.float64).copy())
+        out = hvd.allreduce(t, op=hvd.Sum if op == "sum" else hvd.Max, name=f"harness.host.{op}")
+        return out.numpy()
+
+    def shutdown(self) -> None:
+        self.hvd.shutdown()
+
+    def info(self) -> BackendInfo:
+        import horovod
+
+        info = super().info()
+        info.versions["horovod"] = horovod.__version__
+        info.settings.update(self.hvd_env)
+        info.settings["controller"] = "gloo" if self.hvd.gloo_enabled() else "mpi"
+        info.settings.update(compression=self.cfg.compression, reduction=self.cfg.reduction,
+                             backward_passes_per_step=self.cfg.backward_passes_per_step,
+                             gradient_predivide_factor=self.cfg.gradient_predivide_factor)
+        return info
+
+
+class MPIComm:
+    """No Horovod: mpi4py on a duplicate of COMM_WORLD (buffers, never pickles)."""
+
+    gradient_path = "mpi"
+
+    def init_distributed(self) -> World:
+        check_mpi_path(self.cfg)
+        from harness.backends.mpi_comm import HostReducer
+
+        self.comm = HostReducer()
+        local = self.comm.comm.Split_type(self.comm.MPI.COMM_TYPE_SHARED)
+        return World(self.comm.rank, self.comm.size, local.Get_rank(), local.Get_size(),
+                     self.world.source)
+
+    def allreduce_host(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
+        return self.comm.allreduce(values, op)
+
+    def info(self) -> BackendInfo:
+        import mpi4py
+
+        info = super().info()
+        info.versions["mpi4py"] = mpi4py.__version__
+        info.settings["mpi"] = self.comm.library_version()
+        return info
