@@ -12,12 +12,22 @@ from conftest import PY, REPO, launch, needs_horovod, read_jsonl, run, summary
 pytestmark = [needs_horovod, pytest.mark.mpi]
 
 
-def keras_check(name: str, tmp_path, legacy: bool = False) -> dict:
-    env = {"TF_USE_LEGACY_KERAS": "1"} if legacy else {}
-    out = tmp_path / f"{name}.json"
-    run(["horovodrun", "-np", "2", PY, REPO / "tests" / "keras_checks.py", name, out],
-        env=env, timeout=240, check=True)
-    return json.loads(out.read_text())
+CHECKS = ("fit", "accumulation", "compression", "tapes", "syncbn", "schedule")
+
+
+@pytest.fixture(scope="module")
+def checks(tmp_path_factory) -> dict:
+    """All checks in one horovodrun job per Keras flavour (tf_keras: the fit check)."""
+    out = {}
+    for flavour, names, env in (("keras3", CHECKS, {}),
+                                ("tf_keras", ("fit",), {"TF_USE_LEGACY_KERAS": "1"})):
+        path = tmp_path_factory.mktemp("keras") / f"{flavour}.json"
+        run(["horovodrun", "-np", "2", PY, REPO / "tests" / "keras_checks.py", ",".join(names),
+             path], env=env, timeout=400, check=True)
+        data = json.loads(path.read_text())
+        out[flavour] = {name: {"keras": data["keras"], **res}
+                        for name, res in data["checks"].items()}
+    return out
 
 
 def same_on_all_ranks(per_rank: list[list[float]], rtol: float = 0.0) -> bool:
@@ -25,8 +35,8 @@ def same_on_all_ranks(per_rank: list[list[float]], rtol: float = 0.0) -> bool:
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["keras3", "tf_keras"])
-def test_fit_averages_broadcasts_and_warms_up(legacy, tmp_path):
-    out = keras_check("fit", tmp_path, legacy)
+def test_fit_averages_broadcasts_and_warms_up(legacy, checks):
+    out = checks["tf_keras" if legacy else "keras3"]["fit"]
     assert out["keras"].startswith("2." if legacy else "3.")
     # the ranks started from different weights and saw different data
     assert same_on_all_ranks(out["weights"])
@@ -38,19 +48,19 @@ def test_fit_averages_broadcasts_and_warms_up(legacy, tmp_path):
     assert lrs[-1] == pytest.approx(base * size, rel=1e-5)
 
 
-def test_gradient_accumulation_equals_the_bigger_batch(tmp_path):
-    out = keras_check("accumulation", tmp_path)
+def test_gradient_accumulation_equals_the_bigger_batch(checks):
+    out = checks["keras3"]["accumulation"]
     assert out["unchanged_after_first_pass"]
     np.testing.assert_allclose(out["k2"], out["k1"], rtol=1e-5, atol=1e-6)
     assert same_on_all_ranks(out["k2_all_ranks"])
 
 
-def test_fp16_compression_keeps_ranks_in_sync(tmp_path):
-    assert same_on_all_ranks(keras_check("compression", tmp_path)["weights"])
+def test_fp16_compression_keeps_ranks_in_sync(checks):
+    assert same_on_all_ranks(checks["keras3"]["compression"]["weights"])
 
 
-def test_tapes_accept_keras_variables_and_partial_tape_keeps_local_gradients(tmp_path):
-    out = keras_check("tapes", tmp_path)
+def test_tapes_accept_keras_variables_and_partial_tape_keeps_local_gradients(checks):
+    out = checks["keras3"]["tapes"]
     assert same_on_all_ranks(out["weights"])                 # broadcast of Keras variables
     dist, local, partial = (np.array(out[k]) for k in ("dist", "local", "partial"))
     assert same_on_all_ranks(out["dist"])
@@ -62,16 +72,16 @@ def test_tapes_accept_keras_variables_and_partial_tape_keeps_local_gradients(tmp
     assert not np.allclose(partial[0, :n], partial[1, :n])
 
 
-def test_sync_batch_norm_uses_statistics_of_all_ranks(tmp_path):
-    out = keras_check("syncbn", tmp_path)
+def test_sync_batch_norm_uses_statistics_of_all_ranks(checks):
+    out = checks["keras3"]["syncbn"]
     assert max(m[0] for m in out["max_diff"]) < 1e-4
     assert same_on_all_ranks(out["moving_mean"], rtol=1e-6)
     assert same_on_all_ranks(out["moving_var"], rtol=1e-6)
     np.testing.assert_allclose(out["moving_mean"][0], out["ref_moving_mean"], rtol=1e-5)
 
 
-def test_learning_rate_schedule_callback(tmp_path):
-    out = keras_check("schedule", tmp_path)
+def test_learning_rate_schedule_callback(checks):
+    out = checks["keras3"]["schedule"]
     np.testing.assert_allclose(out["lr"], [0.1, 0.1, 0.1, 0.05], rtol=1e-6)
     assert same_on_all_ranks(out["weights"])
 

@@ -74,7 +74,7 @@ def test_ps_sbatch(cluster, jobs):
     assert info["JobState"] == "COMPLETED", output(jobs, job)
     s = summary(jobs / "results" / f"harness-ps-{job}")
     assert s["workers"] == 3 and s["updates"] == 3 * 2 * (1437 // 96)
-    assert s["final_eval_acc"] > 0.8
+    assert s["final_eval_acc"] > 0.5 and s["staleness_mean"] is not None
 
 
 def test_compare_sbatch(cluster, jobs):
