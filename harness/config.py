@@ -109,6 +109,10 @@ class RunConfig:
                                         "this file")
     threads_per_rank: int | None = _opt(None, "compute threads per rank (default: cores on the "
                                         "node divided by ranks on the node)", minimum=1)
+    mpi_yield_when_idle: bool = _opt(True, "Open MPI: waiting threads (Horovod's background "
+                                     "thread, parameter servers) yield the core instead of "
+                                     "spinning, so they do not slow the compute thread beside "
+                                     "them; an OMPI_MCA_mpi_yield_when_idle already set wins")
 
     # --- TensorFlow ---
     tf_loop: str = _opt("custom", "TensorFlow training style: custom (GradientTape) or fit "

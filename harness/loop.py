@@ -121,6 +121,14 @@ def save_checkpoint(ctx: RunContext, pos: Position, wall_s: float) -> Path | Non
     return path
 
 
+def step_batch(cfg: RunConfig, world_size: int) -> int:
+    """Samples one rank consumes per harness step. The step loop folds
+    backward_passes_per_step micro-batches into one step; model.fit steps per micro-batch and
+    Horovod's Keras optimizer accumulates them."""
+    k = 1 if cfg.tf_loop == "fit" else cfg.backward_passes_per_step
+    return cfg.per_rank_batch(world_size) * k
+
+
 class TrainingRun:
     """The schedule, bookkeeping and stop logic of one run, shared by both training drivers:
     the step loop (``backend.train_step``) and Keras ``model.fit`` (``tf_loop = "fit"``)."""
@@ -242,8 +250,10 @@ class TrainingRun:
 
 
 def weights_consistency(ctx: RunContext) -> dict[str, Any]:
-    """Do all ranks end with the same weights? (Catches silently unsynchronised training.)"""
-    checksum = float(sum(np.sum(w, dtype=np.float64) for w in ctx.backend.get_weights().values()))
+    """Do all ranks end with the same trainable weights? (Catches silently unsynchronised
+    training. Batch-norm running statistics are per rank in data-parallel training, as in
+    Horovod, so they are left out.)"""
+    checksum = float(np.sum(ctx.backend.get_flat_params(), dtype=np.float64))
     hi = ctx.backend.allreduce_host(np.array([checksum, -checksum]), "max")
     spread = float(hi[0] + hi[1])
     if spread != 0.0:
@@ -257,8 +267,7 @@ def train(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
     cfg, world, backend = ctx.cfg, ctx.world, ctx.backend
     if cfg.tf_loop == "fit":
         return train_fit(ctx, pos, resumed)
-    run = TrainingRun(ctx, pos, resumed, cfg.per_rank_batch(world.size) *
-                      cfg.backward_passes_per_step)
+    run = TrainingRun(ctx, pos, resumed, step_batch(cfg, world.size))
     faults = FaultInjector(world.rank)
     straggle = cfg.straggler_rank == world.rank
     backend.set_lr(run.lr)
@@ -300,7 +309,7 @@ def train(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
 def train_fit(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
     """The same schedule driven by Keras ``model.fit`` (one fit call per epoch)."""
     cfg, world, backend = ctx.cfg, ctx.world, ctx.backend
-    run = TrainingRun(ctx, pos, resumed, cfg.per_rank_batch(world.size))
+    run = TrainingRun(ctx, pos, resumed, step_batch(cfg, world.size))
     faults = FaultInjector(world.rank)
     backend.set_lr(run.lr if cfg.warmup_epochs == 0 else run.schedule.peak)
     run.announce("model.fit")

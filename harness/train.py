@@ -19,7 +19,7 @@ from harness.env import World, check_runtime_world, detect_world
 from harness.errors import CheckpointError, ConfigError, HarnessError
 from harness.files import atomic_write
 from harness.logging import get_logger
-from harness.loop import Position, Preempted, RunContext, train
+from harness.loop import Position, Preempted, RunContext, step_batch, train
 from harness.metrics import MetricsWriter
 from harness.preemption import EXIT_PREEMPTED, StopFlag
 from harness.runinfo import environment
@@ -104,8 +104,8 @@ def run(cfg: RunConfig) -> int:
 def _run(cfg: RunConfig, backend: Backend, world: World, log, stop: StopFlag) -> int:
     # Everything that can be wrong with the input is checked before anything is written.
     data, spec = load_data(cfg)
-    Sharder(len(data.x_train), cfg.per_rank_batch(world.size) * cfg.backward_passes_per_step,
-            world.rank, world.size, cfg.seed, cfg.shuffle)     # fails the same way on every rank
+    Sharder(len(data.x_train), step_batch(cfg, world.size), world.rank, world.size, cfg.seed,
+            cfg.shuffle)                                     # fails the same way on every rank
     run_dir = run_dir_of(cfg, world.size)
     identity = checkpoint_identity(cfg, data)
     ckpt, error, pos = None, None, Position()

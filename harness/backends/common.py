@@ -28,7 +28,19 @@ def configure_threads(cfg: RunConfig, world: World) -> int:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    apply_mpi_environment(cfg)
     return threads
+
+
+def apply_mpi_environment(cfg: RunConfig) -> None:
+    """Settings read by MPI_Init in this process, so set before MPI or Horovod starts.
+
+    Horovod's background thread waits in MPI calls every cycle, and Open MPI waits by spinning:
+    with one compute thread per core that spin takes the core from the computation. Measured on
+    2 cores (resnet20, 1 thread per rank, docs/benchmarks.md): E(2) rose from 0.6 to ~0.9.
+    """
+    if cfg.mpi_yield_when_idle:
+        os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
 
 
 def horovod_environment(cfg: RunConfig, world: World) -> dict[str, str]:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from harness import checkpoint as ckpt_io
-from harness.backends.common import FlatLayout
+from harness.backends.common import FlatLayout, apply_mpi_environment
 from harness.config import RunConfig
 from harness.data import Dataset, Sharder
 from harness.env import World, check_runtime_world
@@ -42,6 +42,7 @@ def run(cfg: RunConfig, launcher_world: World, log) -> int:
     from harness.backends.mpi_comm import mpi
     from harness.train import checkpoint_identity, load_data, run_dir_of, write_json_atomic
 
+    apply_mpi_environment(cfg)                       # before MPI_Init
     MPI = mpi()
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
