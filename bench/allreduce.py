@@ -7,6 +7,8 @@ Each group (mpi4py alone; torch + Horovod; TensorFlow + Horovod) runs in its own
 
 from __future__ import annotations
 
+import numpy as np
+
 from bench.common import emit, mpirun, python, run_json_lines
 
 SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
@@ -33,6 +35,38 @@ def run(quick: bool = False, out=None) -> list[dict]:
                         rows.append(r)
                         emit(r, out)
     summarize(rows, out)
+    rows += target_check(quick, out)
+    return rows
+
+
+def target_check(quick: bool, out=None, repeats: int = 5) -> list[dict]:
+    """The harness's fastest gradient path against mpi4py for messages >= 4 MiB, launches
+    interleaved (mpi4py, flat with the harness's default yield, flat without) so that the
+    ratios compare measurements taken minutes apart at most."""
+    sizes = [4 << 20] if quick else [4 << 20, 16 << 20, 64 << 20]
+    repeats = 1 if quick else repeats
+    variants = [("mpi", "mpi4py", {}), ("harness-flat", "harness_flat (yield, default)", {}),
+                ("harness-flat", "harness_flat (no yield)", {"OMPI_MCA_mpi_yield_when_idle": "0"})]
+    rows = []
+    for transport in (("shm",) if quick else ("shm", "tcp")):
+        samples: dict[tuple[str, int], list[float]] = {}
+        for _ in range(repeats):
+            for group, label, env in variants:
+                argv = mpirun(2, transport) + [python(), "-m", "bench.allreduce_worker", group,
+                                               transport, ",".join(map(str, sizes)), "40"]
+                for r in run_json_lines(argv, env=env):
+                    if r.get("kind") == "allreduce":
+                        samples.setdefault((label, r["bytes"]), []).append(r["busbw_GBps"])
+        for _, label, _ in variants[1:]:
+            for size in sizes:
+                ratios = [a / b for a, b in zip(samples[(label, size)],
+                                                samples[("mpi4py", size)])]
+                row = {"kind": "allreduce_target", "transport": transport, "path": label,
+                       "bytes": size, "launch_pairs": len(ratios),
+                       "busbw_vs_mpi4py_median": float(np.median(ratios)),
+                       "min": min(ratios), "max": max(ratios)}
+                rows.append(row)
+                emit(row, out)
     return rows
 
 

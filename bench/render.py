@@ -1,0 +1,134 @@
+"""Markdown tables from benchmark JSON lines (what docs/benchmarks.md quotes).
+
+    python -m bench.render bench-results/*.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _records(paths: list[str]) -> list[dict]:
+    out = []
+    for p in paths:
+        out += [json.loads(line) for line in Path(p).read_text().splitlines() if line.strip()]
+    return out
+
+
+def _sizes(rows: list[dict]) -> list[int]:
+    return sorted({r["bytes"] for r in rows})
+
+
+def _fmt_size(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
+
+
+def allreduce_tables(rows: list[dict]) -> str:
+    ar = [r for r in rows if r["kind"] == "allreduce"]
+    out = []
+    for transport in ("shm", "tcp"):
+        sub = [r for r in ar if r["transport"] == transport]
+        if not sub:
+            continue
+        sizes = _sizes(sub)
+        ref = {r["bytes"]: r["busbw_GBps"] for r in sub if r["impl"] == "mpi4py"}
+        out += [f"**{transport}** ({'Open MPI vader shared memory' if transport == 'shm' else 'Open MPI TCP on loopback'}): bus bandwidth in GB/s; "
+                "in brackets, the ratio to mpi4py at the same size.", "",
+                "| path | cycle (ms) | " + " | ".join(_fmt_size(s) for s in sizes) + " |",
+                "|---|---|" + "---|" * len(sizes)]
+        seen = []
+        for r in sub:
+            key = (r["group"], r["impl"], r["horovod_cycle_time_ms"])
+            if key not in seen:
+                seen.append(key)
+        for group, impl, cycle in seen:
+            cells = []
+            for s in sizes:
+                m = [r for r in sub if (r["group"], r["impl"], r["horovod_cycle_time_ms"]) ==
+                     (group, impl, cycle) and r["bytes"] == s]
+                if not m:
+                    cells.append("")
+                    continue
+                bw = m[0]["busbw_GBps"]
+                ratio = f" ({bw / ref[s]:.2f})" if impl != "mpi4py" and ref.get(s) else ""
+                cells.append(f"{bw:.2f}{ratio}")
+            label = impl if group in ("mpi", "torch") or group.startswith("harness") \
+                else f"{impl} (TF)"
+            cycle_txt = "-" if group in ("mpi", "harness-mpi") else str(cycle).replace(
+                "default (1)", "1 (default)")
+            out.append(f"| {label} | {cycle_txt} | " + " | ".join(cells) + " |")
+        lat = {(r["group"], r["impl"], r["horovod_cycle_time_ms"]): r["time_us_median"]
+               for r in sub if r["bytes"] == sizes[0]}
+        out += ["", f"Latency at {_fmt_size(sizes[0])} (median µs): " + ", ".join(
+            f"{impl}{'' if g in ('mpi', 'torch') or g.startswith('harness') else ' (TF)'}"
+            f"{'' if g in ('mpi', 'harness-mpi') else f' @{c}'.replace('default (1)', '1')}"
+            f" {v:.0f}" for (g, impl, c), v in lat.items()), ""]
+    return "\n".join(out)
+
+
+def simple_table(rows: list[dict], kind: str, columns: list[tuple[str, str]]) -> str:
+    sel = [r for r in rows if r["kind"] == kind]
+    out = ["| " + " | ".join(c for c, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for r in sel:
+        cells = []
+        for _, key in columns:
+            v = r
+            for part in key.split("."):
+                v = v.get(part) if isinstance(v, dict) else None
+            cells.append(f"{v:.3f}" if isinstance(v, float) else str(v))
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def main(paths: list[str]) -> str:
+    rows = _records(paths)
+    env = [r for r in rows if r["kind"] == "environment"]
+    parts = []
+    if env:
+        e = env[0]
+        parts += [f"Environment: {e['cpu']}, {e['cpus']} CPUs, {e['mpi']}; "
+                  + ", ".join(f"{k} {v}" for k, v in e["versions"].items())
+                  + f"; commit {e['git_commit']}.", ""]
+    if any(r["kind"] == "allreduce" for r in rows):
+        parts += [allreduce_tables(rows)]
+    if any(r["kind"] == "allreduce_target" for r in rows):
+        parts += [simple_table(rows, "allreduce_target", [
+            ("transport", "transport"), ("path", "path"), ("bytes", "bytes"),
+            ("busbw / mpi4py (median)", "busbw_vs_mpi4py_median"), ("min", "min"),
+            ("max", "max"), ("launch pairs", "launch_pairs")]), ""]
+    if any(r["kind"] == "overhead" for r in rows):
+        parts += [simple_table(rows, "overhead", [
+            ("framework", "framework"), ("ranks", "ranks"), ("model", "model"),
+            ("harness step p50 (s)", "harness_step_p50_s"), ("bare step p50 (s)", "bare_step_p50_s"),
+            ("ratio median", "ratio.median"), ("min", "ratio.min"), ("max", "ratio.max"),
+            ("launches", "launches")]), ""]
+    if any(r["kind"] == "bookkeeping" for r in rows):
+        b = [r for r in rows if r["kind"] == "bookkeeping"][0]
+        parts += [f"Harness bookkeeping per step, measured in-process: {b['us_per_step']:.1f} µs.", ""]
+    if any(r["kind"] == "scaling" for r in rows):
+        parts += [simple_table(rows, "scaling_pair", [
+            ("framework", "framework"), ("X(1) samples/s", "x1_samples_per_s"),
+            ("X(2) samples/s", "x2_samples_per_s"), ("E(2)", "E2")]), "",
+            simple_table(rows, "scaling", [("framework", "framework"), ("E(2) median", "E2.median"),
+                                           ("min", "E2.min"), ("max", "E2.max")]), ""]
+    if any(r["kind"] == "async_vs_sync" for r in rows):
+        parts += [simple_table(rows, "async_vs_sync", [
+            ("straggler", "straggler_factor"), ("sync samples/s", "sync_samples_per_s"),
+            ("async samples/s", "async_samples_per_s"), ("ratio", "throughput_ratio"),
+            ("sync final acc", "sync_final_acc"), ("async final acc", "async_final_acc"),
+            ("sync samples to acc", "sync_samples_to_acc"),
+            ("async samples to acc", "async_samples_to_acc"), ("samples ratio", "samples_ratio")]),
+            ""]
+    if any(r["kind"] == "fusion" for r in rows):
+        parts += [simple_table(rows, "fusion", [
+            ("transport", "transport"), ("fused round (ms)", "fused_round_ms"),
+            ("unfused round (ms)", "unfused_round_ms"), ("fused speed-up", "speedup"),
+            ("flat buffer round (ms)", "flat_round_ms"),
+            ("flat vs unfused", "flat_speedup_vs_unfused")]), ""]
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    print(main(sys.argv[1:]))
