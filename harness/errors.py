@@ -23,6 +23,10 @@ class StorageError(HarnessError):
     """Results or checkpoints cannot be written (permissions, full disk)."""
 
 
+class LaunchError(HarnessError):
+    """A launcher that cannot be started (not installed, not on PATH)."""
+
+
 class EnvironmentMismatch(HarnessError):
     """Launcher, MPI and scheduler disagree about the world (rank, size)."""
 

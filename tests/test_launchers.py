@@ -110,3 +110,16 @@ def test_train_flags_survive_horovodrun_argument_parsing(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["horovodrun", "-np", "2", *program])
     args = hl.parse_args()
     assert args.command == program
+
+
+def test_launcher_runs_from_the_virtualenv_without_activation(tmp_path):
+    """`make compare` runs .venv/bin/python without activating the venv: the launcher must
+    still find the venv's horovodrun, and a missing launcher is a clear error."""
+    import sys
+    from launchers.runner import launch_environment, run as run_launcher
+    from harness.errors import LaunchError
+
+    env = launch_environment({"PATH": "/usr/bin:/bin"})
+    assert env["PATH"].split(os.pathsep)[0] == os.path.dirname(sys.executable)
+    with pytest.raises(LaunchError, match="'no-such-launcher' is not on PATH"):
+        run_launcher(["no-such-launcher"])
