@@ -302,7 +302,9 @@ def print_table(runs: list[Run]) -> None:
 
     t = Table(title=f"{runs[0].cfg['model']} on {runs[0].run['data']['name']}")
     for name, _, _ in COLUMNS:
-        t.add_column(name, justify="left" if name in ("run", "framework", "mode") else "right")
+        text = name in ("run", "framework", "mode")
+        t.add_column(name, justify="left" if text else "right", no_wrap=text,
+                     min_width=max(len(r.name) for r in runs) if name == "run" else None)
     for row in table_rows(runs):
         t.add_row(*row)
     Console(width=200).print(t)
