@@ -89,7 +89,7 @@ def test_killed_worker_stops_the_job_quickly_and_names_the_rank(results):
            "--checkpoint-every", "10", "--out-dir", results, "--run-name", "killed",
            env={"HARNESS_FAULT": "kill@2:40"}, check=False)
     assert p.returncode != 0
-    assert time.monotonic() - start < 60
+    assert time.monotonic() - start < 30
     out = p.stdout + p.stderr
     assert "rank 2" in out and ("signal 9" in out or "Killed" in out)
     ckpt = ck.load_latest(results / "killed" / "checkpoints", "ps-server0")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 
@@ -116,3 +117,23 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(cluster
     b = checkpoint_weights(latest_checkpoint(jobs / "reference" / "ref"))
     for k in b:
         np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("kind, expected", [("raise", "unexpected error on rank 1"),
+                                            ("kill", "task 1")])
+def test_rank_crash_under_srun_ends_the_job(cluster, jobs, kind, expected):
+    """A rank that raises or is SIGKILLed mid-step: srun (--kill-on-bad-exit) stops the step,
+    the job fails within a minute naming the rank, and no rank is left running."""
+    start = time.monotonic()
+    job = submit(cluster, "train.sbatch", "--framework", "torch", "--model", "mlp", "--epochs",
+                 "3", "--out-dir", jobs / "results", cwd=jobs,
+                 env={"HARNESS_FAULT": f"{kind}@1:30"})
+    info = cluster.wait(job, timeout=120)
+    log = output(jobs, job)
+    assert info["JobState"] == "FAILED", log
+    assert time.monotonic() - start < 60
+    assert expected in log, log
+    ps = subprocess.run(["pgrep", "-af", f"harness-train-{job}"], capture_output=True, text=True)
+    assert not [line for line in ps.stdout.splitlines() if "pgrep" not in line]
+    ckpt = latest_checkpoint(jobs / "results" / f"harness-train-{job}")
+    assert ckpt.name == "ckpt-000000022.npz"
