@@ -15,6 +15,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
+# Checkouts share the cached virtualenv, whose editable install points at the checkout that was
+# bootstrapped last: every process the tests start imports this checkout's code first.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 FRAMEWORKS = ("torch", "tensorflow")
 
 # the venv's horovodrun/mpirun wrappers must be found by our launchers
