@@ -36,6 +36,8 @@ class Checkpoint:
     weights: dict[str, np.ndarray]
     optimizer: dict[str, np.ndarray] = field(default_factory=dict)
     path: Path | None = None
+    #: run bookkeeping that must survive a resume (e.g. the step times behind the summary)
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def step(self) -> int:
@@ -66,6 +68,7 @@ def save(directory: Path, ckpt: Checkpoint, prefix: str = "ckpt", keep: int = 2)
     arrays = {"meta.json": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
     arrays.update({f"w/{k}": v for k, v in ckpt.weights.items()})
     arrays.update({f"o/{k}": v for k, v in ckpt.optimizer.items()})
+    arrays.update({f"x/{k}": v for k, v in ckpt.extra.items()})
     final = directory / f"{prefix}-{ckpt.step:09d}.npz"
     try:
         atomic_write(final, lambda f: np.savez(f, **arrays))
@@ -102,6 +105,7 @@ def load(path: Path) -> Checkpoint:
             meta = json.loads(bytes(z["meta.json"]).decode())
             weights = {k[2:]: z[k] for k in z.files if k.startswith("w/")}
             optimizer = {k[2:]: z[k] for k in z.files if k.startswith("o/")}
+            extra = {k[2:]: z[k] for k in z.files if k.startswith("x/")}
     except CheckpointError:
         raise
     except FileNotFoundError:
@@ -113,7 +117,7 @@ def load(path: Path) -> Checkpoint:
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format {meta.get('format_version')!r}; "
                               f"this harness reads format {FORMAT_VERSION}")
-    return Checkpoint(meta, weights, optimizer, path)
+    return Checkpoint(meta, weights, optimizer, path, extra)
 
 
 def load_latest(directory: Path, prefix: str = "ckpt",

@@ -2,9 +2,10 @@
 
 ``HARNESS_FAULT="kind@rank:step"`` (several separated by commas) makes that rank misbehave when
 it reaches that global step: ``raise`` (a Python exception), ``exit`` (exit code 13 without
-cleanup), ``kill`` (SIGKILL to itself), ``hang`` (sleep forever), ``nan`` (its batch becomes
-NaN, so loss and gradients do), or ``sigterm``/``sigusr1`` (that signal to itself, as a scheduler
-would send before preempting the job).
+cleanup), ``kill`` (SIGKILL to itself), ``hang`` (sleep forever), ``nan``/``inf`` (its batch
+becomes NaN/Inf, so loss and gradients do), ``desync`` (its weights are nudged, as a silently
+broken exchange would leave them), or ``sigterm``/``sigusr1`` (that signal to itself, as a
+scheduler would send before preempting the job).
 ``rank`` may be ``*`` for every rank. Unset, it costs one dictionary lookup per step.
 """
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from harness.errors import ConfigError
 
-KINDS = ("raise", "exit", "kill", "hang", "nan", "sigterm", "sigusr1")
+KINDS = ("raise", "exit", "kill", "hang", "nan", "inf", "desync", "sigterm", "sigusr1")
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,10 @@ def parse(spec: str | None) -> list[Fault]:
 
 
 class FaultInjector:
-    def __init__(self, rank: int, spec: str | None = None) -> None:
+    def __init__(self, rank: int, spec: str | None = None, desync=None) -> None:
         spec = os.environ.get("HARNESS_FAULT") if spec is None else spec
         self.rank = rank
+        self.desync = desync          # callable that nudges this rank's weights
         self.by_step = {f.step: f for f in parse(spec) if f.rank in (None, rank)}
 
     def before_step(self, step: int, x: np.ndarray) -> np.ndarray:
@@ -68,4 +70,9 @@ class FaultInjector:
         if fault.kind in ("sigterm", "sigusr1"):
             os.kill(os.getpid(), signal.SIGTERM if fault.kind == "sigterm" else signal.SIGUSR1)
             return x
-        return np.full_like(x, np.nan)   # nan
+        if fault.kind == "desync":
+            if self.desync is None:
+                raise ConfigError("HARNESS_FAULT kind 'desync' is not supported in this mode")
+            self.desync()
+            return x
+        return np.full_like(x, np.nan if fault.kind == "nan" else np.inf)

@@ -6,6 +6,7 @@ execute exactly the same schedule, data order, evaluation and checkpoint logic.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ class Preempted(Exception):
 
 @dataclass
 class Position:
+    """Where a run is, and the bookkeeping that a resumed run needs to carry on exactly."""
+
     epoch: int = 0
     step_in_epoch: int = 0
     step: int = 0                 # global optimizer steps done
@@ -46,14 +49,54 @@ class Position:
     best_eval_acc: float | None = None
     time_to_target_s: float | None = None
     steps_to_target: int | None = None
+    # rank 0's running sums of the epoch in progress (the epoch record after a resume)
+    epoch_loss_sum: float = 0.0
+    epoch_loss_n: int = 0
+    epoch_correct: int = 0
+    epoch_seen: int = 0
+    skipped: int = 0              # updates skipped (nan_policy = skip) so far
 
     def as_vector(self) -> np.ndarray:
-        return np.array([self.epoch, self.step_in_epoch, self.step, self.samples, self.wall_s],
-                        dtype=np.float64)
+        """What every rank must agree on (rank 0 alone keeps the metrics bookkeeping)."""
+        return np.array([self.epoch, self.step_in_epoch, self.step, self.samples, self.wall_s,
+                         self.skipped], dtype=np.float64)
 
     @classmethod
     def from_vector(cls, v: np.ndarray) -> "Position":
-        return cls(int(v[0]), int(v[1]), int(v[2]), int(v[3]), float(v[4]))
+        return cls(int(v[0]), int(v[1]), int(v[2]), int(v[3]), float(v[4]), skipped=int(v[5]))
+
+    def as_meta(self, wall_s: float) -> dict[str, Any]:
+        return dict(dataclasses.asdict(self), wall_s=wall_s)
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> "Position":
+        """From a checkpoint's ``position`` (older checkpoints lack the newer fields)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in meta.items() if k in names})
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The optimisation a run performs, fixed by the config and the world size. A checkpoint
+    records it; a resume may change the number of ranks only when the plan stays the same."""
+
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    lr_peak: float
+    warmup_steps: int
+
+    @classmethod
+    def of(cls, cfg: RunConfig, world_size: int, n_train: int) -> "Plan":
+        sharder = Sharder(n_train, step_batch(cfg, world_size), 0, world_size, cfg.seed,
+                          cfg.shuffle)
+        spe = sharder.steps_per_epoch
+        schedule = LRSchedule.of(cfg, world_size, spe)
+        total = int(min(cfg.epochs * spe, cfg.max_steps or math.inf))
+        return cls(sharder.global_batch, spe, total, schedule.peak, schedule.warmup_steps)
+
+    def as_meta(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -87,6 +130,8 @@ class RunContext:
     stop: StopFlag
     ckpt_meta: dict[str, Any] = field(default_factory=dict)
     last_saved_step: int | None = None
+    #: the resumed checkpoint's run bookkeeping (Checkpoint.extra), or empty
+    resume_extra: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def evaluate(ctx: RunContext) -> dict[str, float]:
@@ -104,18 +149,15 @@ def evaluate(ctx: RunContext) -> dict[str, float]:
             "eval_samples": int(total[2])}
 
 
-def save_checkpoint(ctx: RunContext, pos: Position, wall_s: float) -> Path | None:
+def save_checkpoint(ctx: RunContext, pos: Position, wall_s: float,
+                    timer: StepTimer | None = None) -> Path | None:
     if ctx.world.rank != 0 or ctx.last_saved_step == pos.step:
         return None
     arrays, opt_meta = ctx.backend.get_optimizer_state()
-    meta = dict(ctx.ckpt_meta, optimizer=opt_meta,
-                position={"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch,
-                          "step": pos.step, "samples": pos.samples, "wall_s": wall_s,
-                          "best_eval_acc": pos.best_eval_acc,
-                          "time_to_target_s": pos.time_to_target_s,
-                          "steps_to_target": pos.steps_to_target})
+    meta = dict(ctx.ckpt_meta, optimizer=opt_meta, position=pos.as_meta(wall_s))
+    extra = timer.state() if timer is not None else {}
     path = ckpt_io.save(ctx.run_dir / "checkpoints",
-                        ckpt_io.Checkpoint(meta, ctx.backend.get_weights(), arrays))
+                        ckpt_io.Checkpoint(meta, ctx.backend.get_weights(), arrays, extra=extra))
     ctx.last_saved_step = pos.step
     ctx.log.info(f"checkpoint {path.name} (step {pos.step})")
     return path
@@ -142,14 +184,17 @@ class TrainingRun:
         self.total_steps = min(cfg.epochs * self.spe, cfg.max_steps or math.inf)
         self.schedule = LRSchedule.of(cfg, world.size, self.spe)
         self.timer = StepTimer(warmup=min(5, max(1, self.total_steps // 10)))
+        self.timer.restore(ctx.resume_extra)       # step times of earlier segments
         self.progress = Progress(world.rank == 0, self.total_steps, ctx.log, cfg.log_every)
         self.watchdog = Watchdog(world.rank, cfg.stall_timeout_s, ctx.log)
         self.start_wall = time.perf_counter() - pos.wall_s
-        self.epoch_losses: list[float] = []
-        self.epoch_correct = self.epoch_seen = 0
         self.last_eval: dict[str, Any] = {}
-        self.skipped = 0
         self.lr = self.schedule(pos.step)
+        self.update_every = ctx.backend.update_every()
+        self.stop_agreed = False         # every rank knows that some rank was asked to stop
+        self.save_pending = False        # a checkpoint waits for the next update boundary
+        ctx.ckpt_meta["plan"] = Plan(self.sharder.global_batch, self.spe, int(self.total_steps),
+                                     self.schedule.peak, self.schedule.warmup_steps).as_meta()
 
     def wall(self) -> float:
         return time.perf_counter() - self.start_wall
@@ -171,9 +216,9 @@ class TrainingRun:
         pos.samples += self.sharder.global_batch
         self.watchdog.tick(pos.step, "training")
         if not applied:
-            self.skipped += 1
+            pos.skipped += 1
             ctx.log.warning(f"step {pos.step}: non-finite gradients, update skipped "
-                            f"(nan_policy = skip; {self.skipped} skipped so far)")
+                            f"(nan_policy = skip; {pos.skipped} skipped so far)")
         elif not math.isfinite(loss):
             raise TrainingAborted(
                 f"non-finite loss ({loss}) at step {pos.step} (epoch {pos.epoch + 1}) on rank "
@@ -181,20 +226,32 @@ class TrainingRun:
                 "checkpoint was written after it.")
         self.timer.add(step_time)
         acc = correct / n
-        self.epoch_losses.append(loss)
-        self.epoch_correct += correct
-        self.epoch_seen += n
+        pos.epoch_loss_sum += loss
+        pos.epoch_loss_n += 1
+        pos.epoch_correct += correct
+        pos.epoch_seen += n
         rate = self.sharder.global_batch / step_time
         ctx.metrics.write("step", step=pos.step, epoch=pos.epoch + 1, loss=loss, acc=acc,
                           lr=self.lr, step_time_s=step_time, samples_per_s_rank=n / step_time,
                           samples_per_s_total=rate, wall_s=self.wall(), applied=applied)
         self.progress.update(pos.step, loss, acc, rate)
-        ckpt_due = cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0
+        ckpt_due = bool(cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0)
+        self.save_pending = self.save_pending or ckpt_due
         if pos.step % cfg.agree_every == 0 or ckpt_due:
-            self.agree_or_stop()
-        if ckpt_due:
-            self.watchdog.tick(phase="checkpointing")
-            save_checkpoint(ctx, pos, self.wall())
+            self.agree()
+        if self.at_boundary():
+            self.stop_if_agreed()
+            if self.save_pending:
+                self.watchdog.tick(phase="checkpointing")
+                self.save()
+
+    def at_boundary(self) -> bool:
+        """Between optimizer updates (always, unless model.fit accumulates micro-batches)."""
+        return self.pos.step % self.update_every == 0 or self.pos.step >= self.total_steps
+
+    def save(self) -> None:
+        save_checkpoint(self.ctx, self.pos, self.wall(), self.timer)
+        self.save_pending = False
 
     def end_epoch(self) -> None:
         cfg, pos, ctx = self.ctx.cfg, self.pos, self.ctx
@@ -202,18 +259,21 @@ class TrainingRun:
         pos.step_in_epoch = 0
         rec: dict[str, Any] = {
             "epoch": pos.epoch, "step": pos.step,
-            "train_loss": float(np.mean(self.epoch_losses)) if self.epoch_losses else None,
-            "train_acc": self.epoch_correct / self.epoch_seen if self.epoch_seen else None}
+            "train_loss": pos.epoch_loss_sum / pos.epoch_loss_n if pos.epoch_loss_n else None,
+            "train_acc": pos.epoch_correct / pos.epoch_seen if pos.epoch_seen else None}
         if pos.step >= self.total_steps or (cfg.eval_every and pos.epoch % cfg.eval_every == 0):
             self._evaluate()
             rec.update({k: v for k, v in self.last_eval.items() if k != "step"})
         rec.update(wall_s=self.wall(), samples=pos.samples, time_to_target_s=pos.time_to_target_s)
         ctx.metrics.write("epoch", **rec)
         self.progress.epoch(pos.epoch, rec)
-        self.epoch_losses, self.epoch_correct, self.epoch_seen = [], 0, 0
-        self.agree_or_stop()
-        self.watchdog.tick(phase="checkpointing")
-        save_checkpoint(ctx, pos, self.wall())
+        pos.epoch_loss_sum, pos.epoch_loss_n, pos.epoch_correct, pos.epoch_seen = 0.0, 0, 0, 0
+        self.agree()
+        self.save_pending = True
+        if self.at_boundary():
+            self.stop_if_agreed()
+            self.watchdog.tick(phase="checkpointing")
+            self.save()
 
     def _evaluate(self) -> None:
         self.watchdog.tick(phase="evaluating")
@@ -227,7 +287,7 @@ class TrainingRun:
         if self.last_eval.get("step") != pos.step:    # max_steps ended mid-epoch, or resumed at end
             self._evaluate()
             ctx.metrics.write("eval", epoch=pos.epoch, **self.last_eval, wall_s=self.wall())
-            save_checkpoint(ctx, pos, self.wall())
+            self.save()
         wall = self.wall()
         summary = self.timer.summary(self.sharder.global_batch, ctx.world.size)
         summary.update(
@@ -236,13 +296,34 @@ class TrainingRun:
             final_eval_loss=self.last_eval.get("eval_loss"),
             final_eval_acc=self.last_eval.get("eval_acc"), best_eval_acc=pos.best_eval_acc,
             target_accuracy=ctx.cfg.target_accuracy, time_to_target_s=pos.time_to_target_s,
-            steps_to_target=pos.steps_to_target, skipped_steps=self.skipped,
+            steps_to_target=pos.steps_to_target, skipped_steps=pos.skipped,
             global_batch=self.sharder.global_batch, world_size=ctx.world.size,
             **weights_consistency(ctx))
         return summary
 
-    def agree_or_stop(self) -> None:
-        _agree_or_stop(self.ctx, self.pos, self.start_wall, self.watchdog)
+    def agree(self) -> None:
+        """All ranks learn whether any rank was asked to stop (a collective: every rank calls
+        it at the same steps)."""
+        if self.stop_agreed:
+            return
+        self.watchdog.tick(phase="agreeing on stop flags")
+        flags = self.ctx.backend.allreduce_host(
+            np.array([1.0 if self.ctx.stop.requested else 0.0]), "max")
+        self.stop_agreed = bool(flags[0] > 0)
+
+    def stop_if_agreed(self) -> None:
+        """At an update boundary after a stop was agreed: checkpoint and stop."""
+        if not self.stop_agreed:
+            return
+        ctx, pos = self.ctx, self.pos
+        ctx.log.warning(f"stop requested (signal on at least one rank): checkpointing at step "
+                        f"{pos.step} and exiting for requeue")
+        self.watchdog.tick(phase="checkpointing for preemption")
+        self.save()
+        # every rank waits for rank 0's checkpoint: a launcher that kills the job when the first
+        # rank exits (srun --kill-on-bad-exit) must not interrupt the write
+        ctx.backend.allreduce_host(np.zeros(1))
+        raise Preempted(pos.step, ctx.stop.signum)
 
     def close(self) -> None:
         self.watchdog.stop()
@@ -256,10 +337,8 @@ def weights_consistency(ctx: RunContext) -> dict[str, Any]:
     checksum = float(np.sum(ctx.backend.get_flat_params(), dtype=np.float64))
     hi = ctx.backend.allreduce_host(np.array([checksum, -checksum]), "max")
     spread = float(hi[0] + hi[1])
-    if spread != 0.0:
-        ctx.log.error(f"ranks ended with different weights (checksum spread {spread:g}): the "
-                      "gradient exchange did not keep them in sync")
-    return {"weights_checksum": checksum, "ranks_consistent": spread == 0.0}
+    return {"weights_checksum": checksum, "weights_spread": spread,
+            "ranks_consistent": spread == 0.0}
 
 
 def train(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
@@ -268,7 +347,8 @@ def train(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
     if cfg.tf_loop == "fit":
         return train_fit(ctx, pos, resumed)
     run = TrainingRun(ctx, pos, resumed, step_batch(cfg, world.size))
-    faults = FaultInjector(world.rank)
+    faults = FaultInjector(world.rank, desync=lambda: backend.set_flat_params(
+        backend.get_flat_params() * np.float32(1.001)))
     straggle = cfg.straggler_rank == world.rank
     backend.set_lr(run.lr)
     run.announce("step loop")
@@ -311,25 +391,29 @@ def train_fit(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
     cfg, world, backend = ctx.cfg, ctx.world, ctx.backend
     run = TrainingRun(ctx, pos, resumed, step_batch(cfg, world.size))
     faults = FaultInjector(world.rank)
-    backend.set_lr(run.lr if cfg.warmup_epochs == 0 else run.schedule.peak)
+    backend.set_lr(run.lr)
     run.announce("model.fit")
     run.watchdog.start()
-    if resumed:
-        backend.broadcast_state(resumed=True)
+    backend.broadcast_state(resumed=resumed)      # its optimizer was built in setup
+
+    def before_step() -> None:
+        faults.before_step(pos.step + 1, np.zeros(1))
+        new_lr = run.schedule(pos.step)
+        if new_lr != run.lr:
+            backend.set_lr(new_lr)
+            run.lr = new_lr
 
     def on_step(loss: float, acc: float, step_time: float) -> None:
-        faults.before_step(pos.step + 1, np.zeros(1))
-        run.lr = backend.current_lr()                  # Horovod's warm-up callback moves it
         run.record_step(loss, int(round(acc * run.sharder.batch)), run.sharder.batch, step_time)
 
-    step_callback = backend.step_callback(on_step)
+    step_callback = backend.step_callback(on_step, before_step)
     try:
         while pos.step < run.total_steps:
             end = min(run.spe, pos.step_in_epoch + run.total_steps - pos.step)
             idx = np.concatenate([np.arange(run.sharder.n)[run.sharder.indices(pos.epoch, s)]
                                   for s in range(pos.step_in_epoch, end)])
             x, y = gather(ctx.data.x_train, ctx.data.y_train, idx)
-            callbacks = backend.callbacks(run.spe, run.schedule.peak, cfg.warmup_epochs)
+            callbacks = backend.callbacks()
             backend.fit_epoch(x, y, run.sharder.batch, pos.epoch, [*callbacks, step_callback])
             if pos.step_in_epoch >= run.spe:
                 run.end_epoch()
@@ -344,18 +428,3 @@ def _track_target(cfg: RunConfig, pos: Position, acc: float, start_wall: float) 
             and acc >= cfg.target_accuracy):
         pos.time_to_target_s = time.perf_counter() - start_wall
         pos.steps_to_target = pos.step
-
-
-def _agree_or_stop(ctx: RunContext, pos: Position, start_wall: float, watchdog: Watchdog) -> None:
-    """All ranks learn whether any rank was asked to stop; if so checkpoint and stop."""
-    watchdog.tick(phase="agreeing on stop flags")
-    flags = ctx.backend.allreduce_host(np.array([1.0 if ctx.stop.requested else 0.0]), "max")
-    if flags[0] > 0:
-        ctx.log.warning(f"stop requested (signal on at least one rank): checkpointing at step "
-                        f"{pos.step} and exiting for requeue")
-        watchdog.tick(phase="checkpointing for preemption")
-        save_checkpoint(ctx, pos, time.perf_counter() - start_wall)
-        # every rank waits for rank 0's checkpoint: a launcher that kills the job when the first
-        # rank exits (srun --kill-on-bad-exit) must not interrupt the write
-        ctx.backend.allreduce_host(np.zeros(1))
-        raise Preempted(pos.step, ctx.stop.signum)

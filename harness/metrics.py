@@ -132,18 +132,30 @@ class StepTimer:
         self.warmup = warmup
         self.times: list[float] = []
         self.count = 0
+        self.excluded_before = 0      # warm-up steps excluded in earlier segments of the run
 
     def add(self, seconds: float) -> None:
         self.count += 1
         if self.count > self.warmup:
             self.times.append(seconds)
 
+    def state(self) -> dict[str, np.ndarray]:
+        """The timed steps so far, for a checkpoint: a resumed run's summary covers every
+        segment (each segment's own first steps are warm-up again)."""
+        return {"step_times": np.asarray(self.times, dtype=np.float64),
+                "warmup_excluded": np.array(self.excluded_before + min(self.count, self.warmup))}
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        if "step_times" in state:
+            self.times = [float(t) for t in state["step_times"]]
+            self.excluded_before = int(state["warmup_excluded"])
+
     def summary(self, global_batch: int, world_size: int) -> dict[str, Any]:
         p50 = percentile(self.times, 50)
         total = global_batch / p50 if p50 else None
         return {
             "steps_timed": len(self.times),
-            "warmup_steps_excluded": min(self.count, self.warmup),
+            "warmup_steps_excluded": self.excluded_before + min(self.count, self.warmup),
             "step_time_p50_s": p50,
             "step_time_p90_s": percentile(self.times, 90),
             "step_time_p99_s": percentile(self.times, 99),

@@ -32,7 +32,9 @@ class Progress:
     def epoch(self, epoch: int, rec: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        parts = [f"epoch {epoch}", f"train loss {rec['train_loss']:.4f}"]
+        parts = [f"epoch {epoch}"]
+        if rec.get("train_loss") is not None:
+            parts.append(f"train loss {rec['train_loss']:.4f}")
         if "eval_acc" in rec:
             parts.append(f"test loss {rec['eval_loss']:.4f} acc {rec['eval_acc']:.4f}")
         msg = " | ".join(parts)

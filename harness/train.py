@@ -14,12 +14,12 @@ import numpy as np
 from harness import checkpoint as ckpt_io
 from harness.backends.base import Backend, create, resolve_gradient_path
 from harness.config import RunConfig
-from harness.data import Dataset, Sharder, check_model_input, load_dataset
+from harness.data import Dataset, check_model_input, load_dataset
 from harness.env import World, check_runtime_world, detect_world
-from harness.errors import CheckpointError, ConfigError, HarnessError
+from harness.errors import CheckpointError, ConfigError, HarnessError, TrainingAborted
 from harness.files import atomic_write
 from harness.logging import get_logger
-from harness.loop import Position, Preempted, RunContext, step_batch, train
+from harness.loop import Plan, Position, Preempted, RunContext, train
 from harness.metrics import MetricsWriter
 from harness.preemption import EXIT_PREEMPTED, StopFlag
 from harness.runinfo import environment
@@ -47,7 +47,12 @@ def run_dir_of(cfg: RunConfig, world_size: int) -> Path:
 
 
 def find_resume_checkpoint(cfg: RunConfig, run_dir: Path, log) -> ckpt_io.Checkpoint | None:
-    """Rank 0's view of what to resume from, per ``cfg.resume``."""
+    """Rank 0's view of what to resume from, per ``cfg.resume``.
+
+    ``resume = PATH`` starts from that file, but once the run folder holds a checkpoint of its
+    own saved after it (the run was preempted and requeued with the same command), that one
+    wins: requeues never go back to PATH.
+    """
     ckpt_dir = run_dir / "checkpoints"
     if cfg.resume == "never":
         existing = ckpt_io.latest_paths(ckpt_dir)
@@ -58,26 +63,84 @@ def find_resume_checkpoint(cfg: RunConfig, run_dir: Path, log) -> ckpt_io.Checkp
         return None
     if cfg.resume == "auto":
         return ckpt_io.load_latest(ckpt_dir, warn=log.warning)
-    return ckpt_io.load(Path(cfg.resume))
+    given = ckpt_io.load(Path(cfg.resume))
+    own = ckpt_io.load_latest(ckpt_dir, warn=log.warning)
+    if own is not None and own.path != given.path and \
+            own.meta.get("saved_at", 0) > given.meta.get("saved_at", 0):
+        log.info(f"the run folder has a newer checkpoint ({own.path.name}, step {own.step}) "
+                 f"than resume = {cfg.resume} (step {given.step}): continuing from it")
+        return own
+    return given
 
 
 def checkpoint_identity(cfg: RunConfig, data: Dataset) -> dict[str, Any]:
     return {"framework": cfg.framework, "model": cfg.model, "dataset": data.fingerprint()}
 
 
+def check_resume_fits(ckpt: ckpt_io.Checkpoint, cfg: RunConfig, world: World, plan: Plan,
+                      log) -> None:
+    """A checkpoint that does not fit this run is refused before anything is written."""
+    kind = str(ckpt.meta.get("optimizer", {}).get("kind", ""))
+    saved_opt = kind.rsplit(".", 1)[-1] if kind else None
+    if saved_opt is not None and saved_opt != cfg.optimizer:
+        raise CheckpointError(f"checkpoint {ckpt.path} holds {saved_opt} optimizer state, but "
+                              f"this run has optimizer = {cfg.optimizer!r}: resume with "
+                              f"optimizer = {saved_opt!r}, or start in a fresh run_name/out_dir")
+    saved = ckpt.meta.get("plan")
+    old_size = ckpt.meta.get("world_size")
+    if saved is None:                     # written before plans were recorded
+        if old_size is not None and old_size != world.size:
+            raise CheckpointError(f"checkpoint {ckpt.path} was written by {old_size} rank(s), "
+                                  f"this run has {world.size}: resume with {old_size} rank(s)")
+        return
+    if saved["global_batch"] != plan.global_batch:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} was written with a global batch of {saved['global_batch']} "
+            f"({old_size} rank(s)), this run has {plan.global_batch} ({world.size} rank(s)): the "
+            "position in the data is counted in global batches, so resume with the same global "
+            f"batch (e.g. global_batch_size = {saved['global_batch']}) or in a fresh run_name")
+    if old_size != world.size:
+        if (saved["lr_peak"], saved["warmup_steps"]) != (plan.lr_peak, plan.warmup_steps):
+            raise CheckpointError(
+                f"checkpoint {ckpt.path} was written by {old_size} rank(s) with peak lr "
+                f"{saved['lr_peak']:g}, this run has {world.size} rank(s) and peak lr "
+                f"{plan.lr_peak:g} (lr_scaling = {cfg.lr_scaling!r}): resume with "
+                f"{old_size} rank(s), or set lr_scaling = 'none' with global_batch_size so the "
+                "schedule does not depend on the number of ranks")
+        log.warning(f"checkpoint {ckpt.path.name} was written by {old_size} rank(s), this run "
+                    f"has {world.size}: the global batch ({plan.global_batch}) and learning-rate "
+                    "schedule are unchanged, so training continues exactly where it stopped")
+
+
+def load_into_backend(backend: Backend, ckpt: ckpt_io.Checkpoint) -> None:
+    """Restore weights and optimizer state; a checkpoint that does not fit is a CheckpointError."""
+    try:
+        backend.set_weights(ckpt.weights)
+        if ckpt.optimizer:
+            backend.set_optimizer_state(ckpt.optimizer, ckpt.meta["optimizer"])
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
+        raise CheckpointError(f"checkpoint {ckpt.path} does not fit this run's model or "
+                              f"optimizer ({type(e).__name__}: {e}): resume with the settings "
+                              "it was written with, or start in a fresh run_name/out_dir") from None
+
+
 def _agree_on_resume(backend: Backend, world: World, error: HarnessError | None,
-                     pos: Position) -> Position:
+                     pos: Position, finished: bool) -> tuple[Position, bool]:
     """Rank 0 found (or failed to find) a checkpoint; every rank learns the outcome."""
-    vec = np.zeros(6)
+    head = 2
+    vec = np.zeros(head + len(pos.as_vector()))
     if world.rank == 0:
         vec[0] = 1.0 if error else 0.0
-        vec[1:] = pos.as_vector()
+        vec[1] = 1.0 if finished else 0.0
+        vec[head:] = pos.as_vector()
     vec = backend.allreduce_host(vec)
     if vec[0] > 0:
         if error is not None:
             raise error
         raise CheckpointError("rank 0 could not resume (its error is reported above)")
-    return Position.from_vector(vec[1:])
+    return Position.from_vector(vec[head:]), vec[1] > 0
 
 
 def run(cfg: RunConfig) -> int:
@@ -104,36 +167,35 @@ def run(cfg: RunConfig) -> int:
 def _run(cfg: RunConfig, backend: Backend, world: World, log, stop: StopFlag) -> int:
     # Everything that can be wrong with the input is checked before anything is written.
     data, spec = load_data(cfg)
-    Sharder(len(data.x_train), step_batch(cfg, world.size), world.rank, world.size, cfg.seed,
-            cfg.shuffle)                                     # fails the same way on every rank
+    plan = Plan.of(cfg, world.size, len(data.x_train))        # fails the same way on every rank
     run_dir = run_dir_of(cfg, world.size)
     identity = checkpoint_identity(cfg, data)
-    ckpt, error, pos = None, None, Position()
+    backend.setup(spec, spec.init_weights(cfg.seed), cfg.lr)
+    ckpt, error, pos, finished = None, None, Position(), False
     if world.rank == 0:
         try:
             ckpt = find_resume_checkpoint(cfg, run_dir, log)
             if ckpt is not None:
                 ckpt_io.check_compatible(ckpt, identity)
-            ckpt_io.check_writable(run_dir / "checkpoints")     # the first write of the run
-            if ckpt is not None:
-                p = ckpt.meta["position"]
-                pos = Position(p["epoch"], p["step_in_epoch"], p["step"], p["samples"],
-                               p["wall_s"], p.get("best_eval_acc"), p.get("time_to_target_s"),
-                               p.get("steps_to_target"))
+                check_resume_fits(ckpt, cfg, world, plan, log)
+                load_into_backend(backend, ckpt)
+                pos = Position.from_meta(ckpt.meta["position"])
+                finished = pos.step >= plan.total_steps and (run_dir / "summary.json").exists()
+            if not finished:
+                ckpt_io.check_writable(run_dir / "checkpoints")     # the first write of the run
         except HarnessError as e:
             error = e
-    agreed = _agree_on_resume(backend, world, error, pos)
-    if world.rank == 0:
-        agreed.best_eval_acc, agreed.time_to_target_s = pos.best_eval_acc, pos.time_to_target_s
-        agreed.steps_to_target = pos.steps_to_target
-    pos = agreed
+    agreed, finished = _agree_on_resume(backend, world, error, pos, finished)
+    if finished:
+        log.info(f"{run_dir} already finished ({pos.step} steps; results in its summary.json): "
+                 "nothing to do. Raise epochs or max_steps to train it further, or choose "
+                 "another run_name to train again")
+        backend.shutdown()
+        return 0
+    if world.rank != 0:
+        pos = agreed
     resumed = pos.step > 0 or ckpt is not None
-
-    backend.setup(spec, spec.init_weights(cfg.seed), cfg.lr)
     if ckpt is not None:
-        backend.set_weights(ckpt.weights)
-        if ckpt.optimizer:
-            backend.set_optimizer_state(ckpt.optimizer, ckpt.meta["optimizer"])
         log.info(f"resuming from {ckpt.path} at step {pos.step} (epoch {pos.epoch + 1})")
 
     metrics = MetricsWriter(run_dir / "metrics.jsonl" if world.rank == 0 else None)
@@ -152,7 +214,8 @@ def _run(cfg: RunConfig, backend: Backend, world: World, log, stop: StopFlag) ->
         metrics.write("run", **record)
     ctx = RunContext(cfg, world, backend, data, run_dir, log, metrics, stop,
                      ckpt_meta={**identity, "config": cfg.to_dict(), "world_size": world.size},
-                     last_saved_step=ckpt.step if ckpt is not None else None)
+                     last_saved_step=ckpt.step if ckpt is not None else None,
+                     resume_extra=ckpt.extra if ckpt is not None else {})
     try:
         summary = train(ctx, pos, resumed)
     except Preempted as p:
@@ -163,6 +226,12 @@ def _run(cfg: RunConfig, backend: Backend, world: World, log, stop: StopFlag) ->
     metrics.close()
     if world.rank == 0:
         write_json_atomic(run_dir / "summary.json", summary)
+    if not summary["ranks_consistent"]:
+        raise TrainingAborted(
+            f"ranks ended with different weights (checksum spread {summary['weights_spread']:g}):"
+            " the gradient exchange did not keep them in sync, so these results are not those "
+            f"of data-parallel training (summary in {run_dir / 'summary.json'})")
+    if world.rank == 0:
         log.info(f"done: {summary['steps']} steps, test accuracy "
                  f"{summary['final_eval_acc']:.4f}, {summary['samples_per_s_total'] or 0:,.0f} "
                  f"samples/s total; results in {run_dir}")

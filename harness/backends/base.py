@@ -96,6 +96,13 @@ class Backend(ABC):
     def set_lr(self, lr: float) -> None:
         ...
 
+    def update_every(self) -> int:
+        """Harness steps per optimizer update. 1 everywhere except where the framework
+        accumulates micro-batches across steps itself (``model.fit`` with
+        ``backward_passes_per_step``): checkpoints and preemption then wait for an update
+        boundary, where no rank holds gradients that a checkpoint would lose."""
+        return 1
+
     # --- state, canonical layout (see models.base) ---
     @abstractmethod
     def get_weights(self) -> dict[str, np.ndarray]:

@@ -69,8 +69,10 @@ class TorchBackend(Backend):
         """Point every .grad at a slice of one contiguous buffer (zeroed with one memset)."""
         if self._flat_grad is None:
             self._flat_grad = torch.zeros(self.layout.total, device=self.device)
-            for p, off in zip(self.params, self.layout.offsets):
-                p.grad = self._flat_grad[off:off + p.numel()].view_as(p)
+        for p, off in zip(self.params, self.layout.offsets):
+            view = self._flat_grad[off:off + p.numel()].view_as(p)
+            if p.grad is None or p.grad.data_ptr() != view.data_ptr():
+                p.grad = view
         return self._flat_grad
 
     # --- steps ---
@@ -239,6 +241,10 @@ class HorovodTorchBackend(HorovodComm, TorchBackend):
         # can move the weights of the ranks without state, so parameters are broadcast after.
         if resumed:
             hvd.broadcast_optimizer_state(self.optimizer, root_rank=0)
+            if self.cfg.grad_exchange == "flat":
+                # that zero-gradient step gave the parameters gradients of their own: point
+                # them back at the flat buffer that the exchange reduces
+                self._use_flat_grads()
         hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
 
     def zero_grad(self) -> None:

@@ -13,11 +13,19 @@ import time
 
 import numpy as np
 
-from harness.backends.horovod_tf import HorovodTFBackend, tf_variables
+from harness.backends.horovod_tf import HorovodTFBackend, optimizer_variables, tf_variables
 
 
 class KerasFitBackend(HorovodTFBackend):
-    """HorovodTFBackend whose training runs through ``model.fit``."""
+    """HorovodTFBackend whose training runs through ``model.fit``.
+
+    The optimizer is built in ``setup``, so its variables exist before step 1 and the state is
+    broadcast then (not with Horovod's BroadcastGlobalVariablesCallback after batch 1, which
+    also overwrote each rank's local gradient accumulators with rank 0's when
+    ``backward_passes_per_step`` > 1).
+    """
+
+    broadcast_after_first_step = False
 
     def setup(self, spec, weights, lr):
         super().setup(spec, weights, lr)
@@ -37,19 +45,18 @@ class KerasFitBackend(HorovodTFBackend):
                            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                            metrics=["accuracy"])
         self.opt.build(self.model.trainable_variables)
-        self._broadcast_done = False
 
-    def callbacks(self, steps_per_epoch: int, peak_lr: float, warmup_epochs: float) -> list:
-        hvd_keras, out = self.hvd_keras, []
-        if not self._broadcast_done:
-            out.append(hvd_keras.callbacks.BroadcastGlobalVariablesCallback(0))
-            self._broadcast_done = True
-        out.append(hvd_keras.callbacks.MetricAverageCallback())
-        if warmup_epochs > 0:
-            out.append(hvd_keras.callbacks.LearningRateWarmupCallback(
-                initial_lr=peak_lr, warmup_epochs=warmup_epochs,
-                steps_per_epoch=steps_per_epoch, momentum_correction=True))
-        return out
+    def callbacks(self) -> list:
+        """Horovod's callbacks for one fit call. The learning rate is not among them: the
+        harness's step callback sets it before every batch from the run's own schedule, so the
+        fit loop follows the step loop's warm-up exactly and a resume mid-warm-up continues it
+        (Horovod's LearningRateWarmupCallback counts batches from the start of each fit call)."""
+        return [self.hvd_keras.callbacks.MetricAverageCallback()]
+
+    def update_every(self) -> int:
+        """Steps (micro-batches) per optimizer update: Horovod's optimizer accumulates
+        ``backward_passes_per_step`` of them locally on each rank before it reduces."""
+        return self.cfg.backward_passes_per_step
 
     def fit_epoch(self, x: np.ndarray, y: np.ndarray, batch: int, epoch: int,
                   callbacks: list) -> None:
@@ -60,11 +67,9 @@ class KerasFitBackend(HorovodTFBackend):
     def set_lr(self, lr: float) -> None:
         self.opt.learning_rate = lr
 
-    def current_lr(self) -> float:
-        return float(self.tf.convert_to_tensor(self.opt.learning_rate))
-
-    def step_callback(self, on_step):
-        """A Keras callback that turns fit's running means into per-step values.
+    def step_callback(self, on_step, before_step=None):
+        """A Keras callback that calls ``before_step()`` before each batch and turns fit's
+        running means into per-step values for ``on_step``.
 
         Keras reports the running mean of the fit call so far after each batch; batch i's own
         value is i * mean_i - (i - 1) * mean_(i-1) (equal batch sizes).
@@ -76,6 +81,8 @@ class KerasFitBackend(HorovodTFBackend):
                 self._prev = {"loss": 0.0, "accuracy": 0.0}
 
             def on_train_batch_begin(self, batch, logs=None):
+                if before_step is not None:
+                    before_step()
                 self._t0 = time.perf_counter()
 
             def on_train_batch_end(self, batch, logs=None):
@@ -92,6 +99,8 @@ class KerasFitBackend(HorovodTFBackend):
     def broadcast_state(self, resumed: bool = False) -> None:
         # After a resume rank 0 holds the checkpoint: everyone takes it before the first batch
         # (BroadcastGlobalVariablesCallback would only do so after it).
-        variables = tf_variables(self.model.variables) + \
-            tf_variables(list(self.opt.variables))
+        # each rank's gradient accumulators are its own (empty at an update boundary)
+        opt_vars = [v for v in optimizer_variables(self.opt)
+                    if "hvd_accumulator" not in (getattr(v, "path", None) or v.name)]
+        variables = tf_variables(self.model.variables) + tf_variables(opt_vars)
         self.hvd.broadcast_variables(variables, root_rank=0)
