@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -280,6 +281,8 @@ def _coerce(cls: type, f: dataclasses.Field, value: Any) -> Any:
         raise ConfigError(f"{f.name} = {value!r} has the wrong type: expected "
                           f"{typ.__name__}{' or nothing' if optional else ''}, got "
                           f"{type(value).__name__}")
+    if typ is float and not math.isfinite(value):
+        raise ConfigError(f"{f.name} = {value!r} is not a finite number: give a real value")
     return float(value) if typ is float else value
 
 

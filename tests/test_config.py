@@ -26,6 +26,9 @@ def test_defaults_are_valid_and_round_trip():
     ({"dataset": "npz"}, "needs data_path"),
     ({"mode": "async", "optimizer": "adam"}, "not available in async mode"),
     ({"tf_loop": "fit"}, "needs framework = 'tensorflow'"),
+    ({"lr": float("nan")}, "lr = nan is not a finite number"),
+    ({"lr": float("inf")}, "lr = inf is not a finite number"),
+    ({"momentum": float("nan")}, "momentum = nan is not a finite number"),
 ])
 def test_invalid_values_name_field_value_and_fix(values, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("?", r"\?")):
