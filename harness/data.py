@@ -151,6 +151,10 @@ def _validated(name: str, a: dict[str, np.ndarray]) -> Dataset:
                             f"x_{split}; expected ({len(x)},)")
         if len(x) == 0:
             raise DataError(f"{name}: x_{split} is empty")
+        bad = _first_non_finite(x)
+        if bad is not None:
+            raise DataError(f"{name}: x_{split} holds NaN/Inf (first in sample {bad}); clean or "
+                            "impute those values before training")
     if a["x_train"].shape[1:] != a["x_test"].shape[1:]:
         raise DataError(f"{name}: x_train samples have shape {a['x_train'].shape[1:]} but x_test "
                         f"samples {a['x_test'].shape[1:]}; they must match")
@@ -161,6 +165,18 @@ def _validated(name: str, a: dict[str, np.ndarray]) -> Dataset:
         raise DataError(f"{name}: labels must be >= 0, found {lo}")
     classes = int(max(y_train.max(), y_test.max())) + 1
     return Dataset(name, a["x_train"], y_train, a["x_test"], y_test, classes)
+
+
+def _first_non_finite(x: np.ndarray, chunk_bytes: int = 64 << 20) -> int | None:
+    """Index of the first sample holding NaN/Inf, read in chunks (x may be memory-mapped)."""
+    if x.dtype.kind != "f":
+        return None
+    per = max(1, chunk_bytes // max(1, x[:1].nbytes))
+    for i in range(0, len(x), per):
+        ok = np.isfinite(x[i:i + per]).reshape(min(per, len(x) - i), -1).all(axis=1)
+        if not ok.all():
+            return i + int(np.argmin(ok))
+    return None
 
 
 def check_model_input(model: str, shape: tuple[int, ...]) -> None:

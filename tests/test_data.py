@@ -42,6 +42,9 @@ def test_uncompressed_npz_is_memory_mapped(tmp_path):
     (lambda a: a.update(x_train=np.zeros((40, 4, 4), np.float32)), "expected \\(N, features\\)"),
     (lambda a: a.update(y_train=-a["y_train"] - 1), "labels must be >= 0"),
     (lambda a: a.update(x_train=np.array(["a"] * 40)), "numeric dtype"),
+    (lambda a: a["x_train"].__setitem__((5, 0), np.nan),
+     "x_train holds NaN/Inf .first in sample 5"),
+    (lambda a: a["x_test"].__setitem__((2, 1), np.inf), "x_test holds NaN/Inf .first in sample 2"),
 ])
 def test_bad_npz_arrays(tmp_path, change, message):
     a = arrays()

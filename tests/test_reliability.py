@@ -208,6 +208,12 @@ def write_npz(path, **change):
     return path
 
 
+def poisoned(shape, sample: int, value: float) -> np.ndarray:
+    x = np.zeros(shape, np.float32)
+    x[sample, 2, 3, 0] = value
+    return x
+
+
 BAD_INPUT = {
     "malformed toml": (["--config", "{bad_toml}"], "is not valid TOML"),
     "unknown key": (["--config", "{unknown_key}"], "Did you mean 'epochs'"),
@@ -223,6 +229,12 @@ BAD_INPUT = {
                     "labels must be integer"),
     "image model on flat data": (["--model", "cnn", "--dataset", "npz", "--data-path",
                                   "{flat}"], "needs channels-last images"),
+    "nan lr": (["--lr", "nan"], "lr = nan is not a finite number"),
+    "inf lr": (["--lr", "inf"], "lr = inf is not a finite number"),
+    "nan features": (["--dataset", "npz", "--data-path", "{nan_x}"],
+                     "x_train holds NaN/Inf (first in sample 7)"),
+    "inf features": (["--dataset", "npz", "--data-path", "{inf_x}"],
+                     "x_test holds NaN/Inf (first in sample 3)"),
     "corrupt checkpoint": (["--resume", "{corrupt}"], "corrupt or truncated"),
     "checkpoint of another model": (["--model", "cnn", "--run-name", "good"],
                                     "written with model = 'mlp'"),
@@ -249,6 +261,8 @@ def bad_inputs(tmp_path_factory):
         "flat": write_npz(d / "flat.npz", x_train=np.zeros((64, 64), np.float32),
                           x_test=np.zeros((16, 64), np.float32)),
         "corrupt": d / "corrupt.npz",
+        "nan_x": write_npz(d / "nan.npz", x_train=poisoned((64, 8, 8, 1), 7, np.nan)),
+        "inf_x": write_npz(d / "inf.npz", x_test=poisoned((16, 8, 8, 1), 3, -np.inf)),
     }
     results = d / "results"
     run(harness("train", "--framework", "torch", "--model", "mlp", "--max-steps", "5",
@@ -270,7 +284,7 @@ def test_bad_input_gives_one_clear_error_and_writes_nothing(case, bad_inputs):
     else:
         p = run(harness("train", "--framework", "torch", "--allreduce", "local",
                         "--out-dir", results, *args), timeout=120)
-    assert p.returncode != 0
+    assert p.returncode == 2, p.stderr[-3000:]
     assert message in p.stderr, p.stderr[-3000:]
     assert "Traceback" not in p.stderr
     after = {p: p.stat().st_mtime_ns for p in results.rglob("*")}
