@@ -23,6 +23,7 @@ import numpy as np
 from harness.backends.common import configure_threads
 from harness.config import RunConfig
 from harness.env import World
+from harness.errors import ConfigError
 from models.base import ModelSpec
 
 # (framework, gradient path) -> "module:Class"
@@ -158,6 +159,10 @@ def create(cfg: RunConfig, world: World, gradient_path: str) -> Backend:
     """Instantiate the backend for ``cfg.framework`` and ``gradient_path`` (imports it now)."""
     configure_threads(cfg, world)      # before the framework is imported
     key = (cfg.framework, gradient_path + ("-fit" if cfg.tf_loop == "fit" else ""))
+    if cfg.tf_loop == "fit" and key not in IMPLEMENTATIONS:
+        raise ConfigError(f"tf_loop = 'fit' trains with Horovod's Keras optimizer, but the "
+                          f"gradient path here is {gradient_path!r} (Horovod does not import): "
+                          "install Horovod (scripts/bootstrap.sh) or set tf_loop = 'custom'")
     if key not in IMPLEMENTATIONS:
         valid = ", ".join(f"{f}/{p}" for f, p in IMPLEMENTATIONS)
         raise ValueError(f"no backend for framework {cfg.framework!r} with gradient path "
