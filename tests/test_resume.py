@@ -22,12 +22,13 @@ pytestmark = [needs_horovod, needs_mpi, pytest.mark.mpi]
 BATCH, SPE = 16, 5
 
 
-def args_for(world: int, *extra, epochs: int = 3, global_batch: int | None = None) -> list:
+def args_for(world: int, *extra, epochs: int = 3, global_batch: int | None = None,
+             samples: int | None = None) -> list:
     """mlp on synthetic data with SPE steps per epoch at ``world`` ranks (or at the global
     batch given)."""
     g = global_batch or BATCH * world
     return ["--framework", "torch", "--model", "mlp", "--dataset", "synthetic",
-            "--synthetic-samples", SPE * g + 3, "--epochs", epochs, "--agree-every", 1,
+            "--synthetic-samples", samples or SPE * g + 3, "--epochs", epochs, "--agree-every", 1,
             "--log-every", 1000, *(["--global-batch-size", g] if global_batch else
                                    ["--batch-size", BATCH]), *extra]
 
@@ -90,10 +91,10 @@ def preempt(world: int, args: list, step: int) -> None:
 def test_other_world_size_on_resume_is_refused_when_the_plan_changes(results):
     """Item 4: per-rank batch at np=2 -> np=1 halves the global batch (the position in the
     data no longer maps): refused before anything is written, exit 2, one line."""
-    a2 = args_for(2, "--out-dir", results, "--run-name", "w")
-    preempt(2, a2, 3)
+    n = SPE * 2 * BATCH + 3                        # the same data at both sizes
+    preempt(2, args_for(2, "--out-dir", results, "--run-name", "w", samples=n), 3)
     before = files_of(results / "w")
-    p = run(harness("train", *args_for(1, "--out-dir", results, "--run-name", "w")))
+    p = run(harness("train", *args_for(1, "--out-dir", results, "--run-name", "w", samples=n)))
     assert p.returncode == 2, p.stderr[-3000:]
     assert "global batch of 32" in p.stderr and "this run has 16" in p.stderr
     assert len(error_lines(p.stderr)) == 1, p.stderr
