@@ -37,7 +37,19 @@ def _csv(value: str, valid: tuple[str, ...] | None, what: str) -> list[str]:
         bad = [v for v in items if v not in valid]
         if bad:
             raise ConfigError(f"--{what}: {', '.join(bad)} not in {', '.join(valid)}")
+    _refuse_duplicates(items, value, what)
     return items
+
+
+def _refuse_duplicates(items: list, value: str, what: str) -> None:
+    """Each value once: a repeated one would plan the same run (same folder) twice."""
+    seen: list = []
+    for v in items:
+        if v in seen:
+            once = ",".join(str(u) for u in dict.fromkeys(items))
+            raise ConfigError(f"--{what} {value!r} lists {v} twice, which would plan the same "
+                              f"run twice: list each value once, e.g. --{what} {once}")
+        seen.append(v)
 
 
 def plan(train_args: list[str], frameworks: list[str], nps: list[int], modes: list[str],
@@ -60,6 +72,9 @@ def plan(train_args: list[str], frameworks: list[str], nps: list[int], modes: li
                 spec = LaunchSpec(launcher=use, np=ranks, python=python,
                                   allow_run_as_root=use == "mpirun" and os.geteuid() == 0,
                                   oversubscribe=use == "mpirun" and ranks > cores)
+                if any(j.name == name for j in jobs):
+                    raise ConfigError(f"run {name} is planned twice: list each framework, mode "
+                                      "and rank count once")
                 jobs.append(Job(name, build_argv(spec, args)))
     return jobs
 
@@ -82,6 +97,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             from None
     if any(n < 1 for n in nps):
         raise ConfigError(f"--np {args.np!r}: rank counts must be at least 1")
+    _refuse_duplicates(nps, args.np, "np")                      # 2,02 is 2 twice
     out_dir = Path(args.out_dir or f"results/compare-{time.strftime('%Y%m%d-%H%M%S')}")
     jobs = plan(train_args, frameworks, nps, modes, args.launcher, out_dir, sys.executable)
     existing = [j.name for j in jobs if (out_dir / j.name).exists()]
@@ -108,7 +124,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from harness.report import build_report
 
     paths = [Path(p) for p in args.runs]
-    out = Path(args.out) if args.out else (paths[0].parent if len(paths) > 1 else paths[0])
+    if args.out:
+        out = Path(args.out)
+    elif len(paths) > 1:      # rep/x/run rep/y/run: rep, not the first run's parent
+        out = Path(os.path.commonpath([p.resolve().parent for p in paths]))
+    else:
+        out = paths[0]
     build_report(paths, out)
     return 0
 
@@ -134,5 +155,5 @@ def add_report_parser(sub) -> None:
     p = sub.add_parser("report", help="compare finished result folders (report.md + figures)")
     p.add_argument("runs", nargs="+", help="result folders (results/<run>)")
     p.add_argument("--out", help="where to write report.md and figures/ (default: the runs' "
-                   "parent folder)")
+                   "common parent folder; for one run, its own folder)")
     p.set_defaults(func=cmd_report)

@@ -3,12 +3,17 @@
 Every number shown comes from a record in a run's ``metrics.jsonl`` (the ``summary`` record of
 its latest start for the table; ``step``/``epoch`` records for the curves). Nothing is estimated:
 a value that was not measured shows as "n/a". Runs of different models or data are refused.
+
+A run whose latest start has no summary (preempted, crashed or still running) is marked
+"unfinished": the summary of an earlier start describes other weights, and often another config.
+Rows are named by folder, with as many parent folders as it takes to tell them apart.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,12 +26,13 @@ from harness.metrics import latest_by_step, read_records
 @dataclass
 class Run:
     path: Path
-    name: str
-    run: dict[str, Any]                  # the latest "run" record
-    summary: dict[str, Any]              # the latest "summary" record
+    name: str                            # unique among the runs of one report
+    run: dict[str, Any]                  # the "run" record of the latest start
+    summary: dict[str, Any]              # the latest start's "summary" record ({} if unfinished)
     steps: list[dict[str, Any]]
     epochs: list[dict[str, Any]]
     extra: dict[str, Any] = field(default_factory=dict)
+    unfinished: str | None = None        # why the latest start has no summary
 
     @property
     def cfg(self) -> dict[str, Any]:
@@ -45,14 +51,21 @@ class Run:
 
     @property
     def workers(self) -> int:
-        return int(self.summary.get("workers") or self.summary.get("world_size") or 1)
+        world = self.run.get("world") or {}       # the latest start's world, finished or not
+        return int(world.get("workers") or world.get("size") or self.summary.get("workers")
+                   or self.summary.get("world_size") or 1)
 
     @property
     def label(self) -> str:
-        return f"{self.framework} {self.mode} x{self.workers}"
+        return self.extra.get("label") or f"{self.framework} {self.mode} x{self.workers}"
 
 
 def load_run(path: Path) -> Run:
+    """The run in ``path``: config and numbers of its latest start only.
+
+    ``restart`` numbers the starts (every record carries it). A summary written by an earlier
+    start is never used: if the latest start has none, the run is ``unfinished``.
+    """
     metrics = path / "metrics.jsonl"
     if not metrics.is_file():
         raise ConfigError(f"{path} is not a result folder: it has no metrics.jsonl (pass the "
@@ -61,15 +74,48 @@ def load_run(path: Path) -> Run:
     runs = [r for r in records if r.get("kind") == "run"]
     if not runs:
         raise ConfigError(f"{metrics} has no run record: the run never started")
-    last = runs[-1]["restart"]
-    summaries = [r for r in records if r.get("kind") == "summary"]
+    last = max(int(r.get("restart") or 0) for r in records)
+    latest = [r for r in records if int(r.get("restart") or 0) == last]
+    run = next((r for r in reversed(latest) if r.get("kind") == "run"), runs[-1])
+    summaries = [r for r in latest if r.get("kind") == "summary"]
+    unfinished = None
     if not summaries:
-        raise ConfigError(f"{path} has no summary: the run did not finish (resume it, or leave "
-                          "it out of the report)")
+        preempted = [r for r in latest if r.get("kind") == "preempted"]
+        start = f"its latest start (start {last + 1})"
+        unfinished = (f"{start} was preempted at step {preempted[-1].get('step')}"
+                      if preempted else f"{start} has no summary: it stopped with an error or "
+                      "is still running")
+        if any(r.get("kind") == "summary" for r in records):
+            unfinished += "; the summary of an earlier start is not shown"
     steps = latest_by_step(records, "step")
     epochs = latest_by_step([r for r in records if r.get("kind") == "epoch"], "epoch", "epoch")
-    return Run(path, path.name, runs[-1], summaries[-1], steps, epochs,
-               {"restarts": last + 1})
+    return Run(path, path.name, run, summaries[-1] if summaries else {}, steps, epochs,
+               {"restarts": last + 1}, unfinished)
+
+
+def unique_names(paths: list[Path]) -> list[str]:
+    """Folder names, each with as many parent folders as it takes to be unique:
+    ``[a/x/run, a/y/run, a/base]`` gives ``[x/run, y/run, base]``."""
+    parts = [p.resolve().parts for p in paths]
+    depth = [1] * len(paths)
+    for _ in range(max(len(pp) for pp in parts) + 1):
+        names = [str(Path(*pp[-d:])) for pp, d in zip(parts, depth)]
+        clash = {n for n in names if names.count(n) > 1}
+        if not clash:
+            return names
+        depth = [d + 1 if n in clash else d for n, d in zip(names, depth)]
+    return [str(Path(*pp)) for pp in parts]        # distinct folders: never reached
+
+
+def name_runs(runs: list[Run]) -> None:
+    """Unique row names (by folder) and figure labels (framework, mode, workers; the row name
+    is added where two runs would share a label)."""
+    for r, name in zip(runs, unique_names([r.path for r in runs])):
+        r.name = name
+    labels = [r.label for r in runs]
+    for r, label in zip(runs, labels):
+        if labels.count(label) > 1:
+            r.extra["label"] = f"{label} ({r.name})"
 
 
 def check_comparable(runs: list[Run]) -> list[str]:
@@ -98,18 +144,55 @@ def _fmt(v: Any, spec: str = ".4f") -> str:
     return format(v, spec)
 
 
-def scaling_efficiency(runs: list[Run]) -> dict[str, float | None]:
-    """E(n) = X(n) / (n X(1)) against the measured single-worker run of the same framework and
-    mode (samples/s from each run's summary record). None when there is no such baseline."""
-    base: dict[tuple[str, str], float] = {}
+# Config keys that say where and how a run was recorded, not what was measured.
+NOT_THE_EXPERIMENT = ("out_dir", "run_name", "resume", "log_every", "horovod_timeline",
+                      "stall_timeout_s")
+
+
+def experiment_key(r: Run) -> str:
+    """What must match for one run to be another's scaling baseline: the whole config (framework,
+    mode, model, hyperparameters...) and the data; the world size is not in the config."""
+    cfg = {k: v for k, v in r.cfg.items() if k not in NOT_THE_EXPERIMENT}
+    return json.dumps([cfg, r.run.get("data")], sort_keys=True, default=str)
+
+
+def scaling_baselines(runs: list[Run]) -> tuple[dict[Path, Run | None], list[str]]:
+    """Each run's single-worker baseline: the finished run with the same experiment key and one
+    worker (a single-worker run is its own). None, with a note, when there is none or more than
+    one: another config's throughput is no baseline, and a guess between two is none either."""
+    ones: dict[str, list[Run]] = {}
     for r in runs:
-        if r.workers == 1 and r.summary.get("samples_per_s_total"):
-            base[(r.framework, r.mode)] = r.summary["samples_per_s_total"]
+        if r.workers == 1 and r.unfinished is None:
+            ones.setdefault(experiment_key(r), []).append(r)
+    base: dict[Path, Run | None] = {}
+    notes = []
+    for r in runs:
+        if r.workers == 1:
+            base[r.path] = r
+            continue
+        found = ones.get(experiment_key(r), [])
+        base[r.path] = found[0] if len(found) == 1 else None
+        if r.unfinished is not None:
+            continue                                  # n/a anyway; the unfinished note says why
+        if not found:
+            notes.append(f"scaling eff. of {r.name} is n/a: the report has no finished "
+                         "single-worker run with the same config and data")
+        elif len(found) > 1:
+            notes.append(f"scaling eff. of {r.name} is n/a: {len(found)} single-worker runs "
+                         f"have its config ({', '.join(b.name for b in found)}); report one")
+    return base, notes
+
+
+def scaling_efficiency(runs: list[Run]) -> dict[Path, float | None]:
+    """E(n) = X(n) / (n X(1)) against the measured single-worker run of the same config and data
+    (samples/s from each run's summary record), keyed by run folder. None without a baseline."""
+    base, _ = scaling_baselines(runs)
     out = {}
     for r in runs:
-        x1 = base.get((r.framework, r.mode))
+        b = base[r.path]
+        x1 = b.summary.get("samples_per_s_total") if b is not None else None
         xn = r.summary.get("samples_per_s_total")
-        out[r.name] = xn / (r.workers * x1) if x1 and xn else None
+        out[r.path] = xn / (r.workers * x1) if x1 and xn else None
     return out
 
 
@@ -124,6 +207,9 @@ COLUMNS = [
 ]
 
 
+UNFINISHED = "unfinished"     # final-accuracy cell of a run whose latest start has no summary
+
+
 def table_rows(runs: list[Run]) -> list[list[str]]:
     eff = scaling_efficiency(runs)
     rows = []
@@ -135,7 +221,9 @@ def table_rows(runs: list[Run]) -> list[list[str]]:
             elif key == "workers":
                 row.append(str(r.workers))
             elif key == "scaling":
-                row.append(_fmt(eff[r.name], spec))
+                row.append(_fmt(eff[r.path], spec))
+            elif r.unfinished is not None:
+                row.append(UNFINISHED if key == "final_eval_acc" else _fmt(None))
             elif spec == "ms":
                 v = r.summary.get(key)
                 row.append(_fmt(v * 1000 if v is not None else None, ".2f"))
@@ -188,13 +276,14 @@ def figures(runs: list[Run], out: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
+    done = [r for r in runs if r.unfinished is None]     # unfinished runs have no throughput
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    labels = [r.label for r in runs]
-    total = [r.summary.get("samples_per_s_total") or 0 for r in runs]
-    per_dev = [r.summary.get("samples_per_s_per_device") or 0 for r in runs]
-    p50 = [(r.summary.get("step_time_p50_s") or 0) * 1000 for r in runs]
-    p90 = [(r.summary.get("step_time_p90_s") or 0) * 1000 for r in runs]
-    cols = [colors.get(r.framework, "gray") for r in runs]
+    labels = [r.label for r in done]
+    total = [r.summary.get("samples_per_s_total") or 0 for r in done]
+    per_dev = [r.summary.get("samples_per_s_per_device") or 0 for r in done]
+    p50 = [(r.summary.get("step_time_p50_s") or 0) * 1000 for r in done]
+    p90 = [(r.summary.get("step_time_p90_s") or 0) * 1000 for r in done]
+    cols = [colors.get(r.framework, "gray") for r in done]
     axes[0].barh(labels, total, color=cols)
     axes[0].set_xlabel("samples/s, total")
     axes[1].barh(labels, per_dev, color=cols)
@@ -211,10 +300,10 @@ def figures(runs: list[Run], out: Path) -> list[Path]:
     plt.close(fig)
 
     eff = scaling_efficiency(runs)
-    multi = [r for r in runs if r.workers > 1 and eff[r.name] is not None]
+    multi = [r for r in runs if r.workers > 1 and eff[r.path] is not None]
     if multi:
         fig, ax = plt.subplots(figsize=(7, 4))
-        ax.bar([r.label for r in multi], [eff[r.name] for r in multi],
+        ax.bar([r.label for r in multi], [eff[r.path] for r in multi],
                color=[colors.get(r.framework, "gray") for r in multi])
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_ylabel("scaling efficiency X(n) / (n X(1))")
@@ -250,17 +339,25 @@ def render_markdown(runs: list[Run], notes: list[str], figs: list[Path], out_dir
              f"Model **{runs[0].cfg['model']}** on **{runs[0].run['data']['name']}** "
              f"({runs[0].run['data']['train']} training / {runs[0].run['data']['test']} test "
              "samples). Every number below is read from the runs' `metrics.jsonl` files: the "
-             "table from each run's last `summary` record, the curves from `step` and `epoch` "
-             "records. Throughput is the global batch over the median step time (warm-up steps "
-             "excluded); scaling efficiency is X(n) / (n X(1)) against the measured "
-             "single-worker run of the same framework and mode.", ""]
+             "table from the `summary` record of each run's latest start, the curves from "
+             "`step` and `epoch` records. Throughput is the global batch over the median step "
+             "time (warm-up steps excluded); scaling efficiency is X(n) / (n X(1)) against the "
+             "measured single-worker run of the same config and data (n/a when the report "
+             "holds none).", ""]
     if runs[0].cfg.get("target_accuracy") is not None:
         lines += [f"Target accuracy for time-to-accuracy: {runs[0].cfg['target_accuracy']}.", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(runs)]
     lines.append("")
+    unfinished = [r for r in runs if r.unfinished is not None]
+    if unfinished:
+        lines += [f"**Unfinished runs** (marked \"{UNFINISHED}\"; resume them to get their "
+                  "numbers):", ""] + [f"- {r.name}: {r.unfinished}" for r in unfinished] + [""]
     if notes:
         lines += ["**Differences between runs:**", ""] + [f"- {n}" for n in notes] + [""]
+    scaling_notes = scaling_baselines(runs)[1]
+    if scaling_notes:
+        lines += ["**Scaling efficiency:**", ""] + [f"- {n}" for n in scaling_notes] + [""]
     for f in figs:
         lines += [f"![{f.stem}]({f.relative_to(out_dir).as_posix()})", ""]
     ps = [r for r in runs if r.summary.get("staleness_histogram")]
@@ -314,16 +411,28 @@ def build_report(paths: list[Path], out_dir: Path, commands: list[str] | None = 
                  show: bool = True) -> Path:
     if not paths:
         raise ConfigError("no result folders given: pass results/<run> folders")
+    seen: dict[Path, Path] = {}
+    for p in map(Path, paths):
+        if p.resolve() in seen:
+            raise ConfigError(f"result folder {p} is given twice (also as {seen[p.resolve()]}): "
+                              "list each run once")
+        seen[p.resolve()] = p
     runs = [load_run(Path(p)) for p in paths]
+    name_runs(runs)
     notes = check_comparable(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     figs = figures(runs, out_dir / "figures")
     md = render_markdown(runs, notes, figs, out_dir, commands)
     report = out_dir / "report.md"
     atomic_write(report, lambda f: f.write(md.encode("utf-8")))
+    for r in runs:
+        if r.unfinished is not None:
+            print(f"harness: warning: {r.path} is unfinished: {r.unfinished}; its row in the "
+                  f"report says {UNFINISHED!r} (resume the run to finish it)", file=sys.stderr,
+                  flush=True)
     if show:
         print_table(runs)
-        for n in notes:
+        for n in notes + scaling_baselines(runs)[1]:
             print(f"note: {n}")
         print(f"report: {report}")
     return report

@@ -1,0 +1,288 @@
+"""Reports from hand-made result folders (no training): row names, which start's numbers are
+shown, scaling baselines, and `harness compare` refusing a plan that repeats a run.
+
+Each folder is written the way `harness train` writes it (``metrics.jsonl`` with ``run``,
+``step``, ``epoch``, ``preempted`` and ``summary`` records carrying a ``restart`` counter, plus
+``config.json`` and ``summary.json``); expected values are computed from what the test wrote.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.config import RunConfig
+from harness.errors import ConfigError
+import harness.report
+from harness.report import build_report
+
+DATA = {"name": "digits", "train": 1437, "test": 360, "sha256": "d1g1t5"}
+
+
+def start(restart: int, *, workers: int = 1, summary: dict | None = None,
+          preempted_at: int | None = None, steps: int = 4, **cfg) -> list[dict]:
+    """The records of one start of a run: what `harness train` appends to metrics.jsonl.
+    ``summary`` (the fields that differ from a plain finished start) makes it a finished start;
+    ``preempted_at`` one that was preempted; neither, one that crashed or is still running."""
+    config = RunConfig(**cfg).to_dict()
+    ps = config["mode"] == "async"
+    world = ({"size": workers + config["ps_servers"], "servers": config["ps_servers"],
+              "workers": workers, "launcher": "mpi4py"} if ps
+             else {"size": workers, "launcher": "test"})
+    out = [{"kind": "run", "restart": restart, "config": config, "world": world,
+            "environment": {"python": "3.11", "host": "h", "cpu": "c", "cpus": 2,
+                            "git_commit": None, "command": "harness train"},
+            "backend": {"framework": config["framework"], "gradient_path": "local",
+                        "versions": {"numpy": "2"}, "settings": {}},
+            "model": {"name": config["model"], "parameters": 10, "flops_per_sample": 1},
+            "data": DATA, "resumed_from": None, "start_step": 0}]
+    for s in range(1, steps + 1):
+        out.append({"kind": "step", "restart": restart, "step": s, "loss": 1.0 / s,
+                    "wall_s": 0.1 * s})
+    out.append({"kind": "epoch", "restart": restart, "epoch": 1, "step": steps,
+                "eval_acc": 0.5, "wall_s": 0.1 * steps})
+    if preempted_at is not None:
+        out.append({"kind": "preempted", "restart": restart, "step": preempted_at})
+    if summary is not None:
+        p50 = 0.01
+        fields = {"final_eval_acc": 0.9, "best_eval_acc": 0.9, "time_to_target_s": None,
+                  "samples_per_s_total": 1000.0, "step_time_p50_s": p50,
+                  "step_time_p90_s": 2 * p50, "train_wall_s": 3.0, "steps": steps,
+                  "world_size": world["size"], **({"workers": workers} if ps else {})}
+        fields.update(summary)
+        fields["samples_per_s_per_device"] = fields["samples_per_s_total"] / workers
+        out.append({"kind": "summary", "restart": restart, **fields})
+    return out
+
+
+def write_run(folder: Path, *starts: list[dict]) -> Path:
+    folder.mkdir(parents=True)
+    records = [r for s in starts for r in s]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    runs = [r for r in records if r["kind"] == "run"]
+    (folder / "config.json").write_text(json.dumps(runs[-1]))
+    summaries = [r for r in records if r["kind"] == "summary"]
+    if summaries:                            # written at the end of a finished start, never removed
+        (folder / "summary.json").write_text(json.dumps(summaries[-1]))
+    return folder
+
+
+def summary_of(folder: Path, restart: int | None = None) -> dict:
+    recs = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if r["kind"] == "summary"
+            and (restart is None or r["restart"] == restart)][-1]
+
+
+def table(report: Path) -> dict[str, dict[str, str]]:
+    """The main table of report.md, as {row name: {column: cell}}; a repeated name fails."""
+    lines = report.read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("| run |"))
+    header = [c.strip() for c in lines[first].strip("|").split("|")]
+    rows: dict[str, dict[str, str]] = {}
+    for line in lines[first + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] not in rows, f"two rows named {cells[0]!r}"
+        rows[cells[0]] = dict(zip(header, cells))
+    return rows
+
+
+def eff(xn: float, n: int, x1: float) -> str:
+    return f"{xn / (n * x1):.3f}"
+
+
+@pytest.fixture
+def no_figures(monkeypatch):
+    """Skip the PNGs (a second each) where a test reads only the table."""
+    monkeypatch.setattr(harness.report, "figures", lambda runs, out: [])
+
+
+# --- item 11: rows of folders with the same name ----------------------------------------------
+
+def test_same_named_folders_get_distinct_rows_with_their_own_numbers(tmp_path, capsys):
+    base = write_run(tmp_path / "rep" / "base", start(0, workers=1, summary={
+        "samples_per_s_total": 200.0}))
+    x = write_run(tmp_path / "rep" / "x" / "run", start(0, workers=2, summary={
+        "samples_per_s_total": 300.0, "final_eval_acc": 0.81}))
+    y = write_run(tmp_path / "rep" / "y" / "run", start(0, workers=2, summary={
+        "samples_per_s_total": 500.0, "final_eval_acc": 0.83}))
+    report = build_report([x, y, base], tmp_path / "out")
+    rows = table(report)
+    assert set(rows) == {"x/run", "y/run", "base"}
+    x1 = summary_of(base)["samples_per_s_total"]
+    for name, folder in (("x/run", x), ("y/run", y)):
+        s = summary_of(folder)
+        assert rows[name]["scaling eff."] == eff(s["samples_per_s_total"], 2, x1)
+        assert rows[name]["final acc"] == f"{s['final_eval_acc']:.4f}"
+        assert rows[name]["samples/s total"] == f"{s['samples_per_s_total']:,.0f}"
+    md = report.read_text()
+    assert "### x/run" in md and "### y/run" in md
+    out = capsys.readouterr().out                 # the terminal table names them the same way
+    assert "x/run" in out and "y/run" in out
+
+
+def test_unique_names_add_parents_only_where_needed(tmp_path):
+    from harness.report import unique_names
+
+    paths = [tmp_path / "a" / "x" / "run", tmp_path / "a" / "y" / "run", tmp_path / "a" / "b",
+             tmp_path / "p" / "q" / "r", tmp_path / "s" / "q" / "r"]
+    assert unique_names(paths) == ["x/run", "y/run", "b", "p/q/r", "s/q/r"]
+
+
+def test_a_folder_given_twice_is_refused_and_nothing_is_written(tmp_path):
+    a = write_run(tmp_path / "a", start(0, summary={}))
+    with pytest.raises(ConfigError, match="given twice"):
+        build_report([a, tmp_path / "a" / ".." / "a"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# --- item 12: a run whose latest start did not finish -----------------------------------------
+
+@pytest.mark.parametrize("how", ["preempted", "crashed"])
+def test_latest_start_unfinished_is_marked_not_shown_with_an_earlier_summary(tmp_path, capsys,
+                                                                              how):
+    # start 0: a 1-epoch config that finished; start 1: the 3-epoch config, not finished
+    stale = {"final_eval_acc": 0.6123, "best_eval_acc": 0.6123, "samples_per_s_total": 777.0}
+    folder = write_run(tmp_path / "r", start(0, epochs=1, summary=stale),
+                       start(1, epochs=3, steps=9,
+                             preempted_at=7 if how == "preempted" else None))
+    report = build_report([folder], tmp_path / "out")
+    row = table(report)["r"]
+    earlier = summary_of(folder, restart=0)
+    assert row["final acc"] == "unfinished"
+    for col in ("best acc", "samples/s total", "samples/s/device", "step p50 (ms)",
+                "train wall (s)", "scaling eff."):
+        assert row[col] == "n/a", col
+    assert f"{earlier['final_eval_acc']:.4f}" not in " ".join(row.values())
+    assert f"{earlier['samples_per_s_total']:,.0f}" not in " ".join(row.values())
+    md = report.read_text()
+    why = "preempted at step 7" if how == "preempted" else "has no summary"
+    assert "**Unfinished runs**" in md and why in md and "earlier start" in md
+    err = capsys.readouterr().err
+    assert f"warning: {folder} is unfinished" in err and why in err
+
+
+def test_only_the_latest_starts_summary_counts(tmp_path, no_figures):
+    # start 0 finished, start 1 preempted, start 2 finished: the table shows start 2
+    folder = write_run(tmp_path / "r",
+                       start(0, epochs=1, summary={"final_eval_acc": 0.5}),
+                       start(1, epochs=3, preempted_at=3),
+                       start(2, epochs=3, summary={"final_eval_acc": 0.93,
+                                                   "samples_per_s_total": 1234.0}))
+    row = table(build_report([folder], tmp_path / "out"))["r"]
+    latest = summary_of(folder, restart=2)
+    assert row["final acc"] == f"{latest['final_eval_acc']:.4f}"
+    assert row["samples/s total"] == f"{latest['samples_per_s_total']:,.0f}"
+
+
+def test_unfinished_parameter_server_run_keeps_its_worker_count(tmp_path, no_figures):
+    folder = write_run(tmp_path / "ps", start(0, workers=2, mode="async", summary={}),
+                       start(1, workers=3, mode="async", preempted_at=5))
+    row = table(build_report([folder], tmp_path / "out"))["ps"]
+    run = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()
+           if '"kind": "run"' in line][-1]
+    assert row["workers"] == str(run["world"]["workers"]) and row["final acc"] == "unfinished"
+
+
+def test_an_unfinished_single_worker_run_is_no_baseline(tmp_path, no_figures):
+    one = write_run(tmp_path / "one", start(0, workers=1, summary={}), start(1, workers=1))
+    two = write_run(tmp_path / "two", start(0, workers=2, summary={}))
+    rows = table(build_report([one, two], tmp_path / "out"))
+    assert rows["two"]["scaling eff."] == "n/a"
+
+
+# --- item 13: the scaling baseline is the same config with one worker, or none -----------------
+
+def test_scaling_baseline_is_the_single_worker_run_of_the_same_config(tmp_path, no_figures):
+    a = write_run(tmp_path / "a-np1-b32", start(0, workers=1, batch_size=32, summary={
+        "samples_per_s_total": 1000.0}))
+    b = write_run(tmp_path / "b-np1-b64", start(0, workers=1, batch_size=64, summary={
+        "samples_per_s_total": 15.0}))
+    c = write_run(tmp_path / "c-np2-b64", start(0, workers=2, batch_size=64, summary={
+        "samples_per_s_total": 40.0}))
+    d = write_run(tmp_path / "d-np2-lr", start(0, workers=2, batch_size=64, lr=0.2, summary={
+        "samples_per_s_total": 50.0}))
+    # differs only in where and how it was recorded: still c's config
+    e = write_run(tmp_path / "e-np4-b64", start(0, workers=4, batch_size=64, run_name="e",
+                                                out_dir="elsewhere", resume="never", summary={
+                                                    "samples_per_s_total": 70.0}))
+    report = build_report([a, b, c, d, e], tmp_path / "out")
+    rows = table(report)
+    x = {f.name: summary_of(f)["samples_per_s_total"] for f in (a, b, c, d, e)}
+    assert rows[a.name]["scaling eff."] == eff(x[a.name], 1, x[a.name])      # its own baseline
+    assert rows[b.name]["scaling eff."] == eff(x[b.name], 1, x[b.name])
+    assert rows[c.name]["scaling eff."] == eff(x[c.name], 2, x[b.name])
+    assert rows[e.name]["scaling eff."] == eff(x[e.name], 4, x[b.name])
+    assert rows[d.name]["scaling eff."] == "n/a"                   # no np1 run with lr 0.2
+    md = report.read_text()
+    assert f"scaling eff. of {d.name} is n/a" in md
+
+
+def test_no_baseline_across_frameworks_or_modes(tmp_path, no_figures):
+    torch1 = write_run(tmp_path / "torch1", start(0, workers=1, summary={}))
+    tf2 = write_run(tmp_path / "tf2", start(0, workers=2, framework="tensorflow", summary={}))
+    ps2 = write_run(tmp_path / "ps2", start(0, workers=2, mode="async", summary={}))
+    rows = table(build_report([torch1, tf2, ps2], tmp_path / "out"))
+    assert rows["tf2"]["scaling eff."] == "n/a" and rows["ps2"]["scaling eff."] == "n/a"
+
+
+def test_two_candidate_baselines_give_none_and_say_why(tmp_path, no_figures):
+    one_a = write_run(tmp_path / "one-a", start(0, workers=1, summary={
+        "samples_per_s_total": 100.0}))
+    one_b = write_run(tmp_path / "one-b", start(0, workers=1, summary={
+        "samples_per_s_total": 120.0}))
+    two = write_run(tmp_path / "two", start(0, workers=2, summary={"samples_per_s_total": 150.0}))
+    report = build_report([one_a, one_b, two], tmp_path / "out")
+    assert table(report)["two"]["scaling eff."] == "n/a"
+    assert "2 single-worker runs have its config (one-a, one-b)" in report.read_text()
+
+
+# --- item 14: `harness compare` refuses a plan that repeats a run ------------------------------
+
+@pytest.mark.parametrize("flag,value,dup", [("--np", "1,1", "1"), ("--np", "2,02", "2"),
+                                            ("--frameworks", "torch,torch", "torch"),
+                                            ("--modes", "sync,async,sync", "sync")])
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_compare_refuses_duplicates_before_anything_runs(tmp_path, monkeypatch, capsys, flag,
+                                                         value, dup, dry_run):
+    import launchers.runner
+    from harness.cli import main
+
+    started = []
+    monkeypatch.setattr(launchers.runner, "run", lambda argv, *a, **k: started.append(argv) or 0)
+    monkeypatch.setattr(harness.report, "build_report", lambda *a, **k: started.append(a))
+    out = tmp_path / "cmp"
+    code = main(["compare", flag, value, "--out-dir", str(out),
+                 *(["--dry-run"] if dry_run else []), "--", "--model", "mlp"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert started == [] and not out.exists() and captured.out == ""
+    err = captured.err.strip()
+    assert "\n" not in err and f"{flag} {value!r}" in err and f"lists {dup} twice" in err
+    assert "once" in err                                                   # the fix
+
+
+def test_plan_refuses_a_run_planned_twice(tmp_path):
+    from harness.compare import plan
+
+    with pytest.raises(ConfigError, match="planned twice"):
+        plan(["--model", "mlp"], ["torch", "torch"], [1], ["sync"], "horovodrun", tmp_path,
+             "python")
+
+
+def test_harness_report_cli_on_two_folders_named_run(tmp_path):
+    from conftest import harness, run
+
+    rep = tmp_path / "rep"
+    x = write_run(rep / "x" / "run", start(0, workers=1, summary={"samples_per_s_total": 90.0}))
+    y = write_run(rep / "y" / "run", start(0, workers=2, summary={"samples_per_s_total": 120.0}))
+    p = run(harness("report", x, y), check=True)
+    rows = table(rep / "report.md")               # the folders' common parent by default
+    assert set(rows) == {"x/run", "y/run"}
+    x1 = summary_of(x)["samples_per_s_total"]
+    assert rows["y/run"]["scaling eff."] == eff(summary_of(y)["samples_per_s_total"], 2, x1)
+    assert rows["x/run"]["scaling eff."] == eff(x1, 1, x1)
+    assert "x/run" in p.stdout and "y/run" in p.stdout
