@@ -86,6 +86,9 @@ def bookkeeping_us(steps: int = 20000) -> float:
         def allreduce_host(self, values, op="sum"):
             return np.asarray(values, np.float64)
 
+        def update_every(self):
+            return 1
+
     cfg = RunConfig(epochs=10_000, log_every=100, shuffle=False, agree_every=20)
     x = np.zeros((4096, 8, 8, 1), np.float32)
     y = np.zeros(4096, np.int64)

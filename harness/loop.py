@@ -360,6 +360,8 @@ def train(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
         backend.broadcast_state(resumed=resumed)
     first_step_done = False
     try:
+        if pos.step_in_epoch >= run.spe:      # resumed from a stop on an epoch's last step
+            run.end_epoch()
         while pos.step < run.total_steps:
             while pos.step_in_epoch < run.spe and pos.step < run.total_steps:
                 t0 = time.perf_counter()
@@ -408,6 +410,8 @@ def train_fit(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
 
     step_callback = backend.step_callback(on_step, before_step)
     try:
+        if pos.step_in_epoch >= run.spe:      # resumed from a stop on an epoch's last step
+            run.end_epoch()
         while pos.step < run.total_steps:
             end = min(run.spe, pos.step_in_epoch + run.total_steps - pos.step)
             idx = np.concatenate([np.arange(run.sharder.n)[run.sharder.indices(pos.epoch, s)]
