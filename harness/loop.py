@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from harness import checkpoint as ckpt_io
-from harness.backends.base import Backend
+from harness.backends.base import Backend, FitBackend
 from harness.config import RunConfig
 from harness.data import Dataset, Sharder, eval_shard, gather
 from harness.env import World
@@ -344,8 +344,8 @@ def weights_consistency(ctx: RunContext) -> dict[str, Any]:
 def train(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
     """Run from ``pos`` to the end of the schedule; returns the summary record's fields."""
     cfg, world, backend = ctx.cfg, ctx.world, ctx.backend
-    if cfg.tf_loop == "fit":
-        return train_fit(ctx, pos, resumed)
+    if isinstance(backend, FitBackend):
+        return train_fit(ctx, backend, pos, resumed)
     run = TrainingRun(ctx, pos, resumed, step_batch(cfg, world.size))
     faults = FaultInjector(world.rank, desync=lambda: backend.set_flat_params(
         backend.get_flat_params() * np.float32(1.001)))
@@ -388,9 +388,10 @@ def train(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
         run.close()
 
 
-def train_fit(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
+def train_fit(ctx: RunContext, backend: FitBackend, pos: Position,
+              resumed: bool) -> dict[str, Any]:
     """The same schedule driven by Keras ``model.fit`` (one fit call per epoch)."""
-    cfg, world, backend = ctx.cfg, ctx.world, ctx.backend
+    cfg, world = ctx.cfg, ctx.world
     run = TrainingRun(ctx, pos, resumed, step_batch(cfg, world.size))
     faults = FaultInjector(world.rank)
     backend.set_lr(run.lr)

@@ -155,7 +155,6 @@ def run(cfg: RunConfig) -> int:
     if launcher_world.size > 1 or rt.size > 1:
         check_runtime_world(launcher_world, rt.rank, rt.size, backend.gradient_path)
     world = rt
-    backend.world = world
     log = get_logger(world.rank)
     stop = StopFlag().install()
     try:

@@ -16,7 +16,7 @@ import importlib
 import importlib.util
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
@@ -60,14 +60,18 @@ class Backend(ABC):
     gradient_path: ClassVar[str]
     broadcast_after_first_step: ClassVar[bool]
 
-    def __init__(self, cfg: RunConfig, world: World) -> None:
+    def __init__(self, cfg: RunConfig, world: World, threads: int | None = None) -> None:
         self.cfg = cfg
+        #: the launcher's view until ``init_distributed``, then the runtime's
         self.world = world
+        #: compute threads of this rank (``create`` exports them before the framework loads)
+        self.threads = configure_threads(cfg, world) if threads is None else threads
 
     # --- lifecycle ---
     @abstractmethod
     def init_distributed(self) -> World:
-        """Start the communication runtime; return the world it sees (checked by the caller)."""
+        """Start the communication runtime, set ``self.world`` to the world it sees and return
+        it (the caller checks it against the launcher's)."""
 
     @abstractmethod
     def setup(self, spec: ModelSpec, weights: dict[str, np.ndarray], lr: float) -> None:
@@ -82,7 +86,8 @@ class Backend(ABC):
         """
 
     def shutdown(self) -> None:  # noqa: B027 - optional hook
-        """Release the runtime (called once, also after errors)."""
+        """Release the runtime, once, at the end of a run that did not fail. A failed rank
+        exits without it: its peers may be gone, and Horovod's shutdown would wait for them."""
 
     # --- training ---
     @abstractmethod
@@ -123,12 +128,14 @@ class Backend(ABC):
 
     # --- flat-vector interface used by the parameter server ---
     @abstractmethod
-    def compute_gradients(self, x: np.ndarray, y: np.ndarray, out: np.ndarray) -> StepResult:
-        """Write this batch's gradient of the trainable parameters into the flat ``out``."""
+    def compute_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[StepResult, np.ndarray]:
+        """This batch's loss and gradient of the trainable parameters as one flat float32
+        vector in the canonical layout (``StepResult.applied`` is False if the loss is not
+        finite); no update is applied."""
 
     @abstractmethod
-    def get_flat_params(self, out: np.ndarray) -> None:
-        ...
+    def get_flat_params(self) -> np.ndarray:
+        """The trainable parameters as one flat float32 vector in the canonical layout."""
 
     @abstractmethod
     def set_flat_params(self, flat: np.ndarray) -> None:
@@ -144,6 +151,27 @@ class Backend(ABC):
         ...
 
 
+class FitBackend(Backend):
+    """A backend whose training runs through Keras ``model.fit`` (``tf_loop = "fit"``): the
+    loop hands it whole epochs instead of single steps."""
+
+    @abstractmethod
+    def callbacks(self) -> list:
+        """The framework's own callbacks for one ``fit`` call."""
+
+    @abstractmethod
+    def step_callback(self, on_step: Callable[[float, float, float], None],
+                      before_step: Callable[[], None] | None = None) -> Any:
+        """A callback that calls ``before_step()`` before each batch and
+        ``on_step(loss, accuracy, step_time_s)`` after it."""
+
+    @abstractmethod
+    def fit_epoch(self, x: np.ndarray, y: np.ndarray, batch: int, epoch: int,
+                  callbacks: list) -> None:
+        """Train on this rank's samples ``x, y`` of ``epoch`` (or their rest after a resume),
+        in order, ``batch`` per step."""
+
+
 def resolve_gradient_path(requested: str, mode: str) -> str:
     """``auto`` means Horovod when it imports, else mpi4py. Async workers compute locally."""
     if mode == "async":
@@ -157,7 +185,7 @@ def resolve_gradient_path(requested: str, mode: str) -> str:
 
 def create(cfg: RunConfig, world: World, gradient_path: str) -> Backend:
     """Instantiate the backend for ``cfg.framework`` and ``gradient_path`` (imports it now)."""
-    configure_threads(cfg, world)      # before the framework is imported
+    threads = configure_threads(cfg, world)      # before the framework is imported
     key = (cfg.framework, gradient_path + ("-fit" if cfg.tf_loop == "fit" else ""))
     if cfg.tf_loop == "fit" and key not in IMPLEMENTATIONS:
         raise ConfigError(f"tf_loop = 'fit' trains with Horovod's Keras optimizer, but the "
@@ -168,4 +196,4 @@ def create(cfg: RunConfig, world: World, gradient_path: str) -> Backend:
         raise ValueError(f"no backend for framework {cfg.framework!r} with gradient path "
                          f"{gradient_path!r}; valid: {valid}")
     module, cls = IMPLEMENTATIONS[key].split(":")
-    return getattr(importlib.import_module(module), cls)(cfg, world)
+    return getattr(importlib.import_module(module), cls)(cfg, world, threads)

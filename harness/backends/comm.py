@@ -50,8 +50,9 @@ class HorovodComm:
         hvd.init()
         check_horovod_combination(self.cfg, hvd.size(), gloo=hvd.gloo_enabled(),
                                   gpu=self._has_gpu())
-        return World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(),
-                     self.world.source)
+        self.world = World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(),
+                           self.world.source)
+        return self.world
 
     def allreduce_host(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
         hvd = self.hvd
@@ -86,8 +87,9 @@ class MPIComm:
 
         self.comm = HostReducer()
         local = self.comm.comm.Split_type(self.comm.MPI.COMM_TYPE_SHARED)
-        return World(self.comm.rank, self.comm.size, local.Get_rank(), local.Get_size(),
-                     self.world.source)
+        self.world = World(self.comm.rank, self.comm.size, local.Get_rank(), local.Get_size(),
+                           self.world.source)
+        return self.world
 
     def allreduce_host(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
         return self.comm.allreduce(values, op)

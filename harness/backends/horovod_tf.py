@@ -15,7 +15,7 @@ import numpy as np
 
 from harness.backends.base import Backend, BackendInfo, StepResult
 from harness.backends.comm import HorovodComm, LocalComm, MPIComm
-from harness.backends.common import FlatLayout, check_weight_names, configure_threads
+from harness.backends.common import FlatLayout, check_weight_names
 from harness.env import World
 from models import load_impl
 from models.base import ModelSpec, from_keras_layout, to_keras_layout
@@ -50,9 +50,8 @@ class TFBackend(Backend):
     framework = "tensorflow"
     broadcast_after_first_step = True
 
-    def __init__(self, cfg, world: World) -> None:
-        super().__init__(cfg, world)
-        self.threads = configure_threads(cfg, world)
+    def __init__(self, cfg, world: World, threads: int | None = None) -> None:
+        super().__init__(cfg, world, threads)
         tf, keras = import_keras(cfg.keras)
         self.tf, self.keras = tf, keras
         try:

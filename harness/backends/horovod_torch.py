@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from harness.backends.base import Backend, BackendInfo, StepResult
 from harness.backends.comm import HorovodComm, LocalComm, MPIComm
-from harness.backends.common import FlatLayout, check_weight_names, configure_threads
+from harness.backends.common import FlatLayout, check_weight_names
 from harness.env import World
 from models import load_impl
 from models.base import ModelSpec
@@ -27,9 +27,8 @@ class TorchBackend(Backend):
     framework = "torch"
     broadcast_after_first_step = False
 
-    def __init__(self, cfg, world: World) -> None:
-        super().__init__(cfg, world)
-        self.threads = configure_threads(cfg, world)
+    def __init__(self, cfg, world: World, threads: int | None = None) -> None:
+        super().__init__(cfg, world, threads)
         torch.set_num_threads(self.threads)
         try:
             torch.set_num_interop_threads(1)

@@ -13,10 +13,11 @@ import time
 
 import numpy as np
 
+from harness.backends.base import FitBackend
 from harness.backends.horovod_tf import HorovodTFBackend, optimizer_variables, tf_variables
 
 
-class KerasFitBackend(HorovodTFBackend):
+class KerasFitBackend(HorovodTFBackend, FitBackend):
     """HorovodTFBackend whose training runs through ``model.fit``.
 
     The optimizer is built in ``setup``, so its variables exist before step 1 and the state is
