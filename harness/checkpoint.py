@@ -65,13 +65,14 @@ def save(directory: Path, ckpt: Checkpoint, prefix: str = "ckpt", keep: int = 2)
                                   "kept)")
     directory.mkdir(parents=True, exist_ok=True)
     meta = dict(ckpt.meta, format_version=FORMAT_VERSION, saved_at=time.time())
-    arrays = {"meta.json": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+    arrays: dict[str, np.ndarray] = {
+        "meta.json": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
     arrays.update({f"w/{k}": v for k, v in ckpt.weights.items()})
     arrays.update({f"o/{k}": v for k, v in ckpt.optimizer.items()})
     arrays.update({f"x/{k}": v for k, v in ckpt.extra.items()})
     final = directory / f"{prefix}-{ckpt.step:09d}.npz"
     try:
-        atomic_write(final, lambda f: np.savez(f, **arrays))
+        atomic_write(final, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
     except StorageError as e:
         prev = latest_paths(directory, prefix)
         kept = f" The previous checkpoint {prev[0].name} is intact." if prev else ""

@@ -314,7 +314,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, title: s
             continue
         typ, _ = _base_type(cls, f)
         flags = (flag_names or {}).get(f.name) or ["--" + f.name.replace("_", "-")]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = f.default if f.default is not dataclasses.MISSING else \
+            f.default_factory()  # type: ignore[operator]
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
                                   "help": f"{f.metadata['help']} (default: {default!r})"}
         if typ is bool:

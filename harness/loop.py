@@ -92,7 +92,8 @@ class Plan:
                           cfg.shuffle)
         spe = sharder.steps_per_epoch
         schedule = LRSchedule.of(cfg, world_size, spe)
-        total = int(min(cfg.epochs * spe, cfg.max_steps or math.inf))
+        total = cfg.epochs * spe if cfg.max_steps is None else min(cfg.epochs * spe,
+                                                                   cfg.max_steps)
         return cls(sharder.global_batch, spe, total, schedule.peak, schedule.warmup_steps)
 
     def as_meta(self) -> dict[str, Any]:
@@ -181,7 +182,8 @@ class TrainingRun:
         self.sharder = Sharder(len(ctx.data.x_train), per_rank, world.rank, world.size,
                                cfg.seed, cfg.shuffle)
         self.spe = self.sharder.steps_per_epoch
-        self.total_steps = min(cfg.epochs * self.spe, cfg.max_steps or math.inf)
+        self.total_steps = cfg.epochs * self.spe if cfg.max_steps is None else \
+            min(cfg.epochs * self.spe, cfg.max_steps)
         self.schedule = LRSchedule.of(cfg, world.size, self.spe)
         self.timer = StepTimer(warmup=min(5, max(1, self.total_steps // 10)))
         self.timer.restore(ctx.resume_extra)       # step times of earlier segments
@@ -193,7 +195,7 @@ class TrainingRun:
         self.update_every = ctx.backend.update_every()
         self.stop_agreed = False         # every rank knows that some rank was asked to stop
         self.save_pending = False        # a checkpoint waits for the next update boundary
-        ctx.ckpt_meta["plan"] = Plan(self.sharder.global_batch, self.spe, int(self.total_steps),
+        ctx.ckpt_meta["plan"] = Plan(self.sharder.global_batch, self.spe, self.total_steps,
                                      self.schedule.peak, self.schedule.warmup_steps).as_meta()
 
     def wall(self) -> float:

@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
 EXIT_PREEMPTED = 75          # EX_TEMPFAIL: "stopped at a checkpoint, requeue me"
 EXIT_STALLED = 4
@@ -28,7 +29,7 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}
 
     def install(self) -> "StopFlag":
         if threading.current_thread() is not threading.main_thread():

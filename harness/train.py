@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -28,7 +28,11 @@ from models import default_classes, default_input_shape, get_spec
 
 def write_json_atomic(path: Path, data: Any) -> None:
     blob = (json.dumps(data, indent=2, default=str) + "\n").encode()
-    atomic_write(path, lambda f: f.write(blob))
+
+    def write(f: BinaryIO) -> None:
+        f.write(blob)
+
+    atomic_write(path, write)
 
 
 def load_data(cfg: RunConfig) -> tuple[Dataset, Any]:
@@ -67,7 +71,7 @@ def find_resume_checkpoint(cfg: RunConfig, run_dir: Path, log) -> ckpt_io.Checkp
     own = ckpt_io.load_latest(ckpt_dir, warn=log.warning)
     if own is not None and own.path != given.path and \
             own.meta.get("saved_at", 0) > given.meta.get("saved_at", 0):
-        log.info(f"the run folder has a newer checkpoint ({own.path.name}, step {own.step}) "
+        log.info(f"the run folder has a newer checkpoint ({own.path}, step {own.step}) "
                  f"than resume = {cfg.resume} (step {given.step}): continuing from it")
         return own
     return given
@@ -107,7 +111,7 @@ def check_resume_fits(ckpt: ckpt_io.Checkpoint, cfg: RunConfig, world: World, pl
                 f"{plan.lr_peak:g} (lr_scaling = {cfg.lr_scaling!r}): resume with "
                 f"{old_size} rank(s), or set lr_scaling = 'none' with global_batch_size so the "
                 "schedule does not depend on the number of ranks")
-        log.warning(f"checkpoint {ckpt.path.name} was written by {old_size} rank(s), this run "
+        log.warning(f"checkpoint {ckpt.path} was written by {old_size} rank(s), this run "
                     f"has {world.size}: the global batch ({plan.global_batch}) and learning-rate "
                     "schedule are unchanged, so training continues exactly where it stopped")
 

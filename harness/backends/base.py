@@ -146,9 +146,17 @@ class Backend(ABC):
     def allreduce_host(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
         """Reduce a small float64 vector over all ranks (op: sum or max)."""
 
-    @abstractmethod
     def info(self) -> BackendInfo:
-        ...
+        """Versions and settings recorded with the run (communication mixins add theirs)."""
+        return BackendInfo(self.framework, self.gradient_path)
+
+    # --- what a framework backend supplies to the communication mixins (comm.py) ---
+    def _host_tensor(self, values: np.ndarray) -> Any:
+        """``values`` as this framework's CPU tensor (for Horovod's host-side collectives)."""
+        raise NotImplementedError
+
+    def _has_gpu(self) -> bool:
+        raise NotImplementedError
 
 
 class FitBackend(Backend):

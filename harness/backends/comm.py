@@ -12,14 +12,14 @@ import importlib
 
 import numpy as np
 
-from harness.backends.base import BackendInfo
+from harness.backends.base import Backend, BackendInfo
 from harness.backends.common import (apply_horovod_environment, check_horovod_combination,
                                      check_mpi_path)
 from harness.env import World
 from harness.errors import ConfigError
 
 
-class LocalComm:
+class LocalComm(Backend):
     """One process, no gradient exchange (single-process runs and parameter-server workers)."""
 
     gradient_path = "local"
@@ -37,7 +37,7 @@ class LocalComm:
         return np.asarray(values, dtype=np.float64)
 
 
-class HorovodComm:
+class HorovodComm(Backend):
     """Horovod: init with the harness's Horovod settings; small reductions through hvd."""
 
     gradient_path = "horovod"
@@ -76,7 +76,7 @@ class HorovodComm:
         return info
 
 
-class MPIComm:
+class MPIComm(Backend):
     """No Horovod: mpi4py on a duplicate of COMM_WORLD (buffers, never pickles)."""
 
     gradient_path = "mpi"

@@ -248,12 +248,12 @@ class HorovodTorchBackend(HorovodComm, TorchBackend):
 
     def zero_grad(self) -> None:
         if self.cfg.grad_exchange == "flat":
-            self._flat_grad.zero_()
+            self._use_flat_grads().zero_()
         else:
             self.optimizer.zero_grad(set_to_none=True)
 
     def _exchange_flat(self) -> None:
-        hvd, flat = self.hvd, self._flat_grad
+        hvd, flat = self.hvd, self._use_flat_grads()
         if self.cfg.compression == "fp16":
             wire, ctx = hvd.Compression.fp16.compress(flat)
             flat.copy_(hvd.Compression.fp16.decompress(
@@ -290,7 +290,7 @@ class MPITorchBackend(MPIComm, TorchBackend):
         self._use_flat_grads().zero_()
 
     def exchange_and_step(self) -> bool:
-        flat = self._flat_grad
+        flat = self._use_flat_grads()
         if self.comm.size > 1:
             if self.device.type != "cpu":
                 host = flat.cpu().numpy()
