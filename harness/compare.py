@@ -60,7 +60,7 @@ def plan(train_args: list[str], frameworks: list[str], nps: list[int], modes: li
 
     cfg = parse_train_args(train_args)
     cores = os.cpu_count() or 1
-    jobs = []
+    jobs: list[Job] = []
     for mode in modes:
         for fw in frameworks:
             for n in nps:

@@ -16,7 +16,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from harness.errors import ConfigError
 from harness.files import atomic_write
@@ -221,14 +221,14 @@ def table_rows(runs: list[Run]) -> list[list[str]]:
             elif key == "workers":
                 row.append(str(r.workers))
             elif key == "scaling":
-                row.append(_fmt(eff[r.path], spec))
+                row.append(_fmt(eff[r.path], spec or ".4f"))
             elif r.unfinished is not None:
                 row.append(UNFINISHED if key == "final_eval_acc" else _fmt(None))
             elif spec == "ms":
                 v = r.summary.get(key)
                 row.append(_fmt(v * 1000 if v is not None else None, ".2f"))
             else:
-                row.append(_fmt(r.summary.get(key), spec))
+                row.append(_fmt(r.summary.get(key), spec or ".4f"))
         rows.append(row)
     return rows
 
@@ -424,7 +424,12 @@ def build_report(paths: list[Path], out_dir: Path, commands: list[str] | None = 
     figs = figures(runs, out_dir / "figures")
     md = render_markdown(runs, notes, figs, out_dir, commands)
     report = out_dir / "report.md"
-    atomic_write(report, lambda f: f.write(md.encode("utf-8")))
+    blob = md.encode("utf-8")
+
+    def write(f: BinaryIO) -> None:
+        f.write(blob)
+
+    atomic_write(report, write)
     for r in runs:
         if r.unfinished is not None:
             print(f"harness: warning: {r.path} is unfinished: {r.unfinished}; its row in the "
