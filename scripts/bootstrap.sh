@@ -85,6 +85,15 @@ if [ ! -f "$VENV/.complete" ]; then
 fi
 ln -sfn "$VENV" "$ROOT/.venv"
 
+# --- 2b. development tools (the type checker the tests run), pinned in requirements-dev.txt ---
+DEV_KEY=$(hash_of < "$ROOT/requirements-dev.txt")
+if [ ! -f "$VENV/.dev-$DEV_KEY" ]; then
+  log "installing development tools (requirements-dev.txt)"
+  "${PIP[@]}" install -r "$ROOT/requirements-dev.txt" 2>&1 | grep -v 'is ignored' || true
+  "$VENV/bin/python" -m mypy --version >/dev/null 2>&1 || die "requirements-dev.txt did not install"
+  rm -f "$VENV"/.dev-* && touch "$VENV/.dev-$DEV_KEY"
+fi
+
 # --- 3. mpi4py compiled against this MPI ------------------------------------------------------
 if [ ! -f "$VENV/.mpi4py-$MPI_KEY" ]; then
   wheels="$CACHE/wheels/mpi4py-$MPI4PY_VERSION-$MPI_KEY"
