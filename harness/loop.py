@@ -19,14 +19,13 @@ from harness import checkpoint as ckpt_io
 from harness.backends.base import Backend, FitBackend
 from harness.config import RunConfig
 from harness.data import Dataset, Sharder, eval_shard, gather
+from harness.driver import EVAL_BATCH, LRSchedule, track_target  # noqa: F401 (re-exported)
 from harness.env import World
 from harness.errors import TrainingAborted
 from harness.faults import FaultInjector
 from harness.metrics import MetricsWriter, StepTimer
 from harness.preemption import StopFlag, Watchdog
 from harness.progress import Progress
-
-EVAL_BATCH = 512
 
 
 class Preempted(Exception):
@@ -98,25 +97,6 @@ class Plan:
 
     def as_meta(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-@dataclass
-class LRSchedule:
-    """Linear scaling with the number of data-parallel ranks and linear warm-up (Goyal et al.)."""
-
-    base: float
-    peak: float
-    warmup_steps: int
-
-    @classmethod
-    def of(cls, cfg: RunConfig, workers: int, steps_per_epoch: int) -> "LRSchedule":
-        peak = cfg.lr * (workers if cfg.lr_scaling == "linear" else 1)
-        return cls(cfg.lr, peak, int(round(cfg.warmup_epochs * steps_per_epoch)))
-
-    def __call__(self, step: int) -> float:
-        if step >= self.warmup_steps:
-            return self.peak
-        return self.base + (self.peak - self.base) * step / self.warmup_steps
 
 
 @dataclass
@@ -281,7 +261,8 @@ class TrainingRun:
         self.watchdog.tick(phase="evaluating")
         self.last_eval = evaluate(self.ctx)
         self.last_eval["step"] = self.pos.step
-        _track_target(self.ctx.cfg, self.pos, self.last_eval["eval_acc"], self.start_wall)
+        track_target(self.ctx.cfg, self.pos, self.last_eval["eval_acc"], self.wall(),
+                     self.pos.step)
 
     def finish(self) -> dict[str, Any]:
         """Final evaluation and checkpoint (if the last epoch did not end on them); summary."""
@@ -427,11 +408,3 @@ def train_fit(ctx: RunContext, backend: FitBackend, pos: Position,
         return run.finish()
     finally:
         run.close()
-
-
-def _track_target(cfg: RunConfig, pos: Position, acc: float, start_wall: float) -> None:
-    pos.best_eval_acc = acc if pos.best_eval_acc is None else max(pos.best_eval_acc, acc)
-    if (cfg.target_accuracy is not None and pos.time_to_target_s is None
-            and acc >= cfg.target_accuracy):
-        pos.time_to_target_s = time.perf_counter() - start_wall
-        pos.steps_to_target = pos.step

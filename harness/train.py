@@ -5,49 +5,21 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, BinaryIO
 
 import numpy as np
 
 from harness import checkpoint as ckpt_io
 from harness.backends.base import Backend, create, resolve_gradient_path
 from harness.config import RunConfig
-from harness.data import Dataset, check_model_input, load_dataset
+from harness.driver import (checkpoint_identity, finish_record, finished, load_data,  # noqa: F401
+                            log_finished, run_dir_of, start_record, write_json_atomic)
 from harness.env import World, check_runtime_world, detect_world
 from harness.errors import CheckpointError, ConfigError, HarnessError, TrainingAborted
-from harness.files import atomic_write
 from harness.logging import get_logger
 from harness.loop import Plan, Position, Preempted, RunContext, train
 from harness.metrics import MetricsWriter
 from harness.preemption import EXIT_PREEMPTED, StopFlag
-from harness.runinfo import environment
-from models import default_classes, default_input_shape, get_spec
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    blob = (json.dumps(data, indent=2, default=str) + "\n").encode()
-
-    def write(f: BinaryIO) -> None:
-        f.write(blob)
-
-    atomic_write(path, write)
-
-
-def load_data(cfg: RunConfig) -> tuple[Dataset, Any]:
-    data = load_dataset(cfg.dataset, default_input_shape(cfg.model), default_classes(cfg.model),
-                        cfg.data_path, cfg.synthetic_samples, cfg.seed)
-    check_model_input(cfg.model, data.input_shape)
-    try:
-        spec = get_spec(cfg.model, data.input_shape, data.num_classes)
-    except ValueError as e:
-        raise ConfigError(f"model {cfg.model!r} does not fit dataset {data.name!r}: {e}") from None
-    return data, spec
-
-
-def run_dir_of(cfg: RunConfig, world_size: int) -> Path:
-    return Path(cfg.out_dir) / (cfg.run_name or cfg.default_run_name(world_size))
 
 
 def find_resume_checkpoint(cfg: RunConfig, run_dir: Path, log) -> ckpt_io.Checkpoint | None:
@@ -75,10 +47,6 @@ def find_resume_checkpoint(cfg: RunConfig, run_dir: Path, log) -> ckpt_io.Checkp
                  f"than resume = {cfg.resume} (step {given.step}): continuing from it")
         return own
     return given
-
-
-def checkpoint_identity(cfg: RunConfig, data: Dataset) -> dict[str, Any]:
-    return {"framework": cfg.framework, "model": cfg.model, "dataset": data.fingerprint()}
 
 
 def check_resume_fits(ckpt: ckpt_io.Checkpoint, cfg: RunConfig, world: World, plan: Plan,
@@ -174,7 +142,7 @@ def _run(cfg: RunConfig, backend: Backend, world: World, log, stop: StopFlag) ->
     run_dir = run_dir_of(cfg, world.size)
     identity = checkpoint_identity(cfg, data)
     backend.setup(spec, spec.init_weights(cfg.seed), cfg.lr)
-    ckpt, error, pos, finished = None, None, Position(), False
+    ckpt, error, pos, done = None, None, Position(), False
     if world.rank == 0:
         try:
             ckpt = find_resume_checkpoint(cfg, run_dir, log)
@@ -183,16 +151,14 @@ def _run(cfg: RunConfig, backend: Backend, world: World, log, stop: StopFlag) ->
                 check_resume_fits(ckpt, cfg, world, plan, log)
                 load_into_backend(backend, ckpt)
                 pos = Position.from_meta(ckpt.meta["position"])
-                finished = pos.step >= plan.total_steps and (run_dir / "summary.json").exists()
-            if not finished:
+                done = finished(run_dir, pos.step, plan.total_steps)
+            if not done:
                 ckpt_io.check_writable(run_dir / "checkpoints")     # the first write of the run
         except HarnessError as e:
             error = e
-    agreed, finished = _agree_on_resume(backend, world, error, pos, finished)
-    if finished:
-        log.info(f"{run_dir} already finished ({pos.step} steps; results in its summary.json): "
-                 "nothing to do. Raise epochs or max_steps to train it further, or choose "
-                 "another run_name to train again")
+    agreed, done = _agree_on_resume(backend, world, error, pos, done)
+    if done:
+        log_finished(log, run_dir, f"{pos.step} steps")
         backend.shutdown()
         return 0
     if world.rank != 0:
@@ -204,17 +170,12 @@ def _run(cfg: RunConfig, backend: Backend, world: World, log, stop: StopFlag) ->
     metrics = MetricsWriter(run_dir / "metrics.jsonl" if world.rank == 0 else None)
     info = backend.info()
     if world.rank == 0:
-        record = {"config": cfg.to_dict(), "environment": environment(),
-                  "world": {"size": world.size, "launcher": world.source},
-                  "backend": {"framework": info.framework, "gradient_path": info.gradient_path,
+        start_record(run_dir, metrics, cfg, spec, data,
+                     world={"size": world.size, "launcher": world.source},
+                     backend={"framework": info.framework, "gradient_path": info.gradient_path,
                               "versions": info.versions, "settings": info.settings},
-                  "model": {"name": spec.name, "parameters": spec.num_parameters,
-                            "flops_per_sample": spec.flops_per_sample},
-                  "data": data.fingerprint(),
-                  "resumed_from": str(ckpt.path) if ckpt is not None else None,
-                  "start_step": pos.step}
-        write_json_atomic(run_dir / "config.json", record)
-        metrics.write("run", **record)
+                     resumed_from=str(ckpt.path) if ckpt is not None else None,
+                     start_step=pos.step)
     ctx = RunContext(cfg, world, backend, data, run_dir, log, metrics, stop,
                      ckpt_meta={**identity, "config": cfg.to_dict(), "world_size": world.size},
                      last_saved_step=ckpt.step if ckpt is not None else None,
@@ -225,10 +186,8 @@ def _run(cfg: RunConfig, backend: Backend, world: World, log, stop: StopFlag) ->
         metrics.write("preempted", step=p.step)
         metrics.close()
         return EXIT_PREEMPTED
-    metrics.write("summary", **summary)
-    metrics.close()
     if world.rank == 0:
-        write_json_atomic(run_dir / "summary.json", summary)
+        finish_record(run_dir, metrics, summary)
     if not summary["ranks_consistent"]:
         raise TrainingAborted(
             f"ranks ended with different weights (checksum spread {summary['weights_spread']:g}):"

@@ -70,7 +70,8 @@ def test_flat_exchange_resumes_in_sync_after_a_crash(results):
 def test_ranks_that_drift_apart_fail_the_run(results):
     """Item 2: one rank's weights nudged once; the run must fail and say by how much."""
     p = run(launch("horovodrun", 2, *args_for(2, "--out-dir", results, "--run-name", "drift",
-                                              epochs=1)), env={"HARNESS_FAULT": "desync@1:2"}, timeout=180)
+                                              epochs=1)),
+            env={"HARNESS_FAULT": "desync@1:2"}, timeout=180)
     out = p.stdout + p.stderr
     assert p.returncode == 3, f"exit {p.returncode}\n{out[-3000:]}"
     assert "ranks ended with different weights (checksum spread" in out
