@@ -69,7 +69,7 @@ def test_flat_exchange_resumes_in_sync_after_a_crash(results):
 
 def test_ranks_that_drift_apart_fail_the_run(results):
     """Item 2: one rank's weights nudged once; the run must fail and say by how much."""
-    p = run(launch("horovodrun", 2, *args_for(2, "--out-dir", results, "--run-name", "drift",
+    p = run(launch("mpirun", 2, *args_for(2, "--out-dir", results, "--run-name", "drift",
                                               epochs=1)),
             env={"HARNESS_FAULT": "desync@1:2"}, timeout=180)
     out = p.stdout + p.stderr
@@ -77,14 +77,11 @@ def test_ranks_that_drift_apart_fail_the_run(results):
     assert "ranks ended with different weights (checksum spread" in out
     s = json.loads((results / "drift" / "summary.json").read_text())
     assert s["ranks_consistent"] is False and s["weights_spread"] > 0
-    # without the nudge the same run is consistent (the check is not always false)
-    p = run(launch("horovodrun", 2, *args_for(2, "--out-dir", results, "--run-name", "ok",
-                                              epochs=1)), timeout=180, check=True)
-    assert json.loads((results / "ok" / "summary.json").read_text())["ranks_consistent"]
+    # (without the nudge the same runs are consistent: every cell of test_resume_matrix.py)
 
 
 def preempt(world: int, args: list, step: int) -> None:
-    argv = harness("train", *args) if world == 1 else launch("horovodrun", world, *args)
+    argv = harness("train", *args) if world == 1 else launch("mpirun", world, *args)
     p = run(argv, env={"HARNESS_FAULT": f"sigusr1@0:{step}"}, timeout=180)
     assert p.returncode == 75, p.stderr[-3000:]
 
@@ -118,7 +115,7 @@ def test_other_world_size_on_resume_continues_when_the_plan_is_the_same(results)
             timeout=180)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "was written by 2 rank(s), this run has 1" in p.stderr
-    run(launch("horovodrun", 2, *args_for(2, *common, "--run-name", "ref", global_batch=32)),
+    run(launch("mpirun", 2, *args_for(2, *common, "--run-name", "ref", global_batch=32)),
         timeout=180, check=True)
     recs = [r for r in read_jsonl(results / "m" / "metrics.jsonl") if r["kind"] == "step"]
     assert [r["step"] for r in recs] == list(range(1, 3 * SPE + 1))     # none lost, none twice
