@@ -46,6 +46,7 @@ BATCH = 16               # per rank and micro-batch
 SPE = 5                  # steps per epoch: odd, so an epoch can end inside an accumulation
 EPOCHS = 2
 CHECKPOINT_EVERY = 4
+LR = {"sgd": 0.05, "adam": 0.02}
 # the step after which the signal stops the run (1-based global steps)
 SIGNAL_STEP = {"mid_epoch": 3, "checkpoint_step": 4, "epoch_end": SPE,
                "accumulation_boundary": 6, "run_end": SPE * EPOCHS}
@@ -155,7 +156,7 @@ def train_args(c: dict, out, name: str) -> list:
     samples = SPE * micro_global + 3          # a partial last batch, dropped every epoch
     args = ["--framework", c["framework"], "--model", "mlp", "--dataset", "synthetic",
             "--synthetic-samples", samples, "--batch-size", BATCH, "--epochs", EPOCHS,
-            "--optimizer", c["optimizer"], "--lr", 0.02 if c["optimizer"] == "adam" else 0.05,
+            "--optimizer", c["optimizer"], "--lr", LR[c["optimizer"]],
             "--backward-passes-per-step", k, "--warmup-epochs", 1 if c["warmup"] else 0,
             "--checkpoint-every", CHECKPOINT_EVERY, "--agree-every", 1, "--log-every", 1000,
             "--out-dir", out, "--run-name", name]
@@ -220,7 +221,14 @@ def test_preempted_and_resumed_run_equals_the_uninterrupted_one(cell, results):
     assert sa["samples_per_s_total"] is not None
     ra, rb = step_records(results / "cut"), step_records(results / "ref")
     assert sorted(ra) == sorted(rb) == list(range(1, SPE * EPOCHS + 1))
+    # every loop (model.fit included) follows the one schedule: linear warm-up over the first
+    # epoch from lr to lr x ranks, step s trained at the rate for s - 1 steps done
+    lr = LR[cell["optimizer"]]
+    peak, warm = lr * cell["world"], SPE if cell["warmup"] else 0
     for step in rb:
+        done = step - 1
+        want = peak if done >= warm else lr + (peak - lr) * done / warm
+        assert rb[step]["lr"] == pytest.approx(want, rel=1e-6), step
         assert ra[step]["lr"] == pytest.approx(rb[step]["lr"], rel=1e-6), step
         assert ra[step]["loss"] == pytest.approx(rb[step]["loss"], rel=1e-5, abs=1e-6), step
     ea, eb = epoch_records(results / "cut"), epoch_records(results / "ref")
