@@ -7,6 +7,12 @@ Consistency models:
   the slowest active worker gets its parameters only when the slowest catches up.
 * ``bsp``: the pushes of clock c from all active workers are averaged (summed in worker-rank
   order, so the result is deterministic) and applied once; then everyone gets parameters.
+
+Preemption (see ``protocol``): once this server has a stop request, every reply carries the
+stop flag (ssp releases its deferred workers with it; bsp finishes the clock in progress), and
+the server keeps serving until no worker is active. It then holds exactly the pushes every other
+server holds and checkpoints them with each worker's clock, so a resumed run continues every
+worker from its own clock and does exactly the planned work.
 """
 
 from __future__ import annotations
@@ -21,16 +27,24 @@ import numpy as np
 from harness import checkpoint as ckpt_io
 from harness.backends.mpi_ps import protocol as P
 from harness.backends.mpi_ps.optim import SGDMomentum
+from harness.errors import HarnessError
+from harness.faults import FaultInjector
 from harness.metrics import MetricsWriter, percentile
+
+ACTIVE, DONE, STOPPED, LEFT = "active", "done", "stopped", "left"
 
 
 @dataclass
 class WorkerState:
     rank: int
-    clock: int = 0                 # pushes applied
-    active: bool = True
+    clock: int = 0                 # this worker's pushes this server has taken (its position)
+    state: str = ACTIVE            # active, done (reached the plan), stopped (preempted), left
     last_seen: float = field(default_factory=time.monotonic)
     left_reason: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.state == ACTIVE
 
 
 class Server:
@@ -48,6 +62,8 @@ class Server:
         self.metrics = metrics
         self.ckpt_dir, self.ckpt_every = ckpt_dir, ckpt_every
         self.watchdog = watchdog
+        self.faults = FaultInjector(comm.Get_rank())      # `kind@<server rank>:<version>`
+        self.stopping = False          # latched once per message, so one clock's replies agree
         self.deferred: list[int] = []
         self.pending: dict[int, np.ndarray] = {}        # bsp: this clock's gradients by rank
         self.grad_bufs = {r: np.empty_like(shard) for r in workers}
@@ -56,8 +72,14 @@ class Server:
         self.latencies: list[float] = []
         self.step_times: list[float] = []        # worker compute + round trip, per push
         self.samples = 0
+        self.repeated = 0                        # pushes this server had already applied
+        self.failed_before: dict[str, str] = {}  # workers that failed in earlier segments
+        # throughput windows of earlier segments (a resumed run reports over all of them)
+        self.prev = {"window_s": 0.0, "samples": 0, "updates": 0, "wall_s": 0.0}
         self.t0 = time.perf_counter()
-        self._t_ready = self._t_first = self._t_last = None
+        self._t_ready: float | None = None
+        self._t_first: float | None = None
+        self._t_last: float | None = None
         self._samples_first = self._version_first = 0
         self.start_clock = 0
         if resume:
@@ -65,11 +87,20 @@ class Server:
             self.opt.buf[...] = resume["momentum"]
             self.opt.steps = int(resume["opt_steps"])
             self.version = int(resume["version"])
-            self.start_clock = int(resume["clock"])
             self.samples = int(resume.get("samples", 0))
-            for w in self.workers.values():
-                w.clock = self.start_clock
-        self._last_ckpt_version = self.version
+            clocks = resume["clocks"]
+            for r, w in self.workers.items():
+                w.clock = int(clocks.get(str(r), resume["clock"]))
+            self.start_clock = min(w.clock for w in self.workers.values())
+            stats = resume.get("stats") or {}
+            self.prev.update({k: stats[k] for k in self.prev if k in stats})
+            self.staleness.update({int(k): int(v) for k, v in
+                                   stats.get("staleness_histogram", {}).items()})
+            self.max_lead = int(stats.get("max_clock_lead", 0))
+            self.failed_before = dict(stats.get("failed_workers", {}))
+            self.latencies = [float(v) for v in resume.get("latencies", ())]
+            self.step_times = [float(v) for v in resume.get("step_times", ())]
+        self._last_ckpt = self._position_key()
         self.MPI = MPI
 
     # --- main loop ---
@@ -83,27 +114,54 @@ class Server:
             self.watchdog.tick(self.version, "serving")
             w = self.workers[src]
             w.last_seen = time.monotonic()
-            kind = int(hdr[0])
+            kind = int(hdr[P.KIND])
+            if self.ctx.stop.requested:
+                self._begin_stop(f"server rank {self.comm.Get_rank()} got a stop signal",
+                                 own=True)
             if kind == P.PULL:
                 if self._t_ready is None:        # wall clock starts when workers are ready
                     self._t_ready = time.perf_counter()
                     self.t0 = self._t_ready
-                self._reply(src)
+                self._reply_or_defer(src)       # ssp: a resumed worker may be ahead too
             elif kind == P.PUSH:
                 self.comm.Recv(self.grad_bufs[src], source=src, tag=P.GRAD)
+                if P.has(hdr[P.FLAGS], P.STOP):
+                    self._begin_stop(f"worker rank {src} got a stop signal")
                 self._on_push(w, hdr)
             elif kind == P.EVAL:
                 self._on_eval(hdr)
             elif kind == P.DONE:
-                w.active = False
+                w.state = DONE
+                self._release()
+            elif kind == P.STOPPED:
+                w.state = STOPPED
+                self._begin_stop(f"worker rank {src} stopped")
+                self._release()
+            elif kind == P.STOP_REQUEST:
+                self._begin_stop(f"worker rank {src} (no longer training) got a stop signal")
                 self._release()
             elif kind == P.LEAVE:
                 self._on_leave(w, hdr)
-            if self.ctx.stop.requested:
-                self._checkpoint()
-                raise StopRequested(self.version)
-        self._checkpoint()
+            if self.stopping and self.deferred:
+                self._release()             # ssp: nobody waits for the slowest any more
+        self._checkpoint(final=not self.preempted)
         return self.report()
+
+    @property
+    def preempted(self) -> bool:
+        """Some worker stopped before the end of the plan: the run continues on resume. Every
+        server sees the same STOPPED messages, so every server agrees."""
+        return any(w.state == STOPPED for w in self.workers.values())
+
+    def _begin_stop(self, why: str, own: bool = False) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        if self.index == 0 or own:
+            bsp = self.cfg.ps_consistency == "bsp"
+            self.log.warning(f"stop requested ({why}): every worker stops after its "
+                             f"{'clock in progress' if bsp else 'current step'}; each server "
+                             "checkpoints once none is training")
 
     def _describe_wait(self) -> str:
         now = time.monotonic()
@@ -113,24 +171,35 @@ class Server:
             f"rank {r} {age:.0f}s ago" for age, r in silent)
 
     def _on_push(self, w: WorkerState, hdr: np.ndarray) -> None:
-        version_used, samples = int(hdr[2]), int(hdr[3])
+        clock = int(hdr[P.CLOCK])
+        if clock < w.clock:
+            # Resumed from checkpoints that are not one cut (a crash between two servers'
+            # periodic writes): this server already holds this push. Answer, do not apply.
+            self.repeated += 1
+            self._reply(w.rank)
+            return
+        if clock > w.clock:
+            raise HarnessError(f"server {self.index}: worker rank {w.rank} pushed clock {clock} "
+                               f"but this server holds its pushes up to clock {w.clock}")
+        version_used, samples = int(hdr[P.VERSION_USED]), int(hdr[P.SAMPLES])
+        skipped = P.has(hdr[P.FLAGS], P.SKIPPED)
         now = time.perf_counter()
         if self._t_first is None:
             self._t_first, self._samples_first = now, self.samples + samples
             self._version_first = self.version + (0 if self.cfg.ps_consistency == "bsp" else 1)
         self._t_last = now
         self.samples += samples
-        if hdr[7] > 0:                # the worker's previous push-to-parameters round trip
-            self.latencies.append(float(hdr[7]))
-            self.step_times.append(float(hdr[6] + hdr[7]))
+        if hdr[P.LATENCY_S] > 0:     # the worker's previous push-to-parameters round trip
+            self.latencies.append(float(hdr[P.LATENCY_S]))
+            self.step_times.append(float(hdr[P.COMPUTE_S] + hdr[P.LATENCY_S]))
         if self.cfg.ps_consistency == "bsp":
-            self.pending[w.rank] = self.grad_bufs[w.rank] if hdr[9] == 0 else \
+            self.pending[w.rank] = self.grad_bufs[w.rank] if not skipped else \
                 np.zeros_like(self.params)
             w.clock += 1
             self._log_push(w, hdr, staleness=self.version - version_used, lr=None)
             self._maybe_apply_bsp()
             return
-        if hdr[9] > 0:                         # the worker skipped a non-finite gradient
+        if skipped:                            # the worker skipped a non-finite gradient
             w.clock += 1
             self._log_push(w, hdr, self.version - version_used, None)
             self._reply_or_defer(w.rank)
@@ -144,11 +213,15 @@ class Server:
         w.clock += 1
         self.staleness[staleness] += 1
         self._log_push(w, hdr, staleness, lr)
-        self._maybe_checkpoint()
+        self._after_update()
         self._reply_or_defer(w.rank)
 
+    def _after_update(self) -> None:
+        self._maybe_checkpoint()
+        self.faults.before_step(self.version, self.params)   # a drill's signal at version V
+
     def _reply_or_defer(self, rank: int) -> None:
-        if self.cfg.ps_consistency == "ssp":
+        if self.cfg.ps_consistency == "ssp" and not self.stopping:
             self.deferred.append(rank)
             self._release()
         else:
@@ -168,13 +241,14 @@ class Server:
         self.version += 1
         self.staleness[0] += len(order)
         self.pending.clear()
-        self._maybe_checkpoint()
+        self._after_update()
         for r in order:
             self._reply(r)
 
     def _release(self) -> None:
-        """ssp: answer deferred workers that are within the bound of the slowest active one;
-        bsp: a worker that finished or left no longer holds back the others."""
+        """ssp: answer deferred workers that are within the bound of the slowest active one
+        (all of them, with the stop flag, once stopping); bsp: a worker that finished, stopped
+        or left no longer holds back the others."""
         if self.cfg.ps_consistency == "bsp":
             for r in [r for r in self.pending if not self.workers[r].active]:
                 del self.pending[r]
@@ -186,7 +260,7 @@ class Server:
         slowest = min(clocks) if clocks else 0
         still = []
         for r in self.deferred:
-            if self.workers[r].clock - slowest <= self.cfg.ps_staleness:
+            if self.stopping or self.workers[r].clock - slowest <= self.cfg.ps_staleness:
                 self._reply(r)
             else:
                 still.append(r)
@@ -195,26 +269,25 @@ class Server:
     def _reply(self, rank: int) -> None:
         """Parameters for the worker's next step; records how far it runs ahead."""
         clocks = [w.clock for w in self.workers.values() if w.active]
-        if clocks:
+        if clocks and not self.stopping:    # a worker told to stop computes nothing more
             self.max_lead = max(self.max_lead, self.workers[rank].clock - min(clocks))
-        stop = P.FLAG_STOP if self.ctx.stop.requested else 0.0
-        reply = np.array([self.version, self.workers[rank].clock, stop, 0.0], np.float64)
-        self.comm.Send(reply, dest=rank, tag=P.PARAMS_HDR)
+        self.comm.Send(P.reply(self.version, self.workers[rank].clock, self.stopping),
+                       dest=rank, tag=P.PARAMS_HDR)
         self.comm.Send(self.params, dest=rank, tag=P.PARAMS)
 
     def _on_eval(self, hdr: np.ndarray) -> None:
         if self.metrics is not None:
-            self.metrics.write("epoch", epoch=int(hdr[8]), step=self.version,
-                               eval_loss=float(hdr[4]), eval_acc=float(hdr[5]),
-                               eval_samples=int(hdr[6]), samples=self.samples,
-                               wall_s=time.perf_counter() - self.t0, evaluated_by=int(hdr[9]))
-            self.ctx.on_eval(float(hdr[5]), time.perf_counter() - self.t0, self.version)
+            self.metrics.write("epoch", epoch=int(hdr[P.EPOCH]), step=self.version,
+                               eval_loss=float(hdr[P.LOSS]), eval_acc=float(hdr[P.CORRECT]),
+                               eval_samples=int(hdr[P.COMPUTE_S]), samples=self.samples,
+                               wall_s=self._wall(), evaluated_by=int(hdr[P.AUX]))
+            self.ctx.on_eval(float(hdr[P.CORRECT]), self._wall(), self.version)
 
     def _on_leave(self, w: WorkerState, hdr: np.ndarray) -> None:
-        n = int(hdr[9])
+        n = int(hdr[P.AUX])
         buf = np.empty(n, np.uint8)
         self.comm.Recv(buf, source=w.rank, tag=P.REASON)
-        w.active, w.left_reason = False, buf.tobytes().decode(errors="replace")
+        w.state, w.left_reason = LEFT, buf.tobytes().decode(errors="replace")
         left = sum(x.active for x in self.workers.values())
         if self.cfg.ps_on_worker_failure == "abort":
             self.log.error(f"worker rank {w.rank} failed at clock {w.clock}: {w.left_reason}; "
@@ -229,45 +302,88 @@ class Server:
     def _log_push(self, w: WorkerState, hdr: np.ndarray, staleness: int, lr: float | None) -> None:
         if self.metrics is None:
             return
-        n = max(int(hdr[3]), 1)
+        n = max(int(hdr[P.SAMPLES]), 1)
         self.metrics.write("step", step=self.version, worker=w.rank, clock=w.clock,
-                           epoch=int(hdr[8]), loss=float(hdr[4]), acc=float(hdr[5]) / n,
-                           lr=lr, staleness=staleness, compute_s=float(hdr[6]),
-                           latency_s=float(hdr[7]), samples=self.samples,
-                           wall_s=time.perf_counter() - self.t0)
+                           epoch=int(hdr[P.EPOCH]), loss=float(hdr[P.LOSS]),
+                           acc=float(hdr[P.CORRECT]) / n, lr=lr, staleness=staleness,
+                           compute_s=float(hdr[P.COMPUTE_S]), latency_s=float(hdr[P.LATENCY_S]),
+                           samples=self.samples, wall_s=self._wall())
 
     # --- checkpoints ---
+    def _position_key(self) -> tuple:
+        return (self.version, tuple(sorted((r, w.clock) for r, w in self.workers.items())))
+
     def _maybe_checkpoint(self) -> None:
-        if self.ckpt_every and self.version - self._last_ckpt_version >= self.ckpt_every:
+        if self.ckpt_every and self.version - self._last_ckpt[0] >= self.ckpt_every:
             self._checkpoint()
 
-    def _checkpoint(self) -> None:
-        if self.version == self._last_ckpt_version and self.ckpt_dir_has_any():
+    def clocks(self) -> dict[str, int]:
+        return {str(r): w.clock for r, w in sorted(self.workers.items())}
+
+    def _checkpoint(self, final: bool = False) -> None:
+        """Write this shard with the position of every worker: the version (updates applied),
+        each worker's clock, the samples and the optimizer's steps; the throughput and
+        staleness bookkeeping travel with it so a resumed run reports over all segments."""
+        if self._position_key() == self._last_ckpt and self.ckpt_dir_has_any() and not final:
             return
         clock = min((w.clock for w in self.workers.values()), default=0)
+        window, samples, updates = self._window()
+        stats = {"wall_s": self._wall(), "window_s": self.prev["window_s"] + window,
+                 "samples": self.prev["samples"] + samples,
+                 "updates": self.prev["updates"] + updates,
+                 "staleness_histogram": {str(k): v for k, v in sorted(self.staleness.items())},
+                 "max_clock_lead": self.max_lead, "failed_workers": self.failed_workers()}
         meta = {**self.ctx.ckpt_meta, "shard": [self.index, self.start, self.stop],
-                "position": {"step": self.version, "clock": clock, "samples": self.samples,
-                             "opt_steps": self.opt.steps}}
+                "position": {"step": self.version, "clock": clock, "clocks": self.clocks(),
+                             "samples": self.samples, "opt_steps": self.opt.steps,
+                             "finished": final, "stats": stats}}
         self.watchdog.tick(phase="checkpointing")
         ckpt_io.save(self.ckpt_dir, ckpt_io.Checkpoint(
-            meta, {"params": self.params.copy()}, {"momentum": self.opt.buf.copy()}),
+            meta, {"params": self.params.copy()}, {"momentum": self.opt.buf.copy()},
+            extra={"latencies": np.asarray(self.latencies, np.float64),
+                   "step_times": np.asarray(self.step_times, np.float64)}),
             prefix=f"ps-server{self.index}")
-        self._last_ckpt_version = self.version
+        self._last_ckpt = self._position_key()
 
     def ckpt_dir_has_any(self) -> bool:
         return bool(ckpt_io.latest_paths(self.ckpt_dir, f"ps-server{self.index}"))
+
+    # --- the end of a run ---
+    def _waiting(self) -> list[int]:
+        """Workers that wait for FINAL_HDR: those that finished and those that failed."""
+        return sorted(r for r, w in self.workers.items() if w.state in (DONE, LEFT))
+
+    def _drain_byes(self, ranks) -> None:
+        """Every worker that waited for FINAL_HDR answers with BYE (after any STOP_REQUEST it
+        sent, which is moot now): receiving them leaves no message behind."""
+        hdr = np.empty(P.HEADER_LEN, np.float64)
+        for r in ranks:
+            self.watchdog.tick(phase=f"waiting for worker rank {r} to sign off")
+            while True:
+                self.comm.Recv(hdr, source=r, tag=P.HDR)
+                if int(hdr[P.KIND]) == P.BYE:
+                    break
+
+    def end_preempted(self) -> None:
+        """After this server's checkpoint: server 0 tells the workers that wait for the end of
+        the run (finished or failed) that the job is being preempted."""
+        waiting = self._waiting()
+        if self.index == 0:
+            for r in waiting:
+                self.comm.Send(P.final(P.FINAL_PREEMPTED, self.version), dest=r, tag=P.FINAL_HDR)
+        self._drain_byes(waiting)
 
     def finish(self) -> dict | None:
         """After the last worker is done: the lowest-ranked worker that finished evaluates the
         final parameters (every server computes the same choice). Server 0 tells each finished
         worker whether it evaluates and returns the evaluation it reports."""
-        done = sorted(r for r, w in self.workers.items() if w.left_reason is None)
+        done = sorted(r for r, w in self.workers.items() if w.state == DONE)
         evaluator = done[0] if done else None
         if self.index == 0:
             for r in done:
-                flag = 1.0 if r == evaluator else 0.0
-                self.comm.Send(np.array([flag, self.version, 0, 0], np.float64), dest=r,
-                               tag=P.FINAL_HDR)
+                what = P.FINAL_EVALUATE if r == evaluator else P.FINAL_DONE
+                self.comm.Send(P.final(what, self.version), dest=r, tag=P.FINAL_HDR)
+        self._drain_byes(done)
         if evaluator is None:
             return None
         self.comm.Send(self.params, dest=evaluator, tag=P.FINAL)
@@ -277,27 +393,45 @@ class Server:
         self.watchdog.tick(phase="waiting for the final evaluation")
         self.comm.Recv(hdr, source=evaluator, tag=P.HDR)
         self._on_eval(hdr)
-        return {"eval_loss": float(hdr[4]), "eval_acc": float(hdr[5]), "epoch": int(hdr[8])}
+        return {"eval_loss": float(hdr[P.LOSS]), "eval_acc": float(hdr[P.CORRECT]),
+                "epoch": int(hdr[P.EPOCH])}
 
     def release_left_workers(self) -> None:
-        """Server 0, after the results are written: workers that failed may exit now."""
-        for r, w in self.workers.items():
-            if w.left_reason is not None:
-                self.comm.Send(np.array([-1.0, self.version, 0, 0], np.float64), dest=r,
-                               tag=P.FINAL_HDR)
+        """After the results are written (server 0): workers that failed may exit now."""
+        left = sorted(r for r, w in self.workers.items() if w.state == LEFT)
+        if self.index == 0:
+            for r in left:
+                self.comm.Send(P.final(P.FINAL_RELEASE, self.version), dest=r, tag=P.FINAL_HDR)
+        self._drain_byes(left)
 
     # --- results ---
+    def failed_workers(self) -> dict[str, str]:
+        now = {str(r): w.left_reason for r, w in self.workers.items() if w.left_reason}
+        return {**self.failed_before, **now}
+
+    def _window(self) -> tuple[float, int, int]:
+        """This segment's throughput window: from its first push to its last one."""
+        if self._t_first is None or self._t_last is None:
+            return 0.0, 0, 0
+        return (self._t_last - self._t_first, self.samples - self._samples_first,
+                self.version - self._version_first)
+
+    def _wall(self) -> float:
+        """Seconds of serving over all segments of the run."""
+        return self.prev["wall_s"] + time.perf_counter() - self.t0
+
     def report(self) -> dict:
-        wall = time.perf_counter() - self.t0
-        # throughput over the updates themselves: from the first push to the last one
-        window = (self._t_last - self._t_first) if self._t_first is not None else 0.0
-        rate = (self.samples - self._samples_first) / window if window > 0 else None
+        wall = self._wall()
+        seg_window, seg_samples, seg_updates = self._window()
+        window = self.prev["window_s"] + seg_window
         values = np.repeat(np.array(list(self.staleness.keys()), dtype=np.float64),
                            list(self.staleness.values())) if self.staleness else np.array([])
         return {
             "updates": self.version, "samples": self.samples, "ps_wall_s": wall,
-            "updates_per_s": (self.version - self._version_first) / window if window > 0 else None,
-            "samples_per_s_total": rate,
+            "updates_per_s": (self.prev["updates"] + seg_updates) / window if window > 0
+            else None,
+            "samples_per_s_total": (self.prev["samples"] + seg_samples) / window if window > 0
+            else None,
             "staleness_histogram": {str(k): v for k, v in sorted(self.staleness.items())},
             "staleness_mean": float(values.mean()) if values.size else None,
             "staleness_p99": percentile(values, 99),
@@ -308,12 +442,6 @@ class Server:
             "step_time_p50_s": percentile(self.step_times, 50),
             "step_time_p90_s": percentile(self.step_times, 90),
             "step_time_p99_s": percentile(self.step_times, 99),
-            "failed_workers": {str(r): w.left_reason for r, w in self.workers.items()
-                               if w.left_reason},
+            "worker_clocks": self.clocks(),
+            "failed_workers": self.failed_workers(),
         }
-
-
-class StopRequested(Exception):
-    def __init__(self, version: int) -> None:
-        super().__init__(f"stop requested at version {version}")
-        self.version = version

@@ -13,7 +13,7 @@ from harness.backends.mpi_ps import protocol as P
 from harness.data import Sharder, gather
 from harness.errors import TrainingAborted
 from harness.faults import FaultInjector
-from harness.loop import EVAL_BATCH
+from harness.driver import EVAL_BATCH
 
 
 class Worker:
@@ -26,27 +26,34 @@ class Worker:
         self.rank = comm.Get_rank()
         self.flat = np.empty(layout.total, np.float32)
         self.version = 0
+        self.clock = 0                        # steps of this worker applied on every server
         self.stop_flag = False
 
     # --- messaging ---
-    def _send_all(self, hdr: np.ndarray, grad: np.ndarray | None = None,
-                  expect_params: bool = False) -> np.ndarray | None:
-        """Send ``hdr`` (and the gradient shards) to every server; with ``expect_params`` also
-        receive every server's reply. The receives are posted before the sends: a server that
-        answers while this worker still sends to another server must never wait on it (two
-        servers and two workers would otherwise deadlock)."""
-        reqs, replies = [], []
-        if expect_params:
-            for server, a, b in self.shards:
-                replies.append(np.empty(P.REPLY_LEN, np.float64))
-                reqs.append(self.comm.Irecv(replies[-1], source=server, tag=P.PARAMS_HDR))
-                reqs.append(self.comm.Irecv(self.flat[a:b], source=server, tag=P.PARAMS))
+    def _isend_all(self, hdr: np.ndarray, grad: np.ndarray | None) -> list:
+        reqs = []
         for server, a, b in self.shards:
             reqs.append(self.comm.Isend(hdr, dest=server, tag=P.HDR))
             if grad is not None:
                 reqs.append(self.comm.Isend(grad[a:b], dest=server, tag=P.GRAD))
-        self.MPI.Request.Waitall(reqs)
-        return np.stack(replies) if expect_params else None
+        return reqs
+
+    def _send_all(self, hdr: np.ndarray) -> None:
+        """Send ``hdr`` to every server."""
+        self.MPI.Request.Waitall(self._isend_all(hdr, None))
+
+    def _exchange(self, hdr: np.ndarray, grad: np.ndarray | None = None) -> np.ndarray:
+        """Send ``hdr`` (and the gradient shards) to every server and receive every server's
+        reply (one row each) and parameter shard. The receives are posted before the sends: a
+        server that answers while this worker still sends to another server must never wait
+        on it (two servers and two workers would otherwise deadlock)."""
+        reqs, replies = [], []
+        for server, a, b in self.shards:
+            replies.append(np.empty(P.REPLY_LEN, np.float64))
+            reqs.append(self.comm.Irecv(replies[-1], source=server, tag=P.PARAMS_HDR))
+            reqs.append(self.comm.Irecv(self.flat[a:b], source=server, tag=P.PARAMS))
+        self.MPI.Request.Waitall(reqs + self._isend_all(hdr, grad))
+        return np.stack(replies)
 
     def _leave(self, reason: str) -> None:
         blob = np.frombuffer(reason.encode()[:4000], np.uint8).copy()
@@ -54,6 +61,22 @@ class Worker:
         for server, _, _ in self.shards:
             self.comm.Send(hdr, dest=server, tag=P.HDR)
             self.comm.Send(blob, dest=server, tag=P.REASON)
+
+    def _wait_final(self) -> float:
+        """Wait for server 0's word on the end of the run (this worker finished or failed), then
+        sign off with BYE to every server. A stop request that reaches this worker meanwhile is
+        passed on to every server (STOP_REQUEST), which preempts the workers still training."""
+        what = np.empty(P.REPLY_LEN, np.float64)
+        req = self.comm.Irecv(what, source=self.shards[0][0], tag=P.FINAL_HDR)
+        forwarded = False
+        while not req.Test():
+            if self.ctx.stop.requested and not forwarded:
+                forwarded = True
+                self._send_all(P.header(P.STOP_REQUEST, clock=self.clock))
+            self.watchdog.tick(phase="waiting for the end of the run")
+            time.sleep(0.01)
+        self._send_all(P.header(P.BYE, clock=self.clock))
+        return float(what[0])
 
     # --- training ---
     def evaluate(self) -> tuple[float, float, int]:
@@ -65,8 +88,11 @@ class Worker:
             loss, correct = loss + lsum, correct + corr
         return loss / len(x), correct / len(x), len(x)
 
-    def run(self) -> bool:
-        """Train to the end of the schedule; False if this worker failed and left."""
+    def run(self) -> str:
+        """Train to the end of the schedule or to a stop request. Returns ``"done"``,
+        ``"left"`` (this worker failed; the servers went on without it), ``"stopped"`` (a stop
+        request: every server has this worker's pushes up to its clock) or ``"preempted"``
+        (finished or failed, and the job is being preempted)."""
         try:
             self._train()
         except Exception as e:   # noqa: BLE001 - report any failure to the servers, then leave
@@ -75,18 +101,27 @@ class Worker:
             self._leave(reason)
             # Stay in the job until it ends: with Open MPI, a rank that exits early makes mpirun
             # stop everyone. Server 0 says when the others are done (or aborts the job).
-            self.watchdog.stop()
-            done = np.empty(P.REPLY_LEN, np.float64)
-            self.comm.Recv(done, source=self.shards[0][0], tag=P.FINAL_HDR)
-            return False
+            return "preempted" if self._wait_final() == P.FINAL_PREEMPTED else "left"
+        if self.clock < self.total_steps:
+            self._send_all(P.header(P.STOPPED, clock=self.clock))
+            return "stopped"
         self._send_all(P.header(P.DONE, clock=self.clock))
-        self._final()
-        return True
+        return "preempted" if self._final() == P.FINAL_PREEMPTED else "done"
 
     def _train(self) -> None:
         cfg = self.cfg
-        replies = self._send_all(P.header(P.PULL), expect_params=True)
-        self.version, self.clock = int(replies[0, 0]), int(replies[0, 1])
+        replies = self._exchange(P.header(P.PULL))
+        self.version = int(replies[0, P.R_VERSION])
+        # Each server restored this worker's clock. They agree unless the run is resumed from
+        # periodic checkpoints that are not one cut (a crash between two servers' writes):
+        # then continue from the earliest and the servers that are ahead skip what they have.
+        clocks = replies[:, P.R_CLOCK].astype(int)
+        self.clock = int(clocks.min())
+        if (clocks != self.clock).any():
+            self.log.warning(f"worker rank {self.rank}: the servers' checkpoints hold clocks "
+                             f"{clocks.tolist()} for this worker; continuing from {self.clock} "
+                             "(servers ahead of it skip the pushes they already hold)")
+        self.stop_flag = bool((replies[:, P.R_FLAGS] > 0).any())
         self.backend.set_flat_params(self.flat)
         spe = self.sharder.steps_per_epoch
         faults = FaultInjector(self.rank)
@@ -99,31 +134,36 @@ class Worker:
             x = faults.before_step(self.clock + 1, x)
             t0 = time.perf_counter()
             res, grad = self.backend.compute_gradients(x, y)
-            skipped = 0.0
+            flags = 0
             if not math.isfinite(res.loss):
                 if cfg.nan_policy == "stop":
                     raise TrainingAborted(f"non-finite loss ({res.loss}) at clock "
                                           f"{self.clock + 1} on worker rank {self.rank}")
-                skipped = 1.0
+                flags |= P.SKIPPED
                 self.log.warning(f"worker rank {self.rank}: non-finite gradient at clock "
                                  f"{self.clock + 1}, skipped (nan_policy = skip)")
             if straggle:
                 time.sleep((cfg.straggler_factor - 1.0) * (time.perf_counter() - t0))
             compute = time.perf_counter() - t0
+            if self.ctx.stop.requested:       # a signal here: the servers stop everyone
+                flags |= P.STOP
             hdr = P.header(P.PUSH, clock=self.clock, version_used=self.version, samples=len(y),
                            loss=res.loss, correct=res.correct, compute_s=compute,
-                           latency_s=latency, epoch=epoch + 1, aux=skipped)
+                           latency_s=latency, epoch=epoch + 1, flags=flags)
             t1 = time.perf_counter()
-            replies = self._send_all(hdr, grad, expect_params=True)
+            replies = self._exchange(hdr, grad)
             latency = time.perf_counter() - t1
-            self.version = int(replies[0, 0])
-            self.stop_flag = bool((replies[:, 2] > 0).any())
+            self.version = int(replies[0, P.R_VERSION])
+            self.stop_flag = bool((replies[:, P.R_FLAGS] > 0).any())
             self.backend.set_flat_params(self.flat)
             self.clock += 1
             self.watchdog.tick(self.clock, "training")
             if self.clock % spe == 0 and self.index == 0 and cfg.eval_every and \
                     (self.clock // spe) % cfg.eval_every == 0 and self.clock < self.total_steps:
                 self._send_eval(self.clock // spe)
+        if self.stop_flag and self.clock < self.total_steps:
+            self.log.info(f"worker rank {self.rank}: stopping at clock {self.clock} of "
+                          f"{self.total_steps} (stop request)")
 
     def _send_eval(self, epoch: int) -> None:
         self.watchdog.tick(phase="evaluating")
@@ -132,15 +172,15 @@ class Worker:
                        epoch=epoch, aux=self.rank)
         self.comm.Send(hdr, dest=self.shards[0][0], tag=P.HDR)
 
-    def _final(self) -> None:
-        """Server 0 says whether this worker evaluates the final parameters."""
-        self.watchdog.tick(phase="waiting for the final parameters")
-        flag = np.empty(P.REPLY_LEN, np.float64)
-        self.comm.Recv(flag, source=self.shards[0][0], tag=P.FINAL_HDR)
-        if flag[0] <= 0:
-            return
+    def _final(self) -> float:
+        """Server 0 says whether this worker evaluates the final parameters (or that the job is
+        being preempted); returns what it said."""
+        what = self._wait_final()
+        if what != P.FINAL_EVALUATE:
+            return what
         reqs = [self.comm.Irecv(self.flat[a:b], source=s, tag=P.FINAL) for s, a, b in self.shards]
         self.MPI.Request.Waitall(reqs)
         self.backend.set_flat_params(self.flat)
         epochs = math.ceil(self.clock / self.sharder.steps_per_epoch)
         self._send_eval(epochs)
+        return what
