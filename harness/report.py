@@ -303,7 +303,7 @@ def figures(runs: list[Run], out: Path) -> list[Path]:
     multi = [r for r in runs if r.workers > 1 and eff[r.path] is not None]
     if multi:
         fig, ax = plt.subplots(figsize=(7, 4))
-        ax.bar([r.label for r in multi], [eff[r.path] for r in multi],
+        ax.bar([r.label for r in multi], [float(eff[r.path] or 0.0) for r in multi],
                color=[colors.get(r.framework, "gray") for r in multi])
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_ylabel("scaling efficiency X(n) / (n X(1))")

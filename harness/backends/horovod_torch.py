@@ -268,11 +268,12 @@ class HorovodTorchBackend(HorovodComm, TorchBackend):
             self._exchange_flat()
             return super().exchange_and_step()
         if self.cfg.nan_policy == "skip":
-            self.optimizer.synchronize()          # averaged gradients: the same on every rank
+            opt: Any = self.optimizer             # hvd.DistributedOptimizer
+            opt.synchronize()                     # averaged gradients: the same on every rank
             if not self.grads_finite():
                 return False
-            with self.optimizer.skip_synchronize():
-                self.optimizer.step()
+            with opt.skip_synchronize():
+                opt.step()
             return True
         self.optimizer.step()
         return True

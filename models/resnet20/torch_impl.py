@@ -23,6 +23,11 @@ class BasicBlock(nn.Module):
 
 
 class ResNet20(nn.Module):
+    # stages are set with setattr (layer1..layer3), named as in the canonical layout
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.conv1, self.bn1 = conv_bn(spec.input_shape[2], 16, 3, 1, 1)

@@ -25,6 +25,12 @@ class Bottleneck(nn.Module):
 
 
 class ResNet50(nn.Module):
+    # stages are set with setattr (layer1..layer4), named as in the canonical layout
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.conv1, self.bn1 = conv_bn(spec.input_shape[2], 64, 7, 2, 3)
