@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     from launchers.cli import add_launch_parser
     add_launch_parser(sub)
 
-    from harness.compare import add_compare_parser, add_report_parser
+    from launchers.compare import add_compare_parser, add_report_parser
     add_compare_parser(sub)
     add_report_parser(sub)
 

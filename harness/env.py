@@ -23,10 +23,6 @@ class World:
     local_size: int
     source: str = "single process"
 
-    @property
-    def is_root(self) -> bool:
-        return self.rank == 0
-
 
 class _Source:
     name = ""

@@ -34,10 +34,3 @@ def get_logger(rank: int = 0, verbose_all_ranks: bool = False) -> logging.Logger
     log.setLevel(logging.INFO if (rank == 0 or verbose_all_ranks) else logging.WARNING)
     log.propagate = False
     return log
-
-
-def logger() -> logging.Logger:
-    log = logging.getLogger("harness")
-    if not log.handlers:
-        return get_logger(0)
-    return log

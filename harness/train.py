@@ -119,7 +119,7 @@ def run(cfg: RunConfig) -> int:
     launcher_world = detect_world()
     log = get_logger(launcher_world.rank)
     if cfg.mode == "async":
-        from harness.backends.mpi_ps import run as run_ps
+        from harness.ps.driver import run as run_ps
 
         return run_ps(cfg, launcher_world, log)
     backend = create(cfg, launcher_world, resolve_gradient_path(cfg.allreduce, cfg.mode))

@@ -182,7 +182,7 @@ def check_serial_sgd(fw: str, out_path: str, steps: str, *flags: str) -> dict:
     """The reference for a one-worker parameter-server run: the same gradients and the servers'
     SGD applied in one process, in order."""
     from harness.backends.common import FlatLayout
-    from harness.backends.mpi_ps.optim import SGDMomentum
+    from harness.ps.optim import SGDMomentum
     from harness.config import parse_train_args
     from harness.data import Sharder, gather
 

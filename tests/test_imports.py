@@ -7,7 +7,7 @@ HEAVY = ("torch", "tensorflow", "keras", "horovod", "mpi4py", "tf_keras")
 
 def test_core_packages_import_no_framework():
     code = ("import sys, harness, harness.cli, harness.config, harness.loop, harness.train, "
-            "harness.report, harness.compare, harness.doctor, harness.backends.base, launchers, "
+            "harness.report, launchers.compare, harness.doctor, harness.backends.base, launchers, "
             "launchers.cli, models, models.base\n"
             "from models import get_spec\n"
             "[get_spec(m) for m in ('mlp', 'cnn', 'resnet20', 'resnet50')]\n"

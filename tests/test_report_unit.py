@@ -266,7 +266,7 @@ def test_compare_refuses_duplicates_before_anything_runs(tmp_path, monkeypatch, 
 
 
 def test_plan_refuses_a_run_planned_twice(tmp_path):
-    from harness.compare import plan
+    from launchers.compare import plan
 
     with pytest.raises(ConfigError, match="planned twice"):
         plan(["--model", "mlp"], ["torch", "torch"], [1], ["sync"], "horovodrun", tmp_path,

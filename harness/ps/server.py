@@ -20,13 +20,13 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from harness import checkpoint as ckpt_io
-from harness.backends.mpi_ps import protocol as P
-from harness.backends.mpi_ps.optim import SGDMomentum
+from harness.ps import protocol as P
+from harness.ps.optim import SGDMomentum
+from harness.ps.plan import PSPlan
 from harness.errors import HarnessError
 from harness.faults import FaultInjector
 from harness.metrics import MetricsWriter, percentile
@@ -48,25 +48,26 @@ class WorkerState:
 
 
 class Server:
-    def __init__(self, comm, MPI, ctx, shard: np.ndarray, index: int, start: int, stop: int,
-                 workers: list[int], lr_at, metrics: MetricsWriter | None, ckpt_dir: Path,
-                 ckpt_every: int, watchdog, log, resume: dict | None = None) -> None:
+    def __init__(self, comm, MPI, ctx, plan: PSPlan, index: int, shard: np.ndarray,
+                 metrics: MetricsWriter | None, watchdog, log,
+                 resume: dict | None = None) -> None:
         self.comm, self.ctx, self.log = comm, ctx, log
         self.cfg = ctx.cfg
-        self.index, self.start, self.stop = index, start, stop
+        _, self.start, self.stop = plan.shards[index]
+        self.index = index
         self.params = shard
         self.opt = SGDMomentum(shard, self.cfg.momentum, self.cfg.weight_decay)
         self.version = 0
-        self.workers = {r: WorkerState(r) for r in workers}
-        self.lr_at = lr_at
+        self.workers = {r: WorkerState(r) for r in plan.worker_ranks}
+        self.lr_at = plan.schedule
         self.metrics = metrics
-        self.ckpt_dir, self.ckpt_every = ckpt_dir, ckpt_every
+        self.ckpt_dir, self.ckpt_every = plan.ckpt_dir, plan.ckpt_every
         self.watchdog = watchdog
         self.faults = FaultInjector(comm.Get_rank())      # `kind@<server rank>:<version>`
         self.stopping = False          # latched once per message, so one clock's replies agree
         self.deferred: list[int] = []
         self.pending: dict[int, np.ndarray] = {}        # bsp: this clock's gradients by rank
-        self.grad_bufs = {r: np.empty_like(shard) for r in workers}
+        self.grad_bufs = {r: np.empty_like(shard) for r in self.workers}
         self.staleness: Counter = Counter()
         self.max_lead = 0
         self.latencies: list[float] = []

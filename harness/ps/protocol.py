@@ -29,8 +29,6 @@ HDR, GRAD, REASON, PARAMS_HDR, PARAMS, FINAL_HDR, FINAL = 11, 12, 13, 21, 22, 31
 
 # header kinds
 PULL, PUSH, DONE, LEAVE, EVAL, STOPPED, STOP_REQUEST, BYE = 1, 2, 3, 4, 5, 6, 7, 8
-KIND_NAMES = {PULL: "pull", PUSH: "push", DONE: "done", LEAVE: "leave", EVAL: "eval",
-              STOPPED: "stopped", STOP_REQUEST: "stop request", BYE: "bye"}
 
 # worker -> server header fields
 HEADER_FIELDS = ("kind", "clock", "version_used", "samples", "loss", "correct", "compute_s",
@@ -70,12 +68,3 @@ def reply(version: int, clock: int, stop: bool) -> np.ndarray:
 
 def final(what: float, version: int) -> np.ndarray:
     return np.array([what, version, 0.0, 0.0], np.float64)
-
-
-def server_ranks(num_servers: int) -> range:
-    """Servers are placed first so `srun`/`mpirun` block placement puts them together."""
-    return range(num_servers)
-
-
-def worker_ranks(num_servers: int, size: int) -> range:
-    return range(num_servers, size)

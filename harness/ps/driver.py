@@ -14,38 +14,37 @@ own clock, so it ends with exactly the planned updates and samples.
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 
 from harness import checkpoint as ckpt_io
-from harness.backends.common import FlatLayout, apply_mpi_environment
+from harness.backends.common import apply_mpi_environment
 from harness.config import RunConfig
-from harness.data import Dataset, Sharder
+from harness.data import Sharder
+from harness.driver import (checkpoint_identity, finish_record, load_data, log_finished,
+                            run_dir_of, start_record, track_target)
 from harness.env import World, check_runtime_world
 from harness.errors import CheckpointError, ConfigError, HarnessError
 from harness.logging import get_logger
 from harness.metrics import MetricsWriter
 from harness.preemption import EXIT_PREEMPTED, StopFlag, Watchdog
+from harness.ps.plan import PSContext, PSPlan
 
 
 @dataclass
-class PSContext:
-    cfg: RunConfig
-    data: Dataset
-    stop: StopFlag
-    ckpt_meta: dict[str, Any]
-    on_eval: Callable[[float, float, int], None] = lambda acc, wall, version: None
-    target: dict[str, Any] = field(default_factory=dict)
+class Target:
+    """Best test accuracy and first target crossing, as the sync loop keeps them."""
+
+    best_eval_acc: float | None = None
+    time_to_target_s: float | None = None
+    steps_to_target: int | None = None
 
 
 def run(cfg: RunConfig, launcher_world: World, log) -> int:
     from harness.backends.mpi_comm import mpi
-    from harness.driver import checkpoint_identity, load_data, run_dir_of, write_json_atomic
 
     apply_mpi_environment(cfg)                       # before MPI_Init
     MPI = mpi()
@@ -63,11 +62,7 @@ def run(cfg: RunConfig, launcher_world: World, log) -> int:
         raise ConfigError(f"straggler_rank = {cfg.straggler_rank} is not a worker rank: workers "
                           f"are ranks {S}..{size - 1}")
     data, spec = load_data(cfg)
-    layout = FlatLayout.of(spec)
-    run_dir = run_dir_of(cfg, size)
-    ckpt_dir = run_dir / "checkpoints"
-    per_rank = cfg.per_rank_batch(W) * cfg.backward_passes_per_step
-    shards = [(k, *layout.shard(k, S)) for k in range(S)]
+    plan = PSPlan.of(cfg, data, spec, size, run_dir_of(cfg, size))
     stop = StopFlag().install()
     identity = checkpoint_identity(cfg, data)
     ctx = PSContext(cfg, data, stop, {**identity, "mode": "async", "ps_servers": S,
@@ -75,26 +70,11 @@ def run(cfg: RunConfig, launcher_world: World, log) -> int:
     watchdog = Watchdog(rank, cfg.stall_timeout_s, log).start()
     try:
         if rank < S:
-            return _serve(ctx, comm, MPI, rank, shards, layout, spec, W, per_rank, run_dir,
-                          ckpt_dir, watchdog, log, write_json_atomic)
-        return _work(ctx, comm, MPI, rank, size, shards, layout, spec, W, per_rank, watchdog,
-                     log, launcher_world)
+            return _serve(ctx, plan, comm, MPI, rank, watchdog, log)
+        return _work(ctx, plan, comm, MPI, rank, watchdog, log, launcher_world)
     finally:
         watchdog.stop()
         stop.uninstall()
-
-
-def _schedule(cfg: RunConfig, n_train: int, per_rank: int, workers: int):
-    from harness.driver import LRSchedule
-
-    sharder_steps = n_train // (per_rank * workers)
-    if sharder_steps == 0:
-        Sharder(n_train, per_rank, 0, workers, cfg.seed, cfg.shuffle)   # raises the clear error
-    total = min(cfg.epochs * sharder_steps, cfg.max_steps or math.inf)
-    # Linear scaling follows the samples per update: bsp averages all workers' batches into one
-    # update (like sync allreduce); async/ssp apply each worker's batch as its own update.
-    per_update = workers if cfg.ps_consistency == "bsp" else 1
-    return LRSchedule.of(cfg, per_update, sharder_steps), int(total), sharder_steps
 
 
 def _resume_state(cfg: RunConfig, ckpt_dir: Path, k: int, identity: dict, world_size: int,
@@ -160,15 +140,12 @@ def _wait_for_everyone(comm, watchdog) -> None:
     watchdog.tick(phase="exiting (preempted)")
 
 
-def _serve(ctx, comm, MPI, rank, shards, layout, spec, W, per_rank, run_dir, ckpt_dir, watchdog,
-           log, write_json_atomic) -> int:
-    from harness.backends.mpi_ps.server import Server
-    from harness.driver import log_finished
-    from harness.runinfo import environment
+def _serve(ctx: PSContext, plan: PSPlan, comm, MPI, rank: int, watchdog, log) -> int:
+    from harness.ps.server import Server
 
-    cfg = ctx.cfg
-    _, start, stop = shards[rank]
-    schedule, total, spe = _schedule(cfg, len(ctx.data.x_train), per_rank, W)
+    cfg, run_dir, ckpt_dir = ctx.cfg, plan.run_dir, plan.ckpt_dir
+    _, start, stop = plan.shards[rank]
+    total, W = plan.total_steps, plan.workers
     error: HarnessError | None = None
     resume = None
     try:
@@ -184,45 +161,34 @@ def _serve(ctx, comm, MPI, rank, shards, layout, spec, W, per_rank, run_dir, ckp
         if rank == 0 and resume is not None:
             log_finished(log, run_dir, f"{resume['version']} updates, {total} steps per worker")
         return 0
-    shard = layout.flatten(spec.init_weights(cfg.seed))[start:stop].copy()
+    shard = plan.layout.flatten(plan.spec.init_weights(cfg.seed))[start:stop].copy()
     metrics = None
     if rank == 0:
         metrics = MetricsWriter(run_dir / "metrics.jsonl")
-        record = {"config": cfg.to_dict(), "environment": environment(),
-                  "world": {"size": comm.Get_size(), "servers": cfg.ps_servers, "workers": W,
+        start_record(run_dir, metrics, cfg, plan.spec, ctx.data,
+                     world={"size": comm.Get_size(), "servers": cfg.ps_servers, "workers": W,
                             "launcher": "mpi4py"},
-                  "backend": {"framework": cfg.framework, "gradient_path": "parameter-server",
+                     backend={"framework": cfg.framework, "gradient_path": "parameter-server",
                               "versions": _versions(), "settings": {
                                   "consistency": cfg.ps_consistency,
                                   "staleness_bound": cfg.ps_staleness,
                                   "staleness_lr": cfg.ps_staleness_lr}},
-                  "model": {"name": spec.name, "parameters": spec.num_parameters,
-                            "flops_per_sample": spec.flops_per_sample},
-                  "data": ctx.data.fingerprint(),
-                  "resumed_from": resume["path"] if resume else None,
-                  "start_step": resume["clock"] if resume else 0,
-                  "start_version": resume["version"] if resume else 0}
-        write_json_atomic(run_dir / "config.json", record)
-        metrics.write("run", **record)
+                     resumed_from=resume["path"] if resume else None,
+                     start_step=resume["clock"] if resume else 0,
+                     start_version=resume["version"] if resume else 0)
         log.info(f"parameter server: {cfg.ps_servers} server(s), {W} worker(s), "
                  f"{cfg.ps_consistency} consistency, {total} steps per worker, "
-                 f"{layout.total:,} parameters")
+                 f"{plan.layout.total:,} parameters")
         if resume:
             log.info(f"resuming from {resume['path']} at version {resume['version']}; worker "
                      f"clocks {resume['clocks'] or resume['clock']} of {total}")
-    target: dict[str, Any] = {"time": None, "steps": None, "best": None}
+    target = Target()
 
     def on_eval(acc: float, wall: float, version: int) -> None:
-        target["best"] = acc if target["best"] is None else max(target["best"], acc)
-        if cfg.target_accuracy is not None and target["time"] is None and \
-                acc >= cfg.target_accuracy:
-            target["time"], target["steps"] = wall, version
+        track_target(cfg, target, acc, wall, version)
 
     ctx.on_eval = on_eval
-    ckpt_every = cfg.checkpoint_every or spe * W
-    server = Server(comm, MPI, ctx, shard, rank, start, stop, list(range(cfg.ps_servers,
-                    comm.Get_size())), schedule, metrics, ckpt_dir, ckpt_every, watchdog, log,
-                    resume)
+    server = Server(comm, MPI, ctx, plan, rank, shard, metrics, watchdog, log, resume)
     report = server.serve()
     if server.preempted:
         server.end_preempted()
@@ -242,28 +208,26 @@ def _serve(ctx, comm, MPI, rank, shards, layout, spec, W, per_rank, run_dir, ckp
         server.release_left_workers()
         return 0
     try:
-        return _write_summary(cfg, comm, run_dir, metrics, report, final, total, spe, W, per_rank,
-                              target, log, write_json_atomic)
+        return _write_summary(cfg, plan, metrics, report, final, target, log)
     finally:
         server.release_left_workers()
 
 
-def _write_summary(cfg, comm, run_dir, metrics, report, final, total, spe, W, per_rank, target,
-                   log, write_json_atomic) -> int:
+def _write_summary(cfg: RunConfig, plan: PSPlan, metrics, report: dict, final: dict | None,
+                   target: Target, log) -> int:
+    total, spe, W, run_dir = plan.total_steps, plan.steps_per_epoch, plan.workers, plan.run_dir
     summary = dict(report)
     summary.update(
-        steps=total, epochs=math.ceil(total / spe), world_size=comm.Get_size(), workers=W,
-        global_batch=per_rank * W, train_wall_s=report["ps_wall_s"],
+        steps=total, epochs=-(-total // spe), world_size=plan.world_size, workers=W,
+        global_batch=plan.per_rank * W, train_wall_s=report["ps_wall_s"],
         samples_per_s_wall=report["samples"] / report["ps_wall_s"],
         samples_per_s_per_device=(report["samples_per_s_total"] / W
                                   if report["samples_per_s_total"] else None),
         final_eval_loss=final["eval_loss"] if final else None,
         final_eval_acc=final["eval_acc"] if final else None,
-        best_eval_acc=target["best"], target_accuracy=cfg.target_accuracy,
-        time_to_target_s=target["time"], steps_to_target=target["steps"])
-    metrics.write("summary", **summary)
-    metrics.close()
-    write_json_atomic(run_dir / "summary.json", summary)
+        best_eval_acc=target.best_eval_acc, target_accuracy=cfg.target_accuracy,
+        time_to_target_s=target.time_to_target_s, steps_to_target=target.steps_to_target)
+    finish_record(run_dir, metrics, summary)
     failed = report["failed_workers"]
     acc = f"{summary['final_eval_acc']:.4f}" if final else "n/a (no worker finished)"
     log.info(f"done: {report['updates']} updates, test accuracy {acc}, "
@@ -273,23 +237,23 @@ def _write_summary(cfg, comm, run_dir, metrics, report, final, total, spe, W, pe
     return 0
 
 
-def _work(ctx, comm, MPI, rank, size, shards, layout, spec, W, per_rank, watchdog, log,
-          launcher_world) -> int:
+def _work(ctx: PSContext, plan: PSPlan, comm, MPI, rank: int, watchdog, log,
+          launcher_world: World) -> int:
     from harness.backends.base import create
-    from harness.backends.mpi_ps.worker import Worker
+    from harness.ps.worker import Worker
 
     cfg = ctx.cfg
     index = rank - cfg.ps_servers
-    _, total, spe = _schedule(cfg, len(ctx.data.x_train), per_rank, W)
     # the servers must have agreed on resuming before they answer; mirror their Allreduce
     if _agree(comm, MPI):
         return 0                          # the run had finished: nothing to do
-    world = World(rank, size, launcher_world.local_rank, launcher_world.local_size,
+    world = World(rank, plan.world_size, launcher_world.local_rank, launcher_world.local_size,
                   launcher_world.source)
     backend = create(cfg, world, "local")
-    backend.setup(spec, spec.init_weights(cfg.seed), cfg.lr)
-    sharder = Sharder(len(ctx.data.x_train), per_rank, index, W, cfg.seed, cfg.shuffle)
-    worker = Worker(comm, MPI, ctx, backend, layout, shards, sharder, total, index, log, watchdog)
+    backend.setup(plan.spec, plan.spec.init_weights(cfg.seed), cfg.lr)
+    sharder = Sharder(len(ctx.data.x_train), plan.per_rank, index, plan.workers, cfg.seed,
+                      cfg.shuffle)
+    worker = Worker(comm, MPI, ctx, plan, backend, sharder, index, log, watchdog)
     t0 = time.perf_counter()
     outcome = worker.run()
     if outcome == "done" and index == 0:

@@ -9,7 +9,9 @@ import traceback
 
 import numpy as np
 
-from harness.backends.mpi_ps import protocol as P
+from harness.backends.base import Backend
+from harness.ps import protocol as P
+from harness.ps.plan import PSPlan
 from harness.data import Sharder, gather
 from harness.errors import TrainingAborted
 from harness.faults import FaultInjector
@@ -17,14 +19,14 @@ from harness.driver import EVAL_BATCH
 
 
 class Worker:
-    def __init__(self, comm, MPI, ctx, backend, layout, shards: list[tuple[int, int, int]],
-                 sharder: Sharder, total_steps: int, index: int, log, watchdog) -> None:
+    def __init__(self, comm, MPI, ctx, plan: PSPlan, backend: Backend, sharder: Sharder,
+                 index: int, log, watchdog) -> None:
         self.comm, self.MPI, self.ctx, self.backend = comm, MPI, ctx, backend
         self.cfg, self.log, self.watchdog = ctx.cfg, log, watchdog
-        self.shards = shards                  # (server rank, start, stop)
-        self.sharder, self.total_steps, self.index = sharder, total_steps, index
+        self.shards = plan.shards             # (server rank, start, stop)
+        self.sharder, self.total_steps, self.index = sharder, plan.total_steps, index
         self.rank = comm.Get_rank()
-        self.flat = np.empty(layout.total, np.float32)
+        self.flat = np.empty(plan.layout.total, np.float32)
         self.version = 0
         self.clock = 0                        # steps of this worker applied on every server
         self.stop_flag = False
