@@ -22,6 +22,8 @@ server, so no message is left unreceived when the job ends.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 # tags
@@ -68,3 +70,31 @@ def reply(version: int, clock: int, stop: bool) -> np.ndarray:
 
 def final(what: float, version: int) -> np.ndarray:
     return np.array([what, version, 0.0, 0.0], np.float64)
+
+
+class EvalReport(NamedTuple):
+    """An EVAL message: a worker's test loss and accuracy after ``epoch``."""
+
+    clock: int
+    loss: float
+    acc: float
+    samples: int
+    epoch: int
+    evaluator: int            # the worker's rank
+
+
+# where EVAL keeps its fields in the fixed header (the one place that knows)
+_EVAL_SLOTS = {"clock": CLOCK, "loss": LOSS, "acc": CORRECT, "samples": SAMPLES, "epoch": EPOCH,
+               "evaluator": AUX}
+
+
+def eval_header(report: EvalReport) -> np.ndarray:
+    hdr = header(EVAL)
+    for name, slot in _EVAL_SLOTS.items():
+        hdr[slot] = getattr(report, name)
+    return hdr
+
+
+def decode_eval(hdr: np.ndarray) -> EvalReport:
+    return EvalReport(int(hdr[CLOCK]), float(hdr[LOSS]), float(hdr[CORRECT]), int(hdr[SAMPLES]),
+                      int(hdr[EPOCH]), int(hdr[AUX]))

@@ -27,7 +27,7 @@ from harness import checkpoint as ckpt_io
 from harness.ps import protocol as P
 from harness.ps.optim import SGDMomentum
 from harness.ps.plan import PSPlan
-from harness.errors import HarnessError
+from harness.errors import HarnessError, TrainingAborted
 from harness.faults import FaultInjector
 from harness.metrics import MetricsWriter, percentile
 
@@ -276,13 +276,14 @@ class Server:
                        dest=rank, tag=P.PARAMS_HDR)
         self.comm.Send(self.params, dest=rank, tag=P.PARAMS)
 
-    def _on_eval(self, hdr: np.ndarray) -> None:
+    def _on_eval(self, hdr: np.ndarray) -> P.EvalReport:
+        ev = P.decode_eval(hdr)
         if self.metrics is not None:
-            self.metrics.write("epoch", epoch=int(hdr[P.EPOCH]), step=self.version,
-                               eval_loss=float(hdr[P.LOSS]), eval_acc=float(hdr[P.CORRECT]),
-                               eval_samples=int(hdr[P.COMPUTE_S]), samples=self.samples,
-                               wall_s=self._wall(), evaluated_by=int(hdr[P.AUX]))
-            self.ctx.on_eval(float(hdr[P.CORRECT]), self._wall(), self.version)
+            self.metrics.write("epoch", epoch=ev.epoch, step=self.version, eval_loss=ev.loss,
+                               eval_acc=ev.acc, eval_samples=ev.samples, samples=self.samples,
+                               wall_s=self._wall(), evaluated_by=ev.evaluator)
+            self.ctx.on_eval(ev.acc, self._wall(), self.version)
+        return ev
 
     def _on_leave(self, w: WorkerState, hdr: np.ndarray) -> None:
         n = int(hdr[P.AUX])
@@ -294,7 +295,7 @@ class Server:
             self.log.error(f"worker rank {w.rank} failed at clock {w.clock}: {w.left_reason}; "
                            "aborting the job (ps_on_worker_failure = 'abort')")
             self._checkpoint()
-            self.comm.Abort(3)
+            self.comm.Abort(TrainingAborted.exit_code)
         if self.index == 0:
             self.log.error(f"worker rank {w.rank} failed at clock {w.clock}: {w.left_reason}; "
                            f"continuing with {left} worker(s)")
@@ -393,9 +394,8 @@ class Server:
         hdr = np.empty(P.HEADER_LEN, np.float64)
         self.watchdog.tick(phase="waiting for the final evaluation")
         self.comm.Recv(hdr, source=evaluator, tag=P.HDR)
-        self._on_eval(hdr)
-        return {"eval_loss": float(hdr[P.LOSS]), "eval_acc": float(hdr[P.CORRECT]),
-                "epoch": int(hdr[P.EPOCH])}
+        ev = self._on_eval(hdr)
+        return {"eval_loss": ev.loss, "eval_acc": ev.acc, "epoch": ev.epoch}
 
     def release_left_workers(self) -> None:
         """After the results are written (server 0): workers that failed may exit now."""

@@ -170,8 +170,7 @@ class Worker:
     def _send_eval(self, epoch: int) -> None:
         self.watchdog.tick(phase="evaluating")
         loss, acc, n = self.evaluate()
-        hdr = P.header(P.EVAL, clock=self.clock, loss=loss, correct=acc, compute_s=n,
-                       epoch=epoch, aux=self.rank)
+        hdr = P.eval_header(P.EvalReport(self.clock, loss, acc, n, epoch, self.rank))
         self.comm.Send(hdr, dest=self.shards[0][0], tag=P.HDR)
 
     def _final(self) -> float:
