@@ -1,0 +1,67 @@
+"""``harness compare``'s plan (launchers/compare.py ``plan``): one launch per framework, mode and
+rank count, each a `harness train` of the same config in its own folder. Pure: nothing runs."""
+
+from __future__ import annotations
+
+from itertools import product
+from pathlib import Path
+
+import pytest
+
+from harness.config import RunConfig, parse_train_args
+from harness.errors import ConfigError
+from launchers.compare import plan
+
+PYTHON = "/opt/venv/bin/python"
+TRAIN = ["--model", "mlp", "--lr", "0.07", "--epochs", "3", "--ps-servers", "2",
+         "--ps-consistency", "ssp"]
+
+
+def launched(argv: list[str]) -> tuple[str, int, RunConfig]:
+    """(launcher program, ranks, config of every rank) of one planned command line."""
+    i = argv.index(PYTHON)
+    assert argv[i + 1:i + 4] == ["-m", "harness", "train"], argv
+    if "-np" in argv:                                             # horovodrun, mpirun
+        ranks = int(argv[argv.index("-np") + 1])
+    else:                                                         # srun
+        ranks = int(next(a.split("=", 1)[1] for a in argv if a.startswith("--ntasks=")))
+    return Path(argv[0]).name, ranks, parse_train_args(argv[i + 4:])
+
+
+@pytest.mark.parametrize("launcher,frameworks", [("horovodrun", ["torch", "tensorflow"]),
+                                                 ("mpirun", ["tensorflow"]), ("srun", ["torch"])])
+def test_every_framework_mode_and_rank_count_is_planned_once(tmp_path, launcher, frameworks):
+    nps, modes = [1, 3], ["sync", "async"]
+    jobs = plan(TRAIN, frameworks, nps, modes, launcher, tmp_path, PYTHON)
+    common = parse_train_args(TRAIN)
+    seen = set()
+    for job in jobs:
+        program, ranks, cfg = launched(job.argv)
+        n = ranks - (common.ps_servers if cfg.mode == "async" else 0)   # workers
+        seen.add((cfg.framework, cfg.mode, n))
+        # sync: the chosen launcher, one rank per worker; async: the servers come on top, and
+        # mpirun starts them unless the job is already under SLURM
+        assert program == (launcher if cfg.mode == "sync" or launcher == "srun" else "mpirun")
+        assert job.name == (f"{cfg.framework}-sync-np{n}" if cfg.mode == "sync"
+                            else f"{cfg.framework}-ps-{n}w")
+        # its own folder, a fresh run (never a resume of an older comparison's folder) ...
+        assert (cfg.out_dir, cfg.run_name, cfg.resume) == (str(tmp_path), job.name, "never")
+        # ... and otherwise the config every run shares
+        for key in ("model", "lr", "epochs", "ps_servers", "ps_consistency", "seed",
+                    "batch_size"):
+            assert getattr(cfg, key) == getattr(common, key), key
+    assert seen == set(product(frameworks, modes, nps))
+    assert len(jobs) == len(seen) == len({j.name for j in jobs})
+
+
+def test_a_framework_or_mode_in_the_train_args_is_overridden_per_run(tmp_path):
+    jobs = plan([*TRAIN, "--framework", "tensorflow", "--mode", "async"], ["torch"], [2],
+                ["sync"], "horovodrun", tmp_path, PYTHON)
+    (job,) = jobs
+    _, ranks, cfg = launched(job.argv)
+    assert (cfg.framework, cfg.mode, ranks, job.name) == ("torch", "sync", 2, "torch-sync-np2")
+
+
+def test_invalid_train_args_are_refused_before_any_plan(tmp_path):
+    with pytest.raises(ConfigError, match="momentum = 1.5 is out of range"):
+        plan(["--momentum", "1.5"], ["torch"], [1], ["sync"], "horovodrun", tmp_path, PYTHON)
