@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import PY, harness, needs_horovod, run
 from harness.doctor import FAIL, OK, diagnose, failed_requirements
 
@@ -51,6 +53,7 @@ def test_missing_framework_and_mismatched_mpi():
     assert by_component(diagnose(GOOD))["torch"].status == OK
 
 
+@pytest.mark.framework
 @needs_horovod
 def test_real_doctor_reports_the_build():
     p = run(harness("doctor"), timeout=300, check=True)
