@@ -5,7 +5,7 @@ the values saved next to every result and checkpoint all come from its fields.
 
 Example::
 
-    cfg = RunConfig.load("configs/digits.toml", overrides={"framework": "tensorflow"})
+    cfg = RunConfig.load("configs/compare_digits.toml", overrides={"framework": "tensorflow"})
 """
 
 from __future__ import annotations

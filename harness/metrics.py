@@ -3,11 +3,17 @@
 ``results/<run>/metrics.jsonl`` holds one record per line, each with a ``kind``:
 
 * ``run``: once per (re)start: config, environment, world, versions, command.
-* ``step``: loss/accuracy of rank 0's batch, lr, step time, samples/s per rank and in total.
-* ``epoch``: epoch means on rank 0 and test loss/accuracy over all ranks (exact global sums).
-* ``ps``: parameter-server counters (updates/s, push/pull latency, staleness histogram).
+* ``step``: loss/accuracy of rank 0's batch, lr, step time, samples/s per rank and in total;
+  for the parameter server, one per applied push (worker, clock, staleness, compute time and
+  push/pull latency), written by server 0.
+* ``epoch``: epoch means on rank 0 and test loss/accuracy over all ranks (exact global sums);
+  for the parameter server, each evaluation a worker reports.
+* ``eval``: the final evaluation of a run that ends mid-epoch (``max_steps``).
+* ``preempted``: the step (parameter server: version and worker clocks) at which a stop signal
+  ended this start; no ``summary`` follows it.
 * ``summary``: percentiles and rates computed from the step records above, nothing estimated:
-  a value that was not measured is ``null``.
+  a value that was not measured is ``null``. The parameter server's counters (updates/s,
+  push/pull latency, staleness histogram) are in it too.
 
 The file is opened in append mode so records survive requeues; ``restart`` numbers the starts.
 """

@@ -1,6 +1,7 @@
 """Framework-free pieces both backends share: Horovod settings, threads, flat layouts.
 
-Only functions that receive the framework's operations as arguments live here (DESIGN.md §3.2);
+Only functions that receive the framework's operations as arguments live here (as Horovod's
+``common/elastic.py`` takes ``bcast_object`` and ``get_rank``, rather than one copy per framework);
 nothing in this module imports torch, tensorflow, horovod or mpi4py.
 """
 

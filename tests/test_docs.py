@@ -1,0 +1,57 @@
+"""The docs name things that exist: files cited in the README, docs/ and the code's docstrings,
+and the metrics record kinds that harness/metrics.py documents."""
+
+from __future__ import annotations
+
+import ast
+import re
+
+from conftest import REPO
+
+CODE = ("harness", "launchers", "models", "bench")
+ROOTS = ("configs", "docs", "tests", "harness", "launchers", "slurm", "bench", "models",
+         "scripts", "third_party")
+EXTENSIONS = ("py", "toml", "md", "sh", "sbatch", "jsonl", "txt", "cfg", "patch")
+# a repository path with a file extension (a glob is allowed), or a bare Markdown file name
+PATH = re.compile(rf"(?<![\w./-])((?:{'|'.join(ROOTS)})/[\w./*-]*\.(?:{'|'.join(EXTENSIONS)}))\b")
+MARKDOWN = re.compile(r"(?<![\w./-])([\w-]+\.md)\b")
+WRITTEN_BY_THE_HARNESS = {"report.md"}         # an output, not a file of the repository
+
+
+def docstrings(path) -> str:
+    tree = ast.parse(path.read_text())
+    nodes = [n for n in ast.walk(tree)
+             if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+    return "\n".join(d for d in map(ast.get_docstring, nodes) if d)
+
+
+def cited_texts() -> dict[str, str]:
+    texts = {p.relative_to(REPO).as_posix(): p.read_text()
+             for p in [REPO / "README.md", *sorted(REPO.glob("docs/*.md"))]}
+    for root in CODE:
+        for p in sorted((REPO / root).rglob("*.py")):
+            texts[p.relative_to(REPO).as_posix()] = docstrings(p)
+    return texts
+
+
+def test_every_file_the_docs_cite_exists():
+    missing = []
+    for where, text in cited_texts().items():
+        for path in PATH.findall(text):
+            if not (list(REPO.glob(path)) if "*" in path else (REPO / path).exists()):
+                missing.append(f"{where}: {path}")
+        for name in set(MARKDOWN.findall(text)) - WRITTEN_BY_THE_HARNESS:
+            if not list(REPO.glob(f"**/{name}")):
+                missing.append(f"{where}: {name}")
+    assert not missing, "cited but not in the repository:\n" + "\n".join(missing)
+
+
+def test_the_metrics_record_kinds_documented_are_the_ones_written():
+    from harness import metrics
+
+    documented = set(re.findall(r"^\* ``(\w+)``:", metrics.__doc__, re.M))
+    written = set()
+    for p in (REPO / "harness").rglob("*.py"):
+        written |= set(re.findall(r"\bmetrics\.write\(\s*\"(\w+)\"", p.read_text()))
+    assert documented == written, (f"documented, never written: {documented - written}; "
+                                   f"written, not documented: {written - documented}")
