@@ -138,6 +138,10 @@ def check_comparable(runs: list[Run]) -> list[str]:
     return notes
 
 
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
 def _fmt(v: Any, spec: str = ".4f") -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "n/a"
@@ -371,8 +375,8 @@ def render_markdown(runs: list[Run], notes: list[str], figs: list[Path], out_dir
                 f"| {r.name} | {_fmt(s.get('updates_per_s'), ',.0f')} | "
                 f"{_fmt(s.get('staleness_mean'), '.2f')} | {_fmt(s.get('staleness_p99'), '.1f')}"
                 f" | {s.get('staleness_max')} | {s.get('max_clock_lead')} | "
-                f"{_fmt((s.get('push_pull_latency_p50_s') or 0) * 1000, '.2f')} | "
-                f"{_fmt((s.get('push_pull_latency_p99_s') or 0) * 1000, '.2f')} | "
+                f"{_fmt(_ms(s.get('push_pull_latency_p50_s')), '.2f')} | "
+                f"{_fmt(_ms(s.get('push_pull_latency_p99_s')), '.2f')} | "
                 f"{s.get('failed_workers') or 'none'} |")
         lines.append("")
     lines += ["## Runs: environment and commands", ""]

@@ -365,8 +365,6 @@ def test_parameter_server_table_comes_from_the_summary(tmp_path, no_figures):
         "p99 (ms)": f"{s['push_pull_latency_p99_s'] * 1000:.2f}", "failed workers": "none"}
 
 
-@pytest.mark.xfail(strict=True, reason="harness/report.py writes 0.00 ms for a push/pull "
-                   "latency that was not measured (None) instead of n/a")
 def test_parameter_server_latency_not_measured_shows_as_n_a(tmp_path, no_figures):
     folder = write_run(tmp_path / "ps", start(0, workers=2, mode="async", summary={
         **PS_SUMMARY, "push_pull_latency_p50_s": None, "push_pull_latency_p99_s": None}))
