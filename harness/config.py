@@ -352,6 +352,9 @@ class _RaisingParser(argparse.ArgumentParser):
 def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """``harness train``'s arguments: --config plus one flag per RunConfig field."""
     parser = parser or _RaisingParser(prog="harness train", add_help=False)
+    # no abbreviations: horovodrun hands the program's flags to its own argparse first, where
+    # --stall would abbreviate two of its options and fail after the check here had passed
+    parser.allow_abbrev = False
     parser.add_argument("--config", metavar="TOML", help="run config file; flags override its keys")
     add_config_arguments(parser)
     return parser

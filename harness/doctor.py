@@ -14,7 +14,9 @@ import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Mapping
+
+from harness.backends.common import HARNESS_SETS_ALWAYS, horovod_variable_problems
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 BOOTSTRAP = "rerun `scripts/bootstrap.sh`"
@@ -67,19 +69,41 @@ except Exception as e:
 print(json.dumps(out))
 """
 
+# Two steps, each announced on stdout before the next: importing mpi4py (no MPI start), then
+# MPI_Init, which Open MPI may abort from C with a page of text; the cause is picked out of it.
 _PROBE_MPI4PY = r"""
-import json
+import json, sys
 out = {}
 try:
     import mpi4py
+    mpi4py.rc.initialize = False
     from mpi4py import MPI
     out["version"] = mpi4py.__version__
-    out["library"] = MPI.Get_library_version().strip().splitlines()[0]
+    out["library"] = MPI.Get_library_version().strip().splitlines()[0].rstrip("\x00")
     out["lib"] = MPI.__file__
 except Exception as e:
     out["error"] = f"{type(e).__name__}: {e}"
-print(json.dumps(out))
+print(json.dumps(out), flush=True)
+if "error" not in out:
+    MPI.Init()
+    print(json.dumps({"init": True, "size": MPI.COMM_WORLD.Get_size()}), flush=True)
+    MPI.Finalize()
 """
+
+
+def mpi_start_failure(output: str) -> str:
+    """The one line that says why MPI_Init failed, out of Open MPI's (or another MPI's) text."""
+    if "plm_rsh_agent" in output and "could not be found" in output:
+        return ("Open MPI found neither ssh nor rsh on PATH (it looks for one at start, even "
+                "for one process on one machine)")
+    m = re.search(r'Returned "([^"]+)"', output) or \
+        re.search(r"Returned value (.+?) instead of", output)
+    if m:
+        return m.group(1).strip()
+    lines = [ln.strip() for ln in output.splitlines()
+             if ln.strip() and not ln.lstrip().startswith(("*", "-", "{"))]
+    named = [ln for ln in lines if re.search(r"error|fail|not found|cannot", ln, re.I)]
+    return (named or lines or ["no output"])[0][:200]
 
 
 def _run(argv: list[str], timeout: float = 120) -> tuple[int, str]:
@@ -112,11 +136,31 @@ def linked_mpi(path: str | None) -> str | None:
     return os.path.realpath(m.group(1)) if m else None
 
 
+def probe_mpi4py() -> dict[str, Any]:
+    """mpi4py's version and MPI library, and whether MPI starts in a process of its own
+    (``init_error``: why not, in one line)."""
+    rc, out = _run([sys.executable, "-c", _PROBE_MPI4PY])
+    found = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
+    if not found:
+        return {"error": f"the mpi4py probe printed nothing (exit {rc}): "
+                         f"{mpi_start_failure(out)}"}
+    facts = found[0]
+    if "error" not in facts and len(found) < 2:
+        facts["init_error"] = mpi_start_failure(out) if rc != 124 else "MPI_Init hung for 120 s"
+    return facts
+
+
+def horovod_variables(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = os.environ if env is None else env
+    return {k: v for k, v in sorted(env.items()) if k.startswith("HOROVOD_")}
+
+
 def gather() -> dict[str, Any]:
     facts: dict[str, Any] = {"python": sys.version.split()[0], "executable": sys.executable}
+    facts["horovod_env"] = horovod_variables()
     facts["torch"] = _probe_json(_PROBE_FRAMEWORK, "torch")
     facts["tensorflow"] = _probe_json(_PROBE_FRAMEWORK, "tensorflow")
-    facts["mpi4py"] = _probe_json(_PROBE_MPI4PY)
+    facts["mpi4py"] = probe_mpi4py()
     rc, out = _run(["mpirun", "--version"], timeout=30)
     facts["mpirun"] = out.strip().splitlines()[0] if rc == 0 and out.strip() else None
     facts["mpi4py_libmpi"] = linked_mpi(facts["mpi4py"].get("lib"))
@@ -187,9 +231,20 @@ def diagnose(facts: dict[str, Any]) -> list[Finding]:
                                                      "not built (CPU build)"),
                        "" if built["nccl"] else
                        f"on GPU clusters: HOROVOD_GPU_OPERATIONS=NCCL {BOOTSTRAP}"))
+    out += _horovod_variable_findings(facts.get("horovod_env") or {}, built)
     m = facts.get("mpi4py", {})
     if "error" in m:
         out.append(Finding("mpi4py", FAIL, f"mpi4py does not import: {m['error']}", BOOTSTRAP))
+    elif m.get("init_error"):
+        also = "; mpirun is not on PATH either" if not facts.get("mpirun") else ""
+        rsh = "ssh nor rsh" in m["init_error"]
+        library = m["library"].split(",")[0]
+        out.append(Finding("mpi4py", FAIL, f"mpi4py {m['version']} imports ({library}), but MPI "
+                           f"cannot start in a process: {m['init_error']}{also}",
+                           "install openssh-client or put ssh on PATH (for runs on this machine "
+                           "only, OMPI_MCA_plm_rsh_agent=false also works)" if rsh else
+                           "put the MPI installation's bin folder (mpirun, orted) on PATH, e.g. "
+                           "`module load openmpi`, and check its lib folder is found"))
     else:
         out.append(Finding("mpi4py", OK, f"mpi4py {m['version']} on {m['library']}"))
         a, b = facts.get("mpi4py_libmpi"), facts.get("horovod_libmpi")
@@ -225,6 +280,35 @@ def diagnose(facts: dict[str, Any]) -> list[Finding]:
                        f"{len(gpus.splitlines())} GPU(s): {gpus.splitlines()[0]}" if gpus else
                        "no NVIDIA GPU (CPU training)", "" if gpus else
                        "GPU runs need a CUDA build of torch/TF and HOROVOD_GPU_OPERATIONS=NCCL"))
+    return out
+
+
+def _horovod_variable_findings(env: dict[str, str], built: dict[str, bool]) -> list[Finding]:
+    """The HOROVOD_* variables of this shell, as `harness train` and Horovod would read them."""
+    out = []
+    for name, problem, fix in horovod_variable_problems(env):
+        if name not in HARNESS_SETS_ALWAYS:
+            out.append(Finding("horovod-env", FAIL, problem, fix))
+    for name, field in HARNESS_SETS_ALWAYS.items():
+        if name in env:
+            out.append(Finding("horovod-env", WARN, f"{name}={env[name]!r} is replaced by "
+                               f"harness train, which sets it from {field}",
+                               f"unset it and use --{field.replace('_', '-')}"))
+    controller = env.get("HOROVOD_CONTROLLER", "").lower()
+    if controller in ("mpi", "gloo") and built and not built.get(controller) and \
+            any(built.values()):
+        out.append(Finding("horovod-env", FAIL, f"HOROVOD_CONTROLLER={env['HOROVOD_CONTROLLER']!r}"
+                           f" but Horovod was built without {controller.upper()}",
+                           "unset HOROVOD_CONTROLLER, or rebuild Horovod with it"))
+    launched = [k for k in ("HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_RANK",
+                            "HOROVOD_LOCAL_SIZE") if k in env]
+    if launched:
+        out.append(Finding("horovod-env", WARN, f"{', '.join(launched)} set in this shell: "
+                           "harness train would take its rank and world size from them",
+                           f"unset {' '.join(launched)} (horovodrun sets them for each rank)"))
+    if not any(f.status != OK for f in out):
+        shown = ", ".join(f"{k}={v}" for k, v in env.items()) or "none set"
+        out.append(Finding("horovod-env", OK, f"HOROVOD_* variables: {shown}"))
     return out
 
 

@@ -6,9 +6,14 @@ reach the program intact. ``shlex.join`` renders a list for display (``--dry-run
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
+from harness.errors import ConfigError
 from launchers.spec import LaunchSpec
+
+#: the repository this harness runs from: the sbatch scripts and their common.sh live here
+HARNESS_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _num(x: float) -> str:
@@ -97,19 +102,45 @@ def srun_argv(spec: LaunchSpec, program: list[str]) -> list[str]:
     return argv + program
 
 
+def sbatch_layout(spec: LaunchSpec) -> tuple[int, int]:
+    """(nodes, tasks per node) for sbatch. Both always go on the command line: the script's own
+    ``#SBATCH --nodes/--ntasks-per-node`` would otherwise still apply (``-np 2`` on 2 nodes)."""
+    if spec.nodes and spec.ntasks_per_node:
+        return spec.nodes, spec.ntasks_per_node
+    if spec.ntasks_per_node:
+        return -(-spec.np // spec.ntasks_per_node), spec.ntasks_per_node
+    nodes = spec.nodes or 1
+    return nodes, -(-spec.np // nodes)      # with --ntasks, a maximum per node
+
+
 def sbatch_argv(spec: LaunchSpec, program: list[str]) -> list[str]:
-    """sbatch the script; it runs ``srun ... harness train <train args>`` itself."""
-    argv = ["sbatch", f"--ntasks={spec.np}", *_slurm_layout(spec)]
+    """sbatch the script; it runs ``srun ... harness train <train args>`` itself.
+
+    The script is submitted by absolute path, and HARNESS_ROOT / HARNESS_PYTHON tell it where
+    the harness and its interpreter are, so this works from any folder (the job runs there).
+    """
+    nodes, per_node = sbatch_layout(spec)
+    argv = ["sbatch", f"--ntasks={spec.np}", f"--nodes={nodes}", f"--ntasks-per-node={per_node}"]
+    if spec.gpus_per_task is not None:
+        argv.append(f"--gpus-per-task={spec.gpus_per_task}")
+    if spec.cpus_per_task:
+        argv.append(f"--cpus-per-task={spec.cpus_per_task}")
     if spec.time:
         argv.append(f"--time={spec.time}")
     if spec.partition:
         argv.append(f"--partition={spec.partition}")
     if spec.job_name:
         argv.append(f"--job-name={spec.job_name}")
-    if spec.export:
-        argv.append("--export=" + ",".join(["ALL", *spec.export]))
+    where = {"HARNESS_ROOT": str(HARNESS_ROOT), "HARNESS_PYTHON": spec.python}
+    for name, value in where.items():
+        if "," in value:        # sbatch --export splits at commas
+            raise ConfigError(f"{name} {value!r} contains a comma, which sbatch --export cannot "
+                              "pass: use a path without commas (e.g. a symlink)")
+    argv.append("--export=" + ",".join(["ALL", *(f"{k}={v}" for k, v in where.items()),
+                                         *spec.export]))
+    script = spec.script or str(HARNESS_ROOT / "slurm" / "train.sbatch")
     train_args = program[4:]           # drop "python -m harness train": the script adds them
-    return argv + [spec.script, *train_args]
+    return argv + [script, *train_args]
 
 
 def local_argv(spec: LaunchSpec, program: list[str]) -> list[str]:

@@ -5,7 +5,9 @@
     harness launch --launcher sbatch --nodes 2 --ntasks-per-node 4 --gpus-per-task 1 -- ...
 
 Everything after ``--`` goes to ``harness train`` in every rank; it is validated here first, so
-a typo fails in a second instead of after N processes have started.
+a typo fails in a second instead of after N processes have started. Flags are never abbreviated
+(horovodrun would read ``--stall`` as an ambiguous flag of its own), and an option of another
+launcher (``--time`` with mpirun, ``--bind-to`` with sbatch) is refused, not dropped.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ DEFAULT_EXPORTS = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV")
 
 def add_launch_parser(sub) -> None:
     p = sub.add_parser("launch", help="start a run with horovodrun, mpirun, srun or sbatch",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       allow_abbrev=False)
     add_dataclass_arguments(p, LaunchSpec, "launcher options", {"np": ["-np", "--np"]})
     p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
     p.add_argument("train_args", nargs=argparse.REMAINDER,

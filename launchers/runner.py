@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from harness.errors import LaunchError
 
@@ -27,7 +27,8 @@ def launch_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def run(argv: list[str], env: Mapping[str, str] | None = None, cwd: str | None = None) -> int:
     """Run ``argv`` (never through a shell). Stop signals sent to us reach the launcher, which
-    relays them to the ranks; the launcher's exit code is returned."""
+    relays them to the ranks, and then the handler that was installed before (if any); the
+    launcher's exit code is returned."""
     full_env = launch_environment(env)
     try:
         proc = subprocess.Popen(argv, env=full_env, cwd=cwd)
@@ -35,18 +36,21 @@ def run(argv: list[str], env: Mapping[str, str] | None = None, cwd: str | None =
         raise LaunchError(f"{argv[0]!r} is not on PATH: install it or load its module (e.g. "
                           "`module load openmpi`; horovodrun comes with scripts/bootstrap.sh), "
                           "or pick another --launcher") from None
-    previous = {}
+    previous: dict[int, Any] = {}
 
-    def forward(signum, frame):   # noqa: ARG001
+    def forward(signum, frame):
         try:
             proc.send_signal(signum)
         except ProcessLookupError:
             pass
+        before = previous.get(signum)
+        if callable(before) and before is not signal.default_int_handler:
+            before(signum, frame)  # e.g. compare's stop flag: it must not start the next run
 
     for sig in FORWARDED:
         previous[sig] = signal.signal(sig, forward)
     try:
         return proc.wait()
     finally:
-        for sig, prev in previous.items():
-            signal.signal(sig, prev)
+        for signum, prev in previous.items():
+            signal.signal(signum, prev)

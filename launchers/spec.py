@@ -1,8 +1,13 @@
-"""What to launch and how: one dataclass, validated, whose fields are also the CLI flags."""
+"""What to launch and how: one dataclass, validated, whose fields are also the CLI flags.
+
+Each launcher-specific field says which launchers read it (``LAUNCHER_OPTIONS``); giving it to
+another launcher is refused, because that launcher would silently drop it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from harness.config import option, validate_fields
 from harness.errors import ConfigError
@@ -10,39 +15,56 @@ from harness.errors import ConfigError
 LAUNCHERS = ("horovodrun", "mpirun", "srun", "sbatch", "local")
 
 
+def _opt(default: Any, help: str, launchers: tuple[str, ...] = LAUNCHERS, **kw: Any) -> Any:
+    """``option()`` plus the launchers that read the field; their names start the help text."""
+    base = option(default, help if launchers == LAUNCHERS else f"{'/'.join(launchers)}: {help}",
+                  **kw)
+    meta = {**base.metadata, "launchers": launchers}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+HVD, MPI, SLURM = ("horovodrun",), ("mpirun",), ("srun", "sbatch")
+
+
 @dataclass(kw_only=True)
 class LaunchSpec:
-    launcher: str = option("horovodrun", "how to start the ranks", LAUNCHERS)
-    np: int = option(2, "number of processes (ranks)", minimum=1)
-    hosts: str | None = option(None, "hosts with slots, e.g. node1:2,node2:2")
-    hostfile: str | None = option(None, "hostfile (horovodrun/mpirun)")
-    controller: str | None = option(None, "horovodrun: Horovod controller", ("gloo", "mpi"))
-    timeline_filename: str | None = option(None, "horovodrun: write Horovod's timeline here")
-    fusion_threshold_mb: float | None = option(None, "horovodrun: tensor fusion buffer in MiB",
-                                               minimum=0.0)
-    cycle_time_ms: float | None = option(None, "horovodrun: cycle time in ms", minimum=0.0,
-                                         exclusive_min=True)
-    autotune: bool = option(False, "horovodrun: let Horovod autotune fusion and cycle time")
-    start_timeout: int | None = option(None, "horovodrun: seconds to wait for all ranks",
-                                       minimum=1)
-    mpi_flavour: str = option("openmpi", "mpirun: Open MPI or MPICH/Intel MPI (Hydra) syntax",
-                              ("openmpi", "mpich"))
-    bind_to: str | None = option(None, "mpirun: process binding (core, socket, none, ...)")
-    map_by: str | None = option(None, "mpirun: process mapping (slot, node, socket, ...)")
-    export: list = option([], "environment variables to pass to every rank (mpirun -x, "
-                          "srun --export)")
-    allow_run_as_root: bool = option(False, "mpirun (Open MPI): allow running as root")
-    oversubscribe: bool = option(False, "mpirun (Open MPI): allow more ranks than cores")
-    nodes: int | None = option(None, "srun/sbatch: nodes", minimum=1)
-    ntasks_per_node: int | None = option(None, "srun/sbatch: tasks per node", minimum=1)
-    gpus_per_task: int | None = option(None, "srun/sbatch: GPUs per task", minimum=0)
-    cpus_per_task: int | None = option(None, "srun/sbatch: CPUs per task", minimum=1)
-    srun_mpi: str = option("pmix", "srun: MPI plugin (pmix works with Open MPI 4)")
-    time: str | None = option(None, "sbatch: time limit, e.g. 01:00:00")
-    partition: str | None = option(None, "sbatch: partition")
-    job_name: str | None = option(None, "sbatch: job name")
-    script: str = option("slurm/train.sbatch", "sbatch: the batch script to submit")
-    python: str = option("python", "interpreter each rank runs (the harness's virtualenv)")
+    launcher: str = _opt("horovodrun", "how to start the ranks", choices=LAUNCHERS)
+    np: int = _opt(2, "number of processes (ranks)", minimum=1)
+    hosts: str | None = _opt(None, "hosts with slots, e.g. node1:2,node2:2", HVD + MPI)
+    hostfile: str | None = _opt(None, "hostfile", HVD + MPI)
+    controller: str | None = _opt(None, "Horovod controller", HVD, choices=("gloo", "mpi"))
+    timeline_filename: str | None = _opt(None, "write Horovod's timeline here", HVD)
+    fusion_threshold_mb: float | None = _opt(None, "tensor fusion buffer in MiB", HVD,
+                                             minimum=0.0)
+    cycle_time_ms: float | None = _opt(None, "cycle time in ms", HVD, minimum=0.0,
+                                       exclusive_min=True)
+    autotune: bool = _opt(False, "let Horovod autotune fusion and cycle time", HVD)
+    start_timeout: int | None = _opt(None, "seconds to wait for all ranks", HVD, minimum=1)
+    mpi_flavour: str = _opt("openmpi", "Open MPI or MPICH/Intel MPI (Hydra) syntax", MPI,
+                            choices=("openmpi", "mpich"))
+    bind_to: str | None = _opt(None, "process binding (core, socket, none, ...)", MPI)
+    map_by: str | None = _opt(None, "process mapping (slot, node, socket, ...)", MPI)
+    export: list = _opt([], "environment variables to pass to every rank (mpirun -x, "
+                        "srun/sbatch --export)", MPI + SLURM)
+    allow_run_as_root: bool = _opt(False, "(Open MPI) allow running as root", MPI)
+    oversubscribe: bool = _opt(False, "(Open MPI) allow more ranks than cores", MPI)
+    nodes: int | None = _opt(None, "nodes (sbatch default: 1, or np / ntasks_per_node)", SLURM,
+                             minimum=1)
+    ntasks_per_node: int | None = _opt(None, "tasks per node (sbatch default: np / nodes)",
+                                       SLURM, minimum=1)
+    gpus_per_task: int | None = _opt(None, "GPUs per task (sbatch default: the script's, 1 in "
+                                     "train.sbatch)", SLURM, minimum=0)
+    cpus_per_task: int | None = _opt(None, "CPUs per task (sbatch default: the script's)", SLURM,
+                                     minimum=1)
+    srun_mpi: str = _opt("pmix", "MPI plugin (pmix works with Open MPI 4)", ("srun",))
+    time: str | None = _opt(None, "time limit, e.g. 01:00:00", ("sbatch",))
+    partition: str | None = _opt(None, "partition", ("sbatch",))
+    job_name: str | None = _opt(None, "job name", ("sbatch",))
+    script: str | None = _opt(None, "the batch script to submit (default: this harness's "
+                              "slurm/train.sbatch)", ("sbatch",))
+    python: str = _opt("python", "interpreter each rank runs (the harness's virtualenv)")
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -51,20 +73,33 @@ class LaunchSpec:
         if self.launcher == "local" and self.np != 1:
             raise ConfigError(f"launcher 'local' runs one process, but np = {self.np}: use "
                               "horovodrun or mpirun for several ranks")
-        horovodrun_only = {"controller": self.controller,
-                           "timeline_filename": self.timeline_filename,
-                           "fusion_threshold_mb": self.fusion_threshold_mb,
-                           "cycle_time_ms": self.cycle_time_ms, "start_timeout": self.start_timeout}
-        if self.launcher != "horovodrun":
-            for name, value in horovodrun_only.items():
-                if value is not None:
-                    raise ConfigError(f"{name} is a horovodrun option; with launcher "
-                                      f"{self.launcher!r} set the matching run-config key (e.g. "
-                                      "--fusion-threshold-mb after --) instead")
-        if self.launcher in ("srun", "sbatch") and (self.hosts or self.hostfile):
+        if self.launcher in SLURM and (self.hosts or self.hostfile):
             raise ConfigError(f"{self.launcher} takes its hosts from SLURM: drop hosts/hostfile "
                               "and use nodes/ntasks_per_node")
+        self._refuse_options_of_other_launchers()
         if self.nodes and self.ntasks_per_node and self.nodes * self.ntasks_per_node != self.np:
             raise ConfigError(f"np = {self.np} but nodes x ntasks_per_node = "
                               f"{self.nodes} x {self.ntasks_per_node} = "
                               f"{self.nodes * self.ntasks_per_node}: make them agree")
+        if self.nodes and self.nodes > self.np:
+            raise ConfigError(f"nodes = {self.nodes} is more than the np = {self.np} ranks: ask "
+                              f"for at most {self.np} nodes, or more ranks")
+
+    def _refuse_options_of_other_launchers(self) -> None:
+        """An option the chosen launcher does not read would be dropped without a word."""
+        for f in fields(self):
+            readers = f.metadata.get("launchers", LAUNCHERS)
+            if self.launcher in readers:
+                continue
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            if getattr(self, f.name) == default:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            hint = {"fusion_threshold_mb": "--fusion-threshold-mb after --",
+                    "cycle_time_ms": "--cycle-time-ms after --",
+                    "timeline_filename": "--horovod-timeline after --"}.get(f.name)
+            fix = f"set the run-config key instead ({hint})" if hint else \
+                f"drop it, or use --launcher {' or '.join(readers)}"
+            raise ConfigError(f"{f.name} ({flag}) is {'an' if readers[0][0] in 'ms' else 'a'} "
+                              f"{'/'.join(readers)} option; launcher {self.launcher!r} would "
+                              f"ignore it: {fix}")

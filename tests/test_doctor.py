@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
-from conftest import PY, harness, needs_horovod, run
-from harness.doctor import FAIL, OK, diagnose, failed_requirements
+from conftest import PY, harness, needs_horovod, needs_mpi, run
+from harness.doctor import FAIL, OK, WARN, diagnose, failed_requirements
 
 GOOD = {
     "python": "3.11.7",
@@ -74,3 +75,114 @@ def test_doctor_detects_a_missing_framework(tmp_path):
     assert "problem(s) with required components (tensorflow)" in p.stdout
     p = run(harness("doctor", "--require", "torch,nonsense"))
     assert p.returncode == 2 and "unknown component(s) nonsense" in p.stderr
+
+
+# --- MPI that cannot start, HOROVOD_* variables (issue 12, item 20) ----------------------------
+
+OPEN_MPI_NO_SSH = """--------------------------------------------------------------------------
+The value of the MCA parameter "plm_rsh_agent" was set to a path
+that could not be found:
+
+  plm_rsh_agent: ssh : rsh
+
+Please either unset the parameter, or check that the path is correct
+--------------------------------------------------------------------------
+[vm:28997] [[INVALID],INVALID] ORTE_ERROR_LOG: Unable to start a daemon on the local node \
+in file ess_singleton_module.c at line 716
+  ompi_mpi_init: ompi_rte_init failed
+  --> Returned "Unable to start a daemon on the local node" (-127) instead of "Success" (0)
+*** An error occurred in MPI_Init
+[vm:28997] Local abort before MPI_INIT completed completed successfully, but am not able to \
+aggregate error messages, and not able to guarantee that all other processes were killed!
+"""
+
+
+def test_the_cause_of_an_mpi_start_failure_is_picked_out():
+    from harness.doctor import mpi_start_failure
+
+    assert "neither ssh nor rsh on PATH" in mpi_start_failure(OPEN_MPI_NO_SSH)
+    no_daemon = OPEN_MPI_NO_SSH.split("[vm:28997] [[INVALID]")[1]
+    assert mpi_start_failure(no_daemon) == "Unable to start a daemon on the local node"
+
+
+def test_mpi4py_that_imports_but_cannot_start_mpi_says_so():
+    facts = json.loads(json.dumps(GOOD))
+    facts["mpi4py"]["init_error"] = "Open MPI found neither ssh nor rsh on PATH (...)"
+    facts["mpirun"] = None
+    found = [f for f in diagnose(facts) if f.component == "mpi4py"]
+    assert [f.status for f in found] == [FAIL]
+    assert "mpi4py 4.1.2 imports (Open MPI v4.1.4), but MPI cannot start" in found[0].detail
+    assert "neither ssh nor rsh" in found[0].detail and "mpirun is not on PATH" in found[0].detail
+    assert "ssh" in found[0].fix and "does not import" not in found[0].detail
+
+
+def env_findings(env, **facts_changes):
+    facts = json.loads(json.dumps(GOOD))
+    facts.update(horovod_env=env, **facts_changes)
+    return [f for f in diagnose(facts) if f.component == "horovod-env"]
+
+
+def test_horovod_variables_are_checked():
+    (f,) = env_findings({"HOROVOD_CONTROLLER": "bogus"})
+    assert f.status == FAIL and "HOROVOD_CONTROLLER='bogus' is not one of mpi, gloo" in f.detail
+    assert failed_requirements([f], ["horovod"]) == [f]
+    (f,) = env_findings({"HOROVOD_FUSION_THRESHOLD": "64MB"})
+    assert f.status == FAIL and "would read it as 64" in f.detail
+    (f,) = env_findings({"HOROVOD_CONTROLLER": "gloo"},
+                        torch={**GOOD["torch"], "horovod": {"mpi": True, "gloo": False}},
+                        tensorflow={**GOOD["tensorflow"], "horovod": {"mpi": True}})
+    assert f.status == FAIL and "built without GLOO" in f.detail
+    (f,) = env_findings({"HOROVOD_STALL_CHECK_TIME_SECONDS": "5"})
+    assert f.status == WARN and "--stall-timeout-s" in f.fix
+    (f,) = env_findings({"HOROVOD_RANK": "1", "HOROVOD_SIZE": "2"})
+    assert f.status == WARN and "HOROVOD_RANK, HOROVOD_SIZE" in f.detail
+    (f,) = env_findings({"HOROVOD_CONTROLLER": "MPI", "HOROVOD_CYCLE_TIME": "2.5"})
+    assert f.status == OK and "HOROVOD_CONTROLLER=MPI" in f.detail
+
+
+def test_a_bad_horovod_variable_is_refused_before_horovod_starts(monkeypatch):
+    from harness.backends.common import apply_horovod_environment
+    from harness.config import RunConfig
+    from harness.env import World
+    from harness.errors import ConfigError
+
+    monkeypatch.setenv("HOROVOD_CONTROLLER", "bogus")
+    monkeypatch.delenv("HOROVOD_STALL_CHECK_TIME_SECONDS", raising=False)
+    with pytest.raises(ConfigError, match="HOROVOD_CONTROLLER='bogus' is not one of mpi, gloo"):
+        apply_horovod_environment(RunConfig(), World(0, 1, 0, 1))
+    assert "HOROVOD_STALL_CHECK_TIME_SECONDS" not in os.environ       # nothing exported
+    monkeypatch.setenv("HOROVOD_CONTROLLER", "gloo")
+    monkeypatch.setenv("HOROVOD_STALL_CHECK_TIME_SECONDS", "soon")    # the harness sets it
+    env = apply_horovod_environment(RunConfig(), World(0, 1, 0, 1))
+    assert os.environ["HOROVOD_STALL_CHECK_TIME_SECONDS"] == env["HOROVOD_STALL_CHECK_TIME_SECONDS"]
+
+
+@pytest.mark.framework
+@needs_horovod
+def test_training_with_a_bad_controller_stops_with_one_line(tmp_path):
+    """Before: Horovod's background thread threw and the process aborted (exit 134)."""
+    p = run(harness("train", "--allreduce", "horovod", "--model", "mlp", "--epochs", "1",
+                    "--out-dir", tmp_path / "out"), env={"HOROVOD_CONTROLLER": "bogus"},
+            timeout=120)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines() == [
+        "harness: error (rank 0): HOROVOD_CONTROLLER='bogus' is not one of mpi, gloo (Horovod "
+        "would abort at start): set one of them, or unset it (horovodrun sets it for its ranks)"]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.framework
+@needs_mpi
+def test_real_doctor_without_mpi_on_path_and_a_bad_controller(tmp_path):
+    """No mpirun (nor ssh) on PATH: mpi4py imports, MPI cannot start, and the doctor says why;
+    HOROVOD_CONTROLLER=bogus is a problem, not "all usable"."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    p = run([PY, "-m", "harness", "doctor", "--require", "horovod,mpi4py"], timeout=300,
+            env={"PATH": str(empty), "HOROVOD_CONTROLLER": "bogus"})
+    assert p.returncode == 1, p.stdout + p.stderr
+    lines = {ln.split()[1]: ln for ln in p.stdout.splitlines() if ln.startswith("[")}
+    assert "HOROVOD_CONTROLLER='bogus' is not one of mpi, gloo" in p.stdout
+    assert "does not import" not in p.stdout
+    assert "imports (Open MPI" in lines["mpi4py"] and "neither ssh nor rsh" in lines["mpi4py"]
+    assert "no mpirun on PATH" in lines["mpirun"]

@@ -1,13 +1,18 @@
 """Launcher builders: exact argv lists (values with spaces and quotes stay single elements)."""
 
+import dataclasses
 import os
 import shlex
+import typing
+from pathlib import Path
 
 import pytest
 
-from conftest import PY, harness, run
+from conftest import PY, REPO, harness, run
+from harness.config import RunConfig, parse_train_args
 from harness.errors import ConfigError
 from launchers import LaunchSpec, build_argv
+from launchers.spec import LAUNCHERS
 
 ARGS = ["--framework", "torch", "--run-name", "my run's \"best\""]
 PROG = ["/opt/my env/bin/python", "-m", "harness", "train", *ARGS]
@@ -52,12 +57,62 @@ def test_srun():
         "--export=ALL,NCCL_DEBUG", *PROG]
 
 
+SBATCH_EXPORT = f"--export=ALL,HARNESS_ROOT={REPO},HARNESS_PYTHON=/opt/my env/bin/python"
+TRAIN_SBATCH = str(REPO / "slurm" / "train.sbatch")
+
+
 def test_sbatch_passes_train_args_to_the_script():
     s = spec(launcher="sbatch", np=8, nodes=2, ntasks_per_node=4, gpus_per_task=1, time="1:00:00",
-             partition="gpu", job_name="exp 1")
+             partition="gpu", job_name="exp 1", export=["NCCL_DEBUG"])
     assert build_argv(s, ARGS) == [
         "sbatch", "--ntasks=8", "--nodes=2", "--ntasks-per-node=4", "--gpus-per-task=1",
-        "--time=1:00:00", "--partition=gpu", "--job-name=exp 1", "slurm/train.sbatch", *ARGS]
+        "--time=1:00:00", "--partition=gpu", "--job-name=exp 1", SBATCH_EXPORT + ",NCCL_DEBUG",
+        TRAIN_SBATCH, *ARGS]
+
+
+def test_sbatch_refuses_a_path_that_export_would_split():
+    with pytest.raises(ConfigError, match="HARNESS_PYTHON '/a,b/python' contains a comma"):
+        build_argv(LaunchSpec(launcher="sbatch", python="/a,b/python"), ARGS)
+
+
+def script_directives(path: str) -> dict[str, str]:
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("#SBATCH --") and "=" in line:
+            key, value = line.removeprefix("#SBATCH --").split("=", 1)
+            out[key] = value.strip()
+    return out
+
+
+@pytest.mark.parametrize("kw, nodes, per_node", [
+    ({"np": 2}, 1, 2),                             # train.sbatch asks for 2 nodes x 4
+    ({"np": 8, "nodes": 2}, 2, 4),
+    ({"np": 7, "nodes": 2}, 2, 4),                 # --ntasks=7: at most 4 on a node
+    ({"np": 8, "ntasks_per_node": 4}, 2, 4),
+    ({"np": 6, "ntasks_per_node": 4}, 2, 4),
+    ({"np": 4, "nodes": 4, "ntasks_per_node": 1}, 4, 1),
+])
+def test_sbatch_layout_replaces_the_scripts(kw, nodes, per_node):
+    """-np N alone must not inherit train.sbatch's --nodes=2 --ntasks-per-node=4: every layout
+    directive of the script is given on the command line, which wins over #SBATCH lines."""
+    argv = build_argv(spec(launcher="sbatch", **kw), ARGS)
+    assert argv[:4] == ["sbatch", f"--ntasks={kw['np']}", f"--nodes={nodes}",
+                        f"--ntasks-per-node={per_node}"]
+    script = argv[argv.index(ARGS[0]) - 1]
+    assert script == TRAIN_SBATCH
+    given = {a.removeprefix("--").split("=")[0] for a in argv if a.startswith("--")}
+    layout = {"nodes", "ntasks", "ntasks-per-node"}
+    assert layout & set(script_directives(script)) <= given
+
+
+def test_sbatch_from_another_folder_submits_this_harness(tmp_path):
+    """The dry run names the script by absolute path and tells it where the harness and its
+    Python are, whatever the current folder."""
+    p = run(harness("launch", "--launcher", "sbatch", "-np", "2", "--dry-run", "--", *ARGS),
+            cwd=tmp_path, check=True)
+    argv = shlex.split(p.stdout.strip())
+    assert argv == ["sbatch", "--ntasks=2", "--nodes=1", "--ntasks-per-node=2",
+                    f"--export=ALL,HARNESS_ROOT={REPO},HARNESS_PYTHON={PY}", TRAIN_SBATCH, *ARGS]
 
 
 def test_local_is_the_program():
@@ -66,15 +121,85 @@ def test_local_is_the_program():
 
 @pytest.mark.parametrize("kw, message", [
     ({"launcher": "local", "np": 2}, "runs one process"),
-    ({"launcher": "mpirun", "controller": "gloo"}, "controller is a horovodrun option"),
+    ({"launcher": "mpirun", "controller": "gloo"},
+     r"controller \(--controller\) is a horovodrun option"),
     ({"launcher": "srun", "hosts": "a:1"}, "takes its hosts from SLURM"),
     ({"hosts": "a:1", "hostfile": "h"}, "not both"),
     ({"launcher": "srun", "np": 6, "nodes": 2, "ntasks_per_node": 4}, "make them agree"),
     ({"np": 0}, "np = 0 is out of range"),
+    ({"launcher": "mpirun", "time": "1:00:00"}, r"time \(--time\) is an sbatch option"),
+    ({"launcher": "sbatch", "bind_to": "core"}, r"bind_to \(--bind-to\) is an mpirun option"),
+    ({"launcher": "horovodrun", "export": ["PATH"]}, "export .* is an mpirun/srun/sbatch option"),
+    ({"launcher": "srun", "script": "my.sbatch"}, "script .* is an sbatch option"),
+    ({"launcher": "sbatch", "np": 1, "nodes": 2}, "nodes = 2 is more than the np = 1 ranks"),
 ])
 def test_bad_launch_options(kw, message):
     with pytest.raises(ConfigError, match=message):
         LaunchSpec(**kw)
+
+
+def _other_value(f):
+    """A valid value of launcher field ``f`` that is not its default."""
+    if f.metadata.get("choices"):
+        default = f.default
+        return next(c for c in f.metadata["choices"] if c != default)
+    typ = typing.get_type_hints(LaunchSpec)[f.name]
+    base = [t for t in typing.get_args(typ) if t is not type(None)] or [typ]
+    return {bool: True, int: 2, float: 1.5, list: ["PATH"], str: "x"}[base[0]]
+
+
+LAUNCHER_FIELDS = [f for f in dataclasses.fields(LaunchSpec)
+                   if f.metadata.get("launchers", LAUNCHERS) != LAUNCHERS]
+
+
+def test_every_launcher_option_says_which_launchers_read_it():
+    universal = {"launcher", "np", "python"}
+    assert {f.name for f in LAUNCHER_FIELDS} == \
+        {f.name for f in dataclasses.fields(LaunchSpec)} - universal
+
+
+@pytest.mark.parametrize("f", LAUNCHER_FIELDS, ids=lambda f: f.name)
+def test_an_option_is_refused_by_every_launcher_that_would_drop_it(f):
+    """Each launcher-specific option: accepted by the launchers that read it (and changes their
+    command line), refused with its name by the others (issue 12, item 19)."""
+    value = _other_value(f)
+    for launcher in LAUNCHERS:
+        np_ = 1 if launcher == "local" else 4
+        if launcher in f.metadata["launchers"]:
+            plain = build_argv(spec(launcher=launcher, np=np_), ARGS)
+            assert build_argv(spec(launcher=launcher, np=np_, **{f.name: value}), ARGS) != plain
+        else:
+            with pytest.raises(ConfigError, match=f.name):
+                spec(launcher=launcher, np=np_, **{f.name: value})
+
+
+@pytest.mark.parametrize("launcher, flag", [("mpirun", ["--time", "1:00:00"]),
+                                            ("sbatch", ["--bind-to", "core"]),
+                                            ("horovodrun", ["--nodes", "2"])])
+def test_launch_refuses_another_launchers_option(launcher, flag):
+    p = run(harness("launch", "--launcher", launcher, *flag, "--dry-run", "--", *ARGS))
+    assert p.returncode == 2 and not p.stdout
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert f"({flag[0]})" in p.stderr and launcher in p.stderr
+
+
+def test_abbreviated_flags_are_refused():
+    """horovodrun parses the program's flags with its own argparse, where `--stall` is
+    ambiguous: the check before launching must not accept an abbreviation either."""
+    names = ["--config"] + ["--" + f.name.replace("_", "-") for f in dataclasses.fields(RunConfig)]
+    for name in names:
+        for cut in range(3, len(name)):
+            short = name[:cut]
+            if short not in names and sum(n.startswith(short) for n in names) == 1:
+                with pytest.raises(ConfigError, match=f"unrecognized arguments: {short}"):
+                    parse_train_args([short, "1"])
+                break
+    p = run(harness("launch", "-np", "2", "--dry-run", "--", "--stall", "60"))
+    assert p.returncode == 2 and "unrecognized arguments: --stall 60" in p.stderr
+    p = run(harness("train", "--stall", "60"))
+    assert p.returncode == 2 and "unrecognized arguments: --stall 60" in p.stderr
+    p = run(harness("launch", "--launch", "mpirun", "--dry-run", "--", *ARGS))
+    assert p.returncode == 2 and "--launch" in p.stderr
 
 
 def test_dry_run_prints_the_exact_command():
@@ -123,3 +248,35 @@ def test_launcher_runs_from_the_virtualenv_without_activation(tmp_path):
     assert env["PATH"].split(os.pathsep)[0] == os.path.dirname(sys.executable)
     with pytest.raises(LaunchError, match="'no-such-launcher' is not on PATH"):
         run_launcher(["no-such-launcher"])
+
+
+def test_runner_forwards_a_stop_signal_and_keeps_the_callers_handler(tmp_path):
+    """The launcher gets the signal (its ranks checkpoint and exit 75), and a handler installed
+    before the run still hears of it: `harness compare` must not start its next run."""
+    import signal
+    import sys
+    import threading
+    import time
+
+    from launchers.runner import run as run_launcher
+
+    ready = tmp_path / "ready"
+    child = ("import signal, sys, time\n"
+             "signal.signal(signal.SIGUSR1, lambda *a: sys.exit(75))\n"
+             f"open({str(ready)!r}, 'w').close()\n"
+             "time.sleep(30)\n")
+
+    def warn():
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    heard = []
+    before = signal.signal(signal.SIGUSR1, lambda signum, frame: heard.append(signum))
+    try:
+        threading.Thread(target=warn, daemon=True).start()
+        assert run_launcher([sys.executable, "-c", child]) == 75
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    assert heard == [signal.SIGUSR1]

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import (PY, REPO, checkpoint_weights, latest_checkpoint, launch, needs_horovod,
-                      read_jsonl, run, summary)
+from conftest import (PY, REPO, checkpoint_weights, harness, latest_checkpoint, launch,
+                      needs_horovod, read_jsonl, run, summary)
 from slurm_cluster import Cluster, available
 
 pytestmark = [pytest.mark.slurm, needs_horovod,
@@ -76,6 +76,22 @@ def test_ps_sbatch(cluster, jobs):
     s = summary(jobs / "results" / f"harness-ps-{job}")
     assert s["workers"] == 3 and s["updates"] == 3 * 2 * (1437 // 96)
     assert s["final_eval_acc"] > 0.5 and s["staleness_mean"] is not None
+
+
+def test_harness_launch_sbatch_from_another_folder_asks_for_what_np_says(cluster, jobs):
+    """`harness launch --launcher sbatch -np 2` started outside the repository: one node with
+    two tasks (not train.sbatch's 2 nodes x 4), the harness found, the run folder relative to
+    where it was launched (issue 12, item 17)."""
+    p = run(harness("launch", "--launcher", "sbatch", "-np", "2", "--gpus-per-task", "0",
+                    "--cpus-per-task", "1", "--", "--framework", "torch", "--model", "mlp",
+                    "--epochs", "1", "--out-dir", "my results"),
+            env={"SLURM_CONF": str(cluster.conf)}, cwd=jobs, check=True)
+    job = int(p.stdout.split()[-1])                  # "Submitted batch job N"
+    info = cluster.wait(job, timeout=240)
+    assert info["JobState"] == "COMPLETED", output(jobs, job)
+    assert info["NumNodes"] == "1" and info["NumTasks"] == "2", info
+    s = summary(jobs / "my results" / f"harness-train-{job}")
+    assert s["world_size"] == 2
 
 
 def test_compare_sbatch(cluster, jobs):

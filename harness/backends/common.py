@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 
@@ -64,8 +66,57 @@ def horovod_environment(cfg: RunConfig, world: World) -> dict[str, str]:
     return env
 
 
+#: Horovod reads these when it starts (hvd.init); any other value makes its background thread
+#: throw, and the process aborts in C++ (exit 134). Compared without case, as Horovod does.
+HOROVOD_CHOICES = {"HOROVOD_CONTROLLER": ("mpi", "gloo"),
+                   "HOROVOD_CPU_OPERATIONS": ("mpi", "gloo", "ccl")}
+#: numbers Horovod reads with strtol/strtod: what is not a number silently counts as its digits
+#: prefix, or 0 (HOROVOD_FUSION_THRESHOLD=64MB is 64 bytes; =abc disables fusion)
+HOROVOD_INTEGERS = ("HOROVOD_FUSION_THRESHOLD", "HOROVOD_CACHE_CAPACITY",
+                    "HOROVOD_STALL_CHECK_DISABLE", "HOROVOD_STALL_CHECK_TIME_SECONDS",
+                    "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "HOROVOD_HIERARCHICAL_ALLREDUCE",
+                    "HOROVOD_HIERARCHICAL_ALLGATHER", "HOROVOD_AUTOTUNE",
+                    "HOROVOD_NUM_NCCL_STREAMS", "HOROVOD_BATCH_D2D_MEMCOPIES")
+HOROVOD_FLOATS = ("HOROVOD_CYCLE_TIME",)
+#: set by ``harness train`` from the run config on every start, replacing the environment's
+HARNESS_SETS_ALWAYS = {"HOROVOD_STALL_CHECK_TIME_SECONDS": "stall_timeout_s",
+                       "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "stall_timeout_s"}
+
+
+def horovod_variable_problems(env: Mapping[str, str]) -> list[tuple[str, str, str]]:
+    """(variable, problem, fix) for each HOROVOD_* value Horovod would abort on or misread.
+    Pure: ``env`` is the environment Horovod will see."""
+    problems = []
+    for name, valid in HOROVOD_CHOICES.items():
+        value = env.get(name)
+        if value is not None and value.lower() not in valid:
+            problems.append((name, f"{name}={value!r} is not one of {', '.join(valid)} (Horovod "
+                                   "would abort at start)",
+                             "set one of them, or unset it (horovodrun sets it for its ranks)"))
+    for name in (*HOROVOD_INTEGERS, *HOROVOD_FLOATS):
+        value = env.get(name)
+        if value is None:
+            continue
+        number = r"[+-]?\d+" if name in HOROVOD_INTEGERS else \
+            r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?"
+        if re.fullmatch(rf"\s*{number}\s*", value):
+            continue
+        prefix = re.match(rf"\s*{number}", value)
+        kind = "a whole number" if name in HOROVOD_INTEGERS else "a number"
+        problems.append((name, f"{name}={value!r} is not {kind} (Horovod would read it as "
+                               f"{prefix.group().strip() if prefix else '0'})",
+                         f"give {kind}, or unset it"))
+    return problems
+
+
 def apply_horovod_environment(cfg: RunConfig, world: World) -> dict[str, str]:
+    """Export the config's Horovod settings, after checking every HOROVOD_* value Horovod will
+    read: a bad one is a ConfigError here, not an abort inside Horovod's C++ thread."""
     env = horovod_environment(cfg, world)
+    problems = horovod_variable_problems({**os.environ, **env})
+    if problems:
+        _, problem, fix = problems[0]
+        raise ConfigError(f"{problem}: {fix}")
     os.environ.update(env)
     return env
 
