@@ -21,6 +21,7 @@ from pathlib import Path
 
 from harness.config import parse_train_args
 from harness.errors import ConfigError, HarnessError
+from harness.preemption import EXIT_PREEMPTED, StopFlag
 
 
 @dataclass
@@ -53,8 +54,9 @@ def _refuse_duplicates(items: list, value: str, what: str) -> None:
 
 
 def plan(train_args: list[str], frameworks: list[str], nps: list[int], modes: list[str],
-         launcher: str, out_dir: Path, python: str) -> list[Job]:
-    """The jobs of a comparison, as launcher argv lists (pure: nothing runs)."""
+         launcher: str, out_dir: Path, python: str, resume: bool = False) -> list[Job]:
+    """The jobs of a comparison, as launcher argv lists (pure: nothing runs). ``resume``: runs
+    continue their own folders (a finished one is left as it is), else they must be new."""
     from launchers.builders import build_argv
     from launchers.spec import LaunchSpec
 
@@ -67,7 +69,7 @@ def plan(train_args: list[str], frameworks: list[str], nps: list[int], modes: li
                 ranks = n + (cfg.ps_servers if mode == "async" else 0)
                 name = f"{fw}-{mode}-np{n}" if mode == "sync" else f"{fw}-ps-{n}w"
                 args = [*train_args, "--framework", fw, "--mode", mode, "--out-dir",
-                        str(out_dir), "--run-name", name, "--resume", "never"]
+                        str(out_dir), "--run-name", name, "--resume", "auto" if resume else "never"]
                 use = launcher if mode == "sync" or launcher == "srun" else "mpirun"
                 spec = LaunchSpec(launcher=use, np=ranks, python=python,
                                   allow_run_as_root=use == "mpirun" and os.geteuid() == 0,
@@ -99,23 +101,36 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ConfigError(f"--np {args.np!r}: rank counts must be at least 1")
     _refuse_duplicates(nps, args.np, "np")                      # 2,02 is 2 twice
     out_dir = Path(args.out_dir or f"results/compare-{time.strftime('%Y%m%d-%H%M%S')}")
-    jobs = plan(train_args, frameworks, nps, modes, args.launcher, out_dir, sys.executable)
+    if args.resume and not args.out_dir:
+        raise ConfigError("--resume continues a comparison: give its --out-dir")
+    jobs = plan(train_args, frameworks, nps, modes, args.launcher, out_dir, sys.executable,
+                resume=args.resume)
     existing = [j.name for j in jobs if (out_dir / j.name).exists()]
-    if existing and not args.dry_run:
+    if existing and not args.dry_run and not args.resume:
         raise ConfigError(f"{out_dir} already holds runs {', '.join(existing)}: choose a new "
-                          "--out-dir (the default is a fresh timestamped folder)")
+                          "--out-dir (the default is a fresh timestamped folder), or add --resume "
+                          "to continue that comparison")
     commands = [shlex.join(j.argv) for j in jobs]
     if args.dry_run:
         print("\n".join(commands))
         return 0
-    for i, job in enumerate(jobs, 1):
-        print(f"\n=== [{i}/{len(jobs)}] {job.name}: {shlex.join(job.argv)}", file=sys.stderr,
-              flush=True)
-        code = run(job.argv)
-        if code != 0:
-            raise HarnessError(f"run {job.name} failed with exit code {code}; its command was: "
-                               f"{shlex.join(job.argv)}. Runs finished so far are in {out_dir}; "
-                               f"`harness report` can still compare them.")
+    stop = StopFlag().install()       # a stop signal also reaches the running launcher (runner)
+    try:
+        for i, job in enumerate(jobs, 1):
+            print(f"\n=== [{i}/{len(jobs)}] {job.name}: {shlex.join(job.argv)}",
+                  file=sys.stderr, flush=True)
+            code = run(job.argv)
+            if code == EXIT_PREEMPTED or stop.requested:
+                print(f"harness compare: stopped during {job.name} (preempted); continue with "
+                      f"the same command plus --resume --out-dir {shlex.quote(str(out_dir))}",
+                      file=sys.stderr, flush=True)
+                return EXIT_PREEMPTED
+            if code != 0:
+                raise HarnessError(f"run {job.name} failed with exit code {code}; its command "
+                                   f"was: {shlex.join(job.argv)}. Runs finished so far are in "
+                                   f"{out_dir}; `harness report` can still compare them.")
+    finally:
+        stop.uninstall()
     build_report([out_dir / j.name for j in jobs], out_dir, commands)
     return 0
 
@@ -146,6 +161,9 @@ def add_compare_parser(sub) -> None:
     p.add_argument("--out-dir", help="folder for the runs and the report (default: "
                    "results/compare-<timestamp>)")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the comparison in --out-dir (e.g. a requeued job): finished "
+                        "runs are kept, an interrupted one resumes from its checkpoint")
     p.add_argument("train_args", nargs=argparse.REMAINDER,
                    help="-- followed by `harness train` arguments for every run")
     p.set_defaults(func=cmd_compare)
