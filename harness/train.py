@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,12 @@ def find_resume_checkpoint(cfg: RunConfig, run_dir: Path, log) -> ckpt_io.Checkp
     wins: requeues never go back to PATH.
     """
     ckpt_dir = run_dir / "checkpoints"
+    if cfg.resume == "never" and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0 and \
+            ckpt_io.latest_paths(ckpt_dir):
+        # SLURM requeued this job: the checkpoints are its own, written before the requeue
+        log.info(f"requeued job (SLURM_RESTART_COUNT = {os.environ['SLURM_RESTART_COUNT']}): "
+                 "continuing its own checkpoints despite resume = 'never'")
+        return ckpt_io.load_latest(ckpt_dir, warn=log.warning)
     if cfg.resume == "never":
         existing = ckpt_io.latest_paths(ckpt_dir)
         if existing:

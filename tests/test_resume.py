@@ -161,3 +161,16 @@ def test_resume_path_gives_way_to_the_run_folders_newer_checkpoint(results):
     steps = [r["step"] for r in read_jsonl(results / "ft" / "metrics.jsonl")
              if r["kind"] == "step"]
     assert steps == list(range(SPE + 1, 3 * SPE + 1))     # each step once: nothing redone
+
+
+def test_requeued_job_continues_its_own_run_despite_resume_never(results):
+    """A requeued SLURM job (SLURM_RESTART_COUNT > 0) reruns its command line: with
+    resume = 'never' it used to refuse its own checkpoints and fail the requeue."""
+    a = args_for(1, "--allreduce", "local", "--resume", "never", "--out-dir", results,
+                 "--run-name", "rq")
+    preempt(1, a, SPE + 2)
+    p = run(harness("train", *a))
+    assert p.returncode == 2 and "resume = 'never'" in p.stderr      # a user's rerun: refused
+    p = run(harness("train", *a), env={"SLURM_RESTART_COUNT": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "requeued job" in p.stderr and f"at step {SPE + 2}" in p.stderr
