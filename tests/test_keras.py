@@ -8,6 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import PY, REPO, launch, needs_horovod, read_jsonl, run, summary
+from harness import checkpoint as ck
+from harness.config import RunConfig
+from harness.data import load_dataset
+from models import get_spec
 
 pytestmark = [needs_horovod, pytest.mark.mpi]
 
@@ -88,19 +92,32 @@ def test_learning_rate_schedule_callback(checks):
 
 @pytest.mark.parametrize("keras_flavour", ["keras3", "legacy"])
 def test_harness_fit_loop_trains_digits(keras_flavour, results):
-    run(launch("horovodrun", 2, "--framework", "tensorflow", "--tf-loop", "fit", "--keras",
-               keras_flavour, "--model", "cnn", "--epochs", "4", "--warmup-epochs", "1",
-               "--out-dir", results, "--run-name", "fit"), timeout=300, check=True)
+    ranks, epochs, lr = 2, 4, 0.05
+    run(launch("horovodrun", ranks, "--framework", "tensorflow", "--tf-loop", "fit", "--keras",
+               keras_flavour, "--model", "cnn", "--epochs", epochs, "--warmup-epochs", "1",
+               "--lr", lr, "--out-dir", results, "--run-name", "fit"), timeout=300, check=True)
     s = summary(results / "fit")
     assert s["final_eval_acc"] >= 0.90
     assert s["ranks_consistent"] is True
     records = read_jsonl(results / "fit" / "metrics.jsonl")
     steps = [r for r in records if r["kind"] == "step"]
-    assert len(steps) == 4 * (1437 // 64) and all(np.isfinite(r["loss"]) for r in steps)
-    assert [r["kind"] for r in records].count("epoch") == 4
+    batch = RunConfig().batch_size
+    spe = len(load_dataset("digits", (8, 8, 1), 10).x_train) // (ranks * batch)
+    assert len(steps) == epochs * spe and all(np.isfinite(r["loss"]) for r in steps)
+    assert [r["kind"] for r in records].count("epoch") == epochs
     lrs = [r["lr"] for r in records if r["kind"] == "step"]
-    assert lrs[0] < lrs[-1] == pytest.approx(0.1, rel=1e-5)      # warm-up ran
-    assert (results / "fit" / "checkpoints").is_dir()
+    assert lrs[0] < lrs[-1] == pytest.approx(lr * ranks, rel=1e-5)      # warm-up ran
+    # the checkpoint written at the end of training: the last step, the weights it ended with
+    last = ck.load_latest(results / "fit" / "checkpoints")
+    assert last is not None and last.step == epochs * spe
+    assert last.meta["config"]["tf_loop"] == "fit"
+    init = get_spec("cnn").init_weights(0)
+    assert set(last.weights) == set(init)
+    assert all(np.isfinite(w).all() for w in last.weights.values())
+    assert any(not np.array_equal(last.weights[k], init[k]) for k in init)
+    # ... the weights the run ended with (the summary's checksum of them)
+    total = sum(float(np.sum(w, dtype=np.float64)) for w in last.weights.values())
+    assert total == pytest.approx(s["weights_checksum"], rel=1e-9, abs=1e-9)
 
 
 def test_harness_custom_loop_on_tf_keras(results):

@@ -17,10 +17,29 @@ import pytest
 from conftest import (PY, REPO, checkpoint_weights, harness, latest_checkpoint, launch,
                       needs_horovod, needs_mpi, read_jsonl, run, summary)
 from harness import checkpoint as ck
+from harness.config import RunConfig
+from harness.data import load_dataset
+from harness.preemption import EXIT_STALLED
 
-pytestmark = [needs_horovod, needs_mpi, pytest.mark.mpi]
 
-SHORT = ["--framework", "torch", "--model", "mlp", "--epochs", "3"]
+def multiprocess(test):
+    """A job of several ranks under horovodrun or mpirun (left out of `make test-unit`)."""
+    for mark in (needs_horovod, needs_mpi, pytest.mark.mpi):
+        test = mark(test)
+    return test
+
+
+EPOCHS = 3
+SHORT = ["--framework", "torch", "--model", "mlp", "--epochs", EPOCHS]
+# steps per epoch of SHORT on the digits data (the default batch per rank, the last partial
+# global batch dropped), one rank and two
+N_TRAIN = len(load_dataset("digits", (8, 8, 1), 10).x_train)
+BATCH = RunConfig().batch_size
+SPE1, SPE2 = N_TRAIN // BATCH, N_TRAIN // (2 * BATCH)
+FAULT_STEP = SPE2 + SPE2 // 2          # mid-epoch 2: the epoch-1 checkpoint is the newest
+# the exit codes the README promises: bad input, a run aborted on purpose (NaN, diverged
+# ranks), preempted at a checkpoint
+EXIT_BAD_INPUT, EXIT_ABORTED, EXIT_PREEMPTED = 2, 3, 75
 
 
 def leftover_ranks(marker: str) -> list[str]:
@@ -30,42 +49,49 @@ def leftover_ranks(marker: str) -> list[str]:
 
 # --- rank crashes -----------------------------------------------------------------------------
 
+# kind: (exit code of the job, what must be in its output). The job's exit code is the failed
+# rank's: the harness's 1 for an unexpected error, the fault's os._exit(13), 128 + SIGKILL.
 CRASHES = {
-    "raise": ("raise@1:30", ["unexpected error on rank 1", "injected fault: rank 1 raises"]),
-    "exit": ("exit@1:30", ["13"]),
-    "kill": ("kill@1:30", ["signal 9", "Killed", "-9"]),
+    "raise": (1, [r"unexpected error on rank 1\b",
+                  rf"injected fault: rank 1 raises at step {FAULT_STEP}\b"]),
+    "exit": (13, [r"Exit code:\s+13\n"]),                     # Open MPI's report of the rank
+    "kill": (128 + 9, [r"exited on signal 9 \(Killed\)"]),
 }
 
 
+@multiprocess
 @pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])
 @pytest.mark.parametrize("kind", list(CRASHES))
 def test_rank_crash_ends_the_job_and_names_the_rank(launcher, kind, results):
-    fault, expected = CRASHES[kind]
+    code, expected = CRASHES[kind]
     name = f"crash-{launcher}-{kind}"
     start = time.monotonic()
     p = run(launch(launcher, 2, *SHORT, "--out-dir", results, "--run-name", name),
-            env={"HARNESS_FAULT": fault}, timeout=120)
+            env={"HARNESS_FAULT": f"{kind}@1:{FAULT_STEP}"}, timeout=120)
     elapsed = time.monotonic() - start
     out = p.stdout + p.stderr
-    assert p.returncode != 0, out[-3000:]
+    assert p.returncode == code, f"exit {p.returncode}\n{out[-3000:]}"
     assert elapsed < 60
-    assert any(e in out for e in expected), out[-3000:]
+    for pattern in expected:
+        assert re.search(pattern, out), f"{pattern!r} not in:\n{out[-3000:]}"
     # our own report ("rank 1"), or Open MPI's process name [[job,1],1] for a rank that died
     # without a word (exit, SIGKILL)
     assert re.search(r"rank 1\b|\[\[\d+,\d+\],1\]", out), out[-3000:]
     time.sleep(1)
     assert not leftover_ranks(name), "ranks left running"
-    # step 30 is mid-epoch 2: the epoch-1 checkpoint (step 22) is the last one and it loads
+    # the fault came mid-epoch 2: the epoch-1 checkpoint is the last one and it loads
     c = ck.load_latest(results / name / "checkpoints")
-    assert c is not None and c.step == 22
+    assert c is not None and c.step == SPE2
 
 
+@multiprocess
 def test_hung_rank_is_reported_and_the_job_stopped(results):
     start = time.monotonic()
     p = run(launch("horovodrun", 2, *SHORT, "--stall-timeout-s", "8", "--out-dir", results,
                    "--run-name", "hang"), env={"HARNESS_FAULT": "hang@1:10"}, timeout=120)
     out = p.stdout + p.stderr
-    assert p.returncode != 0 and time.monotonic() - start < 60, out[-3000:]
+    assert p.returncode == EXIT_STALLED, f"exit {p.returncode}\n{out[-3000:]}"
+    assert time.monotonic() - start < 60, out[-3000:]
     assert "rank 1 stalled" in out or "missing ranks: 1" in out.lower(), out[-4000:]
     time.sleep(1)
     assert not leftover_ranks("run-name hang")
@@ -73,21 +99,24 @@ def test_hung_rank_is_reported_and_the_job_stopped(results):
 
 # --- preemption -------------------------------------------------------------------------------
 
+@multiprocess
 def test_signal_checkpoints_and_resume_is_exact(results):
     """SIGTERM reaches rank 1 only, mid-epoch: all ranks agree at the next agreement point,
     rank 0 checkpoints, the job exits 75; the resumed run ends with the weights of an
     uninterrupted run. (SIGUSR1, as SLURM sends it, is covered by tests/test_slurm.py.)"""
-    sig = "sigterm"
-    common = [*SHORT, "--agree-every", "5", "--out-dir", results]
+    sig, agree_every, at = "sigterm", 5, SPE2 + 6
+    stop = -(-at // agree_every) * agree_every       # the first agreement step from `at` on
+    assert stop % SPE2, "the stop must come mid-epoch"
+    common = [*SHORT, "--agree-every", agree_every, "--out-dir", results]
     p = run(launch("horovodrun", 2, *common, "--run-name", "pre"),
-            env={"HARNESS_FAULT": f"{sig}@1:28"}, timeout=120)
-    assert p.returncode != 0
-    assert "stop requested" in p.stderr and "checkpointing at step 30" in p.stderr
+            env={"HARNESS_FAULT": f"{sig}@1:{at}"}, timeout=120)
+    assert p.returncode == EXIT_PREEMPTED, f"exit {p.returncode}\n{p.stderr[-3000:]}"
+    assert "stop requested" in p.stderr and f"checkpointing at step {stop}" in p.stderr
     kinds = [r["kind"] for r in read_jsonl(results / "pre" / "metrics.jsonl")]
     assert kinds.count("preempted") == 1 and "summary" not in kinds
-    assert ck.load_latest(results / "pre" / "checkpoints").step == 30
+    assert ck.load_latest(results / "pre" / "checkpoints").step == stop
     r = run(launch("horovodrun", 2, *common, "--run-name", "pre"), timeout=120, check=True)
-    assert "at step 30" in r.stderr
+    assert f"at step {stop}" in r.stderr
     run(launch("horovodrun", 2, *common, "--run-name", "ref"), timeout=120, check=True)
     a = checkpoint_weights(latest_checkpoint(results / "pre"))
     b = checkpoint_weights(latest_checkpoint(results / "ref"))
@@ -124,25 +153,35 @@ def test_signal_during_checkpoint_write_leaves_a_loadable_checkpoint(sig, tmp_pa
     ck.save(tmp_path, ck.Checkpoint({"position": {"step": 1}}, {"w": np.zeros(4, np.float32)}))
     p = run([PY, "-c", KILL_DURING_WRITE, tmp_path, sig])
     latest = ck.load_latest(tmp_path)
+    names = sorted(f.name for f in tmp_path.iterdir())
     if sig == "SIGKILL":
         assert p.returncode == -9
         assert latest.step == 1                        # the interrupted write is not visible
+        # what is left of it is the writer's temporary file (harness/files.py: atomic_write
+        # writes ".<name>.<random>.tmp" beside <name>), never a file under the real name
+        real = [n for n in names if not n.startswith(".")]
+        temp = [n for n in names if n.startswith(".")]
+        assert real == ["ckpt-000000001.npz"] and len(temp) == 1, names
+        assert re.fullmatch(r"\.ckpt-000000002\.npz\.[^/]+\.tmp", temp[0]), names
     else:
         assert p.returncode == 0 and "flag True" in p.stdout
         assert latest.step == 2 and latest.weights["w"].sum() == 4   # the write completed
-    assert all(not f.name.startswith("ckpt") or f.suffix == ".npz" for f in tmp_path.iterdir())
+        # and nothing else is left: no temporary file
+        assert names == ["ckpt-000000001.npz", "ckpt-000000002.npz"], names
 
 
 # --- storage faults ---------------------------------------------------------------------------
 
+@pytest.mark.framework
 def test_unwritable_output_folder_fails_before_training(tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
     p = run(harness("train", *SHORT, "--allreduce", "local", "--out-dir", blocker / "results"))
-    assert p.returncode == 2 and "is not writable" in p.stderr
+    assert p.returncode == EXIT_BAD_INPUT and "is not writable" in p.stderr
     assert "training" not in p.stderr
 
 
+@pytest.mark.framework
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path):
     mnt = tmp_path / "small"
@@ -152,7 +191,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path):
         args = ["--framework", "torch", "--model", "cnn", "--epochs", "40", "--allreduce", "local",
                 "--out-dir", mnt, "--run-name", "full", "--log-every", "1000"]
         p = run(harness("train", *args), timeout=300)
-        assert p.returncode == 2, p.stderr[-3000:]
+        assert p.returncode == EXIT_BAD_INPUT, p.stderr[-3000:]
         assert "No space left on device" in p.stderr and "the disk is full" in p.stderr
         good = ck.load_latest(mnt / "full" / "checkpoints")
         assert good is not None and good.step > 0
@@ -162,37 +201,56 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path):
         subprocess.run(["umount", str(mnt)], check=False)
 
 
+@pytest.mark.framework
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(results):
+    # checkpoints at the ends of epochs 1 and 2 and at max_steps, mid-epoch 3; two are kept
+    stop = 2 * SPE1 + SPE1 // 2
     args = [*SHORT, "--allreduce", "local", "--out-dir", results, "--run-name", "c"]
-    run(harness("train", *args, "--max-steps", "50"), timeout=120, check=True)
+    run(harness("train", *args, "--max-steps", stop), timeout=120, check=True)
     newest = latest_checkpoint(results / "c")
-    assert newest.name == "ckpt-000000050.npz"
+    assert newest.name == f"ckpt-{stop:09d}.npz"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     p = run(harness("train", *args), timeout=120, check=True)
     assert "skipping unreadable checkpoint" in p.stderr and "corrupt or truncated" in p.stderr
-    assert "resuming from" in p.stderr and "at step 44" in p.stderr
-    assert summary(results / "c")["steps"] == 3 * (1437 // 32)
+    assert "resuming from" in p.stderr and f"at step {2 * SPE1}" in p.stderr
+    assert summary(results / "c")["steps"] == EPOCHS * SPE1
 
 
 # --- numerical faults -------------------------------------------------------------------------
 
+@multiprocess
 def test_nan_stops_the_run_and_no_nan_checkpoint_is_written(results):
     p = run(launch("horovodrun", 2, *SHORT, "--out-dir", results, "--run-name", "nan"),
-            env={"HARNESS_FAULT": "nan@1:30"}, timeout=120)
-    assert p.returncode != 0
-    assert "non-finite loss (nan) at step 30" in p.stderr + p.stdout
+            env={"HARNESS_FAULT": f"nan@1:{FAULT_STEP}"}, timeout=120)
+    out = p.stderr + p.stdout
+    assert p.returncode == EXIT_ABORTED, f"exit {p.returncode}\n{out[-3000:]}"
+    assert f"non-finite loss (nan) at step {FAULT_STEP}" in out
     for path in (results / "nan" / "checkpoints").glob("ckpt-*.npz"):
         assert all(np.isfinite(v).all() for v in ck.load(path).weights.values())
-    assert ck.load_latest(results / "nan" / "checkpoints").step == 22
+    assert ck.load_latest(results / "nan" / "checkpoints").step == SPE2
 
 
-def test_nan_skip_policy_skips_the_step_and_finishes(results):
-    p = run(launch("horovodrun", 2, *SHORT, "--nan-policy", "skip", "--out-dir", results,
-                   "--run-name", "skip"), env={"HARNESS_FAULT": "nan@*:30"}, timeout=120,
-            check=True)
-    assert "step 30: non-finite gradients, update skipped" in p.stderr + p.stdout
+@multiprocess
+@pytest.mark.parametrize("framework,kind,rank", [("torch", "nan", "*"), ("torch", "nan", "1"),
+                                                  ("torch", "inf", "0"),
+                                                  ("tensorflow", "inf", "1")])
+def test_nan_skip_policy_skips_the_step_on_every_rank_and_finishes(framework, kind, rank,
+                                                                   results):
+    """A non-finite batch on every rank or on one only: the averaged gradients are not finite
+    on any rank, so every rank skips the same update and the ranks end with the same weights
+    (a rank that applied it would leave the run with different weights, which fails it)."""
+    args = [*SHORT, "--framework", framework, "--nan-policy", "skip"]
+    p = run(launch("horovodrun", 2, *args, "--out-dir", results, "--run-name", "skip"),
+            env={"HARNESS_FAULT": f"{kind}@{rank}:{FAULT_STEP}"}, timeout=180)
+    out = p.stderr + p.stdout
+    assert p.returncode == 0, f"exit {p.returncode}\n{out[-3000:]}"
+    assert f"step {FAULT_STEP}: non-finite gradients, update skipped" in out
     s = summary(results / "skip")
-    assert s["skipped_steps"] == 1 and s["final_eval_acc"] > 0.8
+    assert s["skipped_steps"] == 1 and s["steps"] == EPOCHS * SPE2
+    assert s["ranks_consistent"] is True and s["weights_spread"] == 0.0
+    assert s["final_eval_acc"] > 0.8
+    w = checkpoint_weights(latest_checkpoint(results / "skip"))
+    assert all(np.isfinite(v).all() for v in w.values())
 
 
 # --- bad input battery ------------------------------------------------------------------------
@@ -243,15 +301,29 @@ BAD_INPUT = {
 }
 
 
+# Cases refused after the framework is imported (data and checkpoints are read by then), and
+# the one that needs two ranks; the others fail in config validation, in half a second.
+AFTER_IMPORT = ("more ranks than samples", "missing npz", "wrong shape", "wrong dtype",
+                "image model on flat data", "nan features", "inf features", "corrupt checkpoint",
+                "checkpoint of another model", "checkpoint of another framework")
+NEEDS_GOOD_RUN = ("checkpoint of another model", "checkpoint of another framework")
+
+
+def bad_input_case(case: str):
+    if case == "more ranks than samples":
+        return pytest.param(case, marks=[needs_horovod, needs_mpi, pytest.mark.mpi])
+    return pytest.param(case, marks=[pytest.mark.framework] if case in AFTER_IMPORT else [])
+
+
 @pytest.fixture(scope="module")
-def bad_inputs(tmp_path_factory):
+def bad_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad")
     (d / "bad.toml").write_text("lr = = 1\n")
     (d / "unknown.toml").write_text("epoch = 3\n")
     (d / "type.toml").write_text('lr = "fast"\n')
     (d / "corrupt.npz").write_bytes(b"PK\x03\x04 not really")
     rng = np.random.default_rng(0)
-    files = {
+    return {
         "bad_toml": d / "bad.toml", "unknown_key": d / "unknown.toml",
         "wrong_type": d / "type.toml", "missing": d / "missing.npz",
         "tiny": write_npz(d / "tiny.npz", x_train=np.zeros((100, 8, 8, 1), np.float32),
@@ -264,42 +336,50 @@ def bad_inputs(tmp_path_factory):
         "nan_x": write_npz(d / "nan.npz", x_train=poisoned((64, 8, 8, 1), 7, np.nan)),
         "inf_x": write_npz(d / "inf.npz", x_test=poisoned((16, 8, 8, 1), 3, -np.inf)),
     }
-    results = d / "results"
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory):
+    """A results folder holding a finished torch/mlp run named "good"."""
+    results = tmp_path_factory.mktemp("good") / "results"
     run(harness("train", "--framework", "torch", "--model", "mlp", "--max-steps", "5",
                 "--allreduce", "local", "--out-dir", results, "--run-name", "good"),
         timeout=120, check=True)
-    return files, results
+    return results
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUT))
-def test_bad_input_gives_one_clear_error_and_writes_nothing(case, bad_inputs):
-    files, results = bad_inputs
+@pytest.mark.parametrize("case", [bad_input_case(c) for c in BAD_INPUT])
+def test_bad_input_gives_one_clear_error_and_writes_nothing(case, bad_files, request, tmp_path):
     args, message = BAD_INPUT[case]
-    args = [a.format(**{k: str(v) for k, v in files.items()}) for a in args]
+    args = [a.format(**{k: str(v) for k, v in bad_files.items()}) for a in args]
+    results = request.getfixturevalue("good_run") if case in NEEDS_GOOD_RUN else tmp_path
     before = {p: p.stat().st_mtime_ns for p in results.rglob("*")}
-    np_ = 2 if case == "more ranks than samples" else 1
-    if np_ > 1:
+    if case == "more ranks than samples":
         p = run(launch("horovodrun", 2, "--framework", "torch", "--out-dir", results, *args),
                 timeout=120)
     else:
         p = run(harness("train", "--framework", "torch", "--allreduce", "local",
                         "--out-dir", results, *args), timeout=120)
-    assert p.returncode == 2, p.stderr[-3000:]
+    assert p.returncode == EXIT_BAD_INPUT, p.stderr[-3000:]
     assert message in p.stderr, p.stderr[-3000:]
     assert "Traceback" not in p.stderr
     after = {p: p.stat().st_mtime_ns for p in results.rglob("*")}
     assert after == before, "the failed run wrote or changed files"
 
 
+@needs_mpi
+@pytest.mark.mpi
 def test_parameter_server_without_workers_is_refused(results):
     p = run(launch("mpirun", 2, "--framework", "torch", "--mode", "async", "--ps-servers", "2",
                    "--out-dir", results))
-    assert p.returncode != 0 and "leaves no worker" in p.stderr
+    assert p.returncode == EXIT_BAD_INPUT, f"exit {p.returncode}\n{p.stderr[-3000:]}"
+    assert "leaves no worker" in p.stderr
     assert not any(results.iterdir())
 
 
 # --- security ---------------------------------------------------------------------------------
 
+@pytest.mark.framework
 def test_results_are_created_with_the_users_umask(tmp_path):
     for mask, mode in ((0o022, 0o644), (0o027, 0o640)):
         out = tmp_path / f"u{mask:o}"
@@ -312,6 +392,7 @@ def test_results_are_created_with_the_users_umask(tmp_path):
             {str(f): oct(stat.S_IMODE(f.stat().st_mode)) for f in files}
 
 
+@pytest.mark.framework
 def test_the_harness_opens_no_network_port(tmp_path):
     """A run without a communication runtime listens on nothing (MPI/Gloo sockets are theirs)."""
     psutil = pytest.importorskip("psutil")

@@ -4,21 +4,29 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 
-from conftest import (FRAMEWORKS, PY, REPO, checkpoint_weights, fw_check, harness, json_line,
+from conftest import (FRAMEWORKS, PY, REPO, checkpoint_weights, harness, json_line,
                       latest_checkpoint, launch, needs_horovod, needs_mpi, read_jsonl, run,
                       summary)
+from harness.config import RunConfig
+from harness.data import load_dataset
 from launchers.builders import mpirun_argv
 from models import get_spec
 from launchers.spec import LaunchSpec
 
 pytestmark = [needs_horovod, pytest.mark.mpi]
 
-DIGITS = ["--model", "cnn", "--dataset", "digits", "--epochs", "4", "--batch-size", "32",
+RANKS, BATCH, EPOCHS = 2, 32, 4          # the digits runs below
+DIGITS = ["--model", "cnn", "--dataset", "digits", "--epochs", EPOCHS, "--batch-size", BATCH,
           "--lr", "0.05", "--target-accuracy", "0.9"]
+
+
+def digits_train_samples() -> int:
+    return len(load_dataset("digits", (8, 8, 1), 10).x_train)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +35,7 @@ def digits_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits")
     runs = {}
     for fw in FRAMEWORKS:
-        run(launch("horovodrun", 2, "--framework", fw, *DIGITS, "--out-dir", out,
+        run(launch("horovodrun", RANKS, "--framework", fw, *DIGITS, "--out-dir", out,
                    "--run-name", fw), timeout=300, check=True)
         runs[fw] = out / fw
     return runs
@@ -67,50 +75,67 @@ def test_digits_two_ranks_reaches_90_percent(fw, digits_runs):
     d = digits_runs[fw]
     s = summary(d)
     assert s["final_eval_acc"] >= 0.90
-    assert s["world_size"] == 2 and s["global_batch"] == 64
-    assert s["time_to_target_s"] is not None and s["samples_per_s_total"] > 0
+    assert s["world_size"] == RANKS and s["global_batch"] == RANKS * BATCH
+    assert s["time_to_target_s"] is not None
     records = read_jsonl(d / "metrics.jsonl")
     kinds = [r["kind"] for r in records]
-    assert kinds[0] == "run" and kinds[-1] == "summary" and kinds.count("epoch") == 4
+    assert kinds[0] == "run" and kinds[-1] == "summary" and kinds.count("epoch") == EPOCHS
     run_rec = records[0]
     assert run_rec["backend"]["gradient_path"] == "horovod"
-    assert run_rec["world"]["size"] == 2
+    assert run_rec["world"]["size"] == RANKS
     assert run_rec["backend"]["versions"]["horovod"] == "0.28.1"
     steps = [r for r in records if r["kind"] == "step"]
-    assert len(steps) == 4 * (1437 // 64)
-    assert all(r["samples_per_s_total"] > r["samples_per_s_rank"] for r in steps)
+    assert len(steps) == EPOCHS * (digits_train_samples() // (RANKS * BATCH))
+    # rates from the config's batches and each step's own time: the total counts every rank's
+    # samples, the per-rank rate one rank's
+    for r in steps:
+        assert r["samples_per_s_total"] == pytest.approx(RANKS * BATCH / r["step_time_s"])
+        assert r["samples_per_s_rank"] == pytest.approx(BATCH / r["step_time_s"])
+    # the summary's rate is the global batch over the median time of the timed steps
+    timed = [r["step_time_s"] for r in steps][s["warmup_steps_excluded"]:]
+    assert s["steps_timed"] == len(timed)
+    assert s["step_time_p50_s"] == pytest.approx(float(np.median(timed)))
+    assert s["samples_per_s_total"] == pytest.approx(RANKS * BATCH / float(np.median(timed)))
+    assert s["samples_per_s_per_device"] == pytest.approx(s["samples_per_s_total"] / RANKS)
+    assert s["samples"] == len(steps) * RANKS * BATCH
     assert json.loads((d / "config.json").read_text())["config"]["framework"] == fw
 
 
 @pytest.mark.parametrize("fw", FRAMEWORKS)
 def test_allreduce_equals_single_rank_with_double_batch(fw, results):
-    """np=2 with batch B == np=1 with batch 2B, through Horovod and through the mpi4py fallback
-    (allreduce = mpi, what runs without Horovod; the results say which path ran)."""
+    """np=2 with batch B == np=1 with batch 2B, through Horovod, through the mpi4py fallback
+    (allreduce = mpi, what runs without Horovod; the results say which path ran) and, for
+    PyTorch, through the flat gradient exchange (grad_exchange = flat), whose loss scaling by
+    1/size must give Horovod's average bit for bit at this power-of-two world size."""
     common = ["--framework", fw, "--model", "mlp", "--momentum", "0", "--lr-scaling", "none",
               "--lr", "0.1", "--max-steps", "15", "--eval-every", "0", "--out-dir", results]
     run(launch("horovodrun", 2, *common, "--batch-size", "16", "--run-name", "np2"),
         timeout=240, check=True)
     run(launch("mpirun", 2, *common, "--batch-size", "16", "--allreduce", "mpi",
                "--run-name", "mpi"), timeout=240, check=True)
+    two_rank = ["np2", "mpi"]
+    if fw == "torch":
+        run(launch("horovodrun", 2, *common, "--batch-size", "16", "--grad-exchange", "flat",
+                   "--run-name", "flat"), timeout=240, check=True)
+        two_rank.append("flat")
     run(launch("local", 1, *common, "--batch-size", "32", "--run-name", "np1"),
         timeout=240, check=True)
     assert read_jsonl(results / "mpi" / "metrics.jsonl")[0]["backend"]["gradient_path"] == "mpi"
     b = checkpoint_weights(latest_checkpoint(results / "np1"))
-    for name in ("np2", "mpi"):
+    for name in two_rank:
         a = checkpoint_weights(latest_checkpoint(results / name))
         for k in b:
             rel = np.abs(a[k] - b[k]).max() / max(np.abs(b[k]).max(), 1e-12)
             assert rel <= 1e-5, f"{name} {k}: relative difference {rel:.2e}"
+    if fw == "torch":
+        rec = read_jsonl(results / "flat" / "metrics.jsonl")[0]["backend"]
+        assert rec["gradient_path"] == "horovod" and rec["settings"]["grad_exchange"] == "flat"
+        flat = checkpoint_weights(latest_checkpoint(results / "flat"))
+        avg = checkpoint_weights(latest_checkpoint(results / "np2"))
+        for k in avg:
+            assert np.array_equal(flat[k], avg[k]), f"flat {k}: not bit for bit"
     init = get_spec("mlp").init_weights(0)
     assert any(not np.array_equal(init[k], b[k]) for k in b)      # it did train
-
-
-def test_tensorflow_and_torch_give_the_same_losses(tmp_path):
-    runs = {fw: fw_check(fw, "fidelity", tmp_path / f"{fw}.npz")["losses"] for fw in FRAMEWORKS}
-    t, f = np.array(runs["torch"]), np.array(runs["tensorflow"])
-    assert abs(t[0] - f[0]) <= 1e-5
-    assert np.abs(t - f).max() <= 1e-3
-    assert t[-1] < t[0] * 0.5                    # it did learn
 
 
 @pytest.mark.parametrize("fw", FRAMEWORKS)
@@ -128,29 +153,6 @@ def test_resume_ends_with_the_same_weights(fw, digits_runs, tmp_path):
 
 
 @pytest.mark.parametrize("fw", FRAMEWORKS)
-def test_model_parameter_counts_match_the_spec(fw):
-    out = fw_check(fw, "models")
-    for name, r in out.items():
-        assert r["same_names_and_shapes"], name
-        assert r["framework_params"] == r["spec_params"], name
-    assert out["resnet50"]["framework_params"] == 25_557_032
-
-
-@pytest.mark.parametrize("model", ["mlp", "cnn", "resnet20", "resnet50"])
-def test_same_initial_weights_give_the_same_outputs(model, tmp_path):
-    for fw in FRAMEWORKS:
-        fw_check(fw, "forward", model, tmp_path / f"{fw}.npy")
-    t, f = np.load(tmp_path / "torch.npy"), np.load(tmp_path / "tensorflow.npy")
-    np.testing.assert_allclose(t, f, rtol=1e-4, atol=1e-4 * np.abs(t).max())
-
-
-@pytest.mark.parametrize("fw", FRAMEWORKS)
-def test_backend_state_round_trips(fw):
-    out = fw_check(fw, "backend")
-    assert all(out.values()), out
-
-
-@pytest.mark.parametrize("fw", FRAMEWORKS)
 def test_horovod_knobs_are_applied(fw, results):
     timeline = results / "timeline.json"
     run(launch("horovodrun", 2, "--framework", fw, "--model", "mlp", "--max-steps", "12",
@@ -163,7 +165,8 @@ def test_horovod_knobs_are_applied(fw, results):
     assert settings["HOROVOD_FUSION_THRESHOLD"] == str(8 * 1024 * 1024)
     assert settings["HOROVOD_CYCLE_TIME"] == "2.0"
     assert settings["compression"] == "fp16" and settings["backward_passes_per_step"] == 2
-    assert summary(results / "knobs")["global_batch"] == 2 * 32 * 2
+    # two ranks of two accumulated micro-batches of the default batch each
+    assert summary(results / "knobs")["global_batch"] == 2 * 2 * RunConfig().batch_size
     assert timeline.exists() and "allreduce" in timeline.read_text().lower()
 
 
@@ -171,7 +174,10 @@ def test_adasum_on_gloo_is_refused_at_start(results):
     p = run(launch("horovodrun", 2, "--framework", "torch", "--model", "mlp", "--reduction",
                    "adasum", "--out-dir", results, extra=("--controller", "gloo")),
             timeout=120)
-    assert p.returncode != 0
+    # every rank refuses it as bad input (exit 2); horovodrun's Gloo runner reports the first
+    # failed rank's code and exits 1 itself (with its own traceback)
+    assert p.returncode == 1, f"exit {p.returncode}\n{p.stderr[-3000:]}"
+    assert re.search(r"Exit code: 2\n", p.stderr), p.stderr[-3000:]
     assert "needs Horovod's MPI controller" in p.stderr
 
 
