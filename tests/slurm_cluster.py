@@ -107,13 +107,21 @@ class Cluster:
         ports = [_free_port() for _ in range(3)]
         self.conf.write_text(_conf(d, socket.gethostname(), ports[0], ports[1:]))
         self._run(["slurmctld"], check=True)
+        # a checkout under /tmp (e.g. a clone made with mktemp -d) stays visible to the jobs
+        repo = Path(__file__).resolve().parents[1]
+        keep = repo.relative_to("/tmp").parts[0] if repo.is_relative_to("/tmp") else None
         for node in NODES:
             tmp = d / "tmp" / node
             # private /tmp (PMIx) and /dev/shm (Open MPI's shared-memory segments are named by
             # host and local rank, so two "nodes" on one host would share them)
+            carry = ""
+            if keep:
+                (tmp / keep).mkdir(exist_ok=True)
+                carry = f'mount --bind "/tmp/{keep}" "{tmp}/{keep}" && '
             self._run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                       f'mount --bind "{tmp}" /tmp && mount -t tmpfs -o size=2g tmpfs /dev/shm '
-                       f'&& exec slurmd -N {node}'], check=True)
+                       f'{carry}mount --rbind "{tmp}" /tmp && '
+                       f'mount -t tmpfs -o size=2g tmpfs /dev/shm && exec slurmd -N {node}'],
+                      check=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             out = self._run(["sinfo", "-h", "-o", "%T %D"]).stdout.split()
