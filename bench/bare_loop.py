@@ -24,7 +24,7 @@ def main() -> None:
     from harness.config import RunConfig
     from harness.backends.common import configure_threads
     from harness.env import detect_world
-    from harness.train import load_data
+    from harness.driver import load_data
 
     cfg = RunConfig(framework=framework, model=model, dataset="synthetic",
                     synthetic_samples=samples)

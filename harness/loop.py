@@ -19,7 +19,7 @@ from harness import checkpoint as ckpt_io
 from harness.backends.base import Backend, FitBackend
 from harness.config import RunConfig
 from harness.data import Dataset, Sharder, eval_shard, gather
-from harness.driver import EVAL_BATCH, LRSchedule, track_target  # noqa: F401 (re-exported)
+from harness.driver import EVAL_BATCH, LRSchedule, track_target
 from harness.env import World
 from harness.errors import TrainingAborted
 from harness.faults import FaultInjector

@@ -13,8 +13,8 @@ import numpy as np
 from harness import checkpoint as ckpt_io
 from harness.backends.base import Backend, create, resolve_gradient_path
 from harness.config import RunConfig
-from harness.driver import (checkpoint_identity, finish_record, finished, load_data,  # noqa: F401
-                            log_finished, run_dir_of, start_record, write_json_atomic)
+from harness.driver import (checkpoint_identity, finish_record, finished, load_data,
+                            log_finished, run_dir_of, start_record)
 from harness.env import World, check_runtime_world, detect_world
 from harness.errors import CheckpointError, ConfigError, HarnessError, TrainingAborted
 from harness.logging import get_logger

@@ -16,7 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from harness.backends.base import create  # noqa: E402
 from harness.config import RunConfig  # noqa: E402
 from harness.env import World  # noqa: E402
-from harness.train import load_data  # noqa: E402
+from harness.driver import load_data  # noqa: E402
 from models import REGISTRY, get_spec, load_impl  # noqa: E402
 from models.base import to_keras_layout  # noqa: E402
 

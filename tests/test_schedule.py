@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from harness.config import RunConfig
-from harness.loop import LRSchedule
+from harness.driver import LRSchedule
 
 
 def rates(cfg: RunConfig, workers: int, steps_per_epoch: int, steps: int) -> list[float]:
