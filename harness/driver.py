@@ -1,5 +1,6 @@
-"""What every training mode shares: the data and model of a run, its folder and record, the
-learning-rate schedule, evaluation batches, target tracking and the summary.
+"""What every training mode shares: the data and model of a run, its folder and record, which
+checkpoint to resume from and the ranks' agreement on it, the learning-rate schedule,
+evaluation batches, target tracking and the summary.
 
 The synchronous driver (``harness/train.py`` with ``harness/loop.py``) and the parameter
 server's (``harness/ps``) both build on this module; it imports neither of them.
@@ -8,13 +9,17 @@ server's (``harness/ps``) both build on this module; it imports neither of them.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Callable, Protocol
 
+import numpy as np
+
+from harness import checkpoint as ckpt_io
 from harness.config import RunConfig
 from harness.data import Dataset, check_model_input, load_dataset
-from harness.errors import ConfigError
+from harness.errors import CheckpointError, ConfigError, HarnessError
 from harness.files import atomic_write
 from harness.metrics import MetricsWriter
 from harness.runinfo import environment
@@ -59,6 +64,60 @@ def finished(run_dir: Path, step: int, total_steps: int) -> bool:
     return step >= total_steps and (run_dir / "summary.json").exists()
 
 
+def find_resume_checkpoint(cfg: RunConfig, ckpt_dir: Path, log, prefix: str = "ckpt",
+                           given: Path | None = None) -> ckpt_io.Checkpoint | None:
+    """The checkpoint of ``prefix`` in ``ckpt_dir`` to resume from, per ``cfg.resume``.
+
+    ``resume = PATH`` starts from that file (``given``: where this prefix's file of PATH is),
+    but once the run folder holds a checkpoint of its own saved after it (the run was
+    preempted and requeued with the same command), that one wins: requeues never go back to
+    PATH. A job SLURM requeued continues its own checkpoints even with ``resume = 'never'``.
+    """
+    existing = ckpt_io.latest_paths(ckpt_dir, prefix)
+    if cfg.resume == "never":
+        if not existing:
+            return None
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        if restarts == 0:
+            raise ConfigError(f"{ckpt_dir.parent} already has checkpoints ({existing[0].name}) "
+                              "and resume = 'never': choose another run_name/out_dir, or set "
+                              "resume = 'auto' to continue that run")
+        log.info(f"requeued job (SLURM_RESTART_COUNT = {restarts}): continuing its own "
+                 "checkpoints despite resume = 'never'")
+        return ckpt_io.load_latest(ckpt_dir, prefix, warn=log.warning)
+    own = ckpt_io.load_latest(ckpt_dir, prefix, warn=log.warning) if existing else None
+    if cfg.resume == "auto":
+        return own
+    chosen = ckpt_io.load(given or Path(cfg.resume))
+    if own is not None and own.path != chosen.path and \
+            own.meta.get("saved_at", 0) > chosen.meta.get("saved_at", 0):
+        log.info(f"the run folder has a newer checkpoint ({own.path}, step {own.step}) "
+                 f"than resume = {cfg.resume} (step {chosen.step}): continuing from it")
+        return own
+    return chosen
+
+
+def agree_on_start(reduce_sum: Callable[[np.ndarray], np.ndarray], error: HarnessError | None,
+                   finished: bool, payload: np.ndarray | None = None,
+                   who: str = "rank 0") -> tuple[np.ndarray, bool]:
+    """One collective before anything is written: every rank learns whether a rank that looked
+    for its checkpoint could not start (that rank raises its own error, the others a one-line
+    CheckpointError), whether the run had already finished everywhere it was checked, and the
+    payload (the sum of what the ranks sent: the one rank that found the position sends it).
+
+    Ranks that check nothing pass ``error = None``, ``finished = True`` and a zero payload.
+    Returns ``(payload, finished)``.
+    """
+    body = np.zeros(0) if payload is None else np.asarray(payload, dtype=np.float64)
+    vec = np.concatenate([[1.0 if error else 0.0, 0.0 if finished else 1.0], body])
+    vec = np.asarray(reduce_sum(vec), dtype=np.float64)
+    if vec[0] > 0:
+        if error is not None:
+            raise error
+        raise CheckpointError(f"{who} could not start the run (its error is reported above)")
+    return vec[2:], bool(vec[1] == 0)
+
+
 def log_finished(log, run_dir: Path, what: str) -> None:
     log.info(f"{run_dir} already finished ({what}; results in its summary.json): nothing to do. "
              "Raise epochs or max_steps to train it further, or choose another run_name to "
@@ -82,6 +141,15 @@ class LRSchedule:
         if step >= self.warmup_steps:
             return self.peak
         return self.base + (self.peak - self.base) * step / self.warmup_steps
+
+
+@dataclass
+class Target:
+    """Best test accuracy and the first ``target_accuracy`` crossing (a ``TargetState``)."""
+
+    best_eval_acc: float | None = None
+    time_to_target_s: float | None = None
+    steps_to_target: int | None = None
 
 
 class TargetState(Protocol):

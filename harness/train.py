@@ -5,55 +5,18 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import numpy as np
-
 from harness import checkpoint as ckpt_io
 from harness.backends.base import Backend, create, resolve_gradient_path
 from harness.config import RunConfig
-from harness.driver import (checkpoint_identity, finish_record, finished, load_data,
-                            log_finished, run_dir_of, start_record)
+from harness.driver import (agree_on_start, checkpoint_identity, find_resume_checkpoint,
+                            finish_record, finished, load_data, log_finished, run_dir_of,
+                            start_record)
 from harness.env import World, check_runtime_world, detect_world
-from harness.errors import CheckpointError, ConfigError, HarnessError, TrainingAborted
+from harness.errors import CheckpointError, HarnessError, TrainingAborted
 from harness.logging import get_logger
 from harness.loop import Plan, Position, Preempted, RunContext, train
 from harness.metrics import MetricsWriter
 from harness.preemption import EXIT_PREEMPTED, StopFlag
-
-
-def find_resume_checkpoint(cfg: RunConfig, run_dir: Path, log) -> ckpt_io.Checkpoint | None:
-    """Rank 0's view of what to resume from, per ``cfg.resume``.
-
-    ``resume = PATH`` starts from that file, but once the run folder holds a checkpoint of its
-    own saved after it (the run was preempted and requeued with the same command), that one
-    wins: requeues never go back to PATH.
-    """
-    ckpt_dir = run_dir / "checkpoints"
-    if cfg.resume == "never" and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0 and \
-            ckpt_io.latest_paths(ckpt_dir):
-        # SLURM requeued this job: the checkpoints are its own, written before the requeue
-        log.info(f"requeued job (SLURM_RESTART_COUNT = {os.environ['SLURM_RESTART_COUNT']}): "
-                 "continuing its own checkpoints despite resume = 'never'")
-        return ckpt_io.load_latest(ckpt_dir, warn=log.warning)
-    if cfg.resume == "never":
-        existing = ckpt_io.latest_paths(ckpt_dir)
-        if existing:
-            raise ConfigError(f"{run_dir} already has checkpoints ({existing[0].name}) and "
-                              "resume = 'never': choose another run_name/out_dir, or set "
-                              "resume = 'auto' to continue that run")
-        return None
-    if cfg.resume == "auto":
-        return ckpt_io.load_latest(ckpt_dir, warn=log.warning)
-    given = ckpt_io.load(Path(cfg.resume))
-    own = ckpt_io.load_latest(ckpt_dir, warn=log.warning)
-    if own is not None and own.path != given.path and \
-            own.meta.get("saved_at", 0) > given.meta.get("saved_at", 0):
-        log.info(f"the run folder has a newer checkpoint ({own.path}, step {own.step}) "
-                 f"than resume = {cfg.resume} (step {given.step}): continuing from it")
-        return own
-    return given
 
 
 def check_resume_fits(ckpt: ckpt_io.Checkpoint, cfg: RunConfig, world: World, plan: Plan,
@@ -105,23 +68,6 @@ def load_into_backend(backend: Backend, ckpt: ckpt_io.Checkpoint) -> None:
                               "it was written with, or start in a fresh run_name/out_dir") from None
 
 
-def _agree_on_resume(backend: Backend, world: World, error: HarnessError | None,
-                     pos: Position, finished: bool) -> tuple[Position, bool]:
-    """Rank 0 found (or failed to find) a checkpoint; every rank learns the outcome."""
-    head = 2
-    vec = np.zeros(head + len(pos.as_vector()))
-    if world.rank == 0:
-        vec[0] = 1.0 if error else 0.0
-        vec[1] = 1.0 if finished else 0.0
-        vec[head:] = pos.as_vector()
-    vec = backend.allreduce_host(vec)
-    if vec[0] > 0:
-        if error is not None:
-            raise error
-        raise CheckpointError("rank 0 could not resume (its error is reported above)")
-    return Position.from_vector(vec[head:]), vec[1] > 0
-
-
 def run(cfg: RunConfig) -> int:
     launcher_world = detect_world()
     log = get_logger(launcher_world.rank)
@@ -152,7 +98,7 @@ def _run(cfg: RunConfig, backend: Backend, world: World, log, stop: StopFlag) ->
     ckpt, error, pos, done = None, None, Position(), False
     if world.rank == 0:
         try:
-            ckpt = find_resume_checkpoint(cfg, run_dir, log)
+            ckpt = find_resume_checkpoint(cfg, run_dir / "checkpoints", log)
             if ckpt is not None:
                 ckpt_io.check_compatible(ckpt, identity)
                 check_resume_fits(ckpt, cfg, world, plan, log)
@@ -163,13 +109,16 @@ def _run(cfg: RunConfig, backend: Backend, world: World, log, stop: StopFlag) ->
                 ckpt_io.check_writable(run_dir / "checkpoints")     # the first write of the run
         except HarnessError as e:
             error = e
-    agreed, done = _agree_on_resume(backend, world, error, pos, done)
+    # rank 0 looked for the checkpoint; every rank learns what it found
+    looked = world.rank == 0
+    agreed, done = agree_on_start(backend.allreduce_host, error, done or not looked,
+                                  pos.as_vector() * looked)
     if done:
         log_finished(log, run_dir, f"{pos.step} steps")
         backend.shutdown()
         return 0
     if world.rank != 0:
-        pos = agreed
+        pos = Position.from_vector(agreed)
     resumed = pos.step > 0 or ckpt is not None
     if ckpt is not None:
         log.info(f"resuming from {ckpt.path} at step {pos.step} (epoch {pos.epoch + 1})")

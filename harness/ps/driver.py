@@ -15,7 +15,6 @@ own clock, so it ends with exactly the planned updates and samples.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,23 +23,15 @@ from harness import checkpoint as ckpt_io
 from harness.backends.common import apply_mpi_environment
 from harness.config import RunConfig
 from harness.data import Sharder
-from harness.driver import (checkpoint_identity, finish_record, load_data, log_finished,
-                            run_dir_of, start_record, track_target)
+from harness.driver import (Target, agree_on_start, checkpoint_identity, find_resume_checkpoint,
+                            finish_record, load_data, log_finished, run_dir_of, start_record,
+                            track_target)
 from harness.env import World, check_runtime_world
 from harness.errors import CheckpointError, ConfigError, HarnessError
 from harness.logging import get_logger
 from harness.metrics import MetricsWriter
 from harness.preemption import EXIT_PREEMPTED, StopFlag, Watchdog
 from harness.ps.plan import PSContext, PSPlan
-
-
-@dataclass
-class Target:
-    """Best test accuracy and first target crossing, as the sync loop keeps them."""
-
-    best_eval_acc: float | None = None
-    time_to_target_s: float | None = None
-    steps_to_target: int | None = None
 
 
 def run(cfg: RunConfig, launcher_world: World, log) -> int:
@@ -79,16 +70,15 @@ def run(cfg: RunConfig, launcher_world: World, log) -> int:
 
 def _resume_state(cfg: RunConfig, ckpt_dir: Path, k: int, identity: dict, world_size: int,
                   log) -> dict | None:
+    """Server ``k``'s shard, momentum and clocks to resume from (None: a fresh start). Each
+    server has its own checkpoints, ``ps-server<k>-<step>.npz``; ``resume = PATH`` names
+    server 0's, and server k takes its own of the same step next to it."""
     prefix = f"ps-server{k}"
-    if cfg.resume == "never":
-        if ckpt_io.latest_paths(ckpt_dir, prefix):
-            raise ConfigError(f"{ckpt_dir} already has parameter-server checkpoints and resume "
-                              "= 'never': choose another run_name/out_dir or resume = 'auto'")
-        return None
-    if cfg.resume == "auto":
-        ckpt = ckpt_io.load_latest(ckpt_dir, prefix, warn=log.warning)
-    else:
-        ckpt = ckpt_io.load(Path(cfg.resume.replace("ps-server0", prefix)))
+    given = None
+    if cfg.resume not in ("never", "auto"):
+        path = Path(cfg.resume)
+        given = path.with_name(path.name.replace("ps-server0", prefix, 1))
+    ckpt = find_resume_checkpoint(cfg, ckpt_dir, log, prefix, given)
     if ckpt is None:
         return None
     ckpt_io.check_compatible(ckpt, identity)
@@ -122,13 +112,11 @@ def _finished(resume: dict | None, total: int, run_dir: Path) -> bool:
 def _agree(comm, MPI, error: HarnessError | None = None, finished: bool = True) -> bool:
     """Every rank (servers and workers) learns whether a server could not start, and whether
     the run had already finished on every server. Workers contribute neutral values."""
-    flags = np.array([1.0 if error else 0.0, 0.0 if finished else 1.0])
-    comm.Allreduce(MPI.IN_PLACE, flags, op=MPI.MAX)
-    if flags[0] > 0:
-        if error:
-            raise error
-        raise ConfigError("a parameter server could not start (its error is reported above)")
-    return flags[1] == 0
+    def reduce_sum(v: np.ndarray) -> np.ndarray:
+        comm.Allreduce(MPI.IN_PLACE, v, op=MPI.SUM)
+        return v
+
+    return agree_on_start(reduce_sum, error, finished, who="a parameter server")[1]
 
 
 def _wait_for_everyone(comm, watchdog) -> None:

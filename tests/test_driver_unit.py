@@ -1,0 +1,100 @@
+"""The resume lookup and start agreement that the synchronous driver and the parameter server
+share (harness/driver.py), in one process: several ranks are simulated by summing their
+vectors the way the collective would."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness import checkpoint as ckpt_io
+from harness.config import RunConfig
+from harness.driver import agree_on_start, find_resume_checkpoint
+from harness.errors import CheckpointError, ConfigError
+
+LOG = logging.getLogger("test")
+
+
+def _save(d: Path, step: int, prefix: str = "ckpt") -> Path:
+    ckpt = ckpt_io.Checkpoint({"position": {"step": step}}, {"w": np.full(3, float(step))})
+    return ckpt_io.save(d, ckpt, prefix, keep=5)
+
+
+def _cfg(resume: str) -> RunConfig:
+    return RunConfig(resume=resume)
+
+
+@pytest.mark.parametrize("prefix", ["ckpt", "ps-server1"])
+def test_auto_takes_the_newest_of_its_own_prefix(tmp_path, prefix):
+    d = tmp_path / "checkpoints"
+    _save(d, 5, prefix)
+    _save(d, 9, prefix)
+    _save(d, 99, "other")                      # another prefix is not this rank's
+    found = find_resume_checkpoint(_cfg("auto"), d, LOG, prefix)
+    assert found is not None and found.step == 9
+    assert find_resume_checkpoint(_cfg("auto"), tmp_path / "none", LOG, prefix) is None
+
+
+@pytest.mark.parametrize("prefix", ["ckpt", "ps-server0"])
+def test_never_refuses_existing_checkpoints_unless_slurm_requeued(tmp_path, prefix,
+                                                                   monkeypatch):
+    d = tmp_path / "checkpoints"
+    assert find_resume_checkpoint(_cfg("never"), d, LOG, prefix) is None
+    _save(d, 4, prefix)
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    with pytest.raises(ConfigError, match=f"{prefix}-000000004.npz.*resume = 'never'"):
+        find_resume_checkpoint(_cfg("never"), d, LOG, prefix)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    found = find_resume_checkpoint(_cfg("never"), d, LOG, prefix)
+    assert found is not None and found.step == 4
+
+
+def test_path_yields_to_a_newer_checkpoint_of_the_run(tmp_path):
+    given = _save(tmp_path / "elsewhere", 3, "ps-server0")
+    given1 = _save(tmp_path / "elsewhere", 3, "ps-server1")
+    d = tmp_path / "run" / "checkpoints"
+    # server 1 reads its own file of the same step as the PATH given for server 0
+    found = find_resume_checkpoint(_cfg(str(given)), d, LOG, "ps-server1", given1)
+    assert found is not None and found.path == given1
+    time.sleep(0.01)
+    _save(d, 2, "ps-server1")                  # saved after PATH: a requeue of this run
+    found = find_resume_checkpoint(_cfg(str(given)), d, LOG, "ps-server1", given1)
+    assert found is not None and found.step == 2 and found.path.parent == d
+
+
+def _ranks(contribs):
+    """Each rank's return value of agree_on_start when the ranks send ``contribs``."""
+    total = np.sum([np.concatenate([[1.0 if e else 0.0, 0.0 if f else 1.0], p])
+                    for e, f, p in contribs], axis=0)
+    return [agree_on_start(lambda v, t=total: t.copy(), e, f, p) for e, f, p in contribs]
+
+
+def test_agreement_shares_rank0s_position_and_finished_flag():
+    pos = np.array([1.0, 2.0, 30.0])
+    zero = np.zeros(3)
+    for finished in (True, False):
+        out = _ranks([(None, finished, pos), (None, True, zero), (None, True, zero)])
+        for payload, done in out:
+            assert done is finished
+            np.testing.assert_array_equal(payload, pos)
+
+
+def test_agreement_needs_every_checking_rank_finished():
+    # parameter servers: each server checks its own shard; workers send neutral values
+    out = _ranks([(None, True, np.zeros(0)), (None, False, np.zeros(0)),
+                  (None, True, np.zeros(0))])
+    assert [done for _, done in out] == [False, False, False]
+
+
+def test_agreement_raises_the_error_where_it_happened_and_a_line_elsewhere():
+    err = ConfigError("checkpoint x is for another model")
+    contribs = [(err, True, np.zeros(1)), (None, True, np.zeros(1))]
+    total = np.array([1.0, 0.0, 0.0])
+    with pytest.raises(ConfigError, match="another model"):
+        agree_on_start(lambda v: total, *contribs[0])
+    with pytest.raises(CheckpointError, match="a parameter server could not start"):
+        agree_on_start(lambda v: total, *contribs[1], who="a parameter server")
