@@ -57,13 +57,11 @@ def python() -> str:
 
 def mpirun(np_: int, transport: str = "shm", bind: str | None = "core") -> list[str]:
     """Open MPI mpirun argv for ``np_`` local ranks on one transport (shared memory or TCP)."""
-    argv = ["mpirun", "-np", str(np_)]
-    if os.geteuid() == 0:
-        argv.append("--allow-run-as-root")
-    if np_ > (os.cpu_count() or 1):
-        argv.append("--oversubscribe")
-    if bind:
-        argv += ["--bind-to", bind]
+    from launchers.builders import mpirun_argv
+    from launchers.spec import LaunchSpec
+
+    argv = mpirun_argv(LaunchSpec.with_defaults(launcher="mpirun", np=np_, bind_to=bind,
+                                                export=[]), [])
     btl = "self,vader" if transport == "shm" else "self,tcp"
     argv += ["--mca", "btl", btl]
     if transport == "tcp":

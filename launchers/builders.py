@@ -97,6 +97,8 @@ def _slurm_layout(spec: LaunchSpec) -> list[str]:
 def srun_argv(spec: LaunchSpec, program: list[str]) -> list[str]:
     argv = ["srun", f"--mpi={spec.srun_mpi}", f"--ntasks={spec.np}", *_slurm_layout(spec),
             "--kill-on-bad-exit=1"]
+    if spec.distribution:
+        argv.append(f"--distribution={spec.distribution}")
     if spec.export:
         argv.append("--export=" + ",".join(["ALL", *spec.export]))
     return argv + program
@@ -113,8 +115,10 @@ def sbatch_layout(spec: LaunchSpec) -> tuple[int, int]:
     return nodes, -(-spec.np // nodes)      # with --ntasks, a maximum per node
 
 
-def sbatch_argv(spec: LaunchSpec, program: list[str]) -> list[str]:
-    """sbatch the script; it runs ``srun ... harness train <train args>`` itself.
+def sbatch_argv(spec: LaunchSpec, train_args: list[str]) -> list[str]:
+    """sbatch the script with ``harness train`` arguments; the script launches the ranks with
+    ``harness launch --print-argv`` (slurm/common.sh), so its srun/mpirun line comes from the
+    builders here as well.
 
     The script is submitted by absolute path, and HARNESS_ROOT / HARNESS_PYTHON tell it where
     the harness and its interpreter are, so this works from any folder (the job runs there).
@@ -139,7 +143,6 @@ def sbatch_argv(spec: LaunchSpec, program: list[str]) -> list[str]:
     argv.append("--export=" + ",".join(["ALL", *(f"{k}={v}" for k, v in where.items()),
                                          *spec.export]))
     script = spec.script or str(HARNESS_ROOT / "slurm" / "train.sbatch")
-    train_args = program[4:]           # drop "python -m harness train": the script adds them
     return argv + [script, *train_args]
 
 
@@ -147,20 +150,22 @@ def local_argv(spec: LaunchSpec, program: list[str]) -> list[str]:
     return list(program)
 
 
+#: launchers that start the ranks themselves: launcher argv + the program every rank runs
 BUILDERS: dict[str, Callable[[LaunchSpec, list[str]], list[str]]] = {
     "horovodrun": horovodrun_argv,
     "mpirun": mpirun_argv,
     "srun": srun_argv,
-    "sbatch": sbatch_argv,
     "local": local_argv,
 }
 
 
 def build_argv(spec: LaunchSpec, train_args: list[str]) -> list[str]:
     """The full command line for ``spec`` running ``harness train <train_args>``."""
+    if spec.launcher == "sbatch":                 # the batch script starts the ranks
+        return sbatch_argv(spec, train_args)
     try:
         builder = BUILDERS[spec.launcher]
     except KeyError:
         raise ValueError(f"unknown launcher {spec.launcher!r}: valid launchers are "
-                         f"{', '.join(BUILDERS)}") from None
+                         f"{', '.join([*BUILDERS, 'sbatch'])}") from None
     return builder(spec, rank_program(spec, train_args))

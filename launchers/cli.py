@@ -3,6 +3,7 @@
     harness launch --launcher horovodrun -np 2 -- --framework torch --model cnn
     harness launch --launcher mpirun -np 4 --bind-to core --dry-run -- --config run.toml
     harness launch --launcher sbatch --nodes 2 --ntasks-per-node 4 --gpus-per-task 1 -- ...
+    harness launch --launcher srun -np 8 --print-argv -- ...    # what slurm/common.sh runs
 
 Everything after ``--`` goes to ``harness train`` in every rank; it is validated here first, so
 a typo fails in a second instead of after N processes have started. Flags are never abbreviated
@@ -13,7 +14,6 @@ launcher (``--time`` with mpirun, ``--bind-to`` with sbatch) is refused, not dro
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 
@@ -21,15 +21,15 @@ from harness.config import add_dataclass_arguments, fields_from_namespace, parse
 from launchers.builders import build_argv
 from launchers.spec import LaunchSpec
 
-DEFAULT_EXPORTS = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV")
-
-
 def add_launch_parser(sub) -> None:
     p = sub.add_parser("launch", help="start a run with horovodrun, mpirun, srun or sbatch",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                        allow_abbrev=False)
     add_dataclass_arguments(p, LaunchSpec, "launcher options", {"np": ["-np", "--np"]})
     p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    p.add_argument("--print-argv", action="store_true",
+                   help="write the command's arguments to stdout, each ended by a NUL byte, and "
+                   "run nothing (for scripts: slurm/common.sh reads them with mapfile -d '')")
     p.add_argument("train_args", nargs=argparse.REMAINDER,
                    help="-- followed by `harness train` arguments")
     p.set_defaults(func=cmd_launch)
@@ -38,15 +38,7 @@ def add_launch_parser(sub) -> None:
 def spec_from_args(args: argparse.Namespace) -> LaunchSpec:
     given = fields_from_namespace(LaunchSpec, args)
     given.setdefault("python", sys.executable)
-    launcher = given.get("launcher", "horovodrun")
-    if launcher == "mpirun" and "allow_run_as_root" not in given and os.geteuid() == 0:
-        given["allow_run_as_root"] = True
-    if launcher == "mpirun" and "oversubscribe" not in given and not given.get("hosts") and \
-            not given.get("hostfile") and given.get("np", 2) > (os.cpu_count() or 1):
-        given["oversubscribe"] = True          # one workstation, more ranks than cores
-    if launcher in ("mpirun", "srun") and "export" not in given:
-        given["export"] = [v for v in DEFAULT_EXPORTS if v in os.environ]
-    return LaunchSpec(**given)
+    return LaunchSpec.with_defaults(**given)
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
@@ -58,6 +50,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
     parse_train_args(train_args)              # fail fast on a bad run config
     spec = spec_from_args(args)
     argv = build_argv(spec, train_args)
+    if args.print_argv:
+        sys.stdout.write("".join(a + "\0" for a in argv))
+        return 0
     if args.dry_run:
         print(shlex.join(argv))
         return 0

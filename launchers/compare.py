@@ -61,7 +61,6 @@ def plan(train_args: list[str], frameworks: list[str], nps: list[int], modes: li
     from launchers.spec import LaunchSpec
 
     cfg = parse_train_args(train_args)
-    cores = os.cpu_count() or 1
     jobs: list[Job] = []
     for mode in modes:
         for fw in frameworks:
@@ -71,9 +70,7 @@ def plan(train_args: list[str], frameworks: list[str], nps: list[int], modes: li
                 args = [*train_args, "--framework", fw, "--mode", mode, "--out-dir",
                         str(out_dir), "--run-name", name, "--resume", "auto" if resume else "never"]
                 use = launcher if mode == "sync" or launcher == "srun" else "mpirun"
-                spec = LaunchSpec(launcher=use, np=ranks, python=python,
-                                  allow_run_as_root=use == "mpirun" and os.geteuid() == 0,
-                                  oversubscribe=use == "mpirun" and ranks > cores)
+                spec = LaunchSpec.with_defaults(launcher=use, np=ranks, python=python)
                 if any(j.name == name for j in jobs):
                     raise ConfigError(f"run {name} is planned twice: list each framework, mode "
                                       "and rank count once")

@@ -6,6 +6,7 @@ another launcher is refused, because that launcher would silently drop it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -13,6 +14,8 @@ from harness.config import option, validate_fields
 from harness.errors import ConfigError
 
 LAUNCHERS = ("horovodrun", "mpirun", "srun", "sbatch", "local")
+#: what mpirun/srun pass to every rank unless told otherwise: this Python and its libraries
+DEFAULT_EXPORTS = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV")
 
 
 def _opt(default: Any, help: str, launchers: tuple[str, ...] = LAUNCHERS, **kw: Any) -> Any:
@@ -59,12 +62,31 @@ class LaunchSpec:
     cpus_per_task: int | None = _opt(None, "CPUs per task (sbatch default: the script's)", SLURM,
                                      minimum=1)
     srun_mpi: str = _opt("pmix", "MPI plugin (pmix works with Open MPI 4)", ("srun",))
+    distribution: str | None = _opt(None, "how tasks are laid out over nodes (block: "
+                                    "consecutive ranks share a node)", ("srun",),
+                                    choices=("block", "cyclic", "plane", "arbitrary"))
     time: str | None = _opt(None, "time limit, e.g. 01:00:00", ("sbatch",))
     partition: str | None = _opt(None, "partition", ("sbatch",))
     job_name: str | None = _opt(None, "job name", ("sbatch",))
     script: str | None = _opt(None, "the batch script to submit (default: this harness's "
                               "slurm/train.sbatch)", ("sbatch",))
     python: str = _opt("python", "interpreter each rank runs (the harness's virtualenv)")
+
+    @classmethod
+    def with_defaults(cls, **given: Any) -> "LaunchSpec":
+        """A spec with this machine's defaults for what ``given`` leaves out: Open MPI as root
+        needs ``--allow-run-as-root``; more ranks than cores on one host (no hosts, no
+        SLURM allocation) need ``--oversubscribe``; mpirun and srun pass the environment
+        variables that find this Python and its libraries (``DEFAULT_EXPORTS``)."""
+        launcher, np_ = given.get("launcher", "horovodrun"), given.get("np", 2)
+        if launcher == "mpirun":
+            given.setdefault("allow_run_as_root", os.geteuid() == 0)
+            one_host = not (given.get("hosts") or given.get("hostfile") or
+                            os.environ.get("SLURM_JOB_ID"))
+            given.setdefault("oversubscribe", one_host and np_ > (os.cpu_count() or 1))
+        if launcher in ("mpirun", "srun"):
+            given.setdefault("export", [v for v in DEFAULT_EXPORTS if v in os.environ])
+        return cls(**given)
 
     def __post_init__(self) -> None:
         validate_fields(self)

@@ -27,21 +27,29 @@ export PYTHONPATH="$HARNESS_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 
 # One rank per task, every task on its own cores; the harness sets thread counts per rank.
-launch_ranks() {   # launch_ranks NTASKS -- program...
+# The srun/mpirun line comes from the harness's launcher builders (`harness launch
+# --print-argv`, which also validates the train arguments), as for `harness launch` itself.
+launch_ranks() {   # launch_ranks NTASKS -- harness train arguments...
   local ntasks=$1; shift; [ "$1" = "--" ] && shift
+  local opts=(--launcher "$HARNESS_LAUNCH" -np "$ntasks" --python "$PYTHON")
   if [ "$HARNESS_LAUNCH" = mpirun ]; then
     local per_node=${SLURM_NTASKS_PER_NODE:-$(( (ntasks + SLURM_JOB_NUM_NODES - 1) / SLURM_JOB_NUM_NODES ))}
     per_node=${per_node%%(*}
-    local root=(); [ "$(id -u)" = 0 ] && root=(--allow-run-as-root)
-    mpirun "${root[@]}" -np "$ntasks" --map-by "ppr:${per_node}:node" --bind-to none \
-      -x PATH -x LD_LIBRARY_PATH -x PYTHONPATH -x NCCL_DEBUG -x HARNESS_FAULT "$@"
+    opts+=(--map-by "ppr:${per_node}:node" --bind-to none
+           --export PATH,LD_LIBRARY_PATH,PYTHONPATH,NCCL_DEBUG,HARNESS_FAULT)
   else
-    local extra=()
+    opts+=(--distribution block)
     # Slurm >= 22.05: srun no longer inherits --cpus-per-task from the allocation
-    [ -n "${SLURM_CPUS_PER_TASK:-}" ] && extra+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
-    [ "${SLURM_GPUS_PER_TASK:-0}" != 0 ] && extra+=(--gpus-per-task="$SLURM_GPUS_PER_TASK")
-    srun --mpi=pmix --ntasks="$ntasks" --kill-on-bad-exit=1 --distribution=block "${extra[@]}" "$@"
+    [ -n "${SLURM_CPUS_PER_TASK:-}" ] && opts+=(--cpus-per-task "$SLURM_CPUS_PER_TASK")
+    [ "${SLURM_GPUS_PER_TASK:-0}" != 0 ] && opts+=(--gpus-per-task "$SLURM_GPUS_PER_TASK")
   fi
+  local argv_file argv rc=0
+  argv_file=$(mktemp)
+  "$PYTHON" -m harness launch "${opts[@]}" --print-argv -- "$@" > "$argv_file" || rc=$?
+  mapfile -d '' -t argv < "$argv_file"
+  rm -f "$argv_file"
+  [ "$rc" = 0 ] || return "$rc"
+  "${argv[@]}"
 }
 
 # Run "$@" in the background and turn the scheduler's early warning (--signal=B:USR1@T) into an

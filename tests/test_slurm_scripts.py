@@ -2,7 +2,8 @@
 
 No cluster: each fake (srun, mpirun, sbatch, scancel, scontrol, and the job's Python) records
 its argv, folder and a few variables as one JSON line, so a test reads exactly what a script
-would have started. tests/test_slurm.py runs the scripts on a real cluster.
+would have started. The job's Python runs `harness launch --print-argv` for real: that is how
+the scripts get their srun/mpirun lines. tests/test_slurm.py runs the scripts on a real cluster.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ JOB = "7"
 FAKE = f"""#!{sys.executable}
 import json, os, signal, sys, time
 name = os.path.basename(sys.argv[0])
+if name == "python" and sys.argv[1:4] == ["-m", "harness", "launch"]:
+    # the scripts build their launch line with the harness itself: run the real one
+    os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
 log = os.environ["FAKE_LOG"]
 with open(log, "a") as f:
     f.write(json.dumps({{"tool": name, "argv": sys.argv[1:], "cwd": os.getcwd(), "pid": os.getpid(),
@@ -203,6 +207,51 @@ def test_known_harness_launch_values_start_the_ranks(fake, value):
     if value == "mpirun":      # remote ranks get the harness's PYTHONPATH too
         argv = call["argv"]
         assert "PYTHONPATH" in [argv[i + 1] for i, a in enumerate(argv) if a == "-x"]
+
+
+# --- launch lines come from the builders (issue 13, section 4) ---------------------------------
+
+def _exports(*names: str) -> list[str]:
+    return [v for v in ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV")
+            if v in names or v in os.environ]
+
+
+def test_srun_line_of_the_batch_scripts_is_the_builders(fake):
+    """Golden: the whole srun line of train.sbatch on a GPU allocation, as the builders make it
+    (`harness launch --launcher srun`), block distribution included."""
+    env = fake.env(SLURM_CPUS_PER_TASK="8", SLURM_GPUS_PER_TASK="1")
+    p = fake.batch("train.sbatch", "--model", "mlp", env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    (call,) = fake.calls("srun")
+    assert call["argv"] == [
+        "--mpi=pmix", "--ntasks=4", "--gpus-per-task=1", "--cpus-per-task=8",
+        "--kill-on-bad-exit=1", "--distribution=block",
+        "--export=" + ",".join(["ALL", *_exports("PYTHONPATH")]),
+        str(fake.python), "-m", "harness", "train", "--run-name", f"harness-train-{JOB}",
+        "--model", "mlp"]
+
+
+def test_mpirun_line_of_the_batch_scripts_is_the_builders(fake):
+    env = fake.env(HARNESS_LAUNCH="mpirun", SLURM_NTASKS="6", SLURM_NTASKS_PER_NODE="3(x2)")
+    p = fake.batch("ps.sbatch", "--model", "mlp", env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    (call,) = fake.calls("mpirun")
+    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    exports = [a for v in ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "NCCL_DEBUG",
+                           "HARNESS_FAULT") for a in ("-x", v)]
+    # inside an allocation mpirun takes its slots from SLURM: never --oversubscribe
+    assert call["argv"] == [
+        "-np", "6", *root, "--bind-to", "none", "--map-by", "ppr:3:node", *exports,
+        str(fake.python), "-m", "harness", "train", "--mode", "async", "--ps-servers", "1",
+        "--run-name", f"harness-train-{JOB}", "--model", "mlp"]
+
+
+@pytest.mark.parametrize("script", ["train.sbatch", "ps.sbatch"])
+def test_bad_train_arguments_fail_the_job_before_any_rank_starts(fake, script):
+    p = fake.batch(script, "--model", "mlp", "--lr", "nan")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "lr" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not fake.calls("srun") and not fake.calls("mpirun")
 
 
 # --- harness launch --launcher sbatch, from any folder (item 17) --------------------------------
