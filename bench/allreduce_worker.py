@@ -38,7 +38,7 @@ def timed(fn, iters: int, barrier) -> list[float]:
     return out
 
 
-def torch_impls(comm, MPI, transport: str) -> dict:
+def torch_impls(comm, transport: str) -> dict:
     """Stock Horovod on torch tensors (and torch.distributed gloo on TCP)."""
     import torch
     import horovod.torch as hvd
@@ -145,7 +145,7 @@ def main() -> None:
             return lambda: comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM)
         impls = {"mpi4py": mpi4py}
     elif group == "torch":
-        impls = torch_impls(comm, MPI, transport)
+        impls = torch_impls(comm, transport)
     elif group.startswith("harness-"):
         impls = harness_impls(comm, group.split("-", 1)[1])
     else:

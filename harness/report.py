@@ -250,23 +250,23 @@ def figures(runs: list[Run], out: Path) -> list[Path]:
               "tensorflow": ["#92c5de", "#4393c3", "#2166ac", "#053061"]}
     workers = sorted({r.workers for r in runs})
 
-    def style(i: int, r: Run) -> dict:   # colour: framework (darker = more workers); line: mode
+    def style(r: Run) -> dict:   # colour: framework (darker = more workers); line: mode
         shade = shades.get(r.framework, ["gray"] * 4)[min(workers.index(r.workers), 3)]
         line = "-" if r.mode == "sync" else (":" if r.mode == "sync-fit" else "--")
         return {"color": shade, "linestyle": line, "label": r.label}
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    for i, r in enumerate(runs):
+    for r in runs:
         st = [s for s in r.steps if isinstance(s.get("loss"), (int, float))]
         axes[0, 0].plot([s["step"] for s in st], [s["loss"] for s in st], alpha=0.8,
-                        **style(i, r))
+                        **style(r))
         axes[0, 1].plot([s["wall_s"] for s in st], [s["loss"] for s in st], alpha=0.8,
-                        **style(i, r))
+                        **style(r))
         ev = [e for e in r.epochs if e.get("eval_acc") is not None]
         axes[1, 0].plot([e["step"] for e in ev], [e["eval_acc"] for e in ev], marker="o",
-                        **style(i, r))
+                        **style(r))
         axes[1, 1].plot([e["wall_s"] for e in ev], [e["eval_acc"] for e in ev], marker="o",
-                        **style(i, r))
+                        **style(r))
     for ax, (x, y) in zip(axes.flat, [("step (updates)", "training loss (rank 0's batch)"),
                                       ("wall time (s)", "training loss (rank 0's batch)"),
                                       ("step (updates)", "test accuracy"),

@@ -143,17 +143,16 @@ def test_horovod_variables_are_checked():
 def test_a_bad_horovod_variable_is_refused_before_horovod_starts(monkeypatch):
     from harness.backends.common import apply_horovod_environment
     from harness.config import RunConfig
-    from harness.env import World
     from harness.errors import ConfigError
 
     monkeypatch.setenv("HOROVOD_CONTROLLER", "bogus")
     monkeypatch.delenv("HOROVOD_STALL_CHECK_TIME_SECONDS", raising=False)
     with pytest.raises(ConfigError, match="HOROVOD_CONTROLLER='bogus' is not one of mpi, gloo"):
-        apply_horovod_environment(RunConfig(), World(0, 1, 0, 1))
+        apply_horovod_environment(RunConfig())
     assert "HOROVOD_STALL_CHECK_TIME_SECONDS" not in os.environ       # nothing exported
     monkeypatch.setenv("HOROVOD_CONTROLLER", "gloo")
     monkeypatch.setenv("HOROVOD_STALL_CHECK_TIME_SECONDS", "soon")    # the harness sets it
-    env = apply_horovod_environment(RunConfig(), World(0, 1, 0, 1))
+    env = apply_horovod_environment(RunConfig())
     assert os.environ["HOROVOD_STALL_CHECK_TIME_SECONDS"] == env["HOROVOD_STALL_CHECK_TIME_SECONDS"]
 
 

@@ -44,7 +44,7 @@ class HorovodComm(Backend):
     hvd_module = ""
 
     def init_distributed(self) -> World:
-        self.hvd_env = apply_horovod_environment(self.cfg, self.world)
+        self.hvd_env = apply_horovod_environment(self.cfg)
         hvd = importlib.import_module(self.hvd_module)
         self.hvd = hvd
         hvd.init()

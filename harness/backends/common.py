@@ -46,7 +46,7 @@ def apply_mpi_environment(cfg: RunConfig) -> None:
         os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
 
 
-def horovod_environment(cfg: RunConfig, world: World) -> dict[str, str]:
+def horovod_environment(cfg: RunConfig) -> dict[str, str]:
     """HOROVOD_* variables for the knobs set in the config (None keeps Horovod's default)."""
     env: dict[str, str] = {}
     if cfg.fusion_threshold_mb is not None:
@@ -109,10 +109,10 @@ def horovod_variable_problems(env: Mapping[str, str]) -> list[tuple[str, str, st
     return problems
 
 
-def apply_horovod_environment(cfg: RunConfig, world: World) -> dict[str, str]:
+def apply_horovod_environment(cfg: RunConfig) -> dict[str, str]:
     """Export the config's Horovod settings, after checking every HOROVOD_* value Horovod will
     read: a bad one is a ConfigError here, not an abort inside Horovod's C++ thread."""
-    env = horovod_environment(cfg, world)
+    env = horovod_environment(cfg)
     problems = horovod_variable_problems({**os.environ, **env})
     if problems:
         _, problem, fix = problems[0]
