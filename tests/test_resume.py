@@ -54,14 +54,14 @@ def test_flat_exchange_resumes_in_sync_after_a_crash(results):
     ranks that broadcast_optimizer_state initialised, so they trained on stale gradients."""
     common = args_for(2, "--grad-exchange", "flat", "--out-dir", results)
     crash_step = SPE + 3                               # mid-epoch 2: resume from step SPE
-    p = run(launch("horovodrun", 2, *common, "--run-name", "fc"),
+    p = run(launch("mpirun", 2, *common, "--run-name", "fc"),
             env={"HARNESS_FAULT": f"raise@1:{crash_step}"}, timeout=180)
     assert p.returncode not in (0, 2, 75), p.stderr[-3000:]
     assert ck.load_latest(results / "fc" / "checkpoints").step == SPE
-    r = run(launch("horovodrun", 2, *common, "--run-name", "fc"), timeout=180)
+    r = run(launch("mpirun", 2, *common, "--run-name", "fc"), timeout=180)
     assert r.returncode == 0, r.stderr[-4000:]
     assert f"at step {SPE}" in r.stderr
-    run(launch("horovodrun", 2, *common, "--run-name", "ref"), timeout=180, check=True)
+    run(launch("mpirun", 2, *common, "--run-name", "ref"), timeout=180, check=True)
     s = json.loads((results / "fc" / "summary.json").read_text())
     assert s["ranks_consistent"] and s["weights_spread"] == 0.0
     assert_same_weights(results / "fc", results / "ref")
