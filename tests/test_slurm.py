@@ -126,7 +126,7 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(cluster
     assert [r["kind"] for r in records].count("run") == 2
     assert any(r["kind"] == "preempted" for r in records)
     # the same run without interruption, launched directly
-    run(launch("horovodrun", 2, *args[:-1], jobs / "reference", "--run-name", "ref"),
+    run(launch("mpirun", 2, *args[:-1], jobs / "reference", "--run-name", "ref"),
         timeout=300, check=True)
     a = checkpoint_weights(latest_checkpoint(metrics.parent))
     b = checkpoint_weights(latest_checkpoint(jobs / "reference" / "ref"))
