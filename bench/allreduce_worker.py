@@ -81,7 +81,9 @@ def harness_impls(comm, exchange: str) -> dict:
     from harness.backends.base import create
     from harness.config import RunConfig
     from harness.env import World
+    from harness.data import Data
     from models import get_spec
+    from models.tasks import torch_task
 
     path = "mpi" if exchange == "mpi" else "horovod"
     cfg = RunConfig(model="mlp", allreduce=path, threads_per_rank=1,
@@ -97,7 +99,9 @@ def harness_impls(comm, exchange: str) -> dict:
         b = create(cfg, World(rank, size, rank, size, "Open MPI"), path)
         b.__dict__.update({k: v for k, v in backend.__dict__.items()
                            if k in ("hvd", "hvd_env", "comm")})
-        b.setup(spec, spec.init_weights(0), 0.1)
+        x = np.zeros((2, features), np.float32)
+        y = np.zeros(2, np.int64)
+        b.setup(torch_task(spec, Data(train=(x, y), test=(x, y))), x, y, 0.1)
         if exchange == "optimizer":
             for p in b.params:
                 p.grad = torch.ones_like(p)

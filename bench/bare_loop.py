@@ -24,13 +24,15 @@ def main() -> None:
     from harness.config import RunConfig
     from harness.backends.common import configure_threads
     from harness.env import detect_world
-    from harness.driver import load_data
+    from harness.driver import load_task_data
+    from models import get_spec
 
     cfg = RunConfig(framework=framework, model=model, dataset="synthetic",
                     synthetic_samples=samples)
     world = detect_world()
     threads = configure_threads(cfg, world)
-    data, spec = load_data(cfg)
+    _, data = load_task_data(cfg)
+    spec = get_spec(model, data.input_shape, data.num_classes)
     weights = spec.init_weights(cfg.seed)
     times = []
     if framework == "torch":

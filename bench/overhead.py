@@ -75,14 +75,19 @@ def bookkeeping_us(steps: int = 20000) -> float:
 
     from harness.backends.base import StepResult
     from harness.config import RunConfig
-    from harness.data import Dataset, gather
+    from harness.data import Data
     from harness.env import World
     from harness.faults import FaultInjector
     from harness.loop import Position, RunContext, TrainingRun
     from harness.metrics import MetricsWriter
     from harness.preemption import StopFlag
 
+    from harness.task import Task
+
     class NullBackend:                  # answers the agreement allreduce without a runtime
+        task = Task(framework="torch", name="null", model=lambda: None, data=None,
+                    loss=lambda out, y: 0.0, metrics={"acc": lambda out, y: 0.0})
+
         def allreduce_host(self, values, op="sum"):
             return np.asarray(values, np.float64)
 
@@ -92,22 +97,22 @@ def bookkeeping_us(steps: int = 20000) -> float:
     cfg = RunConfig(epochs=10_000, log_every=100, shuffle=False, agree_every=20)
     x = np.zeros((4096, 8, 8, 1), np.float32)
     y = np.zeros(4096, np.int64)
-    data = Dataset("synthetic", x, y, x[:8], y[:8], 10)
+    data = Data(train=(x, y), test=(x[:8], y[:8]), name="synthetic", num_classes=10)
     with tf_.TemporaryDirectory() as d:
         metrics = MetricsWriter(Path(d) / "metrics.jsonl")
         ctx = RunContext(cfg, World(0, 1, 0, 1), NullBackend(), data, Path(d),
                          logging.getLogger("bench-null"), metrics, StopFlag())
         run = TrainingRun(ctx, Position(), False, cfg.batch_size)
         faults = FaultInjector(0, spec="")
-        res = StepResult(0.5, 16, True)
+        res = StepResult(0.5, {"acc": 16.0}, True)
         t0 = time.perf_counter()
         for _ in range(steps):
             if run.pos.step_in_epoch >= run.spe:
                 run.pos.step_in_epoch = 0
-            xb, yb = gather(x, y, run.sharder.indices(run.pos.epoch, run.pos.step_in_epoch))
+            xb, yb = data.train.batch(run.sharder.indices(run.pos.epoch, run.pos.step_in_epoch))
             faults.before_step(run.pos.step + 1, xb)
             run.schedule(run.pos.step)
-            run.record_step(res.loss, res.correct, len(yb), 0.05, res.applied)
+            run.record_step(res.loss, res.metrics, len(yb), 0.05, res.applied)
         elapsed = time.perf_counter() - t0
         metrics.close()
     return elapsed / steps * 1e6

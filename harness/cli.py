@@ -1,6 +1,7 @@
 """``harness``: the command line.
 
     harness train --framework torch --model cnn --dataset digits [--config run.toml]
+    harness train --task examples/torch_own_model.py:task
     harness launch --launcher horovodrun -np 2 [--dry-run] -- --framework tensorflow ...
     harness compare --frameworks torch,tensorflow --np 1,2 --modes sync,async
     harness report results/run-a results/run-b
@@ -13,26 +14,22 @@ Errors a user can fix print one line naming the bad value and the fix, and exit 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import traceback
 
+from harness.api import guarded
 from harness.config import RunConfig, overrides_from_namespace, train_parser
-from harness.errors import HarnessError
-
-
-def _rank_hint() -> str:
-    for var in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"):
-        if var in os.environ:
-            return os.environ[var]
-    return "0"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from harness.config import read_toml
+    from harness.task import configure
     from harness.train import run
 
-    cfg = RunConfig.load(args.config, overrides_from_namespace(args))
-    return run(cfg)
+    values = {**(read_toml(args.config) if args.config else {}), **overrides_from_namespace(args)}
+    if values.get("task") is None:
+        return run(RunConfig.from_dict(values))
+    cfg, task = configure(None, values, values["task"])
+    return run(cfg, task)
 
 
 def cmd_models(args: argparse.Namespace) -> int:   # noqa: ARG001
@@ -87,33 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    distributed = getattr(args, "distributed", False)
-    try:
-        code = args.func(args)
-    except HarnessError as e:
-        print(f"harness: error (rank {_rank_hint()}): {e}", file=sys.stderr, flush=True)
-        code = e.exit_code
-        if distributed:                  # skip MPI/Horovod teardown: peers may be gone
-            sys.stdout.flush()
-            os._exit(code)
-    except KeyboardInterrupt:
-        print("harness: interrupted", file=sys.stderr, flush=True)
-        code = 130
-        if distributed:
-            os._exit(code)
-    except Exception:
-        print(f"harness: unexpected error on rank {_rank_hint()}:", file=sys.stderr)
-        traceback.print_exc()
-        sys.stderr.flush()
-        code = 1
-        if distributed:
-            sys.stdout.flush()
-            os._exit(code)
-    if distributed and code != 0:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
+    return guarded(lambda: args.func(args), getattr(args, "distributed", False))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,11 @@ class RunConfig:
     """Everything that defines a run. Per-rank quantities say so in their help."""
 
     # --- what to train ---
-    framework: str = _opt("torch", "deep learning framework", ("torch", "tensorflow"))
+    task: str | None = _opt(None, "your own task, PATH.py:NAME or package.module:NAME (a "
+                            "harness.Task: model, loss, metrics, data); replaces model and "
+                            "dataset")
+    framework: str = _opt("torch", "deep learning framework (a task of one framework sets it)",
+                          ("torch", "tensorflow"))
     model: str = _opt("mlp", "model name (see `harness models`)",
                       ("mlp", "cnn", "resnet20", "resnet50"))
     dataset: str = _opt("digits", "digits (bundled with scikit-learn), synthetic, or npz",
@@ -148,6 +152,10 @@ class RunConfig:
         self._check_combinations()
 
     def _check_combinations(self) -> None:
+        if self.task is not None and not (self.task.rpartition(":")[0] and
+                                          self.task.rpartition(":")[2]):
+            raise ConfigError(f"task = {self.task!r} must be PATH.py:NAME or "
+                              "package.module:NAME, e.g. examples/torch_own_model.py:task")
         if self.dataset == "npz" and not self.data_path:
             raise ConfigError("dataset = 'npz' needs data_path: set data_path = "
                               "'/path/to/data.npz' (arrays x_train, y_train, x_test, y_test)")
@@ -158,8 +166,8 @@ class RunConfig:
         if self.mode == "async" and self.optimizer != "sgd":
             raise ConfigError(f"optimizer = {self.optimizer!r} is not available in async mode: "
                               "the parameter servers run SGD with momentum; set optimizer = 'sgd'")
-        if self.tf_loop == "fit" and self.framework != "tensorflow":
-            raise ConfigError("tf_loop = 'fit' needs framework = 'tensorflow'")
+        if self.task is None:       # a task's own framework is known once it is loaded
+            self.check_framework_options()
         if self.tf_loop == "fit" and self.allreduce not in ("auto", "horovod"):
             raise ConfigError("tf_loop = 'fit' trains with Horovod's Keras DistributedOptimizer: "
                               f"set allreduce = 'horovod' (not {self.allreduce!r})")
@@ -169,10 +177,15 @@ class RunConfig:
         if self.grad_exchange == "flat" and self.reduction == "adasum":
             raise ConfigError("reduction = 'adasum' combines gradients layer by layer; it needs "
                               "grad_exchange = 'optimizer'")
-        if self.keras == "legacy" and self.framework != "tensorflow":
-            raise ConfigError("keras = 'legacy' needs framework = 'tensorflow'")
         if self.resume not in ("auto", "never") and not self.resume.strip():
             raise ConfigError("resume must be 'auto', 'never' or a checkpoint path")
+
+    def check_framework_options(self) -> None:
+        """Options of one framework set for the other."""
+        if self.tf_loop == "fit" and self.framework != "tensorflow":
+            raise ConfigError("tf_loop = 'fit' needs framework = 'tensorflow'")
+        if self.keras == "legacy" and self.framework != "tensorflow":
+            raise ConfigError("keras = 'legacy' needs framework = 'tensorflow'")
 
     # --- world-size dependent checks, done once the world is known ---
     def per_rank_batch(self, workers: int) -> int:
@@ -189,9 +202,11 @@ class RunConfig:
                               f"{(self.global_batch_size // workers + 1) * workers}")
         return self.global_batch_size // workers
 
-    def default_run_name(self, world_size: int) -> str:
+    def default_run_name(self, world_size: int, task_name: str | None = None) -> str:
+        """``task_name``: a user's task (the built-in models are named by model and data)."""
         mode = self.mode if self.mode == "sync" else f"ps-{self.ps_consistency}"
-        return f"{self.framework}-{self.model}-{self.dataset}-{mode}-np{world_size}"
+        what = task_name or f"{self.model}-{self.dataset}"
+        return f"{self.framework}-{what}-{mode}-np{world_size}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

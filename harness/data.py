@@ -13,6 +13,7 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,23 +23,162 @@ ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 SYNTHETIC_MEMORY_LIMIT = 2 << 30   # bytes of synthetic training images per rank
 
 
+class ArraySplit:
+    """Samples held as two arrays (in memory or memory-mapped): ``x[i], y[i]``."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, float_x: bool = False) -> None:
+        self.x, self.y = x, y
+        #: the built-in image data: every x becomes float32 (uint8 images included)
+        self.float_x = float_x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    def batch(self, idx: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray]:
+        return gather(self.x, self.y, idx, self.float_x)
+
+
+class MapSplit:
+    """A map-style dataset: ``len(ds)`` samples, ``ds[i]`` is one ``(x, y)`` pair of numpy
+    arrays or numbers (a ``torch.utils.data.Dataset`` of numpy samples is one). The harness's
+    sampler picks the indices, so every rank sees its shard and a resume continues exactly."""
+
+    def __init__(self, ds: Any, what: str) -> None:
+        self.ds, self.what = ds, what
+        try:
+            self.n = len(ds)
+        except TypeError:
+            raise DataError(f"{what} ({type(ds).__name__}) has no len(): give arrays (x, y) or a "
+                            "map-style dataset with __len__ and __getitem__") from None
+        if self.n == 0:
+            raise DataError(f"{what} is empty")
+        x, _ = self._sample(0)
+        self._shape = tuple(np.shape(x))
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    def _sample(self, i: int) -> tuple[Any, Any]:
+        item = self.ds[i]
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise DataError(f"{self.what}[{i}] is a {type(item).__name__}, not an (x, y) pair: "
+                            "make __getitem__ return (x, y)")
+        return item[0], item[1]
+
+    def batch(self, idx: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray]:
+        index = range(self.n)[idx] if isinstance(idx, slice) else idx
+        xs, ys = [], []
+        for i in index:
+            x, y = self._sample(int(i))
+            x = np.asarray(x)
+            if x.shape != self._shape:
+                raise DataError(f"{self.what}[{int(i)}] has x of shape {x.shape}, sample 0 of "
+                                f"{self._shape}: every sample must have the same shape (pad or "
+                                "crop them in __getitem__)")
+            xs.append(x)
+            ys.append(np.asarray(y))
+        try:
+            y_batch = np.stack(ys)
+        except ValueError:
+            raise DataError(f"{self.what}: the y of samples {list(map(int, index))[:4]}... "
+                            f"differ in shape ({', '.join(str(v.shape) for v in ys[:3])}): every "
+                            "sample's y must have the same shape") from None
+        return _compact(np.stack(xs)), _compact(y_batch)
+
+
+Split = ArraySplit | MapSplit
+
+
 @dataclass
 class Dataset:
+    """A run's training and test samples (``harness.Data`` builds one from a user's data)."""
+
     name: str
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    num_classes: int
+    train: Split
+    test: Split
+    num_classes: int | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.x_train.shape[1:])
+        return self.train.sample_shape
+
+    # the arrays of array-backed data (the built-in datasets, npz files)
+    def _arrays(self, split: Split) -> ArraySplit:
+        if not isinstance(split, ArraySplit):
+            raise TypeError(f"{self.name} is a map-style dataset; it has no arrays")
+        return split
+
+    @property
+    def x_train(self) -> np.ndarray:
+        return self._arrays(self.train).x
+
+    @property
+    def y_train(self) -> np.ndarray:
+        return self._arrays(self.train).y
+
+    @property
+    def x_test(self) -> np.ndarray:
+        return self._arrays(self.test).x
+
+    @property
+    def y_test(self) -> np.ndarray:
+        return self._arrays(self.test).y
 
     def fingerprint(self) -> dict:
         """What makes two runs' data the same, for comparison reports."""
-        return {"name": self.name, "train": int(len(self.x_train)), "test": int(len(self.x_test)),
+        return {"name": self.name, "train": len(self.train), "test": len(self.test),
                 "input_shape": list(self.input_shape), "classes": self.num_classes}
+
+
+def Data(train: Any, test: Any, name: str = "data", num_classes: int | None = None) -> Dataset:
+    """A task's data: ``train`` and ``test`` are each arrays ``(x, y)`` (numpy or memory-mapped;
+    float64 becomes float32, integer arrays such as token ids stay integers) or a map-style
+    dataset (``__len__``, ``__getitem__(i) -> (x, y)``)."""
+    splits = [_split(part, f"{name} {what}") for part, what in ((train, "train"), (test, "test"))]
+    if splits[0].sample_shape != splits[1].sample_shape:
+        raise DataError(f"{name}: train samples have shape {splits[0].sample_shape} but test "
+                        f"samples {splits[1].sample_shape}; they must match")
+    return Dataset(name, splits[0], splits[1], num_classes)
+
+
+def _split(part: Any, what: str) -> Split:
+    if isinstance(part, (ArraySplit, MapSplit)):
+        return part
+    if isinstance(part, tuple) and len(part) == 2 and all(isinstance(a, np.ndarray) for a in part):
+        x, y = part
+        for name, a in (("x", x), ("y", y)):
+            if a.dtype.kind not in "fiub":
+                raise DataError(f"{what}: {name} has dtype {a.dtype}; use numeric arrays")
+        if x.ndim < 1 or y.ndim < 1 or len(x) != len(y):
+            raise DataError(f"{what}: x has shape {x.shape} and y {y.shape}; they need the same "
+                            "number of samples along their first axis")
+        if len(x) == 0:
+            raise DataError(f"{what} is empty")
+        for name, a in (("x", x), ("y", y)):
+            bad = _first_non_finite(a)
+            if bad is not None:
+                raise DataError(f"{what}: {name} holds NaN/Inf (first in sample {bad}); clean or "
+                                "impute those values before training")
+        return ArraySplit(x, y)
+    if isinstance(part, tuple):
+        raise DataError(f"{what}: a tuple must be two numpy arrays (x, y), got "
+                        f"{', '.join(type(a).__name__ for a in part)}")
+    return MapSplit(part, what)
+
+
+def _compact(a: np.ndarray) -> np.ndarray:
+    """float64 to float32 (what models train in), contiguous."""
+    if a.dtype == np.float64:
+        return np.ascontiguousarray(a, dtype=np.float32)
+    return np.ascontiguousarray(a)
 
 
 def load_dataset(name: str, model_input_shape: tuple[int, ...], model_classes: int,
@@ -55,6 +195,12 @@ def load_dataset(name: str, model_input_shape: tuple[int, ...], model_classes: i
     raise ConfigError(f"dataset = {name!r} is not one of 'digits', 'synthetic', 'npz'")
 
 
+def _arrays_dataset(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+                    y_test: np.ndarray, classes: int) -> Dataset:
+    return Dataset(name, ArraySplit(x_train, y_train, float_x=True),
+                   ArraySplit(x_test, y_test, float_x=True), classes)
+
+
 def _digits() -> Dataset:
     from sklearn.datasets import load_digits   # bundled with scikit-learn: no download
 
@@ -64,7 +210,7 @@ def _digits() -> Dataset:
     order = np.random.default_rng(20240601).permutation(len(x))   # fixed split, any run seed
     n_test = 360
     test, train = order[:n_test], order[n_test:]
-    return Dataset("digits", x[train], y[train], x[test], y[test], 10)
+    return _arrays_dataset("digits", x[train], y[train], x[test], y[test], 10)
 
 
 def _synthetic(shape: tuple[int, ...], classes: int, n: int, seed: int) -> Dataset:
@@ -77,7 +223,7 @@ def _synthetic(shape: tuple[int, ...], classes: int, n: int, seed: int) -> Datas
     n_test = max(1, min(n // 4, 512))
     x = rng.standard_normal((n + n_test, *shape), dtype=np.float32)
     y = rng.integers(0, classes, n + n_test, dtype=np.int64)
-    return Dataset("synthetic", x[:n], y[:n], x[n:], y[n:], classes)
+    return _arrays_dataset("synthetic", x[:n], y[:n], x[n:], y[n:], classes)
 
 
 # --- npz -------------------------------------------------------------------------------------
@@ -164,7 +310,7 @@ def _validated(name: str, a: dict[str, np.ndarray]) -> Dataset:
     if lo < 0:
         raise DataError(f"{name}: labels must be >= 0, found {lo}")
     classes = int(max(y_train.max(), y_test.max())) + 1
-    return Dataset(name, a["x_train"], y_train, a["x_test"], y_test, classes)
+    return _arrays_dataset(name, a["x_train"], y_train, a["x_test"], y_test, classes)
 
 
 def _first_non_finite(x: np.ndarray, chunk_bytes: int = 64 << 20) -> int | None:
@@ -217,11 +363,18 @@ class Sharder:
         return self._perm[start:start + self.batch]
 
 
-def gather(x: np.ndarray, y: np.ndarray, idx: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray]:
-    """The batch as contiguous float32/int64 arrays (a view when possible)."""
+def gather(x: np.ndarray, y: np.ndarray, idx: np.ndarray | slice,
+           float_x: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The batch as contiguous arrays (a view when possible): x as float32 (``float_x``, the
+    built-in image data) or float64 narrowed to float32 (a task's data, whose integer inputs
+    such as token ids stay integers); y float64 narrowed to float32."""
     xb, yb = x[idx], y[idx]
-    if xb.dtype != np.float32 or not xb.flags.c_contiguous:
+    if float_x and (xb.dtype != np.float32 or not xb.flags.c_contiguous):
         xb = np.ascontiguousarray(xb, dtype=np.float32)
+    elif not float_x:
+        xb = _compact(xb)
+    if yb.dtype == np.float64:
+        yb = yb.astype(np.float32)
     return xb, yb
 
 

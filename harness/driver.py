@@ -12,19 +12,21 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Protocol
 
 import numpy as np
 
 from harness import checkpoint as ckpt_io
 from harness.config import RunConfig
-from harness.data import Dataset, check_model_input, load_dataset
+from harness.data import Dataset
 from harness.errors import CheckpointError, ConfigError, HarnessError
 from harness.files import atomic_write
 from harness.metrics import MetricsWriter
 from harness.runinfo import environment
-from models import default_classes, default_input_shape, get_spec
-from models.base import ModelSpec
+from harness.task import Task, load_task
+
+if TYPE_CHECKING:
+    from harness.backends.base import Backend
 
 EVAL_BATCH = 512            # samples per evaluation batch (any size gives the same sums)
 
@@ -38,25 +40,48 @@ def write_json_atomic(path: Path, data: Any) -> None:
     atomic_write(path, write)
 
 
-def load_data(cfg: RunConfig) -> tuple[Dataset, ModelSpec]:
-    """The run's dataset and the model spec that fits it (ConfigError/DataError otherwise)."""
-    data = load_dataset(cfg.dataset, default_input_shape(cfg.model), default_classes(cfg.model),
-                        cfg.data_path, cfg.synthetic_samples, cfg.seed)
-    check_model_input(cfg.model, data.input_shape)
-    try:
-        spec = get_spec(cfg.model, data.input_shape, data.num_classes)
-    except ValueError as e:
-        raise ConfigError(f"model {cfg.model!r} does not fit dataset {data.name!r}: {e}") from None
-    return data, spec
+#: the built-in models' task (``--model``, ``--dataset``): loaded like any user's task
+BUILTIN_TASK = "models.tasks:builtin"
 
 
-def run_dir_of(cfg: RunConfig, world_size: int) -> Path:
-    return Path(cfg.out_dir) / (cfg.run_name or cfg.default_run_name(world_size))
+def load_task_data(cfg: RunConfig, task: Task | None = None) -> tuple[Task, Dataset]:
+    """The run's task (``task``, else ``cfg.task``, else the built-in model) and its data
+    (TaskError/ConfigError/DataError when they do not fit the config)."""
+    if task is None:
+        task = load_task(cfg.task or BUILTIN_TASK, cfg)
+    if task.framework != cfg.framework:
+        raise ConfigError(f"task {task.name!r} is a {task.framework} task, but framework = "
+                          f"{cfg.framework!r}: set framework = {task.framework!r}")
+    if cfg.target_accuracy is not None and "acc" not in task.metrics:
+        raise ConfigError(f"target_accuracy = {cfg.target_accuracy} needs a metric named 'acc', "
+                          f"and task {task.name!r} has {', '.join(task.metrics) or 'none'}: "
+                          "drop target_accuracy or add an 'acc' metric to the task")
+    return task, task.load_data()
 
 
-def checkpoint_identity(cfg: RunConfig, data: Dataset) -> dict[str, Any]:
+def run_dir_of(cfg: RunConfig, world_size: int, task_name: str | None = None) -> Path:
+    """The run folder; ``task_name``: a user's task (None for the built-in models)."""
+    return Path(cfg.out_dir) / (cfg.run_name or cfg.default_run_name(world_size, task_name))
+
+
+def own_task_name(cfg: RunConfig, task: Task, given: bool) -> str | None:
+    """The task name that names the run folder: a user's task's (``given``), else None."""
+    return task.name if given or cfg.task else None
+
+
+def checkpoint_identity(cfg: RunConfig, task: Task, data: Dataset) -> dict[str, Any]:
     """What a checkpoint must share with the run that resumes from it."""
-    return {"framework": cfg.framework, "model": cfg.model, "dataset": data.fingerprint()}
+    return {"framework": cfg.framework, "model": task.name, "dataset": data.fingerprint()}
+
+
+def model_record(task: Task, parameters: int, canonical: dict | None) -> dict[str, Any]:
+    """The ``model`` entry of a run record: what the report names and checks."""
+    checksum = None if canonical is None else \
+        float(sum(np.sum(np.asarray(v, np.float64)) for v in canonical.values()))
+    return {"name": task.name, "parameters": parameters,
+            "flops_per_sample": task.flops_per_sample, "loss": task.loss_name,
+            "metrics": list(task.metrics), "canonical": canonical is not None,
+            "initial_weights_checksum": checksum}
 
 
 def finished(run_dir: Path, step: int, total_steps: int) -> bool:
@@ -118,6 +143,24 @@ def agree_on_start(reduce_sum: Callable[[np.ndarray], np.ndarray], error: Harnes
     return vec[2:], bool(vec[1] == 0)
 
 
+def eval_sums(backend: "Backend", data: Dataset, index: np.ndarray) -> np.ndarray:
+    """[loss, each metric, samples] summed over the test samples ``index``."""
+    names = list(backend.task.metrics)
+    sums = np.zeros(len(names) + 2, np.float64)
+    for i in range(0, len(index), EVAL_BATCH):
+        xb, yb = data.test.batch(index[i:i + EVAL_BATCH])
+        loss, metrics = backend.eval_batch(xb, yb)
+        sums += [loss, *(metrics[m] for m in names), len(yb)]
+    return sums
+
+
+def eval_record(names: list[str], sums: np.ndarray) -> dict[str, Any]:
+    """``eval_loss``, ``eval_<metric>`` and ``eval_samples`` from :func:`eval_sums`."""
+    n = sums[-1]
+    return {"eval_loss": sums[0] / n, **{f"eval_{m}": v / n for m, v in zip(names, sums[1:-1])},
+            "eval_samples": int(n)}
+
+
 def log_finished(log, run_dir: Path, what: str) -> None:
     log.info(f"{run_dir} already finished ({what}; results in its summary.json): nothing to do. "
              "Raise epochs or max_steps to train it further, or choose another run_name to "
@@ -169,18 +212,29 @@ def track_target(cfg: RunConfig, state: TargetState, acc: float, wall_s: float,
         state.steps_to_target = step
 
 
-def start_record(run_dir: Path, metrics: MetricsWriter, cfg: RunConfig, spec: ModelSpec,
+def start_record(run_dir: Path, metrics: MetricsWriter, cfg: RunConfig, model: dict[str, Any],
                  data: Dataset, world: dict[str, Any], backend: dict[str, Any],
                  resumed_from: str | None, **start: Any) -> dict[str, Any]:
-    """The record of one (re)start: ``config.json`` and the ``run`` line of metrics.jsonl."""
+    """The record of one (re)start: ``config.json`` and the ``run`` line of metrics.jsonl
+    (``model``: :func:`model_record`)."""
     record = {"config": cfg.to_dict(), "environment": environment(), "world": world,
-              "backend": backend,
-              "model": {"name": spec.name, "parameters": spec.num_parameters,
-                        "flops_per_sample": spec.flops_per_sample},
+              "backend": backend, "model": model,
               "data": data.fingerprint(), "resumed_from": resumed_from, **start}
     write_json_atomic(run_dir / "config.json", record)
     metrics.write("run", **record)
     return record
+
+
+def final_metrics(summary: dict) -> str:
+    """``test <loss name> 0.1234, acc 0.9876`` from a summary."""
+    loss = summary.get("final_eval_loss")
+    parts = [f"test {summary.get('loss_name', 'loss')} "
+             f"{loss:.4f}" if loss is not None else "no test loss"]
+    for m in summary.get("metrics", []):
+        v = summary.get(f"final_eval_{m}")
+        if v is not None:
+            parts.append(f"{m} {v:.4f}")
+    return ", ".join(parts)
 
 
 def finish_record(run_dir: Path, metrics: MetricsWriter, summary: dict[str, Any]) -> None:

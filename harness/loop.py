@@ -18,8 +18,8 @@ import numpy as np
 from harness import checkpoint as ckpt_io
 from harness.backends.base import Backend, FitBackend
 from harness.config import RunConfig
-from harness.data import Dataset, Sharder, eval_shard, gather
-from harness.driver import EVAL_BATCH, LRSchedule, track_target
+from harness.data import Dataset, Sharder, eval_shard
+from harness.driver import LRSchedule, eval_record, eval_sums, track_target
 from harness.env import World
 from harness.errors import TrainingAborted
 from harness.faults import FaultInjector
@@ -51,7 +51,7 @@ class Position:
     # rank 0's running sums of the epoch in progress (the epoch record after a resume)
     epoch_loss_sum: float = 0.0
     epoch_loss_n: int = 0
-    epoch_correct: int = 0
+    epoch_metrics: dict[str, float] = field(default_factory=dict)   # metric sums
     epoch_seen: int = 0
     skipped: int = 0              # updates skipped (nan_policy = skip) so far
 
@@ -71,7 +71,10 @@ class Position:
     def from_meta(cls, meta: dict[str, Any]) -> "Position":
         """From a checkpoint's ``position`` (older checkpoints lack the newer fields)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in meta.items() if k in names})
+        pos = cls(**{k: v for k, v in meta.items() if k in names})
+        if "epoch_correct" in meta:      # written before tasks had metrics of their own
+            pos.epoch_metrics = {"acc": float(meta["epoch_correct"])}
+        return pos
 
 
 @dataclass(frozen=True)
@@ -115,19 +118,12 @@ class RunContext:
     resume_extra: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def evaluate(ctx: RunContext) -> dict[str, float]:
-    """Test loss and accuracy over the whole test set: each rank a shard, sums allreduced."""
-    x, y = ctx.data.x_test, ctx.data.y_test
-    shard = eval_shard(len(x), ctx.world.rank, ctx.world.size)
-    xs, ys = x[shard], y[shard]
-    loss_sum, correct = 0.0, 0
-    for i in range(0, len(xs), EVAL_BATCH):
-        xb, yb = gather(xs, ys, slice(i, i + EVAL_BATCH))
-        lsum, corr = ctx.backend.eval_batch(xb, yb)
-        loss_sum, correct = loss_sum + lsum, correct + corr
-    total = ctx.backend.allreduce_host(np.array([loss_sum, correct, len(xs)], np.float64))
-    return {"eval_loss": total[0] / total[2], "eval_acc": total[1] / total[2],
-            "eval_samples": int(total[2])}
+def evaluate(ctx: RunContext) -> dict[str, Any]:
+    """Test loss and metrics over the whole test set: each rank a shard, sums allreduced."""
+    n = len(ctx.data.test)
+    index = np.arange(n)[eval_shard(n, ctx.world.rank, ctx.world.size)]
+    total = ctx.backend.allreduce_host(eval_sums(ctx.backend, ctx.data, index))
+    return eval_record(list(ctx.backend.task.metrics), total)
 
 
 def save_checkpoint(ctx: RunContext, pos: Position, wall_s: float,
@@ -159,8 +155,9 @@ class TrainingRun:
     def __init__(self, ctx: RunContext, pos: Position, resumed: bool, per_rank: int) -> None:
         cfg, world = ctx.cfg, ctx.world
         self.ctx, self.pos, self.resumed = ctx, pos, resumed
-        self.sharder = Sharder(len(ctx.data.x_train), per_rank, world.rank, world.size,
+        self.sharder = Sharder(len(ctx.data.train), per_rank, world.rank, world.size,
                                cfg.seed, cfg.shuffle)
+        self.metric_names = list(ctx.backend.task.metrics)
         self.spe = self.sharder.steps_per_epoch
         self.total_steps = cfg.epochs * self.spe if cfg.max_steps is None else \
             min(cfg.epochs * self.spe, cfg.max_steps)
@@ -184,12 +181,13 @@ class TrainingRun:
     def announce(self, style: str) -> None:
         c, w, s = self.ctx.cfg, self.ctx.world, self.sharder
         self.ctx.log.info(
-            f"training {c.framework}/{c.model} on {self.ctx.data.name} ({style}): {w.size} "
+            f"training {c.framework}/{self.ctx.backend.task.name} on {self.ctx.data.name} "
+            f"({style}): {w.size} "
             f"rank(s), batch {s.batch}/rank ({s.global_batch} global), {self.spe} steps/epoch, "
             f"{self.total_steps} steps, lr {self.schedule.peak:g} (warm-up "
             f"{self.schedule.warmup_steps} steps)")
 
-    def record_step(self, loss: float, correct: int, n: int, step_time: float,
+    def record_step(self, loss: float, metric_sums: dict[str, float], n: int, step_time: float,
                     applied: bool = True) -> None:
         """After every optimizer step: metrics, progress, NaN and stop checks, checkpoints."""
         cfg, pos, ctx = self.ctx.cfg, self.pos, self.ctx
@@ -207,16 +205,17 @@ class TrainingRun:
                 f"{ctx.world.rank}: lower lr, check the data, or set nan_policy = 'skip'. No "
                 "checkpoint was written after it.")
         self.timer.add(step_time)
-        acc = correct / n
+        means = {m: metric_sums[m] / n for m in self.metric_names}
         pos.epoch_loss_sum += loss
         pos.epoch_loss_n += 1
-        pos.epoch_correct += correct
+        for m in self.metric_names:
+            pos.epoch_metrics[m] = pos.epoch_metrics.get(m, 0.0) + metric_sums[m]
         pos.epoch_seen += n
         rate = self.sharder.global_batch / step_time
-        ctx.metrics.write("step", step=pos.step, epoch=pos.epoch + 1, loss=loss, acc=acc,
+        ctx.metrics.write("step", step=pos.step, epoch=pos.epoch + 1, loss=loss, **means,
                           lr=self.lr, step_time_s=step_time, samples_per_s_rank=n / step_time,
                           samples_per_s_total=rate, wall_s=self.wall(), applied=applied)
-        self.progress.update(pos.step, loss, acc, rate)
+        self.progress.update(pos.step, loss, means, rate)
         ckpt_due = bool(cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0)
         self.save_pending = self.save_pending or ckpt_due
         if pos.step % cfg.agree_every == 0 or ckpt_due:
@@ -242,14 +241,15 @@ class TrainingRun:
         rec: dict[str, Any] = {
             "epoch": pos.epoch, "step": pos.step,
             "train_loss": pos.epoch_loss_sum / pos.epoch_loss_n if pos.epoch_loss_n else None,
-            "train_acc": pos.epoch_correct / pos.epoch_seen if pos.epoch_seen else None}
+            **{f"train_{m}": (pos.epoch_metrics.get(m, 0.0) / pos.epoch_seen
+                              if pos.epoch_seen else None) for m in self.metric_names}}
         if pos.step >= self.total_steps or (cfg.eval_every and pos.epoch % cfg.eval_every == 0):
             self._evaluate()
             rec.update({k: v for k, v in self.last_eval.items() if k != "step"})
         rec.update(wall_s=self.wall(), samples=pos.samples, time_to_target_s=pos.time_to_target_s)
         ctx.metrics.write("epoch", **rec)
         self.progress.epoch(pos.epoch, rec)
-        pos.epoch_loss_sum, pos.epoch_loss_n, pos.epoch_correct, pos.epoch_seen = 0.0, 0, 0, 0
+        pos.epoch_loss_sum, pos.epoch_loss_n, pos.epoch_metrics, pos.epoch_seen = 0.0, 0, {}, 0
         self.agree()
         self.save_pending = True
         if self.at_boundary():
@@ -261,8 +261,9 @@ class TrainingRun:
         self.watchdog.tick(phase="evaluating")
         self.last_eval = evaluate(self.ctx)
         self.last_eval["step"] = self.pos.step
-        track_target(self.ctx.cfg, self.pos, self.last_eval["eval_acc"], self.wall(),
-                     self.pos.step)
+        if "eval_acc" in self.last_eval:
+            track_target(self.ctx.cfg, self.pos, self.last_eval["eval_acc"], self.wall(),
+                         self.pos.step)
 
     def finish(self) -> dict[str, Any]:
         """Final evaluation and checkpoint (if the last epoch did not end on them); summary."""
@@ -277,7 +278,9 @@ class TrainingRun:
             steps=pos.step, epochs=pos.epoch, samples=pos.samples, train_wall_s=wall,
             samples_per_s_wall=pos.samples / wall if wall > 0 else None,
             final_eval_loss=self.last_eval.get("eval_loss"),
-            final_eval_acc=self.last_eval.get("eval_acc"), best_eval_acc=pos.best_eval_acc,
+            **{f"final_eval_{m}": self.last_eval.get(f"eval_{m}") for m in self.metric_names},
+            loss_name=ctx.backend.task.loss_name, metrics=self.metric_names,
+            best_eval_acc=pos.best_eval_acc,
             target_accuracy=ctx.cfg.target_accuracy, time_to_target_s=pos.time_to_target_s,
             steps_to_target=pos.steps_to_target, skipped_steps=pos.skipped,
             global_batch=self.sharder.global_batch, world_size=ctx.world.size,
@@ -348,8 +351,7 @@ def train(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
         while pos.step < run.total_steps:
             while pos.step_in_epoch < run.spe and pos.step < run.total_steps:
                 t0 = time.perf_counter()
-                xb, yb = gather(ctx.data.x_train, ctx.data.y_train,
-                                run.sharder.indices(pos.epoch, pos.step_in_epoch))
+                xb, yb = ctx.data.train.batch(run.sharder.indices(pos.epoch, pos.step_in_epoch))
                 xb = faults.before_step(pos.step + 1, xb)
                 new_lr = run.schedule(pos.step)
                 if new_lr != run.lr:
@@ -363,7 +365,7 @@ def train(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
                     first_step_done = True
                     if backend.broadcast_after_first_step:
                         backend.broadcast_state(resumed=resumed)
-                run.record_step(res.loss, res.correct, len(yb), step_time, res.applied)
+                run.record_step(res.loss, res.metrics, len(yb), step_time, res.applied)
             if pos.step_in_epoch >= run.spe:        # a completed epoch
                 run.end_epoch()
         return run.finish()
@@ -389,8 +391,9 @@ def train_fit(ctx: RunContext, backend: FitBackend, pos: Position,
             backend.set_lr(new_lr)
             run.lr = new_lr
 
-    def on_step(loss: float, acc: float, step_time: float) -> None:
-        run.record_step(loss, int(round(acc * run.sharder.batch)), run.sharder.batch, step_time)
+    def on_step(loss: float, means: dict[str, float], step_time: float) -> None:
+        b = run.sharder.batch
+        run.record_step(loss, {m: v * b for m, v in means.items()}, b, step_time)
 
     step_callback = backend.step_callback(on_step, before_step)
     try:
@@ -400,7 +403,7 @@ def train_fit(ctx: RunContext, backend: FitBackend, pos: Position,
             end = min(run.spe, pos.step_in_epoch + run.total_steps - pos.step)
             idx = np.concatenate([np.arange(run.sharder.n)[run.sharder.indices(pos.epoch, s)]
                                   for s in range(pos.step_in_epoch, end)])
-            x, y = gather(ctx.data.x_train, ctx.data.y_train, idx)
+            x, y = ctx.data.train.batch(idx)
             callbacks = backend.callbacks()
             backend.fit_epoch(x, y, run.sharder.batch, pos.epoch, [*callbacks, step_callback])
             if pos.step_in_epoch >= run.spe:

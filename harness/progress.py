@@ -20,10 +20,12 @@ class Progress:
             self._task = self._bar.add_task("train", total=total_steps, status="")
             self._bar.start()
 
-    def update(self, step: int, loss: float, acc: float, samples_per_s: float) -> None:
+    def update(self, step: int, loss: float, metrics: dict[str, float],
+               samples_per_s: float) -> None:
         if not self.enabled:
             return
-        status = f"loss {loss:.4f} acc {acc:.3f} {samples_per_s:,.0f} samples/s"
+        shown = "".join(f" {m} {v:.3f}" for m, v in metrics.items())
+        status = f"loss {loss:.4f}{shown} {samples_per_s:,.0f} samples/s"
         if self._bar is not None:
             self._bar.update(self._task, completed=step, status=status)
         elif step % self.every == 0 or step == self.total:
@@ -35,8 +37,11 @@ class Progress:
         parts = [f"epoch {epoch}"]
         if rec.get("train_loss") is not None:
             parts.append(f"train loss {rec['train_loss']:.4f}")
-        if "eval_acc" in rec:
-            parts.append(f"test loss {rec['eval_loss']:.4f} acc {rec['eval_acc']:.4f}")
+        if "eval_loss" in rec:
+            shown = "".join(f" {k[5:]} {v:.4f}" for k, v in rec.items()
+                            if k.startswith("eval_") and k not in ("eval_loss", "eval_samples")
+                            and isinstance(v, float))
+            parts.append(f"test loss {rec['eval_loss']:.4f}{shown}")
         msg = " | ".join(parts)
         if self._bar is not None:
             self._bar.console.print(msg)

@@ -59,6 +59,20 @@ class Run:
     def label(self) -> str:
         return self.extra.get("label") or f"{self.framework} {self.mode} x{self.workers}"
 
+    @property
+    def model(self) -> str:
+        """The task's name (the built-in model's name for built-in runs)."""
+        return (self.run.get("model") or {}).get("name") or self.cfg["model"]
+
+    @property
+    def metrics(self) -> list[str]:
+        """The task's metric names (classifiers recorded before tasks: accuracy)."""
+        return list((self.run.get("model") or {}).get("metrics", ["acc"]))
+
+    @property
+    def loss_name(self) -> str:
+        return (self.run.get("model") or {}).get("loss", "cross_entropy")
+
 
 def load_run(path: Path) -> Run:
     """The run in ``path``: config and numbers of its latest start only.
@@ -122,9 +136,9 @@ def check_comparable(runs: list[Run]) -> list[str]:
     """Refuse different models or data; return notes on other differences."""
     ref = runs[0]
     for r in runs[1:]:
-        if r.cfg["model"] != ref.cfg["model"]:
-            raise ConfigError(f"runs are not comparable: {ref.path} trains {ref.cfg['model']!r} "
-                              f"but {r.path} trains {r.cfg['model']!r}; report runs of one "
+        if r.model != ref.model:
+            raise ConfigError(f"runs are not comparable: {ref.path} trains {ref.model!r} "
+                              f"but {r.path} trains {r.model!r}; report runs of one "
                               "model at a time")
         if r.run["data"] != ref.run["data"]:
             raise ConfigError(f"runs are not comparable: {ref.path} uses data {ref.run['data']} "
@@ -211,15 +225,30 @@ COLUMNS = [
 ]
 
 
-UNFINISHED = "unfinished"     # final-accuracy cell of a run whose latest start has no summary
+UNFINISHED = "unfinished"     # first result cell of a run whose latest start has no summary
+_ACCURACY = ("final_eval_acc", "best_eval_acc", "time_to_target_s")
+
+
+def columns(runs: list[Run]) -> list[tuple[str, str, str | None]]:
+    """The table's columns: a classifier's accuracy columns, or else the task's own test
+    loss and metrics by their names (``final mse``, ``final mae``)."""
+    ref = runs[0]
+    if "acc" in ref.metrics:
+        return COLUMNS
+    own = [(f"final {ref.loss_name}", "final_eval_loss", ".4f")] + \
+        [(f"final {m}", f"final_eval_{m}", ".4f") for m in ref.metrics]
+    out = [c for c in COLUMNS if c[1] not in _ACCURACY]
+    return out[:4] + own + out[4:]
 
 
 def table_rows(runs: list[Run]) -> list[list[str]]:
     eff = scaling_efficiency(runs)
     rows = []
+    cols = columns(runs)
+    first = cols[4][1]                # the first result column
     for r in runs:
         row = []
-        for _, key, spec in COLUMNS:
+        for _, key, spec in cols:
             if key in ("name", "framework", "mode"):
                 row.append(getattr(r, key))
             elif key == "workers":
@@ -227,7 +256,7 @@ def table_rows(runs: list[Run]) -> list[list[str]]:
             elif key == "scaling":
                 row.append(_fmt(eff[r.path], spec or ".4f"))
             elif r.unfinished is not None:
-                row.append(UNFINISHED if key == "final_eval_acc" else _fmt(None))
+                row.append(UNFINISHED if key == first else _fmt(None))
             elif spec == "ms":
                 v = r.summary.get(key)
                 row.append(_fmt(v * 1000 if v is not None else None, ".2f"))
@@ -255,6 +284,11 @@ def figures(runs: list[Run], out: Path) -> list[Path]:
         line = "-" if r.mode == "sync" else (":" if r.mode == "sync-fit" else "--")
         return {"color": shade, "linestyle": line, "label": r.label}
 
+    # the test curve: accuracy, else the task's first metric, else its test loss
+    ref = runs[0]
+    metric = "acc" if "acc" in ref.metrics else next(iter(ref.metrics), None)
+    key = f"eval_{metric}" if metric else "eval_loss"
+    test = "test accuracy" if metric == "acc" else f"test {metric or ref.loss_name}"
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     for r in runs:
         st = [s for s in r.steps if isinstance(s.get("loss"), (int, float))]
@@ -262,15 +296,15 @@ def figures(runs: list[Run], out: Path) -> list[Path]:
                         **style(r))
         axes[0, 1].plot([s["wall_s"] for s in st], [s["loss"] for s in st], alpha=0.8,
                         **style(r))
-        ev = [e for e in r.epochs if e.get("eval_acc") is not None]
-        axes[1, 0].plot([e["step"] for e in ev], [e["eval_acc"] for e in ev], marker="o",
+        ev = [e for e in r.epochs if e.get(key) is not None]
+        axes[1, 0].plot([e["step"] for e in ev], [e[key] for e in ev], marker="o",
                         **style(r))
-        axes[1, 1].plot([e["wall_s"] for e in ev], [e["eval_acc"] for e in ev], marker="o",
+        axes[1, 1].plot([e["wall_s"] for e in ev], [e[key] for e in ev], marker="o",
                         **style(r))
     for ax, (x, y) in zip(axes.flat, [("step (updates)", "training loss (rank 0's batch)"),
                                       ("wall time (s)", "training loss (rank 0's batch)"),
-                                      ("step (updates)", "test accuracy"),
-                                      ("wall time (s)", "test accuracy")]):
+                                      ("step (updates)", test),
+                                      ("wall time (s)", test)]):
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.grid(alpha=0.3)
@@ -336,11 +370,57 @@ def figures(runs: list[Run], out: Path) -> list[Path]:
     return paths
 
 
+FIRST_LOSS_TOLERANCE = 1e-5     # step-1 losses of runs from the same weights and batch
+
+
+def fidelity(runs: list[Run]) -> list[str]:
+    """Do the runs start from the same weights, and do their first losses agree?
+
+    Runs of a task with a canonical weight layout record the checksum of their initial
+    weights in that layout; equal checksums mean the same start, and then runs with the same
+    number of workers see the same first batch, so their step-1 losses must agree within
+    FIRST_LOSS_TOLERANCE. Runs without one start from each framework's own initialisation.
+    """
+    frameworks = {r.framework for r in runs}
+    if len(frameworks) < 2:
+        return []
+    lines = ["## Fidelity", ""]
+    models = [(r, r.run.get("model") or {}) for r in runs]
+    own = [r.name for r, m in models if not m.get("canonical")]
+    if own:
+        lines += [f"The initial weights differ: {', '.join(own)} initialised with the "
+                  "framework's own initialisers (the task has no canonical weight layout), so "
+                  "the runs are compared on the same data and schedule, not from the same start.",
+                  ""]
+        return lines
+    sums = {m.get("initial_weights_checksum") for _, m in models}
+    if len(sums) > 1:
+        lines += ["The initial weights differ: the runs' canonical initial-weight checksums "
+                  f"are {', '.join(f'{v:.6g}' for v in sorted(v for v in sums if v is not None))}.", ""]
+        return lines
+    lines += [f"Every run starts from the same initial weights (canonical checksum "
+              f"{sums.pop():.6g}). Step-1 loss on rank 0's first batch, by number of workers "
+              f"(must agree within {FIRST_LOSS_TOLERANCE:g}):", ""]
+    for workers in sorted({r.workers for r in runs}):
+        group = [r for r in runs if r.workers == workers and r.mode.startswith("sync")
+                 and r.steps and r.steps[0].get("step") == 1]
+        if len({r.framework for r in group}) < 2:
+            continue
+        first = {r.name: float(r.steps[0]["loss"]) for r in group}
+        spread = max(first.values()) - min(first.values())
+        verdict = "agree" if spread <= FIRST_LOSS_TOLERANCE else "DIFFER"
+        lines.append(f"- {workers} worker(s): " + ", ".join(f"{k} {v:.7f}" for k, v in
+                                                           first.items())
+                     + f": spread {spread:.2g}, {verdict}")
+    lines.append("")
+    return lines
+
+
 def render_markdown(runs: list[Run], notes: list[str], figs: list[Path], out_dir: Path,
                     commands: list[str] | None = None) -> str:
-    header = [c[0] for c in COLUMNS]
+    header = [c[0] for c in columns(runs)]
     lines = ["# Comparison report", "",
-             f"Model **{runs[0].cfg['model']}** on **{runs[0].run['data']['name']}** "
+             f"Model **{runs[0].model}** on **{runs[0].run['data']['name']}** "
              f"({runs[0].run['data']['train']} training / {runs[0].run['data']['test']} test "
              "samples). Every number below is read from the runs' `metrics.jsonl` files: the "
              "table from the `summary` record of each run's latest start, the curves from "
@@ -362,6 +442,7 @@ def render_markdown(runs: list[Run], notes: list[str], figs: list[Path], out_dir
     scaling_notes = scaling_baselines(runs)[1]
     if scaling_notes:
         lines += ["**Scaling efficiency:**", ""] + [f"- {n}" for n in scaling_notes] + [""]
+    lines += fidelity(runs)
     for f in figs:
         lines += [f"![{f.stem}]({f.relative_to(out_dir).as_posix()})", ""]
     ps = [r for r in runs if r.summary.get("staleness_histogram")]
@@ -401,8 +482,8 @@ def print_table(runs: list[Run]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"{runs[0].cfg['model']} on {runs[0].run['data']['name']}")
-    for name, _, _ in COLUMNS:
+    t = Table(title=f"{runs[0].model} on {runs[0].run['data']['name']}")
+    for name, _, _ in columns(runs):
         text = name in ("run", "framework", "mode")
         t.add_column(name, justify="left" if text else "right", no_wrap=text,
                      min_width=max(len(r.name) for r in runs) if name == "run" else None)

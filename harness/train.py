@@ -8,15 +8,18 @@ from __future__ import annotations
 from harness import checkpoint as ckpt_io
 from harness.backends.base import Backend, create, resolve_gradient_path
 from harness.config import RunConfig
+from harness.data import Dataset
 from harness.driver import (agree_on_start, checkpoint_identity, find_resume_checkpoint,
-                            finish_record, finished, load_data, log_finished, run_dir_of,
-                            start_record)
+                            final_metrics, finish_record, finished, load_task_data, log_finished,
+                            model_record,
+                            own_task_name, run_dir_of, start_record)
 from harness.env import World, check_runtime_world, detect_world
 from harness.errors import CheckpointError, HarnessError, TrainingAborted
 from harness.logging import get_logger
 from harness.loop import Plan, Position, Preempted, RunContext, train
 from harness.metrics import MetricsWriter
 from harness.preemption import EXIT_PREEMPTED, StopFlag
+from harness.task import Task
 
 
 def check_resume_fits(ckpt: ckpt_io.Checkpoint, cfg: RunConfig, world: World, plan: Plan,
@@ -68,13 +71,17 @@ def load_into_backend(backend: Backend, ckpt: ckpt_io.Checkpoint) -> None:
                               "it was written with, or start in a fresh run_name/out_dir") from None
 
 
-def run(cfg: RunConfig) -> int:
+def run(cfg: RunConfig, task: Task | None = None) -> int:
+    """Train ``task`` (a user's; None: ``cfg.task`` or the built-in ``cfg.model``) on this
+    rank; the exit code (0, or EXIT_PREEMPTED after a checkpointed stop)."""
     launcher_world = detect_world()
     log = get_logger(launcher_world.rank)
+    own = task is not None or cfg.task is not None
+    task, data = load_task_data(cfg, task)      # the user's code runs on every rank
     if cfg.mode == "async":
         from harness.ps.driver import run as run_ps
 
-        return run_ps(cfg, launcher_world, log)
+        return run_ps(cfg, launcher_world, log, task, data, own)
     backend = create(cfg, launcher_world, resolve_gradient_path(cfg.allreduce, cfg.mode))
     rt = backend.init_distributed()
     if launcher_world.size > 1 or rt.size > 1:
@@ -83,18 +90,19 @@ def run(cfg: RunConfig) -> int:
     log = get_logger(world.rank)
     stop = StopFlag().install()
     try:
-        return _run(cfg, backend, world, log, stop)
+        return _run(cfg, backend, world, log, stop, task, data, own)
     finally:
         stop.uninstall()
 
 
-def _run(cfg: RunConfig, backend: Backend, world: World, log, stop: StopFlag) -> int:
+def _run(cfg: RunConfig, backend: Backend, world: World, log, stop: StopFlag, task: Task,
+         data: Dataset, own: bool) -> int:
     # Everything that can be wrong with the input is checked before anything is written.
-    data, spec = load_data(cfg)
-    plan = Plan.of(cfg, world.size, len(data.x_train))        # fails the same way on every rank
-    run_dir = run_dir_of(cfg, world.size)
-    identity = checkpoint_identity(cfg, data)
-    backend.setup(spec, spec.init_weights(cfg.seed), cfg.lr)
+    plan = Plan.of(cfg, world.size, len(data.train))         # fails the same way on every rank
+    run_dir = run_dir_of(cfg, world.size, own_task_name(cfg, task, own))
+    identity = checkpoint_identity(cfg, task, data)
+    backend.setup(task, *data.train.batch(slice(0, 2)), cfg.lr)
+    model = model_record(task, backend.layout.total, backend.canonical_weights())
     ckpt, error, pos, done = None, None, Position(), False
     if world.rank == 0:
         try:
@@ -126,7 +134,7 @@ def _run(cfg: RunConfig, backend: Backend, world: World, log, stop: StopFlag) ->
     metrics = MetricsWriter(run_dir / "metrics.jsonl" if world.rank == 0 else None)
     info = backend.info()
     if world.rank == 0:
-        start_record(run_dir, metrics, cfg, spec, data,
+        start_record(run_dir, metrics, cfg, model, data,
                      world={"size": world.size, "launcher": world.source},
                      backend={"framework": info.framework, "gradient_path": info.gradient_path,
                               "versions": info.versions, "settings": info.settings},
@@ -150,8 +158,8 @@ def _run(cfg: RunConfig, backend: Backend, world: World, log, stop: StopFlag) ->
             " the gradient exchange did not keep them in sync, so these results are not those "
             f"of data-parallel training (summary in {run_dir / 'summary.json'})")
     if world.rank == 0:
-        log.info(f"done: {summary['steps']} steps, test accuracy "
-                 f"{summary['final_eval_acc']:.4f}, {summary['samples_per_s_total'] or 0:,.0f} "
-                 f"samples/s total; results in {run_dir}")
+        log.info(f"done: {summary['steps']} steps, {final_metrics(summary)}, "
+                 f"{summary['samples_per_s_total'] or 0:,.0f} samples/s total; results in "
+                 f"{run_dir}")
     backend.shutdown()
     return 0

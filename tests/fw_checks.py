@@ -16,7 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from harness.backends.base import create  # noqa: E402
 from harness.config import RunConfig  # noqa: E402
 from harness.env import World  # noqa: E402
-from harness.driver import load_data  # noqa: E402
+from harness.driver import load_task_data  # noqa: E402
 from models import REGISTRY, get_spec, load_impl  # noqa: E402
 from models.base import to_keras_layout  # noqa: E402
 
@@ -81,9 +81,10 @@ def check_forward(fw: str, name: str, out_path: str) -> dict:
 
 def _backend(fw: str, **cfg_kw):
     cfg = RunConfig(framework=fw, **cfg_kw)
-    data, spec = load_data(cfg)
+    task, data = load_task_data(cfg)
+    spec = get_spec(cfg.model, data.input_shape, data.num_classes)
     b = create(cfg, WORLD, "local")
-    b.setup(spec, spec.init_weights(cfg.seed), cfg.lr)
+    b.setup(task, data.x_train[:2], data.y_train[:2], cfg.lr)
     return b, data, spec
 
 
@@ -93,7 +94,8 @@ def check_backend(fw: str) -> dict:
     b, data, spec = _backend(fw, model="cnn", optimizer="sgd", momentum=0.9)
     x, y = data.x_train[:32], data.y_train[:32]
     w0 = b.get_weights()
-    out["weights_round_trip"] = all(np.array_equal(w0[k], v) for k, v in
+    canonical = b.canonical_weights()
+    out["weights_round_trip"] = all(np.array_equal(canonical[k], v) for k, v in
                                     spec.init_weights(0).items())
     b.set_lr(0.0)
     b.train_step(x, y)
@@ -136,7 +138,7 @@ def check_fidelity(fw: str, out_path: str) -> dict:
     for i in range(50):
         j = (i * 32) % (len(data.x_train) - 32)
         losses.append(b.train_step(data.x_train[j:j + 32], data.y_train[j:j + 32]).loss)
-    np.savez(out_path, **b.get_weights())
+    np.savez(out_path, **b.canonical_weights())
     return {"losses": losses}
 
 
@@ -181,22 +183,20 @@ def check_horovod(fw: str) -> dict:
 def check_serial_sgd(fw: str, out_path: str, steps: str, *flags: str) -> dict:
     """The reference for a one-worker parameter-server run: the same gradients and the servers'
     SGD applied in one process, in order."""
-    from harness.backends.common import FlatLayout
     from harness.ps.optim import SGDMomentum
     from harness.config import parse_train_args
-    from harness.data import Sharder, gather
+    from harness.data import Sharder
 
     cfg = parse_train_args(["--framework", fw, *flags])
-    data, spec = load_data(cfg)
+    task, data = load_task_data(cfg)
     b = create(cfg, WORLD, "local")
-    b.setup(spec, spec.init_weights(cfg.seed), cfg.lr)
-    params = FlatLayout.of(spec).flatten(spec.init_weights(cfg.seed))
-    b.set_flat_params(params)
+    b.setup(task, data.x_train[:2], data.y_train[:2], cfg.lr)
+    params = b.get_flat_params()
     opt = SGDMomentum(params, cfg.momentum, cfg.weight_decay)
     sharder = Sharder(len(data.x_train), cfg.batch_size, 0, 1, cfg.seed, cfg.shuffle)
     for clock in range(int(steps)):
         epoch, step = divmod(clock, sharder.steps_per_epoch)
-        x, y = gather(data.x_train, data.y_train, sharder.indices(epoch, step))
+        x, y = data.train.batch(sharder.indices(epoch, step))
         _, grad = b.compute_gradients(x, y)
         opt.step(grad, cfg.lr)
         b.set_flat_params(params)

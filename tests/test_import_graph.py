@@ -1,7 +1,8 @@
 """Import arrows point down: no cycle between the project's modules or its packages.
 
 Every import counts, at module level or inside a function (a lazy import is still an arrow).
-The layers, bottom up: ``models`` <- ``harness`` (core, backends, drivers, reports) <-
+The layers, bottom up: ``harness`` (core, backends, drivers, reports, the public task API) <-
+``models`` (the built-in models, tasks written with that API) <-
 ``launchers`` (launch lines, comparisons that launch runs) and ``bench``. The command-line
 program (``harness.cli``, ``harness.__main__``) wires every layer together; nothing imports it,
 so it cannot close a cycle, and it is left out of the package-level graph (and checked to be

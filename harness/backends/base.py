@@ -20,11 +20,11 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from harness.backends.common import configure_threads
+from harness.backends.common import FlatLayout, configure_threads
 from harness.config import RunConfig
 from harness.env import World
 from harness.errors import ConfigError
-from models.base import ModelSpec
+from harness.task import Task
 
 # (framework, gradient path) -> "module:Class"
 IMPLEMENTATIONS = {
@@ -40,8 +40,8 @@ IMPLEMENTATIONS = {
 
 @dataclass
 class StepResult:
-    loss: float          # mean loss of this rank's batch
-    correct: int         # correctly classified samples of this rank's batch
+    loss: float                    # mean loss of this rank's batch
+    metrics: dict[str, float]      # each task metric summed over this rank's batch (mean x n)
     applied: bool = True  # False when the step was skipped (non-finite gradients, nan_policy=skip)
 
 
@@ -59,6 +59,11 @@ class Backend(ABC):
     framework: ClassVar[str]
     gradient_path: ClassVar[str]
     broadcast_after_first_step: ClassVar[bool]
+    #: set by ``setup``: the task and the model built from it
+    task: Task
+    model: Any
+    #: the trainable parameters in one flat vector (the parameter server's view)
+    layout: FlatLayout
 
     def __init__(self, cfg: RunConfig, world: World, threads: int | None = None) -> None:
         self.cfg = cfg
@@ -74,8 +79,10 @@ class Backend(ABC):
         it (the caller checks it against the launcher's)."""
 
     @abstractmethod
-    def setup(self, spec: ModelSpec, weights: dict[str, np.ndarray], lr: float) -> None:
-        """Build the model from canonical ``weights`` and the (wrapped) optimizer."""
+    def setup(self, task: Task, x: np.ndarray, y: np.ndarray, lr: float) -> None:
+        """Build the task's model (seeded with the run's seed; the task's canonical initial
+        weights when it has them) and the (wrapped) optimizer, and check on the sample batch
+        ``x, y`` that the model, loss and metrics fit together (TaskError otherwise)."""
 
     @abstractmethod
     def broadcast_state(self, resumed: bool = False) -> None:
@@ -95,8 +102,9 @@ class Backend(ABC):
         """Forward, backward, gradient exchange and update on this rank's batch."""
 
     @abstractmethod
-    def eval_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
-        """(sum of per-sample losses, correct predictions) in inference mode."""
+    def eval_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, float]]:
+        """(loss, each metric) summed over the batch's samples (batch mean x n), in inference
+        mode."""
 
     @abstractmethod
     def set_lr(self, lr: float) -> None:
@@ -109,10 +117,11 @@ class Backend(ABC):
         boundary, where no rank holds gradients that a checkpoint would lose."""
         return 1
 
-    # --- state, canonical layout (see models.base) ---
+    # --- state, by the framework's own parameter names ---
     @abstractmethod
     def get_weights(self) -> dict[str, np.ndarray]:
-        """Model weights and batch-norm statistics by canonical name."""
+        """Model weights and buffers (batch-norm statistics) by the framework's own names
+        (``state_dict`` keys; Keras variable paths)."""
 
     @abstractmethod
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
@@ -126,16 +135,23 @@ class Backend(ABC):
     def set_optimizer_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         ...
 
+    def canonical_weights(self) -> dict[str, np.ndarray] | None:
+        """The weights in the task's canonical layout (None when the task has none)."""
+        canonical = self.task.canonical
+        if canonical is None:
+            return None
+        return canonical.from_framework(self.model, self.get_weights())
+
     # --- flat-vector interface used by the parameter server ---
     @abstractmethod
     def compute_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[StepResult, np.ndarray]:
         """This batch's loss and gradient of the trainable parameters as one flat float32
-        vector in the canonical layout (``StepResult.applied`` is False if the loss is not
-        finite); no update is applied."""
+        vector (``StepResult.applied`` is False if the loss is not finite); no update is
+        applied."""
 
     @abstractmethod
     def get_flat_params(self) -> np.ndarray:
-        """The trainable parameters as one flat float32 vector in the canonical layout."""
+        """The trainable parameters as one flat float32 vector, in the model's order."""
 
     @abstractmethod
     def set_flat_params(self, flat: np.ndarray) -> None:
@@ -168,10 +184,10 @@ class FitBackend(Backend):
         """The framework's own callbacks for one ``fit`` call."""
 
     @abstractmethod
-    def step_callback(self, on_step: Callable[[float, float, float], None],
+    def step_callback(self, on_step: Callable[[float, dict[str, float], float], None],
                       before_step: Callable[[], None] | None = None) -> Any:
         """A callback that calls ``before_step()`` before each batch and
-        ``on_step(loss, accuracy, step_time_s)`` after it."""
+        ``on_step(loss, {metric: batch mean}, step_time_s)`` after it."""
 
     @abstractmethod
     def fit_epoch(self, x: np.ndarray, y: np.ndarray, batch: int, epoch: int,

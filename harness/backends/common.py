@@ -18,7 +18,7 @@ import numpy as np
 from harness.config import RunConfig
 from harness.env import World, cores_per_rank
 from harness.errors import ConfigError
-from models.base import ModelSpec
+from harness.task import Task, TaskError
 
 
 def configure_threads(cfg: RunConfig, world: World) -> int:
@@ -154,20 +154,15 @@ class FlatLayout:
     total: int
 
     @classmethod
-    def of(cls, spec: ModelSpec) -> "FlatLayout":
+    def of(cls, params: list[tuple[str, tuple[int, ...]]]) -> "FlatLayout":
+        """The layout of ``(name, shape)`` pairs, in order (a model's trainable parameters)."""
         names, shapes, offsets, off = [], [], [], 0
-        for p in spec.trainable:
-            names.append(p.name)
-            shapes.append(p.shape)
+        for name, shape in params:
+            names.append(name)
+            shapes.append(tuple(shape))
             offsets.append(off)
-            off += p.size
+            off += math.prod(shape)
         return cls(tuple(names), tuple(shapes), tuple(offsets), off)
-
-    def shard(self, k: int, n: int) -> tuple[int, int]:
-        """[start, stop) of shard k of n, as even as possible."""
-        base, extra = divmod(self.total, n)
-        start = k * base + min(k, extra)
-        return start, start + base + (1 if k < extra else 0)
 
     def flatten(self, weights: dict[str, np.ndarray]) -> np.ndarray:
         out = np.empty(self.total, np.float32)
@@ -195,3 +190,35 @@ def check_weight_names(expected: dict[str, tuple[int, ...]], got: dict[str, np.n
         if tuple(got[k].shape) != tuple(shape):
             raise CheckpointError(f"{what}: parameter {k!r} has shape {tuple(got[k].shape)}, "
                                   f"the model expects {tuple(shape)}")
+
+
+# --- checking a task's model, loss and metrics on a sample batch (both frameworks) -----------
+
+#: words in a framework's message that mean "these shapes or types do not fit together"
+_MISFIT = re.compile(r"shape|size|dimension|rank|mismatch|match|expected|dtype|must be|"
+                     r"incompatible|cannot|Dims|got", re.IGNORECASE)
+
+
+def misfit(task: Task, what: str, error: Exception, x: np.ndarray, y: np.ndarray,
+           out_shape: tuple | None) -> TaskError | None:
+    """A one-line TaskError when ``error`` (raised by the task's ``what`` on the sample batch)
+    says that the model's output, the data and the loss do not fit together; None for any
+    other error, which is the user's own bug and keeps its traceback."""
+    if not isinstance(error, (RuntimeError, ValueError, TypeError, IndexError)) and \
+            type(error).__name__ not in ("InvalidArgumentError",):
+        return None
+    if not _MISFIT.search(str(error)):
+        return None
+    message = " ".join(str(error).split())[:300]
+    out = f"model output {out_shape}, " if out_shape is not None else ""
+    return TaskError(f"task {task.name!r}: {what} failed on a batch of {len(x)} training "
+                     f"samples (x {x.shape} {x.dtype}, {out}y {y.shape} {y.dtype}): "
+                     f"{type(error).__name__}: {message}. Make the model's output and the "
+                     "data's y fit what the loss expects")
+
+
+def check_scalar(task: Task, what: str, shape: tuple, n: int) -> None:
+    """The loss and each metric give one number per batch (its mean)."""
+    if tuple(shape) != ():
+        raise TaskError(f"task {task.name!r}: {what} returned shape {tuple(shape)} for a batch "
+                        f"of {n}, not a scalar: return the batch mean (e.g. .mean())")

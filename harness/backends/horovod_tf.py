@@ -15,14 +15,16 @@ import numpy as np
 
 from harness.backends.base import Backend, BackendInfo, StepResult
 from harness.backends.comm import HorovodComm, LocalComm, MPIComm
-from harness.backends.common import FlatLayout, check_weight_names
+from harness.backends.common import FlatLayout, check_scalar, check_weight_names, misfit
 from harness.env import World
-from models import load_impl
-from models.base import ModelSpec, from_keras_layout, to_keras_layout
+from harness.task import Task, TaskError
+
+_KERAS: Any = None          # the Keras module this process's backend chose
 
 
 def import_keras(flavour: str):
     """(tensorflow, keras module) for ``keras3`` or ``legacy`` (tf_keras, Keras 2)."""
+    global _KERAS
     if flavour == "legacy":
         os.environ["TF_USE_LEGACY_KERAS"] = "1"
     import tensorflow as tf
@@ -31,7 +33,19 @@ def import_keras(flavour: str):
         import tf_keras as keras
     else:
         import keras
+    _KERAS = keras
     return tf, keras
+
+
+def keras_module():
+    """The Keras this run trains with (``keras = 'legacy'`` gives tf_keras): what tasks that
+    serve both flavours build their model with."""
+    return _KERAS if _KERAS is not None else import_keras("keras3")[1]
+
+
+def variable_name(v) -> str:
+    """A Keras variable's own name in its model: its path (Keras 3) or name (Keras 2)."""
+    return getattr(v, "path", None) or v.name
 
 
 def tf_variables(variables) -> list:
@@ -67,51 +81,88 @@ class TFBackend(Backend):
         self.gpu = bool(gpus)
 
     # --- building ---
-    def setup(self, spec: ModelSpec, weights: dict[str, np.ndarray], lr: float) -> None:
-        from models.tf_layers import canonical_variables
-
+    def setup(self, task: Task, x: np.ndarray, y: np.ndarray, lr: float) -> None:
         tf, keras, c = self.tf, self.keras, self.cfg
-        self.spec = spec
-        self.layout = FlatLayout.of(spec)
-        self.kinds = {p.name: p.kind for p in spec.params}
-        self.model = load_impl(spec.name, "tensorflow").build(spec, keras)
-        self.canon = canonical_variables(self.model)
-        self.set_weights(weights)
-        self.trainable = [self.canon[n] for n in self.layout.names]
+        self.task = task
+        keras.utils.set_random_seed(c.seed)    # the user's own initialisation, the same each run
+        model = task.model()
+        if not (hasattr(model, "trainable_variables") and callable(model)):
+            raise TaskError(f"task {task.name!r}: model() returned {type(model).__name__}, not a "
+                            "keras.Model: return the model (framework = 'tensorflow')")
+        self.model = model
+        self._check_task(x, y)                 # builds a model without an Input, too
+        self.variables: dict[str, Any] = {}
+        for v in self.model.weights:
+            name = variable_name(v)
+            if name in self.variables:
+                raise TaskError(f"task {task.name!r}: two model variables are named {name!r}: "
+                                "give the layers unique names")
+            self.variables[name] = v
+        self.trainable = list(self.model.trainable_variables)
+        if not self.trainable:
+            raise TaskError(f"task {task.name!r}: the model has no trainable variables")
         self.tf_trainable = tf_variables(self.trainable)
+        self.layout = FlatLayout.of([(variable_name(v), tuple(v.shape)) for v in self.trainable])
+        if task.canonical is not None:
+            self.set_weights(task.canonical.to_framework(self.model,
+                                                         task.canonical.init(c.seed)))
         if c.optimizer == "sgd":
             self.opt = keras.optimizers.SGD(learning_rate=lr, momentum=c.momentum)
         else:
             self.opt = keras.optimizers.Adam(learning_rate=lr, epsilon=1e-8)
         self.opt.build(self.trainable)
-        x_spec = tf.TensorSpec([None, *spec.input_shape], tf.float32)
-        y_spec = tf.TensorSpec([None], tf.int64)
+        x_spec = tf.TensorSpec([None, *x.shape[1:]], tf.as_dtype(x.dtype))
+        y_spec = tf.TensorSpec([None, *y.shape[1:]], tf.as_dtype(y.dtype))
         self._train_fn = tf.function(self._train_step_graph, input_signature=[x_spec, y_spec])
         self._grad_fn = tf.function(self._local_gradients, input_signature=[x_spec, y_spec])
         self._eval_fn = tf.function(self._eval_graph, input_signature=[x_spec, y_spec])
         self._apply_fn = tf.function(self._apply_flat)
 
+    def _check_task(self, x: np.ndarray, y: np.ndarray) -> None:
+        """The model, loss and metrics fit together on the sample batch (else a TaskError)."""
+        task, out, what = self.task, None, "model(x)"
+        try:
+            out = self.model(x, training=False)
+            what = "loss(model(x), y)"
+            check_scalar(task, what, tuple(task.loss(out, y).shape), len(x))
+            for name, fn in task.metrics.items():
+                what = f"metric {name!r}"
+                check_scalar(task, what, tuple(self.tf.convert_to_tensor(fn(out, y)).shape),
+                             len(x))
+        except TaskError:
+            raise
+        except Exception as e:   # noqa: BLE001 - a misfit is one line; anything else is theirs
+            shape = tuple(out.shape) if out is not None and hasattr(out, "shape") else None
+            error = misfit(task, what, e, x, y, shape)
+            if error is None:
+                raise
+            raise error from None
+
     def _loss(self, x, y, training: bool = True):
+        """The batch mean loss and each metric summed over the batch."""
         tf = self.tf
-        logits = self.model(x, training=training)
-        losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, 1), y), tf.int64))
-        return losses, correct
+        out = self.model(x, training=training)
+        loss = tf.cast(self.task.loss(out, y), tf.float32)
+        n = tf.cast(tf.shape(x)[0], tf.float32)
+        sums = [tf.cast(fn(out, y), tf.float32) * n for fn in self.task.metrics.values()]
+        return loss, tf.stack(sums) if sums else tf.zeros([0])
 
     def _local_gradients(self, x, y):
         """Mean-loss gradients accumulated over backward_passes_per_step micro-batches."""
         tf, k = self.tf, self.cfg.backward_passes_per_step
         n = tf.cast(tf.shape(x)[0], tf.float32)
         xs, ys = (tf.split(x, k), tf.split(y, k)) if k > 1 else ([x], [y])
-        acc, total, correct = None, 0.0, tf.constant(0, tf.int64)
+        acc, total, sums = None, 0.0, None
         for xc, yc in zip(xs, ys):
             with tf.GradientTape() as tape:
-                losses, corr = self._loss(xc, yc)
-                loss = tf.reduce_sum(losses) / n
+                loss, ms = self._loss(xc, yc)
+                if k > 1:
+                    loss = loss * tf.cast(tf.shape(xc)[0], tf.float32) / n
             grads = tape.gradient(loss, self.tf_trainable)
             acc = grads if acc is None else [a + g for a, g in zip(acc, grads)]
-            total, correct = total + loss, correct + corr
-        return total, correct, acc
+            total = total + loss
+            sums = ms if sums is None else sums + ms
+        return total, sums, acc
 
     def _apply(self, grads):
         """Weight decay (as PyTorch's SGD/Adam do it: added to the gradient) and the update."""
@@ -134,9 +185,9 @@ class TFBackend(Backend):
         return self._local_gradients(x, y)
 
     def _train_step_graph(self, x, y):
-        loss, correct, grads = self._reduced_gradients(x, y)
+        loss, sums, grads = self._reduced_gradients(x, y)
         applied = self._apply(grads)
-        return loss, correct, applied
+        return loss, sums, applied
 
     def _apply_flat(self, flat):
         tf = self.tf
@@ -148,32 +199,34 @@ class TFBackend(Backend):
         return self._apply(grads)
 
     def _eval_graph(self, x, y):
-        losses, correct = self._loss(x, y, training=False)
-        return self.tf.reduce_sum(losses), correct
+        loss, sums = self._loss(x, y, training=False)
+        return loss * self.tf.cast(self.tf.shape(x)[0], self.tf.float32), sums
+
+    def _metrics(self, sums) -> dict[str, float]:
+        return dict(zip(self.task.metrics, np.asarray(sums, np.float64).tolist()))
 
     # --- steps ---
     def train_step(self, x: np.ndarray, y: np.ndarray) -> StepResult:
-        loss, correct, applied = self._train_fn(x, y)
-        return StepResult(float(loss), int(correct), bool(applied))
+        loss, sums, applied = self._train_fn(x, y)
+        return StepResult(float(loss), self._metrics(sums), bool(applied))
 
-    def eval_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
-        loss, correct = self._eval_fn(x, y)
-        return float(loss), int(correct)
+    def eval_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, float]]:
+        loss, sums = self._eval_fn(x, y)
+        return float(loss), self._metrics(sums)
 
     def set_lr(self, lr: float) -> None:
         self.opt.learning_rate = lr
 
     # --- state ---
     def get_weights(self) -> dict[str, np.ndarray]:
-        return {n: np.array(from_keras_layout(self.kinds[n], v.numpy()))
-                for n, v in self.canon.items()}
+        return {n: np.array(v.numpy()) for n, v in self.variables.items()}
 
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
-        expected = {n: tuple(from_keras_layout(self.kinds[n], np.empty(v.shape)).shape)
-                    for n, v in self.canon.items()}
-        check_weight_names(expected, weights, "weights")
-        for n, v in self.canon.items():
-            v.assign(to_keras_layout(self.kinds[n], np.asarray(weights[n], np.float32)))
+        check_weight_names({n: tuple(v.shape) for n, v in self.variables.items()}, weights,
+                           "weights")
+        for n, v in self.variables.items():
+            v.assign(np.asarray(weights[n], v.dtype.name if hasattr(v.dtype, "name")
+                                else v.dtype))
 
     def get_optimizer_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         variables = optimizer_variables(self.opt)
@@ -195,21 +248,22 @@ class TFBackend(Backend):
                                       f"{tuple(v.shape)}")
             v.assign(a)
 
-    # --- flat vectors (parameter server), canonical layout ---
+    # --- flat vectors (parameter server), the model's trainable variables in order ---
     def compute_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[StepResult, np.ndarray]:
-        loss, correct, grads = self._grad_fn(x, y)
+        loss, sums, grads = self._grad_fn(x, y)
         flat = np.empty(self.layout.total, np.float32)
-        for n, off, g in zip(self.layout.names, self.layout.offsets, grads):
-            a = from_keras_layout(self.kinds[n], g.numpy())
+        for off, g in zip(self.layout.offsets, grads):
+            a = g.numpy()
             flat[off:off + a.size] = a.ravel()
-        return StepResult(float(loss), int(correct), bool(np.isfinite(float(loss)))), flat
+        return StepResult(float(loss), self._metrics(sums), bool(np.isfinite(float(loss)))), flat
 
     def get_flat_params(self) -> np.ndarray:
-        return self.layout.flatten(self.get_weights())
+        return np.concatenate([np.asarray(v.numpy(), np.float32).ravel()
+                               for v in self.trainable])
 
     def set_flat_params(self, flat: np.ndarray) -> None:
-        for n, a in self.layout.unflatten(flat).items():
-            self.canon[n].assign(to_keras_layout(self.kinds[n], a))
+        for v, a in zip(self.trainable, self.layout.unflatten(flat).values()):
+            v.assign(a)
 
     # --- what the communication mixins need (harness/backends/comm.py) ---
     def _host_tensor(self, values: np.ndarray):
@@ -240,20 +294,19 @@ class HorovodTFBackend(HorovodComm, TFBackend):
         op = hvd.Adasum if c.reduction == "adasum" else hvd.Average
         if c.backward_passes_per_step == 1:
             with tf.GradientTape() as tape:
-                losses, correct = self._loss(x, y)
-                loss = tf.reduce_mean(losses)
+                loss, sums = self._loss(x, y)
             tape = hvd.DistributedGradientTape(
                 tape, compression=compression, op=op,
                 gradient_predivide_factor=c.gradient_predivide_factor)
-            return loss, correct, tape.gradient(loss, self.tf_trainable)
+            return loss, sums, tape.gradient(loss, self.tf_trainable)
         # Accumulated micro-batches: one allreduce of the summed gradients, with the same
         # grouped op and scaling the tape uses.
-        loss, correct, grads = self._local_gradients(x, y)
+        loss, sums, grads = self._local_gradients(x, y)
         pre, post = ((1.0 / c.gradient_predivide_factor, c.gradient_predivide_factor)
                      if op == hvd.Average else (1.0, 1.0))
         grads = hvd.grouped_allreduce(grads, op=op, compression=compression,
                                       prescale_factor=pre, postscale_factor=post)
-        return loss, correct, grads
+        return loss, sums, grads
 
     def broadcast_state(self, resumed: bool = False) -> None:
         variables = tf_variables(self.model.variables) + \
@@ -266,13 +319,13 @@ class MPITFBackend(MPIComm, TFBackend):
 
     def train_step(self, x: np.ndarray, y: np.ndarray) -> StepResult:
         tf = self.tf
-        loss, correct, grads = self._grad_fn(x, y)
+        loss, sums, grads = self._grad_fn(x, y)
         flat = tf.concat([tf.reshape(g, [-1]) for g in grads], 0).numpy()
         if self.comm.size > 1:
             self.comm.allreduce_flat_(flat)
             flat *= np.float32(1.0 / self.comm.size)
         applied = self._apply_fn(tf.constant(flat))
-        return StepResult(float(loss), int(correct), bool(applied))
+        return StepResult(float(loss), self._metrics(sums), bool(applied))
 
     def broadcast_state(self, resumed: bool = False) -> None:
         if self.comm.size == 1:

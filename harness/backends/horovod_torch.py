@@ -11,14 +11,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from harness.backends.base import Backend, BackendInfo, StepResult
 from harness.backends.comm import HorovodComm, LocalComm, MPIComm
-from harness.backends.common import FlatLayout, check_weight_names
+from harness.backends.common import FlatLayout, check_scalar, check_weight_names, misfit
 from harness.env import World
-from models import load_impl
-from models.base import ModelSpec
+from harness.task import Task, TaskError
 
 
 class TorchBackend(Backend):
@@ -38,21 +36,55 @@ class TorchBackend(Backend):
         self._flat_grad: torch.Tensor | None = None
 
     # --- building ---
-    def setup(self, spec: ModelSpec, weights: dict[str, np.ndarray], lr: float) -> None:
+    def setup(self, task: Task, x: np.ndarray, y: np.ndarray, lr: float) -> None:
         if torch.cuda.is_available():
             torch.cuda.set_device(self.world.local_rank % torch.cuda.device_count())
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.spec = spec
-        self.layout = FlatLayout.of(spec)
-        self.model = load_impl(spec.name, "torch").build(spec).to(self.device)
+        self.task = task
+        torch.manual_seed(self.cfg.seed)       # the user's own initialisation, the same each run
+        model = task.model()
+        if not isinstance(model, torch.nn.Module):
+            raise TaskError(f"task {task.name!r}: model() returned {type(model).__name__}, not a "
+                            "torch.nn.Module: return the model (framework = 'torch')")
+        self.model = model.to(self.device)
         self._state = {k: v for k, v in self.model.state_dict().items()
                        if not k.endswith("num_batches_tracked")}
-        named = dict(self.model.named_parameters())
-        self.named_params = [(name, named[name]) for name in self.layout.names]
+        self.named_params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not self.named_params:
+            raise TaskError(f"task {task.name!r}: the model has no trainable parameters")
         self.params = [p for _, p in self.named_params]
-        self.set_weights(weights)
+        self.layout = FlatLayout.of([(n, tuple(p.shape)) for n, p in self.named_params])
+        if task.canonical is not None:
+            self.set_weights(task.canonical.to_framework(self.model,
+                                                         task.canonical.init(self.cfg.seed)))
+        self._check_task(x, y)
         self.optimizer = self.wrap_optimizer(self._make_optimizer(lr))
         self.model.train()
+
+    @torch.no_grad()
+    def _check_task(self, x: np.ndarray, y: np.ndarray) -> None:
+        """The model, loss and metrics fit together on the sample batch (else a TaskError)."""
+        task, out = self.task, None
+        xb, yb = self._batch(x, y)
+        self.model.eval()
+        try:
+            what = "model(x)"
+            out = self.model(xb)
+            what = "loss(model(x), y)"
+            check_scalar(task, "loss(model(x), y)", tuple(task.loss(out, yb).shape), len(x))
+            for name, fn in task.metrics.items():
+                what = f"metric {name!r}"
+                check_scalar(task, what, tuple(torch.as_tensor(fn(out, yb)).shape), len(x))
+        except TaskError:
+            raise
+        except Exception as e:   # noqa: BLE001 - a misfit is one line; anything else is theirs
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+            error = misfit(task, what, e, x, y, shape)
+            if error is None:
+                raise
+            raise error from None
+        finally:
+            self.model.train()
 
     def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
         c = self.cfg
@@ -87,24 +119,33 @@ class TorchBackend(Backend):
     #: gradients come out multiplied by this (the flat Horovod exchange pre-divides here)
     grad_scale = 1.0
 
-    def _forward_backward(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _metric_sums(self, out: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        """Each task metric summed over the batch (its mean x n), without gradients."""
+        with torch.no_grad():
+            return [torch.as_tensor(fn(out, y), dtype=torch.float32) * len(y)
+                    for fn in self.task.metrics.values()]
+
+    def _forward_backward(self, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, float]]:
         """Local gradients of the batch mean loss, accumulated over backward_passes_per_step
-        micro-batches (each loss scaled by 1/k so the sum is the mean over the whole batch)."""
+        micro-batches (each loss scaled by its share so the sum is the mean over the whole
+        batch). Returns the loss and the metric sums (one device-to-host copy)."""
         xb, yb = self._batch(x, y)
-        k, scale = self.cfg.backward_passes_per_step, self.grad_scale
-        if k == 1:
-            out = self.model(xb)
-            loss = F.cross_entropy(out, yb)
-            (loss * scale if scale != 1.0 else loss).backward()
-            return loss.detach(), (out.argmax(1) == yb).sum()
-        total, correct = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
-        for xc, yc in zip(xb.chunk(k), yb.chunk(k)):
+        k, scale, loss_fn = self.cfg.backward_passes_per_step, self.grad_scale, self.task.loss
+        chunks = zip(xb.chunk(k), yb.chunk(k)) if k > 1 else [(xb, yb)]
+        total: torch.Tensor | None = None
+        sums: list[torch.Tensor] = []
+        for xc, yc in chunks:
             out = self.model(xc)
-            loss = F.cross_entropy(out, yc) * (len(xc) / len(xb))
+            loss = loss_fn(out, yc)
+            if k > 1:
+                loss = loss * (len(xc) / len(xb))
             (loss * scale if scale != 1.0 else loss).backward()
-            total += loss.detach()
-            correct += (out.argmax(1) == yc).sum()
-        return total, correct
+            ms = self._metric_sums(out, yc)
+            total = loss.detach() if total is None else total + loss.detach()
+            sums = ms if not sums else [a + b for a, b in zip(sums, ms)]
+        assert total is not None
+        values = torch.stack([total.float(), *sums]).tolist()
+        return values[0], dict(zip(self.task.metrics, values[1:]))
 
     def grads_finite(self) -> bool:
         if self._flat_grad is not None:
@@ -121,18 +162,19 @@ class TorchBackend(Backend):
 
     def train_step(self, x: np.ndarray, y: np.ndarray) -> StepResult:
         self.zero_grad()
-        loss, correct = self._forward_backward(x, y)
+        loss, metrics = self._forward_backward(x, y)
         applied = self.exchange_and_step()
-        return StepResult(float(loss), int(correct), applied)
+        return StepResult(loss, metrics, applied)
 
     @torch.no_grad()
-    def eval_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
+    def eval_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, float]]:
         self.model.eval()
         try:
             xb, yb = self._batch(x, y)
             out = self.model(xb)
-            loss = F.cross_entropy(out, yb, reduction="sum")
-            return float(loss), int((out.argmax(1) == yb).sum())
+            loss = self.task.loss(out, yb).float() * len(yb)
+            values = torch.stack([loss, *self._metric_sums(out, yb)]).tolist()
+            return values[0], dict(zip(self.task.metrics, values[1:]))
         finally:
             self.model.train()
 
@@ -180,9 +222,8 @@ class TorchBackend(Backend):
     def compute_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[StepResult, np.ndarray]:
         flat = self._use_flat_grads()
         flat.zero_()
-        loss, correct = self._forward_backward(x, y)
-        finite = bool(torch.isfinite(loss))
-        return StepResult(float(loss), int(correct), finite), flat.cpu().numpy()
+        loss, metrics = self._forward_backward(x, y)
+        return StepResult(loss, metrics, bool(np.isfinite(loss))), flat.cpu().numpy()
 
     def get_flat_params(self) -> np.ndarray:
         with torch.no_grad():

@@ -28,8 +28,8 @@ class KerasFitBackend(HorovodTFBackend, FitBackend):
 
     broadcast_after_first_step = False
 
-    def setup(self, spec, weights, lr):
-        super().setup(spec, weights, lr)
+    def setup(self, task, x, y, lr):
+        super().setup(task, x, y, lr)
         import horovod.tensorflow.keras as hvd_keras
 
         keras, c = self.keras, self.cfg
@@ -42,9 +42,20 @@ class KerasFitBackend(HorovodTFBackend, FitBackend):
             backward_passes_per_step=c.backward_passes_per_step,
             average_aggregated_gradients=True,
             gradient_predivide_factor=c.gradient_predivide_factor)
-        self.model.compile(optimizer=self.opt,
-                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                           metrics=["accuracy"])
+        loss_fn = task.loss
+
+        class TaskLoss(keras.losses.Loss):
+            """The task's loss(output, y) as a Keras loss (which passes y first). A Loss
+            subclass, not a plain function: Keras reshapes y to the output's rank for those."""
+
+            def call(self, y_true, y_pred):
+                return loss_fn(y_pred, y_true)
+
+        metrics = [keras.metrics.MeanMetricWrapper(
+            (lambda fn: lambda y_true, y_pred: fn(y_pred, y_true))(fn), name=name)
+            for name, fn in task.metrics.items()]
+        self.model.compile(optimizer=self.opt, loss=TaskLoss(name=task.loss_name),
+                           metrics=metrics)
         self.opt.build(self.model.trainable_variables)
 
     def callbacks(self) -> list:
@@ -70,16 +81,16 @@ class KerasFitBackend(HorovodTFBackend, FitBackend):
 
     def step_callback(self, on_step, before_step=None):
         """A Keras callback that calls ``before_step()`` before each batch and turns fit's
-        running means into per-step values for ``on_step``.
+        running means into per-step values for ``on_step(loss, {metric: mean}, seconds)``.
 
         Keras reports the running mean of the fit call so far after each batch; batch i's own
         value is i * mean_i - (i - 1) * mean_(i-1) (equal batch sizes).
         """
-        keras = self.keras
+        keras, names = self.keras, ["loss", *self.task.metrics]
 
         class HarnessStepCallback(keras.callbacks.Callback):
             def on_epoch_begin(self, epoch, logs=None):
-                self._prev = {"loss": 0.0, "accuracy": 0.0}
+                self._prev = dict.fromkeys(names, 0.0)
 
             def on_train_batch_begin(self, batch, logs=None):
                 if before_step is not None:
@@ -89,11 +100,12 @@ class KerasFitBackend(HorovodTFBackend, FitBackend):
             def on_train_batch_end(self, batch, logs=None):
                 dt = time.perf_counter() - self._t0
                 i, values = batch + 1, {}
-                for k in ("loss", "accuracy"):
+                for k in names:
                     mean = float((logs or {}).get(k, 0.0))
                     values[k] = i * mean - (i - 1) * self._prev[k]
                     self._prev[k] = mean
-                on_step(values["loss"], values["accuracy"], dt)
+                loss = values.pop("loss")
+                on_step(loss, values, dt)
 
         return HarnessStepCallback()
 

@@ -1,7 +1,8 @@
 """Asynchronous parameter-server mode on mpi4py (``mode = "async"``).
 
-Ranks ``0..S-1`` are servers, each owning an even shard of the flat parameter vector
-(canonical layout, so PyTorch and TensorFlow workers train the same vector) and running SGD
+Ranks ``0..S-1`` are servers, each owning an even shard of the flat parameter vector (the
+task model's trainable parameters in order: worker 0 builds the model and sends its initial
+parameters, so the servers work for any model without building one) and running SGD
 with momentum on it; the other ranks are workers computing gradients with the framework's
 ``local`` backend. Launch with ``mpirun -np S+W`` or ``srun --mpi=pmix``; see
 ``slurm/ps.sbatch``.
@@ -23,18 +24,22 @@ from harness import checkpoint as ckpt_io
 from harness.backends.common import apply_mpi_environment
 from harness.config import RunConfig
 from harness.data import Sharder
+from harness.backends.base import Backend
+from harness.data import Dataset
 from harness.driver import (Target, agree_on_start, checkpoint_identity, find_resume_checkpoint,
-                            finish_record, load_data, log_finished, run_dir_of, start_record,
-                            track_target)
+                            final_metrics, finish_record, log_finished, model_record, own_task_name, run_dir_of,
+                            start_record, track_target)
 from harness.env import World, check_runtime_world
-from harness.errors import CheckpointError, ConfigError, HarnessError
+from harness.errors import CheckpointError, ConfigError, HarnessError, TrainingAborted
 from harness.logging import get_logger
 from harness.metrics import MetricsWriter
 from harness.preemption import EXIT_PREEMPTED, StopFlag, Watchdog
 from harness.ps.plan import PSContext, PSPlan
+from harness.task import Task
 
 
-def run(cfg: RunConfig, launcher_world: World, log) -> int:
+def run(cfg: RunConfig, launcher_world: World, log, task: Task, data: Dataset,
+        own: bool) -> int:
     from harness.backends.mpi_comm import mpi
 
     apply_mpi_environment(cfg)                       # before MPI_Init
@@ -52,20 +57,45 @@ def run(cfg: RunConfig, launcher_world: World, log) -> int:
     if cfg.straggler_rank is not None and not S <= cfg.straggler_rank < size:
         raise ConfigError(f"straggler_rank = {cfg.straggler_rank} is not a worker rank: workers "
                           f"are ranks {S}..{size - 1}")
-    data, spec = load_data(cfg)
-    plan = PSPlan.of(cfg, data, spec, size, run_dir_of(cfg, size))
+    run_dir = run_dir_of(cfg, size, own_task_name(cfg, task, own))
+    PSPlan.of(cfg, data, 1, size, run_dir)           # the schedule fits: fails on every rank
     stop = StopFlag().install()
-    identity = checkpoint_identity(cfg, data)
+    identity = checkpoint_identity(cfg, task, data)
     ctx = PSContext(cfg, data, stop, {**identity, "mode": "async", "ps_servers": S,
-                                      "config": cfg.to_dict(), "world_size": size})
+                                      "config": cfg.to_dict(), "world_size": size},
+                    metric=next(iter(task.metrics), None))
     watchdog = Watchdog(rank, cfg.stall_timeout_s, log).start()
     try:
         if rank < S:
-            return _serve(ctx, plan, comm, MPI, rank, watchdog, log)
-        return _work(ctx, plan, comm, MPI, rank, watchdog, log, launcher_world)
+            return _serve(ctx, task, run_dir, comm, MPI, rank, watchdog, log)
+        return _work(ctx, task, run_dir, comm, MPI, rank, watchdog, log, launcher_world)
     finally:
         watchdog.stop()
         stop.uninstall()
+
+
+def _share_model(comm, backend: Backend | None, error: BaseException | None,
+                 S: int) -> tuple[np.ndarray, dict]:
+    """Worker rank ``S`` built the task's model: every rank gets its initial flat parameters
+    and model record (servers never build a model, so any model works). A worker that could
+    not build it tells every rank, and all stop."""
+    head = None
+    built = backend if error is None else None
+    if comm.Get_rank() == S:
+        head = {"params": built.layout.total,
+                "model": model_record(built.task, built.layout.total,
+                                      built.canonical_weights())} if built is not None else \
+            {"error": f"{type(error).__name__}: {error}"}
+    head = comm.bcast(head, root=S)
+    if "error" in head:
+        if error is not None:
+            raise error
+        raise TrainingAborted(f"worker rank {S} could not build the task's model ({head['error']}"
+                              "; its traceback is above)")
+    flat = built.get_flat_params() if comm.Get_rank() == S and built is not None else \
+        np.empty(head["params"], np.float32)
+    comm.Bcast(flat, root=S)
+    return flat, head["model"]
 
 
 def _resume_state(cfg: RunConfig, ckpt_dir: Path, k: int, identity: dict, world_size: int,
@@ -128,12 +158,14 @@ def _wait_for_everyone(comm, watchdog) -> None:
     watchdog.tick(phase="exiting (preempted)")
 
 
-def _serve(ctx: PSContext, plan: PSPlan, comm, MPI, rank: int, watchdog, log) -> int:
+def _serve(ctx: PSContext, task: Task, run_dir: Path, comm, MPI, rank: int, watchdog,
+           log) -> int:
     from harness.ps.server import Server
 
-    cfg, run_dir, ckpt_dir = ctx.cfg, plan.run_dir, plan.ckpt_dir
-    _, start, stop = plan.shards[rank]
-    total, W = plan.total_steps, plan.workers
+    cfg, ckpt_dir = ctx.cfg, run_dir / "checkpoints"
+    size = comm.Get_size()
+    total = PSPlan.of(cfg, ctx.data, 1, size, run_dir).total_steps
+    W = size - cfg.ps_servers
     error: HarnessError | None = None
     resume = None
     try:
@@ -149,11 +181,15 @@ def _serve(ctx: PSContext, plan: PSPlan, comm, MPI, rank: int, watchdog, log) ->
         if rank == 0 and resume is not None:
             log_finished(log, run_dir, f"{resume['version']} updates, {total} steps per worker")
         return 0
-    shard = plan.layout.flatten(plan.spec.init_weights(cfg.seed))[start:stop].copy()
+    watchdog.tick(phase="waiting for worker 0's model")
+    flat, model = _share_model(comm, None, None, cfg.ps_servers)
+    plan = PSPlan.of(cfg, ctx.data, flat.size, size, run_dir)
+    _, start, stop = plan.shards[rank]
+    shard = flat[start:stop].copy()
     metrics = None
     if rank == 0:
         metrics = MetricsWriter(run_dir / "metrics.jsonl")
-        start_record(run_dir, metrics, cfg, plan.spec, ctx.data,
+        start_record(run_dir, metrics, cfg, model, ctx.data,
                      world={"size": comm.Get_size(), "servers": cfg.ps_servers, "workers": W,
                             "launcher": "mpi4py"},
                      backend={"framework": cfg.framework, "gradient_path": "parameter-server",
@@ -166,14 +202,15 @@ def _serve(ctx: PSContext, plan: PSPlan, comm, MPI, rank: int, watchdog, log) ->
                      start_version=resume["version"] if resume else 0)
         log.info(f"parameter server: {cfg.ps_servers} server(s), {W} worker(s), "
                  f"{cfg.ps_consistency} consistency, {total} steps per worker, "
-                 f"{plan.layout.total:,} parameters")
+                 f"{plan.params:,} parameters")
         if resume:
             log.info(f"resuming from {resume['path']} at version {resume['version']}; worker "
                      f"clocks {resume['clocks'] or resume['clock']} of {total}")
     target = Target()
 
-    def on_eval(acc: float, wall: float, version: int) -> None:
-        track_target(cfg, target, acc, wall, version)
+    def on_eval(value: float, wall: float, version: int) -> None:
+        if ctx.metric == "acc":
+            track_target(cfg, target, value, wall, version)
 
     ctx.on_eval = on_eval
     server = Server(comm, MPI, ctx, plan, rank, shard, metrics, watchdog, log, resume)
@@ -196,13 +233,14 @@ def _serve(ctx: PSContext, plan: PSPlan, comm, MPI, rank: int, watchdog, log) ->
         server.release_left_workers()
         return 0
     try:
-        return _write_summary(cfg, plan, metrics, report, final, target, log)
+        return _write_summary(cfg, plan, metrics, report, final, target, log, ctx.metric,
+                              task.loss_name)
     finally:
         server.release_left_workers()
 
 
 def _write_summary(cfg: RunConfig, plan: PSPlan, metrics, report: dict, final: dict | None,
-                   target: Target, log) -> int:
+                   target: Target, log, m: str | None, loss_name: str) -> int:
     total, spe, W, run_dir = plan.total_steps, plan.steps_per_epoch, plan.workers, plan.run_dir
     summary = dict(report)
     summary.update(
@@ -212,20 +250,21 @@ def _write_summary(cfg: RunConfig, plan: PSPlan, metrics, report: dict, final: d
         samples_per_s_per_device=(report["samples_per_s_total"] / W
                                   if report["samples_per_s_total"] else None),
         final_eval_loss=final["eval_loss"] if final else None,
-        final_eval_acc=final["eval_acc"] if final else None,
+        **({f"final_eval_{m}": final.get(f"eval_{m}") if final else None} if m else {}),
+        loss_name=loss_name, metrics=[m] if m else [],
         best_eval_acc=target.best_eval_acc, target_accuracy=cfg.target_accuracy,
         time_to_target_s=target.time_to_target_s, steps_to_target=target.steps_to_target)
     finish_record(run_dir, metrics, summary)
     failed = report["failed_workers"]
-    acc = f"{summary['final_eval_acc']:.4f}" if final else "n/a (no worker finished)"
-    log.info(f"done: {report['updates']} updates, test accuracy {acc}, "
+    result = final_metrics(summary) if final else "no test results (no worker finished)"
+    log.info(f"done: {report['updates']} updates, {result}, "
              f"{report['samples_per_s_total'] or 0:,.0f} samples/s, staleness mean "
              f"{report['staleness_mean'] or 0:.2f} max {report['staleness_max']}; "
              f"results in {run_dir}" + (f"; failed workers: {failed}" if failed else ""))
     return 0
 
 
-def _work(ctx: PSContext, plan: PSPlan, comm, MPI, rank: int, watchdog, log,
+def _work(ctx: PSContext, task: Task, run_dir: Path, comm, MPI, rank: int, watchdog, log,
           launcher_world: World) -> int:
     from harness.backends.base import create
     from harness.ps.worker import Worker
@@ -235,11 +274,19 @@ def _work(ctx: PSContext, plan: PSPlan, comm, MPI, rank: int, watchdog, log,
     # the servers must have agreed on resuming before they answer; mirror their Allreduce
     if _agree(comm, MPI):
         return 0                          # the run had finished: nothing to do
-    world = World(rank, plan.world_size, launcher_world.local_rank, launcher_world.local_size,
+    world = World(rank, comm.Get_size(), launcher_world.local_rank, launcher_world.local_size,
                   launcher_world.source)
-    backend = create(cfg, world, "local")
-    backend.setup(plan.spec, plan.spec.init_weights(cfg.seed), cfg.lr)
-    sharder = Sharder(len(ctx.data.x_train), plan.per_rank, index, plan.workers, cfg.seed,
+    backend, error = create(cfg, world, "local"), None
+    try:
+        backend.setup(task, *ctx.data.train.batch(slice(0, 2)), cfg.lr)
+    except Exception as e:   # noqa: BLE001 - every rank learns of it before this one raises
+        error = e
+    flat, _ = _share_model(comm, backend, error, cfg.ps_servers)
+    if error is not None:
+        raise error
+    backend.set_flat_params(flat)        # worker 0's initial weights, on every worker
+    plan = PSPlan.of(cfg, ctx.data, flat.size, comm.Get_size(), run_dir)
+    sharder = Sharder(len(ctx.data.train), plan.per_rank, index, plan.workers, cfg.seed,
                       cfg.shuffle)
     worker = Worker(comm, MPI, ctx, plan, backend, sharder, index, log, watchdog)
     t0 = time.perf_counter()

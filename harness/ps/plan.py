@@ -7,20 +7,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from harness.backends.common import FlatLayout
 from harness.config import RunConfig
 from harness.data import Dataset, Sharder
 from harness.driver import LRSchedule
 from harness.preemption import StopFlag
-from models.base import ModelSpec
 
 
 @dataclass(frozen=True)
 class PSPlan:
     servers: int                        # ranks 0..servers-1
     world_size: int
-    layout: FlatLayout
-    spec: ModelSpec
+    params: int                         # length of the flat parameter vector
     shards: list[tuple[int, int, int]]  # (server rank, start, stop) of the flat vector
     per_rank: int                       # samples per worker step
     total_steps: int                    # steps per worker
@@ -42,22 +39,29 @@ class PSPlan:
         return self.run_dir / "checkpoints"
 
     @classmethod
-    def of(cls, cfg: RunConfig, data: Dataset, spec: ModelSpec, world_size: int,
+    def of(cls, cfg: RunConfig, data: Dataset, params: int, world_size: int,
            run_dir: Path) -> "PSPlan":
         servers, workers = cfg.ps_servers, world_size - cfg.ps_servers
-        layout = FlatLayout.of(spec)
         per_rank = cfg.per_rank_batch(workers) * cfg.backward_passes_per_step
-        n = len(data.x_train)
+        n = len(data.train)
         spe = Sharder(n, per_rank, 0, workers, cfg.seed, cfg.shuffle).steps_per_epoch
         total = cfg.epochs * spe if cfg.max_steps is None else min(cfg.epochs * spe,
                                                                    cfg.max_steps)
         # Linear scaling follows the samples per update: bsp averages all workers' batches into
         # one update (like sync allreduce); async/ssp apply each worker's batch as its own.
         per_update = workers if cfg.ps_consistency == "bsp" else 1
-        return cls(servers, world_size, layout, spec,
-                   [(k, *layout.shard(k, servers)) for k in range(servers)], per_rank, total, spe,
+        return cls(servers, world_size, params,
+                   [(k, *even_shard(params, k, servers)) for k in range(servers)], per_rank,
+                   total, spe,
                    LRSchedule.of(cfg, per_update, spe), run_dir,
                    cfg.checkpoint_every or spe * workers)
+
+
+def even_shard(total: int, k: int, n: int) -> tuple[int, int]:
+    """[start, stop) of shard k of n of ``total`` values, as even as possible."""
+    base, extra = divmod(total, n)
+    start = k * base + min(k, extra)
+    return start, start + base + (1 if k < extra else 0)
 
 
 @dataclass
@@ -66,4 +70,6 @@ class PSContext:
     data: Dataset
     stop: StopFlag
     ckpt_meta: dict[str, Any]
-    on_eval: Callable[[float, float, int], None] = lambda acc, wall, version: None
+    #: the task's first metric (what the workers report with their loss), or None
+    metric: str | None = None
+    on_eval: Callable[[float, float, int], None] = lambda value, wall, version: None

@@ -73,18 +73,18 @@ def final(what: float, version: int) -> np.ndarray:
 
 
 class EvalReport(NamedTuple):
-    """An EVAL message: a worker's test loss and accuracy after ``epoch``."""
+    """An EVAL message: a worker's test loss and first metric after ``epoch``."""
 
     clock: int
     loss: float
-    acc: float
+    metric: float                 # the task's first metric (accuracy for classifiers)
     samples: int
     epoch: int
     evaluator: int            # the worker's rank
 
 
 # where EVAL keeps its fields in the fixed header (the one place that knows)
-_EVAL_SLOTS = {"clock": CLOCK, "loss": LOSS, "acc": CORRECT, "samples": SAMPLES, "epoch": EPOCH,
+_EVAL_SLOTS = {"clock": CLOCK, "loss": LOSS, "metric": CORRECT, "samples": SAMPLES, "epoch": EPOCH,
                "evaluator": AUX}
 
 

@@ -280,9 +280,10 @@ class Server:
         ev = P.decode_eval(hdr)
         if self.metrics is not None:
             self.metrics.write("epoch", epoch=ev.epoch, step=self.version, eval_loss=ev.loss,
-                               eval_acc=ev.acc, eval_samples=ev.samples, samples=self.samples,
-                               wall_s=self._wall(), evaluated_by=ev.evaluator)
-            self.ctx.on_eval(ev.acc, self._wall(), self.version)
+                               **self._metric("eval_", ev.metric), eval_samples=ev.samples,
+                               samples=self.samples, wall_s=self._wall(),
+                               evaluated_by=ev.evaluator)
+            self.ctx.on_eval(ev.metric, self._wall(), self.version)
         return ev
 
     def _on_leave(self, w: WorkerState, hdr: np.ndarray) -> None:
@@ -301,13 +302,18 @@ class Server:
                            f"continuing with {left} worker(s)")
         self._release()
 
+    def _metric(self, prefix: str, value: float) -> dict[str, float]:
+        """The task's first metric (the one workers report) under its own name."""
+        return {f"{prefix}{self.ctx.metric}": value} if self.ctx.metric else {}
+
     def _log_push(self, w: WorkerState, hdr: np.ndarray, staleness: int, lr: float | None) -> None:
         if self.metrics is None:
             return
         n = max(int(hdr[P.SAMPLES]), 1)
         self.metrics.write("step", step=self.version, worker=w.rank, clock=w.clock,
                            epoch=int(hdr[P.EPOCH]), loss=float(hdr[P.LOSS]),
-                           acc=float(hdr[P.CORRECT]) / n, lr=lr, staleness=staleness,
+                           **self._metric("", float(hdr[P.CORRECT]) / n), lr=lr,
+                           staleness=staleness,
                            compute_s=float(hdr[P.COMPUTE_S]), latency_s=float(hdr[P.LATENCY_S]),
                            samples=self.samples, wall_s=self._wall())
 
@@ -395,7 +401,7 @@ class Server:
         self.watchdog.tick(phase="waiting for the final evaluation")
         self.comm.Recv(hdr, source=evaluator, tag=P.HDR)
         ev = self._on_eval(hdr)
-        return {"eval_loss": ev.loss, "eval_acc": ev.acc, "epoch": ev.epoch}
+        return {"eval_loss": ev.loss, **self._metric("eval_", ev.metric), "epoch": ev.epoch}
 
     def release_left_workers(self) -> None:
         """After the results are written (server 0): workers that failed may exit now."""

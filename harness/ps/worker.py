@@ -12,10 +12,10 @@ import numpy as np
 from harness.backends.base import Backend
 from harness.ps import protocol as P
 from harness.ps.plan import PSPlan
-from harness.data import Sharder, gather
+from harness.data import Sharder
 from harness.errors import TrainingAborted
 from harness.faults import FaultInjector
-from harness.driver import EVAL_BATCH
+from harness.driver import eval_record, eval_sums
 
 
 class Worker:
@@ -26,7 +26,7 @@ class Worker:
         self.shards = plan.shards             # (server rank, start, stop)
         self.sharder, self.total_steps, self.index = sharder, plan.total_steps, index
         self.rank = comm.Get_rank()
-        self.flat = np.empty(plan.layout.total, np.float32)
+        self.flat = np.empty(plan.params, np.float32)
         self.version = 0
         self.clock = 0                        # steps of this worker applied on every server
         self.stop_flag = False
@@ -82,13 +82,12 @@ class Worker:
 
     # --- training ---
     def evaluate(self) -> tuple[float, float, int]:
-        x, y = self.ctx.data.x_test, self.ctx.data.y_test
-        loss = correct = 0.0
-        for i in range(0, len(x), EVAL_BATCH):
-            xb, yb = gather(x, y, slice(i, i + EVAL_BATCH))
-            lsum, corr = self.backend.eval_batch(xb, yb)
-            loss, correct = loss + lsum, correct + corr
-        return loss / len(x), correct / len(x), len(x)
+        """Test loss, the task's first metric (0 without one) and the samples."""
+        names = list(self.backend.task.metrics)
+        rec = eval_record(names, eval_sums(self.backend, self.ctx.data,
+                                           np.arange(len(self.ctx.data.test))))
+        value = rec[f"eval_{names[0]}"] if names else 0.0
+        return rec["eval_loss"], value, rec["eval_samples"]
 
     def run(self) -> str:
         """Train to the end of the schedule or to a stop request. Returns ``"done"``,
@@ -131,8 +130,7 @@ class Worker:
         latency = 0.0
         while self.clock < self.total_steps and not self.stop_flag:
             epoch, step_in_epoch = divmod(self.clock, spe)
-            x, y = gather(self.ctx.data.x_train, self.ctx.data.y_train,
-                          self.sharder.indices(epoch, step_in_epoch))
+            x, y = self.ctx.data.train.batch(self.sharder.indices(epoch, step_in_epoch))
             x = faults.before_step(self.clock + 1, x)
             t0 = time.perf_counter()
             res, grad = self.backend.compute_gradients(x, y)
@@ -150,7 +148,8 @@ class Worker:
             if self.ctx.stop.requested:       # a signal here: the servers stop everyone
                 flags |= P.STOP
             hdr = P.header(P.PUSH, clock=self.clock, version_used=self.version, samples=len(y),
-                           loss=res.loss, correct=res.correct, compute_s=compute,
+                           loss=res.loss, correct=next(iter(res.metrics.values()), 0.0),
+                           compute_s=compute,
                            latency_s=latency, epoch=epoch + 1, flags=flags)
             t1 = time.perf_counter()
             replies = self._exchange(hdr, grad)

@@ -1,0 +1,86 @@
+"""The harness as a library: ``harness.run(task)`` from a user's own training script.
+
+    import harness
+    task = harness.Task(framework="torch", model=..., loss=..., data=...)
+    if __name__ == "__main__":
+        sys.exit(harness.run(task, {"epochs": 5, "lr": 0.01}))
+
+Launch the script like any Horovod script (``horovodrun -np 2 python my_script.py``, ``srun``,
+``mpirun``): each rank calls ``run``, which does what ``harness train --task`` does.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from harness.errors import HarnessError
+
+
+def rank_hint() -> str:
+    """This process's rank as the launcher set it (before any runtime starts)."""
+    for var in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return os.environ[var]
+    return "0"
+
+
+def guarded(fn: Callable[[], int], distributed: bool) -> int:
+    """Run ``fn``: a HarnessError prints one line naming the rank; any other error (the user's
+    code, or ours) prints its traceback and the rank. A distributed rank that fails exits at
+    once, skipping MPI/Horovod teardown, which would wait for peers that may be gone."""
+    try:
+        code = fn()
+    except HarnessError as e:
+        print(f"harness: error (rank {rank_hint()}): {e}", file=sys.stderr, flush=True)
+        code = e.exit_code
+    except KeyboardInterrupt:
+        print("harness: interrupted", file=sys.stderr, flush=True)
+        code = 130
+    except Exception:
+        print(f"harness: unexpected error on rank {rank_hint()}:", file=sys.stderr)
+        traceback.print_exc()
+        code = 1
+    if distributed and code != 0:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def run(task: Any, config: Any = None, argv: list[str] | None = None, **overrides: Any) -> int:
+    """Train ``task`` (a Task, a Tasks pair, or a function of the config returning one) on this
+    rank, with ``config``: a TOML path, a dict of run-config keys, a RunConfig, or None. Then
+    ``argv`` (``harness train`` flags, e.g. the script's ``sys.argv[1:]``) and ``overrides``
+    (more keys) replace its values. Returns the exit code (0; 75 after a checkpointed stop for
+    requeue); a bad value prints one line and exits 2, as ``harness train`` does."""
+
+    def go() -> int:
+        from harness.config import RunConfig, overrides_from_namespace, read_toml, train_parser
+        from harness.task import configure
+        from harness.train import run as train_run
+
+        values: dict[str, Any] = {}
+        if isinstance(config, RunConfig):       # the values it sets (its defaults are not set)
+            default = RunConfig().to_dict()
+            values.update({k: v for k, v in config.to_dict().items() if v != default[k]})
+        elif isinstance(config, (str, Path)):
+            values.update(read_toml(config))
+        elif isinstance(config, dict):
+            values.update(config)
+        elif config is not None:
+            raise HarnessError(f"harness.run(task, config): config is a "
+                               f"{type(config).__name__}; give a TOML path, a dict or a "
+                               "RunConfig")
+        if argv:
+            ns = train_parser().parse_args(argv)
+            values.update(read_toml(ns.config) if ns.config else {})
+            values.update(overrides_from_namespace(ns))
+        values.update(overrides)
+        cfg, resolved = configure(task, values, "harness.run(task)", "harness.run()")
+        return train_run(cfg, resolved)
+
+    return guarded(go, distributed=True)

@@ -1,0 +1,245 @@
+"""Tasks: what a user writes to train their own model, data and loss with the harness.
+
+A :class:`Task` is plain framework code for one framework: a function that builds the model
+(``torch.nn.Module`` or ``keras.Model``), a loss ``loss(output, y) -> scalar`` (the batch mean),
+optional metrics of the same form, and the data. The built-in models (``models/tasks.py``) are
+tasks written with this same API. This module imports no framework.
+
+Example (PyTorch)::
+
+    import torch
+    from harness import Data, Task
+
+    def model():
+        return torch.nn.Sequential(torch.nn.Linear(10, 64), torch.nn.ReLU(),
+                                   torch.nn.Linear(64, 1))
+
+    task = Task(framework="torch", name="regression", model=model,
+                loss=lambda out, y: torch.nn.functional.mse_loss(out[:, 0], y),
+                loss_name="mse", data=lambda: Data(train=(x_tr, y_tr), test=(x_te, y_te)))
+
+``harness train --task my_file.py:task`` runs it under any launcher; ``harness.run(task)`` runs
+it from the user's own script (``horovodrun -np 2 python my_file.py``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from harness.errors import ConfigError, HarnessError
+
+if TYPE_CHECKING:
+    from harness.config import RunConfig
+    from harness.data import Dataset
+
+FRAMEWORKS = ("torch", "tensorflow")
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+class TaskError(HarnessError):
+    """A task that cannot be loaded or does not fit its model, loss and data."""
+
+
+@dataclass(frozen=True)
+class Canonical:
+    """An optional shared weight layout, so that two frameworks' versions of one model start
+    from the same weights and can be compared weight by weight (the built-in models have one).
+
+    ``init(seed)`` gives the initial weights by canonical name; ``to_framework(model, w)`` and
+    ``from_framework(model, w)`` map a ``{name: array}`` dict between the canonical layout and
+    the framework's own parameter names and layouts of the built ``model`` (both cover every
+    weight of the model).
+    """
+
+    init: Callable[[int], dict]
+    to_framework: Callable[[Any, dict], dict]
+    from_framework: Callable[[Any, dict], dict]
+
+
+@dataclass(kw_only=True)
+class Task:
+    """One model, loss, metrics and data, for one framework.
+
+    * ``model()`` builds the model on each rank (the harness seeds the framework with the run's
+      seed first, and rank 0's weights are broadcast, so every rank starts equal).
+    * ``loss(output, y)`` returns the batch's mean loss as a scalar tensor.
+    * ``metrics``: ``{name: fn(output, y)}``, each a scalar batch mean (e.g. accuracy). A
+      metric named ``acc`` also drives ``target_accuracy`` and the accuracy columns.
+    * ``data``: a :class:`harness.Data` (or a function returning one, called on each rank).
+    * ``loss_name``: what the report calls the loss (``mse``, ``cross_entropy``, ...).
+    * ``canonical``: optional :class:`Canonical` weight layout shared with another framework.
+    """
+
+    framework: str
+    model: Callable[[], Any]
+    loss: Callable[[Any, Any], Any]
+    data: Any
+    metrics: Mapping[str, Callable[[Any, Any], Any]] = field(default_factory=dict)
+    name: str = "task"
+    loss_name: str = "loss"
+    canonical: Canonical | None = None
+    #: FLOPs of one sample's forward pass, when known (reports derive throughput from it)
+    flops_per_sample: int = 0
+    #: run-config values this task trains with unless the config or flags set them
+    #: (e.g. ``{"lr": 0.01, "epochs": 20}``)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        where = f"task {self.name!r}"
+        if self.framework not in FRAMEWORKS:
+            raise TaskError(f"{where}: framework = {self.framework!r} is not one of "
+                            f"{', '.join(FRAMEWORKS)}: pass framework='torch' or 'tensorflow'")
+        if not _NAME.fullmatch(self.name):
+            raise TaskError(f"task name {self.name!r} must be letters, digits, '_', '.' or "
+                            "'-' (it names run folders): rename it")
+        for what in ("model", "loss"):
+            if not callable(getattr(self, what)):
+                raise TaskError(f"{where}: {what} = {getattr(self, what)!r} is not callable: "
+                                f"pass a function ({what}=...)")
+        self.metrics = dict(self.metrics)
+        self.defaults = dict(self.defaults)
+        bad = [k for k in self.defaults if k in ("task", "framework")]
+        if bad:
+            raise TaskError(f"{where}: defaults cannot set {bad[0]!r} (the task decides it)")
+        for m, fn in self.metrics.items():
+            if not (isinstance(m, str) and _NAME.fullmatch(m)) or not callable(fn):
+                raise TaskError(f"{where}: metric {m!r} must map a name (letters, digits, _) "
+                                "to a function fn(output, y)")
+            if m in ("loss", self.loss_name):
+                raise TaskError(f"{where}: metric {m!r} has the loss's name: rename it")
+
+    def load_data(self) -> "Dataset":
+        """The task's data as a harness Dataset (calls ``data`` if it is a function)."""
+        from harness.data import Dataset
+
+        data = self.data() if callable(self.data) and not isinstance(self.data, Dataset) \
+            else self.data
+        if not isinstance(data, Dataset):
+            raise TaskError(f"task {self.name!r}: data gave {type(data).__name__}, not "
+                            "harness.Data: return Data(train=(x, y), test=(x, y)) or map-style "
+                            "datasets")
+        return data
+
+
+@dataclass(frozen=True)
+class Tasks:
+    """One model in both frameworks (for ``harness compare``): the run's framework picks."""
+
+    torch: Task | None = None
+    tensorflow: Task | None = None
+
+    def __post_init__(self) -> None:
+        for fw in FRAMEWORKS:
+            t = getattr(self, fw)
+            if t is not None and (not isinstance(t, Task) or t.framework != fw):
+                raise TaskError(f"Tasks({fw}=...) needs a Task with framework={fw!r}, got "
+                                f"{getattr(t, 'framework', type(t).__name__)!r}")
+
+    def get(self, framework: str) -> Task:
+        task = getattr(self, framework, None)
+        if task is None:
+            have = [fw for fw in FRAMEWORKS if getattr(self, fw) is not None]
+            raise ConfigError(f"this task has no {framework} version (it has "
+                              f"{', '.join(have) or 'none'}): set framework = {have[0]!r}"
+                              if have else "Tasks() holds no task")
+        return task
+
+
+# --- finding a task by name ------------------------------------------------------------------
+
+def _import(where: str, label: str):
+    """The module of ``PATH.py`` or ``package.module``; the user's own import errors (their
+    code) propagate with their traceback."""
+    if where.endswith(".py") or "/" in where or where.startswith("."):
+        path = Path(where)
+        if not path.is_file():
+            raise TaskError(f"task file {where!r} (from --task {label}) does not exist: give "
+                            "PATH.py:NAME with an existing file, or package.module:NAME")
+        name = "harness_task_" + re.sub(r"\W", "_", path.resolve().as_posix())
+        if name in sys.modules:
+            return sys.modules[name]
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise TaskError(f"task file {where!r} cannot be imported as Python: give a .py file")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        sys.path.insert(0, str(path.resolve().parent))   # its own helper modules beside it
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+        return module
+    if importlib.util.find_spec(where.split(".")[0]) is None:
+        raise TaskError(f"task module {where!r} (from --task {label}) is not importable: give "
+                        "PATH.py:NAME, or a module on PYTHONPATH as package.module:NAME")
+    return importlib.import_module(where)
+
+
+def split_label(label: str) -> tuple[str, str]:
+    where, sep, name = label.rpartition(":")
+    if not sep or not where or not name:
+        raise TaskError(f"--task {label!r} must be PATH.py:NAME or package.module:NAME, e.g. "
+                        "--task examples/torch_own_model.py:task")
+    return where, name
+
+
+def load_task(label: str, cfg: "RunConfig") -> Task:
+    """The task ``PATH.py:NAME`` or ``package.module:NAME`` for ``cfg.framework``.
+
+    ``NAME`` may be a :class:`Task`, a :class:`Tasks` pair, or a function ``f(cfg)`` returning
+    either (for tasks that read the run config, as the built-in models do)."""
+    where, name = split_label(label)
+    module = _import(where, label)
+    if not hasattr(module, name):
+        found = [k for k, v in vars(module).items()
+                 if isinstance(v, (Task, Tasks)) and not k.startswith("_")]
+        raise TaskError(f"{where} does not define {name!r}: it defines "
+                        f"{', '.join(found) or 'no Task'}; give one of them after the colon")
+    return resolve(getattr(module, name), cfg, label)
+
+
+def resolve(obj: Any, cfg: "RunConfig", label: str) -> Task:
+    """A Task for ``cfg.framework`` from a Task, a Tasks pair or a task function."""
+    if not isinstance(obj, (Task, Tasks)) and callable(obj) and not inspect.isclass(obj):
+        obj = obj(cfg)
+    if isinstance(obj, Tasks):
+        return obj.get(cfg.framework)
+    if not isinstance(obj, Task):
+        raise TaskError(f"{label} is a {type(obj).__name__}, not a harness Task: define it as "
+                        "harness.Task(framework=..., model=..., loss=..., data=...)")
+    return obj
+
+
+def configure(obj: Any, values: dict[str, Any], label: str,
+              source: str = "config") -> tuple["RunConfig", Task]:
+    """The run config and task of a run: ``obj`` is a task (or a ``PATH.py:NAME`` label when it
+    is None, from ``values['task']``); ``values`` are the config's and flags' keys, which win
+    over the task's ``defaults``; the task's framework is the run's unless ``values`` names
+    another (an error)."""
+    from harness.config import RunConfig
+
+    cfg = RunConfig.from_dict(values, source)
+    task = load_task(label, cfg) if obj is None else resolve(obj, cfg, label)
+    if task.defaults:
+        cfg = RunConfig.from_dict({**task.defaults, **values}, f"{source} or task defaults")
+    return check_framework(task, cfg, "framework" in values), task
+
+
+def check_framework(task: Task, cfg: "RunConfig", framework_given: bool) -> "RunConfig":
+    """The run's config with the task's framework; an explicit other framework is refused."""
+    if task.framework != cfg.framework:
+        if framework_given:
+            raise ConfigError(f"task {task.name!r} is a {task.framework} task, but framework = "
+                              f"{cfg.framework!r}: drop --framework or set it to "
+                              f"{task.framework!r}")
+        cfg = cfg.replace(framework=task.framework)
+    cfg.check_framework_options()
+    return cfg
