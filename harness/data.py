@@ -56,8 +56,22 @@ class MapSplit:
                             "map-style dataset with __len__ and __getitem__") from None
         if self.n == 0:
             raise DataError(f"{what} is empty")
-        x, _ = self._sample(0)
+        x, y = self._sample(0)
         self._shape = tuple(np.shape(x))
+        self._check(min(self.n, self.CHECKED), np.shape(y))
+
+    #: samples whose shapes are checked before training (later ones when their batch is drawn)
+    CHECKED = 4096
+
+    def _check(self, count: int, y_shape: tuple) -> None:
+        """The first ``count`` samples all have sample 0's x and y shapes (DataError)."""
+        for i in range(1, count):
+            x, y = self._sample(i)
+            for what, got, want in (("x", np.shape(x), self._shape), ("y", np.shape(y), y_shape)):
+                if tuple(got) != tuple(want):
+                    raise DataError(f"{self.what}[{i}] has {what} of shape {tuple(got)}, sample 0 "
+                                    f"of {tuple(want)}: every sample must have the same shape "
+                                    "(pad or crop them in __getitem__)")
 
     def __len__(self) -> int:
         return self.n

@@ -395,8 +395,9 @@ def fidelity(runs: list[Run]) -> list[str]:
         return lines
     sums = {m.get("initial_weights_checksum") for _, m in models}
     if len(sums) > 1:
+        known = sorted(v for v in sums if v is not None)
         lines += ["The initial weights differ: the runs' canonical initial-weight checksums "
-                  f"are {', '.join(f'{v:.6g}' for v in sorted(v for v in sums if v is not None))}.", ""]
+                  f"are {', '.join(f'{v:.6g}' for v in known)}.", ""]
         return lines
     lines += [f"Every run starts from the same initial weights (canonical checksum "
               f"{sums.pop():.6g}). Step-1 loss on rank 0's first batch, by number of workers "

@@ -18,8 +18,11 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory):
     out = tmp_path_factory.mktemp("cmp") / "compare"
+    # mpirun starts the sync runs' Horovod as horovodrun does, in less time (horovodrun's
+    # launch lines: test_compare_plan; real horovodrun runs: test_sync, test_tasks)
     p = run(harness("compare", "--frameworks", "torch,tensorflow", "--np", "1,2", "--modes",
-                    "sync,async", "--out-dir", out, "--", "--model", "mlp", "--epochs", "2",
+                    "sync,async", "--launcher", "mpirun", "--out-dir", out, "--", "--model",
+                    "mlp", "--epochs", "2",
                     "--momentum", "0.5", "--target-accuracy", "0.8"), timeout=600, check=True)
     return out, p.stdout
 
@@ -47,7 +50,20 @@ def test_compare_writes_report_with_valid_figures(comparison):
         data = (out / f).read_bytes()
         assert data.startswith(PNG) and len(data) > 5000, f
     assert "torch-sync-np2" in stdout and "scaling eff." in stdout      # terminal table
-    assert "## Runs: environment and commands" in md and "horovodrun -np 2" in md
+    assert "## Runs: environment and commands" in md and "mpirun -np 2" in md
+
+
+def test_built_in_models_start_equal_in_both_frameworks_and_their_first_losses_agree(
+        comparison):
+    """The built-in models are tasks with a canonical weight layout: the report's fidelity
+    check compares the sync runs' step-1 losses for each number of workers."""
+    out, _ = comparison
+    md = (out / "report.md").read_text()
+    fidelity = md[md.index("## Fidelity"):].split("\n## ")[0]
+    assert "Every run starts from the same initial weights" in fidelity
+    lines = [line for line in fidelity.splitlines() if line.startswith("- ")]
+    assert [line.split(":")[0] for line in lines] == ["- 1 worker(s)", "- 2 worker(s)"]
+    assert all(line.endswith(", agree") for line in lines), lines
 
 
 def test_table_numbers_come_from_the_jsonl(comparison):
@@ -81,7 +97,8 @@ def test_report_from_existing_folders_and_refusal_of_incomparable_runs(compariso
     # a run of another model on the same data is not comparable
     c = tmp_path / "c"
     shutil.copytree(out / "torch-sync-np1", c)
-    text = (c / "metrics.jsonl").read_text().replace('"model": "mlp"', '"model": "cnn"')
+    text = (c / "metrics.jsonl").read_text().replace('"model": "mlp"', '"model": "cnn"') \
+        .replace('"name": "mlp"', '"name": "cnn"')
     (c / "metrics.jsonl").write_text(text)
     p = run(harness("report", a, c, "--out", tmp_path / "bad"))
     assert p.returncode == 2 and "not comparable" in p.stderr and "'cnn'" in p.stderr

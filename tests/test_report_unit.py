@@ -9,6 +9,7 @@ Each folder is written the way `harness train` writes it (``metrics.jsonl`` with
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -370,3 +371,48 @@ def test_parameter_server_latency_not_measured_shows_as_n_a(tmp_path, no_figures
         **PS_SUMMARY, "push_pull_latency_p50_s": None, "push_pull_latency_p99_s": None}))
     row = ps_table(build_report([folder], tmp_path / "out"))["ps"]
     assert row["push/pull p50 (ms)"] == "n/a" and row["p99 (ms)"] == "n/a"
+
+
+# --- a user's own task: its metric names, and whether its runs started from the same weights --
+
+def task_start(framework: str, canonical: bool, checksum: float, first_loss: float,
+               **summary_fields) -> list[dict]:
+    """One finished start of a regression task (mse loss, mae metric) in ``framework``."""
+    records = start(0, framework=framework, summary={"final_eval_loss": 0.5,
+                                                     "final_eval_mae": 0.25, **summary_fields})
+    records[0]["model"] = {"name": "diabetes_mlp", "parameters": 10, "flops_per_sample": 0,
+                           "loss": "mse", "metrics": ["mae"], "canonical": canonical,
+                           "initial_weights_checksum": checksum if canonical else None}
+    records[1]["loss"] = first_loss                              # the step-1 record
+    return records
+
+
+def test_a_tasks_report_names_its_own_loss_and_metrics_and_checks_fidelity(tmp_path,
+                                                                           no_figures):
+    runs = [write_run(tmp_path / fw, task_start(fw, True, 1.5, 0.7 + d))
+            for fw, d in (("torch", 0.0), ("tensorflow", 4e-6))]
+    report = build_report(runs, tmp_path / "out")
+    rows, md = table(report), report.read_text()
+    assert rows["torch"]["final mse"] == "0.5000" and rows["torch"]["final mae"] == "0.2500"
+    assert not any("acc" in column for column in rows["torch"])     # no accuracy columns
+    assert "Model **diabetes_mlp**" in md
+    assert "same initial weights (canonical checksum 1.5)" in md
+    assert re.search(r"- 1 worker\(s\): torch 0\.7000000, tensorflow 0\.7000040: spread 4e-06, "
+                     r"agree", md), md
+    # first losses further apart than 1e-5 are reported as a difference
+    far = write_run(tmp_path / "far", task_start("tensorflow", True, 1.5, 0.7 + 3e-5))
+    md = build_report([runs[0], far], tmp_path / "out2").read_text()
+    assert "spread 3e-05, DIFFER" in md
+
+
+def test_a_task_without_a_canonical_layout_is_reported_as_starting_from_other_weights(
+        tmp_path, no_figures):
+    a = write_run(tmp_path / "torch", task_start("torch", False, 0.0, 0.7))
+    b = write_run(tmp_path / "tensorflow", task_start("tensorflow", False, 0.0, 0.9))
+    md = build_report([a, b], tmp_path / "out").read_text()
+    assert "The initial weights differ: torch, tensorflow initialised with the framework's own" \
+        in md and "agree" not in md
+    c = write_run(tmp_path / "other", task_start("tensorflow", True, 2.5, 0.7))
+    d = write_run(tmp_path / "first", task_start("torch", True, 1.5, 0.7))
+    md = build_report([d, c], tmp_path / "out2").read_text()
+    assert "checksums are 1.5, 2.5" in md

@@ -231,6 +231,18 @@ def test_srun_line_of_the_batch_scripts_is_the_builders(fake):
         "--model", "mlp"]
 
 
+def test_a_users_task_goes_through_the_batch_scripts(fake):
+    """`sbatch slurm/train.sbatch --task FILE:NAME` (README): the task reaches every rank."""
+    p = fake.batch("train.sbatch", "--task", "examples/torch_own_model.py:task", "--epochs", "3",
+                   env=fake.env())
+    assert p.returncode == 0, p.stdout + p.stderr
+    (call,) = fake.calls("srun")
+    assert call["argv"][-4:] == ["--task", "examples/torch_own_model.py:task", "--epochs", "3"]
+    p = fake.batch("train.sbatch", "--task", "no_colon", env=fake.env())
+    assert p.returncode == 2 and "must be PATH.py:NAME" in p.stdout + p.stderr
+    assert not fake.calls("srun")[1:]                   # the bad one started no ranks
+
+
 def test_mpirun_line_of_the_batch_scripts_is_the_builders(fake):
     env = fake.env(HARNESS_LAUNCH="mpirun", SLURM_NTASKS="6", SLURM_NTASKS_PER_NODE="3(x2)")
     p = fake.batch("ps.sbatch", "--model", "mlp", env=env)

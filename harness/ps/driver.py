@@ -23,12 +23,11 @@ import numpy as np
 from harness import checkpoint as ckpt_io
 from harness.backends.common import apply_mpi_environment
 from harness.config import RunConfig
-from harness.data import Sharder
 from harness.backends.base import Backend
-from harness.data import Dataset
+from harness.data import Dataset, Sharder
 from harness.driver import (Target, agree_on_start, checkpoint_identity, find_resume_checkpoint,
-                            final_metrics, finish_record, log_finished, model_record, own_task_name, run_dir_of,
-                            start_record, track_target)
+                            final_metrics, finish_record, log_finished, model_record,
+                            own_task_name, run_dir_of, start_record, track_target)
 from harness.env import World, check_runtime_world
 from harness.errors import CheckpointError, ConfigError, HarnessError, TrainingAborted
 from harness.logging import get_logger
