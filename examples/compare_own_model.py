@@ -6,7 +6,7 @@ Keras stores the transpose), so both start from the same seeded weights and the 
 that their first losses agree (within 1e-5). Without a ``canonical`` mapping a comparison still
 runs, and the report says that the initial weights differ.
 
-    python examples/compare_own_model.py --out-dir results/compare-own
+    python examples/compare_own_model.py --out-dir results/compare-own [-- --epochs 5]
     # is the same as
     harness compare --np 1,2 --out-dir results/compare-own -- \\
         --task examples/compare_own_model.py:task
@@ -116,5 +116,8 @@ task = harness.Tasks(
 if __name__ == "__main__":
     from harness.cli import main
 
-    sys.exit(main(["compare", "--np", "1,2", *sys.argv[1:], "--", "--task",
-                   f"{__file__}:task"]))
+    # this script's flags go to `harness compare`; those after `--` to every run
+    args = sys.argv[1:]
+    cut = args.index("--") if "--" in args else len(args)
+    sys.exit(main(["compare", "--np", "1,2", *args[:cut], "--", "--task", f"{__file__}:task",
+                   *args[cut + 1:]]))

@@ -16,7 +16,7 @@ from harness.driver import (agree_on_start, checkpoint_identity, find_resume_che
 from harness.env import World, check_runtime_world, detect_world
 from harness.errors import CheckpointError, HarnessError, TrainingAborted
 from harness.logging import get_logger
-from harness.loop import Plan, Position, Preempted, RunContext, train
+from harness.loop import Plan, Position, Preempted, RunContext, step_batch, train
 from harness.metrics import MetricsWriter
 from harness.preemption import EXIT_PREEMPTED, StopFlag
 from harness.task import Task
@@ -101,7 +101,8 @@ def _run(cfg: RunConfig, backend: Backend, world: World, log, stop: StopFlag, ta
     plan = Plan.of(cfg, world.size, len(data.train))         # fails the same way on every rank
     run_dir = run_dir_of(cfg, world.size, own_task_name(cfg, task, own))
     identity = checkpoint_identity(cfg, task, data)
-    backend.setup(task, *data.train.batch(slice(0, 2)), cfg.lr)
+    # the model, loss and metrics are checked on one real batch of this run's size
+    backend.setup(task, *data.train.batch(slice(0, step_batch(cfg, world.size))), cfg.lr)
     model = model_record(task, backend.layout.total, backend.canonical_weights())
     ckpt, error, pos, done = None, None, Position(), False
     if world.rank == 0:

@@ -306,10 +306,10 @@ FITS = {"model": "return torch.nn.Linear(5, 1)", "loss": "return ((out[:, 0] - y
     ("wrong output shape", {"model": "return torch.nn.Sequential(torch.nn.Linear(5, 8), "
                                      "torch.nn.Unflatten(1, (4, 2)))",
                             "loss": "return torch.nn.functional.mse_loss(out, y)"},
-     "task 'bad': loss(model(x), y) failed on a batch of 2 training samples (x (2, 5) float32, "
-     "model output (2, 4, 2), y (2,) float32)"),
+     "task 'bad': loss(model(x), y) failed on a batch of 32 training samples (x (32, 5) float32, "
+     "model output (32, 4, 2), y (32,) float32)"),
     ("loss not a scalar", {"loss": "return (out[:, 0] - y) ** 2"},
-     "task 'bad': loss(model(x), y) returned shape (2,) for a batch of 2, not a scalar"),
+     "task 'bad': loss(model(x), y) returned shape (32,) for a batch of 32, not a scalar"),
     ("samples differ", {"train": "Mixed()"}, "data train[9] has x of shape (6,), sample 0 of (5,)"),
     ("not a module", {"model": "return 'a model'"},
      "task 'bad': model() returned str, not a torch.nn.Module"),

@@ -277,7 +277,8 @@ def _work(ctx: PSContext, task: Task, run_dir: Path, comm, MPI, rank: int, watch
                   launcher_world.source)
     backend, error = create(cfg, world, "local"), None
     try:
-        backend.setup(task, *ctx.data.train.batch(slice(0, 2)), cfg.lr)
+        per_rank = PSPlan.of(cfg, ctx.data, 1, comm.Get_size(), run_dir).per_rank
+        backend.setup(task, *ctx.data.train.batch(slice(0, per_rank)), cfg.lr)
     except Exception as e:   # noqa: BLE001 - every rank learns of it before this one raises
         error = e
     flat, _ = _share_model(comm, backend, error, cfg.ps_servers)
