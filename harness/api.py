@@ -55,8 +55,11 @@ def run(task: Any, config: Any = None, argv: list[str] | None = None, **override
     """Train ``task`` (a Task, a Tasks pair, or a function of the config returning one) on this
     rank, with ``config``: a TOML path, a dict of run-config keys, a RunConfig, or None. Then
     ``argv`` (``harness train`` flags, e.g. the script's ``sys.argv[1:]``) and ``overrides``
-    (more keys) replace its values. Returns the exit code (0; 75 after a checkpointed stop for
-    requeue); a bad value prints one line and exits 2, as ``harness train`` does."""
+    (more keys) replace its values. Returns the exit code: 0, 2 after a bad value (one line
+    printed, as ``harness train`` does), 75 after a checkpointed stop for requeue. In a job of
+    several ranks a non-zero code ends the process at once instead (``os._exit``): MPI and
+    Horovod teardown would wait for peers that may be gone."""
+    from harness.env import detect_world
 
     def go() -> int:
         from harness.config import RunConfig, overrides_from_namespace, read_toml, train_parser
@@ -83,4 +86,4 @@ def run(task: Any, config: Any = None, argv: list[str] | None = None, **override
         cfg, resolved = configure(task, values, "harness.run(task)", "harness.run()")
         return train_run(cfg, resolved)
 
-    return guarded(go, distributed=True)
+    return guarded(go, distributed=detect_world().size > 1)

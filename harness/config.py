@@ -153,7 +153,7 @@ class RunConfig:
 
     def _check_combinations(self) -> None:
         if self.task is not None and not (self.task.rpartition(":")[0] and
-                                          self.task.rpartition(":")[2]):
+                                          self.task.rpartition(":")[2]):  # PATH.py:NAME
             raise ConfigError(f"task = {self.task!r} must be PATH.py:NAME or "
                               "package.module:NAME, e.g. examples/torch_own_model.py:task")
         if self.dataset == "npz" and not self.data_path:

@@ -5,7 +5,9 @@
 * ``npz``: the user's arrays ``x_train, y_train, x_test, y_test``. Members stored uncompressed
   (``np.savez``) are memory-mapped; compressed ones (``np.savez_compressed``) are read into memory.
 
-Images are channels-last float32 ``(N, H, W, C)``; labels are int64 class indices.
+The built-in datasets hold channels-last float32 images ``(N, H, W, C)`` and int64 class
+labels; a task's own data (:func:`Data`) holds whatever its model and loss take: arrays or a
+map-style dataset.
 """
 
 from __future__ import annotations
@@ -160,6 +162,13 @@ def Data(train: Any, test: Any, name: str = "data", num_classes: int | None = No
     if splits[0].sample_shape != splits[1].sample_shape:
         raise DataError(f"{name}: train samples have shape {splits[0].sample_shape} but test "
                         f"samples {splits[1].sample_shape}; they must match")
+    # the model is traced for the train split's dtypes: the test split must give the same
+    (xa, ya), (xb, yb) = (s.batch(slice(0, 1)) for s in splits)
+    for what, a, b in (("x", xa, xb), ("y", ya, yb)):
+        if a.dtype != b.dtype or a.shape[1:] != b.shape[1:]:
+            raise DataError(f"{name}: train {what} is {a.dtype} of sample shape {a.shape[1:]}, "
+                            f"test {what} {b.dtype} of {b.shape[1:]}; give both splits the same "
+                            "dtype and shape")
     return Dataset(name, splits[0], splits[1], num_classes)
 
 

@@ -8,6 +8,7 @@ server's (``harness/ps``) both build on this module; it imports neither of them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from harness.task import Task, load_task
 
 if TYPE_CHECKING:
     from harness.backends.base import Backend
+    from harness.backends.common import FlatLayout
 
 EVAL_BATCH = 512            # samples per evaluation batch (any size gives the same sums)
 
@@ -74,14 +76,37 @@ def checkpoint_identity(cfg: RunConfig, task: Task, data: Dataset) -> dict[str, 
     return {"framework": cfg.framework, "model": task.name, "dataset": data.fingerprint()}
 
 
-def model_record(task: Task, parameters: int, canonical: dict | None) -> dict[str, Any]:
+def model_record(task: Task, layout: "FlatLayout", canonical: dict | None) -> dict[str, Any]:
     """The ``model`` entry of a run record: what the report names and checks."""
     checksum = None if canonical is None else \
         float(sum(np.sum(np.asarray(v, np.float64)) for v in canonical.values()))
-    return {"name": task.name, "parameters": parameters,
+    return {"name": task.name, "parameters": layout.total, "layout": layout_signature(layout),
             "flops_per_sample": task.flops_per_sample, "loss": task.loss_name,
             "metrics": list(task.metrics), "canonical": canonical is not None,
             "initial_weights_checksum": checksum}
+
+
+def layout_signature(layout: "FlatLayout") -> str:
+    """A short fingerprint of the trainable parameters' names, shapes and order: a checkpoint
+    of another model (or of a model whose parameters were reordered) does not match it."""
+    blob = json.dumps([[n, list(s)] for n, s in zip(layout.names, layout.shapes)]).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def check_layout(ckpt: ckpt_io.Checkpoint, layout: str, framework: str) -> None:
+    """The checkpoint holds this model's parameters, in its names and order. Checkpoints
+    written before layouts were recorded are accepted for PyTorch (whose names and order did
+    not change) and refused for TensorFlow (they hold the canonical layout, not Keras')."""
+    saved = ckpt.meta.get("layout")
+    if saved == layout or (saved is None and framework == "torch"):
+        return
+    if saved is None:
+        raise CheckpointError(f"checkpoint {ckpt.path} was written before checkpoints held "
+                              "Keras' own variable names and layouts, and cannot be resumed by "
+                              "this version: start in a fresh run_name/out_dir")
+    raise CheckpointError(f"checkpoint {ckpt.path} holds another model's parameters (layout "
+                          f"{saved}, this model's is {layout}): resume with the model it was "
+                          "written by, or start in a fresh run_name/out_dir")
 
 
 def finished(run_dir: Path, step: int, total_steps: int) -> bool:

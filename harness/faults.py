@@ -75,4 +75,8 @@ class FaultInjector:
                 raise ConfigError("HARNESS_FAULT kind 'desync' is not supported in this mode")
             self.desync()
             return x
+        if x.dtype.kind != "f":
+            raise ConfigError(f"HARNESS_FAULT kind {fault.kind!r} makes the batch non-finite, but "
+                              f"this task's inputs are {x.dtype} (integers cannot hold NaN/Inf): "
+                              "use another fault kind")
         return np.full_like(x, np.nan if fault.kind == "nan" else np.inf)

@@ -386,6 +386,10 @@ def fidelity(runs: list[Run]) -> list[str]:
         return []
     lines = ["## Fidelity", ""]
     models = [(r, r.run.get("model") or {}) for r in runs]
+    unknown = [r.name for r, m in models if "canonical" not in m]
+    if unknown:
+        return lines + [f"Not checked: {', '.join(unknown)} recorded no initial-weight layout "
+                        "(written before runs recorded one).", ""]
     own = [r.name for r, m in models if not m.get("canonical")]
     if own:
         lines += [f"The initial weights differ: {', '.join(own)} initialised with the "

@@ -40,6 +40,13 @@ if TYPE_CHECKING:
     from harness.data import Dataset
 
 FRAMEWORKS = ("torch", "tensorflow")
+PENDING = "<task object>:pending"       # the config's task while a task object is resolved
+#: record fields a metric must not shadow (step, epoch and summary records)
+RESERVED = frozenset({"loss", "lr", "step", "epoch", "wall_s", "applied", "kind", "time",
+                      "restart", "samples", "step_time_s", "samples_per_s_rank",
+                      "samples_per_s_total", "worker", "clock", "staleness", "compute_s",
+                      "latency_s", "evaluated_by", "rank"})
+_METRIC = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
@@ -109,11 +116,12 @@ class Task:
         if bad:
             raise TaskError(f"{where}: defaults cannot set {bad[0]!r} (the task decides it)")
         for m, fn in self.metrics.items():
-            if not (isinstance(m, str) and _NAME.fullmatch(m)) or not callable(fn):
+            if not (isinstance(m, str) and _METRIC.fullmatch(m)) or not callable(fn):
                 raise TaskError(f"{where}: metric {m!r} must map a name (letters, digits, _) "
                                 "to a function fn(output, y)")
-            if m in ("loss", self.loss_name):
-                raise TaskError(f"{where}: metric {m!r} has the loss's name: rename it")
+            if m in RESERVED or m == self.loss_name:
+                raise TaskError(f"{where}: metric {m!r} has the name of the loss or of a field "
+                                "the harness records: rename it (e.g. 'my_" + m + "')")
 
     def load_data(self) -> "Dataset":
         """The task's data as a harness Dataset (calls ``data`` if it is a function)."""
@@ -226,11 +234,14 @@ def configure(obj: Any, values: dict[str, Any], label: str,
     another (an error)."""
     from harness.config import RunConfig
 
-    cfg = RunConfig.from_dict(values, source)
-    task = load_task(label, cfg) if obj is None else resolve(obj, cfg, label)
-    if task.defaults:
-        cfg = RunConfig.from_dict({**task.defaults, **values}, f"{source} or task defaults")
-    return check_framework(task, cfg, "framework" in values), task
+    # options of one framework are checked once the task's framework is known (a task label,
+    # even a placeholder, defers that check)
+    first = RunConfig.from_dict({**values, "task": values.get("task") or PENDING}, source)
+    task = load_task(label, first) if obj is None else resolve(obj, first, label)
+    given = "framework" in values
+    final = {"framework": task.framework, **task.defaults, **values}
+    cfg = RunConfig.from_dict(final, f"{source} or task defaults" if task.defaults else source)
+    return check_framework(task, cfg, given), task
 
 
 def check_framework(task: Task, cfg: "RunConfig", framework_given: bool) -> "RunConfig":

@@ -9,10 +9,10 @@ from harness import checkpoint as ckpt_io
 from harness.backends.base import Backend, create, resolve_gradient_path
 from harness.config import RunConfig
 from harness.data import Dataset
-from harness.driver import (agree_on_start, checkpoint_identity, find_resume_checkpoint,
-                            final_metrics, finish_record, finished, load_task_data, log_finished,
-                            model_record,
-                            own_task_name, run_dir_of, start_record)
+from harness.driver import (agree_on_start, check_layout, checkpoint_identity,
+                            find_resume_checkpoint, final_metrics, finish_record, finished,
+                            load_task_data, log_finished, model_record, own_task_name, run_dir_of,
+                            start_record)
 from harness.env import World, check_runtime_world, detect_world
 from harness.errors import CheckpointError, HarnessError, TrainingAborted
 from harness.logging import get_logger
@@ -103,13 +103,14 @@ def _run(cfg: RunConfig, backend: Backend, world: World, log, stop: StopFlag, ta
     identity = checkpoint_identity(cfg, task, data)
     # the model, loss and metrics are checked on one real batch of this run's size
     backend.setup(task, *data.train.batch(slice(0, step_batch(cfg, world.size))), cfg.lr)
-    model = model_record(task, backend.layout.total, backend.canonical_weights())
+    model = model_record(task, backend.layout, backend.canonical_weights())
     ckpt, error, pos, done = None, None, Position(), False
     if world.rank == 0:
         try:
             ckpt = find_resume_checkpoint(cfg, run_dir / "checkpoints", log)
             if ckpt is not None:
                 ckpt_io.check_compatible(ckpt, identity)
+                check_layout(ckpt, model["layout"], cfg.framework)
                 check_resume_fits(ckpt, cfg, world, plan, log)
                 load_into_backend(backend, ckpt)
                 pos = Position.from_meta(ckpt.meta["position"])
@@ -142,7 +143,8 @@ def _run(cfg: RunConfig, backend: Backend, world: World, log, stop: StopFlag, ta
                      resumed_from=str(ckpt.path) if ckpt is not None else None,
                      start_step=pos.step)
     ctx = RunContext(cfg, world, backend, data, run_dir, log, metrics, stop,
-                     ckpt_meta={**identity, "config": cfg.to_dict(), "world_size": world.size},
+                     ckpt_meta={**identity, "config": cfg.to_dict(), "world_size": world.size,
+                                "layout": model["layout"]},
                      last_saved_step=ckpt.step if ckpt is not None else None,
                      resume_extra=ckpt.extra if ckpt is not None else {})
     try:

@@ -412,6 +412,13 @@ def test_a_task_without_a_canonical_layout_is_reported_as_starting_from_other_we
     md = build_report([a, b], tmp_path / "out").read_text()
     assert "The initial weights differ: torch, tensorflow initialised with the framework's own" \
         in md and "agree" not in md
+    old = [write_run(tmp_path / fw / "old", task_start(fw, True, 1.5, 0.7)) for fw in
+           ("torch", "tensorflow")]
+    for run_dir in old:                      # runs recorded before the model entry said more
+        text = (run_dir / "metrics.jsonl").read_text().replace('"canonical": true, ', "")
+        (run_dir / "metrics.jsonl").write_text(text)
+    md = build_report(old, tmp_path / "out3").read_text()
+    assert "Not checked: torch/old, tensorflow/old recorded no initial-weight layout" in md
     c = write_run(tmp_path / "other", task_start("tensorflow", True, 2.5, 0.7))
     d = write_run(tmp_path / "first", task_start("torch", True, 1.5, 0.7))
     md = build_report([d, c], tmp_path / "out2").read_text()

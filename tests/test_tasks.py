@@ -18,7 +18,7 @@ import pytest
 from conftest import PY, REPO, checkpoint_weights, harness, latest_checkpoint, launch, \
     needs_horovod, needs_mpi, read_jsonl, run, summary
 from harness.data import Data, MapSplit, Sharder
-from harness.errors import DataError
+from harness.errors import CheckpointError, ConfigError, DataError
 from harness.task import Task, TaskError, Tasks
 
 TORCH_EXAMPLE = REPO / "examples" / "torch_own_model.py"
@@ -80,7 +80,7 @@ def test_the_task_api_refuses_what_cannot_work():
     for bad, message in [({"framework": "jax"}, "is not one of torch, tensorflow"),
                          ({"name": "a b"}, "must be letters"),
                          ({"model": 3}, "model = 3 is not callable"),
-                         ({"metrics": {"loss": lambda o, y: o}}, "has the loss's name"),
+                         ({"metrics": {"loss": lambda o, y: o}}, "has the name of the loss"),
                          ({"defaults": {"framework": "torch"}}, "defaults cannot set")]:
         with pytest.raises(TaskError, match=message):
             Task(**{**ok, **bad})
@@ -136,6 +136,57 @@ def test_array_data_must_be_numeric_finite_and_paired():
                   test=(np.arange(8).reshape(4, 2), np.zeros(4)))
     xb, yb = tokens.train.batch(slice(0, 2))
     assert xb.dtype == np.int64 and yb.dtype == np.float32     # token ids stay integers
+
+
+def tiny_task(framework: str, **kw) -> Task:
+    x = np.zeros((8, 3), np.float32)
+    return Task(framework=framework, name="tiny", model=lambda: None, loss=lambda o, y: o,
+                data=Data(train=(x, np.zeros(8)), test=(x, np.zeros(8))), **kw)
+
+
+def test_a_tasks_framework_is_the_runs_and_its_options_follow_it():
+    from harness.task import configure
+
+    cfg, _ = configure(tiny_task("tensorflow"), {"tf_loop": "fit"}, "harness.run(task)")
+    assert cfg.framework == "tensorflow" and cfg.tf_loop == "fit" and cfg.task is None
+    cfg, _ = configure(tiny_task("tensorflow", defaults={"keras": "legacy", "lr": 0.2}),
+                       {"lr": 0.3}, "harness.run(task)")
+    assert (cfg.keras, cfg.lr) == ("legacy", 0.3)          # flags win over the task's defaults
+    with pytest.raises(ConfigError, match="tf_loop = 'fit' needs framework = 'tensorflow'"):
+        configure(tiny_task("torch"), {"tf_loop": "fit"}, "harness.run(task)")
+
+
+@pytest.mark.parametrize("name", ["lr", "step", "samples", "kind", "my metric"])
+def test_metric_names_cannot_shadow_what_the_harness_records(name):
+    with pytest.raises(TaskError, match="metric"):
+        tiny_task("torch", metrics={name: lambda o, y: o})
+
+
+def test_the_test_split_must_have_the_train_splits_dtypes():
+    x = np.zeros((4, 2), np.float32)
+    with pytest.raises(DataError, match="train y is int64 of sample shape"):
+        Data(train=(x, np.zeros(4, np.int64)), test=(x, np.zeros(4, np.int32)))
+
+
+def test_a_checkpoint_of_another_layout_is_refused():
+    from harness.checkpoint import Checkpoint
+    from harness.driver import check_layout
+
+    old = Checkpoint({"position": {}}, {}, path=Path("ckpt-1.npz"))
+    check_layout(old, "abc", "torch")                    # torch names and order did not change
+    with pytest.raises(CheckpointError, match="before checkpoints held Keras' own"):
+        check_layout(old, "abc", "tensorflow")
+    other = Checkpoint({"layout": "xyz"}, {}, path=Path("ckpt-1.npz"))
+    with pytest.raises(CheckpointError, match="another model's parameters"):
+        check_layout(other, "abc", "torch")
+    check_layout(Checkpoint({"layout": "abc"}, {}), "abc", "tensorflow")
+
+
+def test_nan_faults_need_inputs_that_can_hold_nan():
+    from harness.faults import FaultInjector
+
+    with pytest.raises(ConfigError, match="integers cannot hold NaN"):
+        FaultInjector(0, spec="nan@0:1").before_step(1, np.zeros((2, 3), np.int64))
 
 
 # --- the examples, as documented --------------------------------------------------------------

@@ -146,7 +146,7 @@ def check_mpi_path(cfg: RunConfig) -> None:
 
 @dataclass(frozen=True)
 class FlatLayout:
-    """Where each trainable parameter lives in one flat float32 vector (spec order)."""
+    """Where each trainable parameter lives in one flat float32 vector (the model's order)."""
 
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
@@ -195,8 +195,12 @@ def check_weight_names(expected: dict[str, tuple[int, ...]], got: dict[str, np.n
 # --- checking a task's model, loss and metrics on a sample batch (both frameworks) -----------
 
 #: words in a framework's message that mean "these shapes or types do not fit together"
-_MISFIT = re.compile(r"shape|size|dimension|rank|mismatch|match|expected|dtype|must be|"
-                     r"incompatible|cannot|Dims|got", re.IGNORECASE)
+_MISFIT = re.compile(r"shape|size of tensor|dimension|rank|mismatch|must match|dtype|"
+                     r"incompatible|Dims|broadcast|out of bounds|expected (scalar )?type",
+                     re.IGNORECASE)
+#: ... and those that mean something else (the machine, not the task)
+_NOT_MISFIT = re.compile(r"out of memory|ResourceExhausted|OOM|CUDA error|NCCL",
+                         re.IGNORECASE)
 
 
 def misfit(task: Task, what: str, error: Exception, x: np.ndarray, y: np.ndarray,
@@ -207,7 +211,8 @@ def misfit(task: Task, what: str, error: Exception, x: np.ndarray, y: np.ndarray
     if not isinstance(error, (RuntimeError, ValueError, TypeError, IndexError)) and \
             type(error).__name__ not in ("InvalidArgumentError",):
         return None
-    if not _MISFIT.search(str(error)):
+    if not _MISFIT.search(str(error)) or _NOT_MISFIT.search(str(error)) or \
+            type(error).__name__ == "ResourceExhaustedError":
         return None
     message = " ".join(str(error).split())[:300]
     out = f"model output {out_shape}, " if out_shape is not None else ""
@@ -215,6 +220,27 @@ def misfit(task: Task, what: str, error: Exception, x: np.ndarray, y: np.ndarray
                      f"samples (x {x.shape} {x.dtype}, {out}y {y.shape} {y.dtype}): "
                      f"{type(error).__name__}: {message}. Make the model's output and the "
                      "data's y fit what the loss expects")
+
+
+def initial_canonical_weights(task: Task, model, seed: int,
+                              expected: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """The task's canonical initial weights in the framework's names and layouts
+    (``expected``: the model's names and shapes); a mapping that does not give exactly those
+    is a TaskError naming the task."""
+    from harness.errors import CheckpointError
+
+    canonical = task.canonical
+    if canonical is None:
+        raise TaskError(f"task {task.name!r} has no canonical weight layout")
+    try:
+        weights = canonical.to_framework(model, canonical.init(seed))
+        check_weight_names(expected, weights, "its canonical initial weights")
+    except (CheckpointError, KeyError, ValueError, TypeError, IndexError) as e:
+        raise TaskError(f"task {task.name!r}: its Canonical mapping does not fit the model "
+                        f"({type(e).__name__}: {e}): make to_framework(model, init(seed)) "
+                        "return every model weight by the framework's names "
+                        f"({', '.join(list(expected)[:4])}, ...)") from e
+    return weights
 
 
 def check_scalar(task: Task, what: str, shape: tuple, n: int) -> None:

@@ -15,7 +15,8 @@ import numpy as np
 
 from harness.backends.base import Backend, BackendInfo, StepResult
 from harness.backends.comm import HorovodComm, LocalComm, MPIComm
-from harness.backends.common import FlatLayout, check_scalar, check_weight_names, misfit
+from harness.backends.common import (FlatLayout, check_scalar, check_weight_names,
+                                     initial_canonical_weights, misfit)
 from harness.env import World
 from harness.task import Task, TaskError
 
@@ -44,8 +45,10 @@ def keras_module():
 
 
 def variable_name(v) -> str:
-    """A Keras variable's own name in its model: its path (Keras 3) or name (Keras 2)."""
-    return getattr(v, "path", None) or v.name
+    """A Keras variable's own name in its model: its path (Keras 3, ``fc1/kernel``) or its
+    name without TensorFlow's output index (Keras 2: ``fc1/kernel:0`` -> ``fc1/kernel``)."""
+    name = getattr(v, "path", None) or v.name
+    return name[:-2] if name.endswith(":0") else name
 
 
 def tf_variables(variables) -> list:
@@ -58,6 +61,14 @@ def tf_variables(variables) -> list:
 def optimizer_variables(opt) -> list:
     v = opt.variables
     return list(v() if callable(v) else v)
+
+
+def dense_gradients(grads, variables) -> list:
+    """Zeros for variables the loss does not reach (TensorFlow gives None), as PyTorch's
+    flat gradient buffer holds them: every rank reduces the same tensors."""
+    import tensorflow as tf
+
+    return [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
 
 
 class TFBackend(Backend):
@@ -86,9 +97,14 @@ class TFBackend(Backend):
         self.task = task
         keras.utils.set_random_seed(c.seed)    # the user's own initialisation, the same each run
         model = task.model()
-        if not (hasattr(model, "trainable_variables") and callable(model)):
-            raise TaskError(f"task {task.name!r}: model() returned {type(model).__name__}, not a "
-                            "keras.Model: return the model (framework = 'tensorflow')")
+        if not isinstance(model, keras.Model):
+            other = hasattr(model, "trainable_variables") and callable(model)
+            raise TaskError(
+                f"task {task.name!r}: model() returned {type(model).__module__}."
+                f"{type(model).__name__}, not a {keras.__name__}.Model" +
+                (f": this run trains with {keras.__name__} (keras = {c.keras!r}); build the model "
+                 "with harness.backends.horovod_tf.keras_module(), or set keras to match"
+                 if other else ": return the model (framework = 'tensorflow')"))
         self.model = model
         self._check_task(x, y)                 # builds a model without an Input, too
         self.variables: dict[str, Any] = {}
@@ -104,8 +120,8 @@ class TFBackend(Backend):
         self.tf_trainable = tf_variables(self.trainable)
         self.layout = FlatLayout.of([(variable_name(v), tuple(v.shape)) for v in self.trainable])
         if task.canonical is not None:
-            self.set_weights(task.canonical.to_framework(self.model,
-                                                         task.canonical.init(c.seed)))
+            self.set_weights(initial_canonical_weights(
+                task, self.model, c.seed, {n: tuple(v.shape) for n, v in self.variables.items()}))
         if c.optimizer == "sgd":
             self.opt = keras.optimizers.SGD(learning_rate=lr, momentum=c.momentum)
         else:
@@ -136,7 +152,7 @@ class TFBackend(Backend):
             error = misfit(task, what, e, x, y, shape)
             if error is None:
                 raise
-            raise error from None
+            raise error from e
 
     def _loss(self, x, y, training: bool = True):
         """The batch mean loss and each metric summed over the batch."""
@@ -158,7 +174,7 @@ class TFBackend(Backend):
                 loss, ms = self._loss(xc, yc)
                 if k > 1:
                     loss = loss * tf.cast(tf.shape(xc)[0], tf.float32) / n
-            grads = tape.gradient(loss, self.tf_trainable)
+            grads = dense_gradients(tape.gradient(loss, self.tf_trainable), self.tf_trainable)
             acc = grads if acc is None else [a + g for a, g in zip(acc, grads)]
             total = total + loss
             sums = ms if sums is None else sums + ms
@@ -298,7 +314,8 @@ class HorovodTFBackend(HorovodComm, TFBackend):
             tape = hvd.DistributedGradientTape(
                 tape, compression=compression, op=op,
                 gradient_predivide_factor=c.gradient_predivide_factor)
-            return loss, sums, tape.gradient(loss, self.tf_trainable)
+            return loss, sums, dense_gradients(tape.gradient(loss, self.tf_trainable),
+                                               self.tf_trainable)
         # Accumulated micro-batches: one allreduce of the summed gradients, with the same
         # grouped op and scaling the tape uses.
         loss, sums, grads = self._local_gradients(x, y)

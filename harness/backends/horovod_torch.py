@@ -14,7 +14,8 @@ import torch
 
 from harness.backends.base import Backend, BackendInfo, StepResult
 from harness.backends.comm import HorovodComm, LocalComm, MPIComm
-from harness.backends.common import FlatLayout, check_scalar, check_weight_names, misfit
+from harness.backends.common import (FlatLayout, check_scalar, check_weight_names,
+                                     initial_canonical_weights, misfit)
 from harness.env import World
 from harness.task import Task, TaskError
 
@@ -55,8 +56,8 @@ class TorchBackend(Backend):
         self.params = [p for _, p in self.named_params]
         self.layout = FlatLayout.of([(n, tuple(p.shape)) for n, p in self.named_params])
         if task.canonical is not None:
-            self.set_weights(task.canonical.to_framework(self.model,
-                                                         task.canonical.init(self.cfg.seed)))
+            shapes = {k: tuple(v.shape) for k, v in self._state.items()}
+            self.set_weights(initial_canonical_weights(task, self.model, self.cfg.seed, shapes))
         self._check_task(x, y)
         self.optimizer = self.wrap_optimizer(self._make_optimizer(lr))
         self.model.train()
@@ -82,7 +83,7 @@ class TorchBackend(Backend):
             error = misfit(task, what, e, x, y, shape)
             if error is None:
                 raise
-            raise error from None
+            raise error from e
         finally:
             self.model.train()
 
@@ -122,7 +123,7 @@ class TorchBackend(Backend):
     def _metric_sums(self, out: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         """Each task metric summed over the batch (its mean x n), without gradients."""
         with torch.no_grad():
-            return [torch.as_tensor(fn(out, y), dtype=torch.float32) * len(y)
+            return [torch.as_tensor(fn(out, y), dtype=torch.float32, device=self.device) * len(y)
                     for fn in self.task.metrics.values()]
 
     def _forward_backward(self, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, float]]:

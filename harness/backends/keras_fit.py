@@ -42,18 +42,21 @@ class KerasFitBackend(HorovodTFBackend, FitBackend):
             backward_passes_per_step=c.backward_passes_per_step,
             average_aggregated_gradients=True,
             gradient_predivide_factor=c.gradient_predivide_factor)
-        loss_fn = task.loss
+        loss_fn, tf, y_dtype = task.loss, self.tf, self.tf.as_dtype(y.dtype)
 
         class TaskLoss(keras.losses.Loss):
             """The task's loss(output, y) as a Keras loss (which passes y first). A Loss
-            subclass, not a plain function: Keras reshapes y to the output's rank for those."""
+            subclass, not a plain function: Keras reshapes y to the output's rank for those.
+            Keras hands y over as float; the task gets the data's own dtype back."""
 
             def call(self, y_true, y_pred):
-                return loss_fn(y_pred, y_true)
+                return loss_fn(y_pred, tf.cast(y_true, y_dtype))
 
-        metrics = [keras.metrics.MeanMetricWrapper(
-            (lambda fn: lambda y_true, y_pred: fn(y_pred, y_true))(fn), name=name)
-            for name, fn in task.metrics.items()]
+        def metric(fn):
+            return lambda y_true, y_pred: fn(y_pred, tf.cast(y_true, y_dtype))
+
+        metrics = [keras.metrics.MeanMetricWrapper(metric(fn), name=name)
+                   for name, fn in task.metrics.items()]
         self.model.compile(optimizer=self.opt, loss=TaskLoss(name=task.loss_name),
                            metrics=metrics)
         self.opt.build(self.model.trainable_variables)

@@ -1,8 +1,8 @@
 """Asynchronous parameter-server mode on mpi4py (``mode = "async"``).
 
 Ranks ``0..S-1`` are servers, each owning an even shard of the flat parameter vector (the
-task model's trainable parameters in order: worker 0 builds the model and sends its initial
-parameters, so the servers work for any model without building one) and running SGD
+task model's trainable parameters in order: worker 0 builds the model and sends their initial
+values, so the servers work for any model without building one) and running SGD
 with momentum on it; the other ranks are workers computing gradients with the framework's
 ``local`` backend. Launch with ``mpirun -np S+W`` or ``srun --mpi=pmix``; see
 ``slurm/ps.sbatch``.
@@ -25,9 +25,9 @@ from harness.backends.common import apply_mpi_environment
 from harness.config import RunConfig
 from harness.backends.base import Backend
 from harness.data import Dataset, Sharder
-from harness.driver import (Target, agree_on_start, checkpoint_identity, find_resume_checkpoint,
-                            final_metrics, finish_record, log_finished, model_record,
-                            own_task_name, run_dir_of, start_record, track_target)
+from harness.driver import (Target, agree_on_start, check_layout, checkpoint_identity,
+                            find_resume_checkpoint, final_metrics, finish_record, log_finished,
+                            model_record, own_task_name, run_dir_of, start_record, track_target)
 from harness.env import World, check_runtime_world
 from harness.errors import CheckpointError, ConfigError, HarnessError, TrainingAborted
 from harness.logging import get_logger
@@ -62,7 +62,7 @@ def run(cfg: RunConfig, launcher_world: World, log, task: Task, data: Dataset,
     identity = checkpoint_identity(cfg, task, data)
     ctx = PSContext(cfg, data, stop, {**identity, "mode": "async", "ps_servers": S,
                                       "config": cfg.to_dict(), "world_size": size},
-                    metric=next(iter(task.metrics), None))
+                    metric="acc" if "acc" in task.metrics else next(iter(task.metrics), None))
     watchdog = Watchdog(rank, cfg.stall_timeout_s, log).start()
     try:
         if rank < S:
@@ -75,14 +75,15 @@ def run(cfg: RunConfig, launcher_world: World, log, task: Task, data: Dataset,
 
 def _share_model(comm, backend: Backend | None, error: BaseException | None,
                  S: int) -> tuple[np.ndarray, dict]:
-    """Worker rank ``S`` built the task's model: every rank gets its initial flat parameters
-    and model record (servers never build a model, so any model works). A worker that could
-    not build it tells every rank, and all stop."""
+    """Worker rank ``S`` built the task's model: every rank gets its initial trainable
+    parameters as one flat vector, and its model record (servers never build a model, so any
+    model works; buffers such as batch-norm statistics stay each worker's own). A worker that
+    could not build it tells every rank, and all stop."""
     head = None
     built = backend if error is None else None
     if comm.Get_rank() == S:
         head = {"params": built.layout.total,
-                "model": model_record(built.task, built.layout.total,
+                "model": model_record(built.task, built.layout,
                                       built.canonical_weights())} if built is not None else \
             {"error": f"{type(error).__name__}: {error}"}
     head = comm.bcast(head, root=S)
@@ -126,7 +127,8 @@ def _resume_state(cfg: RunConfig, ckpt_dir: Path, k: int, identity: dict, world_
             "clocks": pos.get("clocks", {}), "samples": pos.get("samples", 0),
             "opt_steps": pos["opt_steps"], "finished": bool(pos.get("finished")),
             "stats": pos.get("stats", {}), "latencies": ckpt.extra.get("latencies", ()),
-            "step_times": ckpt.extra.get("step_times", ()), "path": str(ckpt.path)}
+            "step_times": ckpt.extra.get("step_times", ()), "path": str(ckpt.path),
+            "ckpt": ckpt}
 
 
 def _finished(resume: dict | None, total: int, run_dir: Path) -> bool:
@@ -182,6 +184,9 @@ def _serve(ctx: PSContext, task: Task, run_dir: Path, comm, MPI, rank: int, watc
         return 0
     watchdog.tick(phase="waiting for worker 0's model")
     flat, model = _share_model(comm, None, None, cfg.ps_servers)
+    ctx.ckpt_meta["layout"] = model["layout"]
+    if resume is not None:       # every server holds a checkpoint of the same run: all agree
+        check_layout(resume["ckpt"], model["layout"], cfg.framework)
     plan = PSPlan.of(cfg, ctx.data, flat.size, size, run_dir)
     _, start, stop = plan.shards[rank]
     shard = flat[start:stop].copy()

@@ -70,6 +70,6 @@ class PSContext:
     data: Dataset
     stop: StopFlag
     ckpt_meta: dict[str, Any]
-    #: the task's first metric (what the workers report with their loss), or None
+    #: the metric workers report with their loss (acc, else the task's first), or None
     metric: str | None = None
     on_eval: Callable[[float, float, int], None] = lambda value, wall, version: None

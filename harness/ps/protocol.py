@@ -77,7 +77,7 @@ class EvalReport(NamedTuple):
 
     clock: int
     loss: float
-    metric: float                 # the task's first metric (accuracy for classifiers)
+    metric: float             # PSContext.metric: accuracy, else the task's first metric
     samples: int
     epoch: int
     evaluator: int            # the worker's rank

@@ -303,7 +303,7 @@ class Server:
         self._release()
 
     def _metric(self, prefix: str, value: float) -> dict[str, float]:
-        """The task's first metric (the one workers report) under its own name."""
+        """The metric workers report (``PSContext.metric``) under its own name."""
         return {f"{prefix}{self.ctx.metric}": value} if self.ctx.metric else {}
 
     def _log_push(self, w: WorkerState, hdr: np.ndarray, staleness: int, lr: float | None) -> None:

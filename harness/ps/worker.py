@@ -82,11 +82,11 @@ class Worker:
 
     # --- training ---
     def evaluate(self) -> tuple[float, float, int]:
-        """Test loss, the task's first metric (0 without one) and the samples."""
-        names = list(self.backend.task.metrics)
+        """Test loss, the metric the servers record (0 without one) and the samples."""
+        names, metric = list(self.backend.task.metrics), self.ctx.metric
         rec = eval_record(names, eval_sums(self.backend, self.ctx.data,
                                            np.arange(len(self.ctx.data.test))))
-        value = rec[f"eval_{names[0]}"] if names else 0.0
+        value = rec[f"eval_{metric}"] if metric else 0.0
         return rec["eval_loss"], value, rec["eval_samples"]
 
     def run(self) -> str:
@@ -148,7 +148,8 @@ class Worker:
             if self.ctx.stop.requested:       # a signal here: the servers stop everyone
                 flags |= P.STOP
             hdr = P.header(P.PUSH, clock=self.clock, version_used=self.version, samples=len(y),
-                           loss=res.loss, correct=next(iter(res.metrics.values()), 0.0),
+                           loss=res.loss,
+                           correct=res.metrics[self.ctx.metric] if self.ctx.metric else 0.0,
                            compute_s=compute,
                            latency_s=latency, epoch=epoch + 1, flags=flags)
             t1 = time.perf_counter()
