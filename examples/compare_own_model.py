@@ -19,20 +19,15 @@ import sys
 
 import numpy as np
 
+import diabetes_data
 import harness
 
 SIZES = [("fc1", 10, 64), ("fc2", 64, 32), ("fc3", 32, 1)]        # (name, inputs, outputs)
 
 
 def data() -> harness.Data:
-    from sklearn.datasets import load_diabetes
-
-    x, y = load_diabetes(return_X_y=True)
-    x = (x - x.mean(0)) / x.std(0)
-    y = (y - y.mean()) / y.std()
-    order = np.random.default_rng(0).permutation(len(x))
-    test, train = order[:90], order[90:]
-    return harness.Data(train=(x[train], y[train]), test=(x[test], y[test]), name="diabetes")
+    x_train, y_train, x_test, y_test = diabetes_data.split()
+    return harness.Data(train=(x_train, y_train), test=(x_test, y_test), name="diabetes")
 
 
 def init(seed: int) -> dict:

@@ -13,21 +13,15 @@ The task is a TensorFlow task, so ``--framework tensorflow`` is implied.
 import sys
 
 import keras
-import numpy as np
 import tensorflow as tf
 
+import diabetes_data
 import harness
 
 
 def data() -> harness.Data:
-    from sklearn.datasets import load_diabetes
-
-    x, y = load_diabetes(return_X_y=True)
-    x = (x - x.mean(0)) / x.std(0)
-    y = (y - y.mean()) / y.std()
-    order = np.random.default_rng(0).permutation(len(x))
-    test, train = order[:90], order[90:]
-    return harness.Data(train=(x[train], y[train]), test=(x[test], y[test]), name="diabetes")
+    x_train, y_train, x_test, y_test = diabetes_data.split()
+    return harness.Data(train=(x_train, y_train), test=(x_test, y_test), name="diabetes")
 
 
 def model() -> keras.Model:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import diabetes_data
 import harness
 
 
@@ -35,14 +36,8 @@ class Patients(torch.utils.data.Dataset):
 
 
 def data() -> harness.Data:
-    from sklearn.datasets import load_diabetes
-
-    x, y = load_diabetes(return_X_y=True)
-    x = (x - x.mean(0)) / x.std(0)
-    y = (y - y.mean()) / y.std()                       # a standardised target: MSE starts ~1
-    order = np.random.default_rng(0).permutation(len(x))
-    test, train = order[:90], order[90:]
-    return harness.Data(train=Patients(x[train], y[train]), test=(x[test], y[test]),
+    x_train, y_train, x_test, y_test = diabetes_data.split()
+    return harness.Data(train=Patients(x_train, y_train), test=(x_test, y_test),
                         name="diabetes")
 
 

@@ -42,18 +42,23 @@ class KerasFitBackend(HorovodTFBackend, FitBackend):
             backward_passes_per_step=c.backward_passes_per_step,
             average_aggregated_gradients=True,
             gradient_predivide_factor=c.gradient_predivide_factor)
-        loss_fn, tf, y_dtype = task.loss, self.tf, self.tf.as_dtype(y.dtype)
+        loss_fn, tf = task.loss, self.tf
+        y_dtype, y_shape = tf.as_dtype(y.dtype), [-1, *y.shape[1:]]
+
+        def as_data(y_true):
+            """y as the data holds it: Keras hands it over as float, and Keras 2 also gives
+            it the output's rank ((B,) labels become (B, 1))."""
+            return tf.reshape(tf.cast(y_true, y_dtype), y_shape)
 
         class TaskLoss(keras.losses.Loss):
             """The task's loss(output, y) as a Keras loss (which passes y first). A Loss
-            subclass, not a plain function: Keras reshapes y to the output's rank for those.
-            Keras hands y over as float; the task gets the data's own dtype back."""
+            subclass, not a plain function: Keras 3 reshapes y to the output's rank for those."""
 
             def call(self, y_true, y_pred):
-                return loss_fn(y_pred, tf.cast(y_true, y_dtype))
+                return loss_fn(y_pred, as_data(y_true))
 
         def metric(fn):
-            return lambda y_true, y_pred: fn(y_pred, tf.cast(y_true, y_dtype))
+            return lambda y_true, y_pred: fn(y_pred, as_data(y_true))
 
         metrics = [keras.metrics.MeanMetricWrapper(metric(fn), name=name)
                    for name, fn in task.metrics.items()]
