@@ -222,13 +222,16 @@ def test_torch_example_runs_as_a_horovodrun_script(results):
 
 @needs_horovod
 @pytest.mark.mpi
-def test_keras_example_runs_through_harness_train_task(results):
+def test_keras_example_runs_through_harness_train_task_with_model_fit(results):
+    """Its custom-loop runs: the compare and sequence tests; here model.fit trains it."""
     p = run(launch("horovodrun", 2, "--task", KERAS_EXAMPLE.relative_to(REPO).as_posix() +
-                   ":task", "--epochs", 4, "--out-dir", results), timeout=300)
+                   ":task", "--tf-loop", "fit", "--epochs", 4, "--out-dir", results),
+            timeout=300)
     assert p.returncode == 0, p.stderr[-4000:]
     s = assert_regression_run(results / "tensorflow-diabetes_mlp-sync-np2", 2)
     cfg = json.loads((results / "tensorflow-diabetes_mlp-sync-np2" / "config.json").read_text())
     assert cfg["config"]["framework"] == "tensorflow"        # the task's framework
+    assert cfg["config"]["tf_loop"] == "fit"
     assert cfg["config"]["lr"] == 0.01 and cfg["config"]["batch_size"] == 16   # its defaults
     assert s["steps"] == 4 * (352 // 32)
 
