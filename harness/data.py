@@ -157,7 +157,8 @@ class Dataset:
 def Data(train: Any, test: Any, name: str = "data", num_classes: int | None = None) -> Dataset:
     """A task's data: ``train`` and ``test`` are each arrays ``(x, y)`` (numpy or memory-mapped;
     float64 becomes float32, integer arrays such as token ids stay integers) or a map-style
-    dataset (``__len__``, ``__getitem__(i) -> (x, y)``)."""
+    dataset (``__len__``, ``__getitem__(i) -> (x, y)``); a ``DataLoader`` gives its
+    ``.dataset`` (its own sampler and batch size are not used: the run's are)."""
     splits = [_split(part, f"{name} {what}") for part, what in ((train, "train"), (test, "test"))]
     if splits[0].sample_shape != splits[1].sample_shape:
         raise DataError(f"{name}: train samples have shape {splits[0].sample_shape} but test "
@@ -194,6 +195,9 @@ def _split(part: Any, what: str) -> Split:
     if isinstance(part, tuple):
         raise DataError(f"{what}: a tuple must be two numpy arrays (x, y), got "
                         f"{', '.join(type(a).__name__ for a in part)}")
+    if not hasattr(part, "__getitem__") and hasattr(part, "dataset"):
+        # a torch DataLoader: the harness samples, shards and batches its dataset itself
+        return MapSplit(part.dataset, f"{what} ({type(part).__name__}.dataset)")
     return MapSplit(part, what)
 
 

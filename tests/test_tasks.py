@@ -115,6 +115,19 @@ def test_map_style_data_is_sharded_by_rank_like_arrays():
         assert x.dtype == np.float32 and x.shape == (4, 2) and (x[:, 0] == y).all()
 
 
+def test_a_data_loader_gives_its_dataset_to_the_harnesss_sampler():
+    class Loader:                      # what a torch DataLoader looks like to Data()
+        def __init__(self, dataset):
+            self.dataset, self.batch_size = dataset, 7
+
+        def __iter__(self):
+            raise AssertionError("the harness samples the dataset itself")
+
+    data = Data(train=Loader(Samples(40)), test=Loader(Samples(8)))
+    x, y = data.train.batch(np.array([5, 2]))
+    assert y.tolist() == [5, 2] and x.shape == (2, 2) and len(data.test) == 8
+
+
 def test_map_style_samples_of_another_shape_are_refused_with_their_index():
     with pytest.raises(DataError, match=r"data train\[7\] has x of shape \(3,\), sample 0 of "
                                         r"\(2,\)"):
