@@ -3,10 +3,12 @@
 ``results/<run>/metrics.jsonl`` holds one record per line, each with a ``kind``:
 
 * ``run``: once per (re)start: config, environment, world, versions, command.
-* ``step``: loss/accuracy of rank 0's batch, lr, step time, samples/s per rank and in total;
+* ``step``: loss and the task's metrics (``acc`` for the built-in classifiers) of rank 0's batch,
+  lr, step time, samples/s per rank and in total;
   for the parameter server, one per applied push (worker, clock, staleness, compute time and
   push/pull latency), written by server 0.
-* ``epoch``: epoch means on rank 0 and test loss/accuracy over all ranks (exact global sums);
+* ``epoch``: epoch means on rank 0 (``train_loss``, ``train_<metric>``) and the test loss and
+  metrics over all ranks (``eval_loss``, ``eval_<metric>``: exact global sums);
   for the parameter server, each evaluation a worker reports.
 * ``eval``: the final evaluation of a run that ends mid-epoch (``max_steps``).
 * ``preempted``: the step (parameter server: version and worker clocks) at which a stop signal
