@@ -29,10 +29,21 @@ def test_defaults_are_valid_and_round_trip():
     ({"lr": float("nan")}, "lr = nan is not a finite number"),
     ({"lr": float("inf")}, "lr = inf is not a finite number"),
     ({"momentum": float("nan")}, "momentum = nan is not a finite number"),
+    ({"grad_exchange": "flat", "reduction": "adasum"}, "it needs grad_exchange = 'optimizer'"),
+    ({"grad_exchange": "flat", "framework": "tensorflow", "tf_loop": "fit"},
+     "set grad_exchange = 'optimizer'"),
 ])
 def test_invalid_values_name_field_value_and_fix(values, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("?", r"\?")):
         RunConfig(**values)
+
+
+def test_the_default_exchange_is_the_flat_buffer_unless_a_feature_needs_horovods_wrapper():
+    assert RunConfig().grad_exchange == "auto" and RunConfig().exchange == "flat"
+    assert RunConfig(framework="tensorflow").exchange == "flat"
+    assert RunConfig(reduction="adasum").exchange == "optimizer"
+    assert RunConfig(framework="tensorflow", tf_loop="fit").exchange == "optimizer"
+    assert RunConfig(grad_exchange="optimizer").exchange == "optimizer"
 
 
 def test_unknown_key_suggests_the_closest():

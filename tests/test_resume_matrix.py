@@ -1,7 +1,7 @@
 """Preempt and resume across the factors that touch resume, in an all-pairs design.
 
-Factors: framework x gradient path (Horovod's optimizer wrapper or TF's tape, the flat buffer,
-mpi4py, Keras model.fit) x optimizer x gradient accumulation x warm-up x where the signal lands
+Factors: framework x gradient path (Horovod's optimizer wrapper or TF's tape, the flat buffer
+(the default), mpi4py, Keras model.fit) x optimizer x gradient accumulation x warm-up x where the signal lands
 x world size. The full product is hundreds of jobs; every *pair* of factor values occurs in at
 least one cell here. A cell is one configuration run once uninterrupted and once as a chain of
 launches, each stopped by a signal at one of the configuration's signal positions and resumed by
@@ -9,7 +9,6 @@ the next launch (exit 75 each time, 0 at the end), so one chain covers several p
 cell must end with the weights, learning rates, epoch losses and counts of the uninterrupted run.
 
 Combinations that do not exist are skipped by construction, with the reason:
-``flat`` is the PyTorch Horovod path (TensorFlow's tape already reduces one group),
 ``fit`` is Keras' ``model.fit`` (TensorFlow only).
 """
 
@@ -38,8 +37,6 @@ FACTORS = {
 SIGNALS = ["mid_epoch", "epoch_end", "accumulation_boundary", "checkpoint_step", "run_end"]
 INVALID = {
     ("torch", "fit"): "model.fit is Keras' training loop (TensorFlow only)",
-    ("tensorflow", "flat"): "the flat buffer is the PyTorch Horovod path; TensorFlow's tape "
-                            "already reduces all gradients as one group",
 }
 
 BATCH = 16               # per rank and micro-batch
@@ -164,8 +161,8 @@ def train_args(c: dict, out, name: str) -> list:
         args += ["--allreduce", "mpi"]
     else:
         args += ["--allreduce", "horovod"]
-    if c["path"] == "flat":
-        args += ["--grad-exchange", "flat"]
+    if c["path"] in ("flat", "optimizer"):
+        args += ["--grad-exchange", c["path"]]
     if c["path"] == "fit":
         args += ["--tf-loop", "fit"]
     return args

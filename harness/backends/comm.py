@@ -72,6 +72,7 @@ class HorovodComm(Backend):
         info.settings["controller"] = "gloo" if self.hvd.gloo_enabled() else "mpi"
         info.settings.update(compression=self.cfg.compression, reduction=self.cfg.reduction,
                              backward_passes_per_step=self.cfg.backward_passes_per_step,
+                             grad_exchange=self.cfg.exchange,
                              gradient_predivide_factor=self.cfg.gradient_predivide_factor)
         return info
 

@@ -53,8 +53,13 @@ def horovod_environment(cfg: RunConfig) -> dict[str, str]:
         env["HOROVOD_FUSION_THRESHOLD"] = str(int(cfg.fusion_threshold_mb * 1024 * 1024))
     if cfg.cycle_time_ms is not None:
         env["HOROVOD_CYCLE_TIME"] = repr(cfg.cycle_time_ms)
-    if cfg.grad_exchange == "flat" and cfg.framework == "torch":
-        # one tensor per step: nothing to fuse, so start it at once (our patch 0004)
+    if "HOROVOD_WAKE_ON_ENQUEUE" not in os.environ:
+        # Our patch 0004: an enqueued tensor ends the background thread's sleep, so no step
+        # waits out the rest of a cycle (1 ms by default) for a tensor that is already there.
+        # The flat exchange and TensorFlow's grouped allreduces enqueue everything at once;
+        # DistributedOptimizer's per-parameter hooks give up some fusion for it, which does
+        # not pay on one host anyway (docs/benchmarks.md). HOROVOD_WAKE_ON_ENQUEUE=0 keeps
+        # Horovod's stock sleep.
         env["HOROVOD_WAKE_ON_ENQUEUE"] = "1"
     if cfg.horovod_timeline:
         env["HOROVOD_TIMELINE"] = os.path.abspath(cfg.horovod_timeline)
@@ -76,7 +81,8 @@ HOROVOD_INTEGERS = ("HOROVOD_FUSION_THRESHOLD", "HOROVOD_CACHE_CAPACITY",
                     "HOROVOD_STALL_CHECK_DISABLE", "HOROVOD_STALL_CHECK_TIME_SECONDS",
                     "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "HOROVOD_HIERARCHICAL_ALLREDUCE",
                     "HOROVOD_HIERARCHICAL_ALLGATHER", "HOROVOD_AUTOTUNE",
-                    "HOROVOD_NUM_NCCL_STREAMS", "HOROVOD_BATCH_D2D_MEMCOPIES")
+                    "HOROVOD_NUM_NCCL_STREAMS", "HOROVOD_BATCH_D2D_MEMCOPIES",
+                    "HOROVOD_WAKE_ON_ENQUEUE")
 HOROVOD_FLOATS = ("HOROVOD_CYCLE_TIME",)
 #: set by ``harness train`` from the run config on every start, replacing the environment's
 HARNESS_SETS_ALWAYS = {"HOROVOD_STALL_CHECK_TIME_SECONDS": "stall_timeout_s",

@@ -163,8 +163,9 @@ class TFBackend(Backend):
         sums = [tf.cast(fn(out, y), tf.float32) * n for fn in self.task.metrics.values()]
         return loss, tf.stack(sums) if sums else tf.zeros([0])
 
-    def _local_gradients(self, x, y):
-        """Mean-loss gradients accumulated over backward_passes_per_step micro-batches."""
+    def _local_gradients(self, x, y, scale: float = 1.0):
+        """Mean-loss gradients accumulated over backward_passes_per_step micro-batches, each
+        multiplied by ``scale`` (through the loss, so it costs no pass over the gradients)."""
         tf, k = self.tf, self.cfg.backward_passes_per_step
         n = tf.cast(tf.shape(x)[0], tf.float32)
         xs, ys = (tf.split(x, k), tf.split(y, k)) if k > 1 else ([x], [y])
@@ -174,7 +175,8 @@ class TFBackend(Backend):
                 loss, ms = self._loss(xc, yc)
                 if k > 1:
                     loss = loss * tf.cast(tf.shape(xc)[0], tf.float32) / n
-            grads = dense_gradients(tape.gradient(loss, self.tf_trainable), self.tf_trainable)
+                scaled = loss * scale if scale != 1.0 else loss
+            grads = dense_gradients(tape.gradient(scaled, self.tf_trainable), self.tf_trainable)
             acc = grads if acc is None else [a + g for a, g in zip(acc, grads)]
             total = total + loss
             sums = ms if sums is None else sums + ms
@@ -300,13 +302,16 @@ class LocalTFBackend(LocalComm, TFBackend):
 
 
 class HorovodTFBackend(HorovodComm, TFBackend):
-    """Horovod: hvd.DistributedGradientTape; variables broadcast after the first step."""
+    """Horovod: one flat allreduce per step (grad_exchange = flat, the default) or
+    hvd.DistributedGradientTape (optimizer); variables broadcast after the first step."""
 
     hvd_module = "horovod.tensorflow"
 
     def _reduced_gradients(self, x, y):
         tf, hvd, c = self.tf, self.hvd, self.cfg
         compression = hvd.Compression.fp16 if c.compression == "fp16" else hvd.Compression.none
+        if c.exchange == "flat":
+            return self._flat_exchange(x, y, compression)
         op = hvd.Adasum if c.reduction == "adasum" else hvd.Average
         if c.backward_passes_per_step == 1:
             with tf.GradientTape() as tape:
@@ -324,6 +329,20 @@ class HorovodTFBackend(HorovodComm, TFBackend):
         grads = hvd.grouped_allreduce(grads, op=op, compression=compression,
                                       prescale_factor=pre, postscale_factor=post)
         return loss, sums, grads
+
+    def _flat_exchange(self, x, y, compression):
+        """grad_exchange = flat: the gradients in one contiguous buffer, one Horovod allreduce
+        (a sum) per step, split back. The loss is scaled by 1/(size x predivide) so the sum is
+        the average without a pass over the gradients; one tensor per step leaves Horovod
+        nothing to fuse or negotiate tensor by tensor."""
+        tf, hvd, c = self.tf, self.hvd, self.cfg
+        scale = 1.0 / (hvd.size() * c.gradient_predivide_factor)
+        loss, sums, grads = self._local_gradients(x, y, scale)
+        flat = tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
+        flat = hvd.allreduce(flat, op=hvd.Sum, compression=compression,
+                             postscale_factor=c.gradient_predivide_factor, name="harness_grads")
+        parts = tf.split(flat, [int(np.prod(v.shape)) for v in self.tf_trainable])
+        return loss, sums, [tf.reshape(p, v.shape) for p, v in zip(parts, self.tf_trainable)]
 
     def broadcast_state(self, resumed: bool = False) -> None:
         variables = tf_variables(self.model.variables) + \

@@ -259,7 +259,7 @@ class HorovodTorchBackend(HorovodComm, TorchBackend):
 
     def wrap_optimizer(self, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
         hvd, c = self.hvd, self.cfg
-        if c.grad_exchange == "flat":
+        if c.exchange == "flat":
             # One in-place allreduce of one contiguous gradient buffer per step: no fusion-buffer
             # copies, no averaging pass. The loss is scaled by 1/(size x predivide) so the sum
             # over ranks is the average (bit for bit when the world size is a power of two).
@@ -282,14 +282,14 @@ class HorovodTorchBackend(HorovodComm, TorchBackend):
         # can move the weights of the ranks without state, so parameters are broadcast after.
         if resumed:
             hvd.broadcast_optimizer_state(self.optimizer, root_rank=0)
-            if self.cfg.grad_exchange == "flat":
+            if self.cfg.exchange == "flat":
                 # that zero-gradient step gave the parameters gradients of their own: point
                 # them back at the flat buffer that the exchange reduces
                 self._use_flat_grads()
         hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
 
     def zero_grad(self) -> None:
-        if self.cfg.grad_exchange == "flat":
+        if self.cfg.exchange == "flat":
             self._use_flat_grads().zero_()
         else:
             self.optimizer.zero_grad(set_to_none=True)
@@ -306,7 +306,7 @@ class HorovodTorchBackend(HorovodComm, TorchBackend):
             flat.mul_(self._post_scale)
 
     def exchange_and_step(self) -> bool:
-        if self.cfg.grad_exchange == "flat":
+        if self.cfg.exchange == "flat":
             self._exchange_flat()
             return super().exchange_and_step()
         if self.cfg.nan_policy == "skip":
@@ -319,11 +319,6 @@ class HorovodTorchBackend(HorovodComm, TorchBackend):
             return True
         self.optimizer.step()
         return True
-
-    def info(self) -> BackendInfo:
-        info = super().info()
-        info.settings["grad_exchange"] = self.cfg.grad_exchange
-        return info
 
 
 class MPITorchBackend(MPIComm, TorchBackend):
