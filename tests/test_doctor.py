@@ -185,3 +185,21 @@ def test_real_doctor_without_mpi_on_path_and_a_bad_controller(tmp_path):
     assert "does not import" not in p.stdout
     assert "imports (Open MPI" in lines["mpi4py"] and "neither ssh nor rsh" in lines["mpi4py"]
     assert "no mpirun on PATH" in lines["mpirun"]
+
+
+@pytest.mark.framework
+def test_gpu_check_script_runs_cleanly_without_a_gpu():
+    """scripts/gpu_check.sh on a machine without a GPU: exit 0, every gpu test listed as
+    skipped with the reason (on a GPU machine the same table shows what ran: docs/gpu.md)."""
+    import shutil
+
+    from conftest import REPO
+
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this machine has an NVIDIA GPU: the check runs for real there")
+    p = run([REPO / "scripts" / "gpu_check.sh"], timeout=300, env={"PYTHON": PY})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = [line for line in p.stdout.splitlines() if line.startswith("| test_")]
+    assert len(rows) >= 7 and all("| skipped |" in r and "no CUDA GPU" in r for r in rows), rows
+    assert any("test_torch_trains_digits_on_cuda[mpi]" in r for r in rows)
+    assert "GPUs visible to torch: 0" in p.stdout
