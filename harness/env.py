@@ -23,6 +23,12 @@ class World:
     local_size: int
     source: str = "single process"
 
+    def gpu(self, gpus: int) -> int:
+        """The GPU this rank trains on: one rank per GPU by local rank (``--gpus-per-task 1``
+        leaves each rank one visible GPU, so index 0), wrapping round when ranks outnumber
+        GPUs."""
+        return self.local_rank % gpus
+
 
 class _Source:
     name = ""

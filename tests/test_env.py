@@ -10,6 +10,13 @@ def test_single_process_default():
     assert detect_world({}) == World(0, 1, 0, 1)
 
 
+def test_each_local_rank_gets_its_own_gpu():
+    """One rank per GPU by local rank, wrapping round (tests/test_gpu.py runs it on a GPU)."""
+    assert [World(r, 8, r % 4, 4).gpu(4) for r in range(8)] == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert [World(0, 3, r, 3).gpu(2) for r in range(3)] == [0, 1, 0]
+    assert World(5, 8, 1, 4).gpu(1) == 0          # --gpus-per-task 1: the one visible GPU
+
+
 def test_open_mpi():
     env = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4",
            "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}

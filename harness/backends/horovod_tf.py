@@ -86,7 +86,7 @@ class TFBackend(Backend):
             pass
         gpus = tf.config.list_physical_devices("GPU")
         if gpus:
-            gpu = gpus[world.local_rank % len(gpus)]
+            gpu = gpus[world.gpu(len(gpus))]
             tf.config.set_visible_devices(gpu, "GPU")
             tf.config.experimental.set_memory_growth(gpu, True)
         self.gpu = bool(gpus)

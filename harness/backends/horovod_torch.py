@@ -39,7 +39,7 @@ class TorchBackend(Backend):
     # --- building ---
     def setup(self, task: Task, x: np.ndarray, y: np.ndarray, lr: float) -> None:
         if torch.cuda.is_available():
-            torch.cuda.set_device(self.world.local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(self.world.gpu(torch.cuda.device_count()))
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.task = task
         torch.manual_seed(self.cfg.seed)       # the user's own initialisation, the same each run
