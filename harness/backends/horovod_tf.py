@@ -331,18 +331,23 @@ class HorovodTFBackend(HorovodComm, TFBackend):
         return loss, sums, grads
 
     def _flat_exchange(self, x, y, compression):
-        """grad_exchange = flat: the gradients in one contiguous buffer, one Horovod allreduce
-        (a sum) per step, split back. The loss is scaled by 1/(size x predivide) so the sum is
-        the average without a pass over the gradients; one tensor per step leaves Horovod
-        nothing to fuse or negotiate tensor by tensor."""
-        tf, hvd, c = self.tf, self.hvd, self.cfg
-        scale = 1.0 / (hvd.size() * c.gradient_predivide_factor)
+        """grad_exchange = flat: local gradients of the loss scaled by 1/(size x predivide), so
+        that the sum over ranks is the average without a pass over the gradients, reduced as
+        one buffer (``_flat_allreduce``)."""
+        scale = 1.0 / (self.hvd.size() * self.cfg.gradient_predivide_factor)
         loss, sums, grads = self._local_gradients(x, y, scale)
+        return loss, sums, self._flat_allreduce(grads, compression)
+
+    def _flat_allreduce(self, grads, compression):
+        """The gradients in one contiguous buffer, one Horovod sum allreduce, split back: one
+        tensor per step leaves Horovod nothing to fuse or negotiate tensor by tensor."""
+        tf, hvd = self.tf, self.hvd
         flat = tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
         flat = hvd.allreduce(flat, op=hvd.Sum, compression=compression,
-                             postscale_factor=c.gradient_predivide_factor, name="harness_grads")
+                             postscale_factor=self.cfg.gradient_predivide_factor,
+                             name="harness_grads")
         parts = tf.split(flat, [int(np.prod(v.shape)) for v in self.tf_trainable])
-        return loss, sums, [tf.reshape(p, v.shape) for p, v in zip(parts, self.tf_trainable)]
+        return [tf.reshape(p, v.shape) for p, v in zip(parts, self.tf_trainable)]
 
     def broadcast_state(self, resumed: bool = False) -> None:
         variables = tf_variables(self.model.variables) + \
