@@ -70,8 +70,8 @@ def horovod_environment(cfg: RunConfig) -> dict[str, str]:
           and "HOROVOD_AUTOTUNE" not in os.environ):
         # With enqueues waking it, the cycle only paces an idle thread, and every idle cycle is
         # a negotiation with the other ranks' threads on the cores that compute: a long one
-        # leaves them alone (cnn on digits, 2 ranks on 2 cores: 2.3-2.5 ms steps at 20 ms
-        # against 3.4-4.2 ms at Horovod's 1 ms; docs/benchmarks.md).
+        # leaves them alone (the main job at 2 ranks on 2 cores, median step: TensorFlow 3.49
+        # against 4.47 ms at Horovod's 1 ms, PyTorch 4.12 against 4.52; docs/benchmarks.md).
         env["HOROVOD_CYCLE_TIME"] = repr(IDLE_CYCLE_MS)
     if cfg.horovod_timeline:
         env["HOROVOD_TIMELINE"] = os.path.abspath(cfg.horovod_timeline)
