@@ -110,9 +110,9 @@ class RunConfig:
     fusion_threshold_mb: float | None = _opt(None, "Horovod tensor fusion buffer in MiB "
                                              "(default: Horovod's 128; 0 disables fusion)",
                                              minimum=0.0)
-    cycle_time_ms: float | None = _opt(None, "Horovod cycle time in ms (default: 20, since an "
-                                       "enqueued tensor wakes Horovod's thread at once; "
-                                       "Horovod's 1 when HOROVOD_WAKE_ON_ENQUEUE=0)",
+    cycle_time_ms: float | None = _opt(None, "Horovod cycle time in ms (default: Horovod's "
+                                       "1; an enqueued tensor wakes Horovod's thread before "
+                                       "it ends)",
                                        minimum=0.0, exclusive_min=True)
     horovod_timeline: str | None = _opt(None, "write Horovod's timeline (Chrome trace JSON) to "
                                         "this file")

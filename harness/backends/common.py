@@ -46,10 +46,6 @@ def apply_mpi_environment(cfg: RunConfig) -> None:
         os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
 
 
-#: Horovod's cycle time while enqueued tensors wake its background thread (patch 0004)
-IDLE_CYCLE_MS = 20.0
-
-
 def horovod_environment(cfg: RunConfig) -> dict[str, str]:
     """HOROVOD_* variables for the knobs set in the config (None keeps Horovod's default)."""
     env: dict[str, str] = {}
@@ -63,16 +59,11 @@ def horovod_environment(cfg: RunConfig) -> dict[str, str]:
         # not pay on one host anyway (docs/benchmarks.md). HOROVOD_WAKE_ON_ENQUEUE=0 keeps
         # Horovod's stock sleep.
         env["HOROVOD_WAKE_ON_ENQUEUE"] = "1"
-    wake = os.environ.get("HOROVOD_WAKE_ON_ENQUEUE", env.get("HOROVOD_WAKE_ON_ENQUEUE", ""))
     if cfg.cycle_time_ms is not None:
+        # Horovod's 1 ms stays the default: a longer cycle spares the compute cores the idle
+        # negotiations, but a rank whose thread sleeps is not woken by another rank's enqueue,
+        # so a step can wait out a whole cycle (20 ms: 27 ms steps seen; docs/benchmarks.md)
         env["HOROVOD_CYCLE_TIME"] = repr(cfg.cycle_time_ms)
-    elif (re.fullmatch(r"\s*\+?0*[1-9]\d*\s*", wake) and "HOROVOD_CYCLE_TIME" not in os.environ
-          and "HOROVOD_AUTOTUNE" not in os.environ):
-        # With enqueues waking it, the cycle only paces an idle thread, and every idle cycle is
-        # a negotiation with the other ranks' threads on the cores that compute: a long one
-        # leaves them alone (the main job at 2 ranks on 2 cores, median step: TensorFlow 3.49
-        # against 4.47 ms at Horovod's 1 ms, PyTorch 4.12 against 4.52; docs/benchmarks.md).
-        env["HOROVOD_CYCLE_TIME"] = repr(IDLE_CYCLE_MS)
     if cfg.horovod_timeline:
         env["HOROVOD_TIMELINE"] = os.path.abspath(cfg.horovod_timeline)
     # Horovod's stall inspector names the ranks that did not submit a tensor; past the shutdown
