@@ -13,9 +13,15 @@ anything else measured beside it):
   applies: ``DistributedOptimizer.synchronize()`` (the default ``grad_exchange``), one in-place
   Horovod allreduce of the flat gradient buffer (``grad_exchange = "flat"``), or one in-place
   mpi4py Allreduce of it and the division by the world size (``allreduce = "mpi"``);
-* ``tensorflow``: ``hvd.allreduce`` sum and average of TF tensors.
+* ``tensorflow``: ``hvd.allreduce`` sum and average of TF tensors;
+* ``harness-tf-flat``: the harness's TensorFlow flat exchange (the default) for an MLP whose
+  gradients total SIZE bytes.
 
 Bus bandwidth follows nccl-tests: algbw x 2(n-1)/n.
+
+The worker initialises MPI (mpi4py) before anything else, so Open MPI settings such as
+``OMPI_MCA_mpi_yield_when_idle`` must be in the launched process's environment (the launcher's
+``-x``); each record carries the values every rank had at its start, before ``MPI_Init``.
 """
 
 from __future__ import annotations
@@ -118,6 +124,43 @@ def harness_impls(comm, exchange: str) -> dict:
     return {f"harness_{exchange}": make}
 
 
+def harness_tf_impls(comm) -> dict:
+    """The harness's TensorFlow flat exchange (grad_exchange = flat, the default): the
+    gradients of an MLP totalling SIZE bytes concatenated, one Horovod sum allreduce, split back
+    (``HorovodTFBackend._flat_allreduce`` in a ``tf.function``), with the harness's Horovod
+    settings."""
+    import tensorflow as tf
+
+    from harness.backends.base import create
+    from harness.config import RunConfig
+    from harness.data import Data
+    from harness.env import World
+    from models import get_spec
+    from models.tasks import keras_task
+
+    cfg = RunConfig(framework="tensorflow", model="mlp", allreduce="horovod",
+                    threads_per_rank=1)
+    rank, size = comm.Get_rank(), comm.Get_size()
+    world = World(rank, size, rank, size, "Open MPI")
+    backend = create(cfg, world, "horovod")
+    backend.init_distributed()
+    none = backend.hvd.Compression.none
+
+    def make(nbytes):
+        features = max(1, (nbytes // 4 - 128 * 64 - 64 * 10) // 128)
+        spec = get_spec("mlp", (features,), 10)
+        b = create(cfg, world, "horovod")
+        b.__dict__.update({k: v for k, v in backend.__dict__.items()
+                           if k in ("hvd", "hvd_env")})
+        x = np.zeros((2, features), np.float32)
+        y = np.zeros(2, np.int64)
+        b.setup(keras_task(spec, Data(train=(x, y), test=(x, y))), x, y, 0.1)
+        grads = [tf.ones_like(v) for v in b.tf_trainable]
+        exchange = tf.function(lambda: b._flat_allreduce(grads, none))
+        return exchange
+    return {"harness_tf_flat": make}
+
+
 def tf_impls() -> dict:
     import tensorflow as tf
     import horovod.tensorflow as hvd
@@ -133,7 +176,13 @@ def tf_impls() -> dict:
     return {"horovod_sum": horovod(hvd.Sum), "horovod_avg": horovod(hvd.Average)}
 
 
+#: what Open MPI and Horovod read from the environment, as this process had it at its start
+WATCHED = ("OMPI_MCA_mpi_yield_when_idle", "HOROVOD_WAKE_ON_ENQUEUE", "HOROVOD_CYCLE_TIME",
+           "HOROVOD_FUSION_THRESHOLD")
+
+
 def main() -> None:
+    at_start = {k: os.environ.get(k) for k in WATCHED}      # before MPI_Init (mpi4py) below
     group, transport, sizes_arg, iters_arg = sys.argv[1:5]
     sizes = [int(s) for s in sizes_arg.split(",")]
     iters = int(iters_arg)
@@ -143,6 +192,7 @@ def main() -> None:
     MPI = mpi()
     comm = MPI.COMM_WORLD.Dup()
     rank, n = comm.Get_rank(), comm.Get_size()
+    env_ranks = comm.gather(at_start, root=0)        # every rank's, for the records
     if group == "mpi":
         def mpi4py(nbytes):
             a = np.ones(nbytes // 4, np.float32)
@@ -150,6 +200,8 @@ def main() -> None:
         impls = {"mpi4py": mpi4py}
     elif group == "torch":
         impls = torch_impls(comm, transport)
+    elif group == "harness-tf-flat":
+        impls = harness_tf_impls(comm)
     elif group.startswith("harness-"):
         impls = harness_impls(comm, group.split("-", 1)[1])
     else:
@@ -168,7 +220,9 @@ def main() -> None:
                     "time_us_p10": float(np.percentile(times, 10)) * 1e6,
                     "algbw_GBps": nbytes / t / 1e9,
                     "busbw_GBps": nbytes / t * 2 * (n - 1) / n / 1e9,
-                    "horovod_cycle_time_ms": os.environ.get("HOROVOD_CYCLE_TIME")}), flush=True)
+                    "horovod_cycle_time_ms": os.environ.get("HOROVOD_CYCLE_TIME"),
+                    "env_at_start": env_ranks,
+                    "env_after_setup": {k: os.environ.get(k) for k in WATCHED}}), flush=True)
     if group == "torch" and transport == "tcp":
         import torch.distributed as dist
         dist.destroy_process_group()

@@ -5,6 +5,10 @@ It has the shape of Horovod's ``pytorch_synthetic_benchmark.py`` and
 but trains the harness's own model on the same synthetic array, in the same contiguous batch
 order and with the same per-rank thread count, so the only difference left is the harness.
 
+Rank 0 reads ``time.perf_counter()`` once per step, right after the step returns (the point at
+which ``harness train`` takes a step record's ``wall_s``), and reports the wall-clock time from
+step WARMUP's mark to step STEPS' mark: STEPS - WARMUP whole steps, everything in them included.
+
     mpirun -np 2 python -m bench.bare_loop FRAMEWORK MODEL BATCH STEPS SAMPLES WARMUP
 """
 
@@ -34,7 +38,7 @@ def main() -> None:
     _, data = load_task_data(cfg)
     spec = get_spec(model, data.input_shape, data.num_classes)
     weights = spec.init_weights(cfg.seed)
-    times = []
+    times, marks = [], []
     if framework == "torch":
         import torch
         import torch.nn.functional as F
@@ -60,7 +64,8 @@ def main() -> None:
             loss = F.cross_entropy(net(x), y)
             loss.backward()
             opt.step()
-            times.append(time.perf_counter() - t0)
+            marks.append(time.perf_counter())
+            times.append(marks[-1] - t0)
     else:
         import tensorflow as tf
         import keras
@@ -99,14 +104,21 @@ def main() -> None:
             if i == 0:
                 hvd.broadcast_variables(tf_variables(net.variables) +
                                         tf_variables(opt.variables), root_rank=0)
-            times.append(time.perf_counter() - t0)
+            marks.append(time.perf_counter())
+            times.append(marks[-1] - t0)
     if rank == 0:
         timed = times[warmup:]
         print(json.dumps({"kind": "bare_loop", "framework": framework, "model": model,
-                          "ranks": size, "batch": batch, "steps_timed": len(timed),
+                          "ranks": size, "batch": batch, "steps": steps, "warmup": warmup,
+                          "steps_timed": len(timed),
+                          # steps WARMUP+1 .. STEPS, from step WARMUP's mark to step STEPS'
+                          "wall_s": marks[steps - 1] - marks[warmup - 1],
+                          "outside_steps_s": marks[steps - 1] - marks[warmup - 1] - sum(timed),
                           "step_time_p50_s": float(np.median(timed)),
                           "threads_per_rank": threads,
-                          "horovod_cycle_time_ms": os.environ.get("HOROVOD_CYCLE_TIME")}),
+                          "horovod_cycle_time_ms": os.environ.get("HOROVOD_CYCLE_TIME"),
+                          "env": {k: v for k, v in sorted(os.environ.items())
+                                  if k.startswith(("HOROVOD_", "OMPI_MCA_mpi_yield"))}}),
               flush=True)
 
 

@@ -7,7 +7,8 @@ import importlib
 
 from bench.common import emit, env_record
 
-BENCHES = ("allreduce", "overhead", "scaling", "async_sync", "fusion")
+BENCHES = ("allreduce", "allreduce_target", "overhead", "scaling", "async_sync", "fusion",
+           "peers", "main_job", "allreduce_flat")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -20,7 +21,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def add_bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: allreduce, overhead, scaling, async_sync, fusion")
+    p = sub.add_parser("bench", help="benchmarks: allreduce, allreduce_target, overhead, "
+                                     "scaling, async_sync, fusion, peers, main_job, "
+                                     "allreduce_flat")
     p.add_argument("name", choices=(*BENCHES, "all"))
     p.add_argument("--quick", action="store_true", help="tiny sizes: check that it runs")
     p.add_argument("--out", help="also append the JSON lines to this file")

@@ -77,8 +77,13 @@ def run_json_lines(argv: list[str], env: dict | None = None, timeout: float = 18
     if p.returncode != 0:
         raise RuntimeError(f"{argv} failed ({p.returncode}):\n{p.stdout[-3000:]}\n"
                            f"{p.stderr[-5000:]}")
+    return json_lines(p.stdout)
+
+
+def json_lines(text: str) -> list[dict]:
+    """The JSON objects in a worker's output (launcher prefixes dropped, other lines skipped)."""
     out = []
-    for line in p.stdout.splitlines():
+    for line in text.splitlines():
         if "{" in line:
             try:
                 out.append(json.loads(line[line.index("{"):]))

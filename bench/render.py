@@ -82,6 +82,109 @@ def simple_table(rows: list[dict], kind: str, columns: list[tuple[str, str]]) ->
     return "\n".join(out)
 
 
+def overhead_table(rows: list[dict]) -> str:
+    """``harness bench overhead``: wall clock over the same steps (records with ``method =
+    "wall"``), or the median step times of the records written before it."""
+    sel = [r for r in rows if r["kind"] == "overhead"]
+    if not any(r.get("method") == "wall" for r in sel):
+        return simple_table(rows, "overhead", [
+            ("framework", "framework"), ("ranks", "ranks"), ("model", "model"),
+            ("harness step p50 (s)", "harness_step_p50_s"),
+            ("bare step p50 (s)", "bare_step_p50_s"), ("ratio median", "ratio.median"),
+            ("min", "ratio.min"), ("max", "ratio.max"), ("launches", "launches")])
+    out = ["| framework | ranks | harness exchange | timed steps | harness ms/step | "
+           "bare ms/step | wall ratio median | min | max | step p50 ratio (median) | "
+           "harness outside the step timer (ms/step) | launches |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sel:
+        if r.get("method") != "wall":
+            continue
+        q, p50 = r["ratio"], r["step_p50_ratio"]
+        out.append(f"| {r['framework']} | {r['ranks']} | {r.get('harness_grad_exchange')} "
+                   f"| {r['warmup'] + 1}-{r['steps']} | {r['harness_ms_per_step']:.1f} "
+                   f"| {r['bare_ms_per_step']:.1f} | {q['median']:.3f} | {q['min']:.3f} "
+                   f"| {q['max']:.3f} | {p50['median']:.3f} "
+                   f"| {r['harness_outside_steps_ms']:.2f} | {r['launches']} |")
+    return "\n".join(out)
+
+
+def allreduce_target_table(rows: list[dict]) -> str:
+    """The interleaved target check; with its per-launch ratios and its start and end
+    environment where the records have them."""
+    sel = [r for r in rows if r["kind"] == "allreduce_target"]
+    if not any("ratios" in r for r in sel):
+        return simple_table(rows, "allreduce_target", [
+            ("transport", "transport"), ("path", "path"), ("bytes", "bytes"),
+            ("busbw / mpi4py (median)", "busbw_vs_mpi4py_median"), ("min", "min"),
+            ("max", "max"), ("launch pairs", "launch_pairs")])
+    out = ["| transport | path | size | busbw GB/s (median) | mpi4py GB/s (median) | "
+           "busbw / mpi4py (median) | min | max | per launch | launches |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sel:
+        out.append(f"| {r['transport']} | {r['path']} | {_fmt_size(r['bytes'])} "
+                   f"| {r['busbw_GBps_median']:.2f} | {r['mpi4py_busbw_GBps_median']:.2f} "
+                   f"| {r['busbw_vs_mpi4py_median']:.3f} | {r['min']:.3f} | {r['max']:.3f} "
+                   f"| {' '.join(f'{x:.2f}' for x in r['ratios'])} | {r['launch_pairs']} |")
+    envs = [r for r in rows if r["kind"] == "allreduce_target_environment"]
+    if envs:
+        out += ["", "Target check environment: " + "; ".join(
+            f"{e['stage']}: commit {e['git_commit']}"
+            f"{' + uncommitted ' + ', '.join(e['dirty_files']) if e.get('dirty_files') else ''}"
+            f", load average {e['loadavg'][0]:.2f}" for e in envs) + "."]
+        seen = sorted({f"{r['path']}: " + "/".join(str(e.get("OMPI_MCA_mpi_yield_when_idle"))
+                                                   for e in r["env_seen"])
+                       for r in rows if r["kind"] == "allreduce_target_sample"})
+        out += ["", "OMPI_MCA_mpi_yield_when_idle at the ranks' start (rank 0/rank 1): "
+                + ", ".join(seen) + "."]
+    return "\n".join(out)
+
+
+def peers_table(rows: list[dict]) -> str:
+    """``harness bench peers``: the harness against each peer, samples/s and ratio spread."""
+    out = ["| model | ranks | peer | harness samples/s | peer samples/s | harness/peer median "
+           "| min | max | launches |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["kind"] != "peers":
+            continue
+        q = r["ratio"]
+        out.append(f"| {r['model']} | {r['ranks']} | {r['peer']} ({r['framework']}) "
+                   f"| {r['harness_samples_per_s']:.0f} | {r['peer_samples_per_s']:.0f} "
+                   f"| {q['median']:.3f} | {q['min']:.3f} | {q['max']:.3f} | {r['launches']} |")
+    return "\n".join(out)
+
+
+def allreduce_flat_table(rows: list[dict]) -> str:
+    """``harness bench allreduce_flat``: each framework's default exchange against mpi4py."""
+    out = ["| path | bytes | busbw / mpi4py (median) | min | max | rounds |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["kind"] == "allreduce_flat":
+            q = r["busbw_vs_mpi4py"]
+            out.append(f"| {r['impl']} | {_fmt_size(r['bytes'])} | {q['median']:.3f} "
+                       f"| {q['min']:.3f} | {q['max']:.3f} | {q['n']} |")
+    return "\n".join(out)
+
+
+def main_job_tables(rows: list[dict]) -> str:
+    """``harness bench main_job``: E(2) of the README's main job per launch and its spread, and
+    the Horovod idle-cycle A/B (samples/s of 2 ranks, launches interleaved)."""
+    out = ["| framework | mode | E(2) median | min | max | launches |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["kind"] == "main_job":
+            e = r["scaling_efficiency"]
+            out.append(f"| {r['framework']} | {r['mode']} | {e['median']:.3f} | {e['min']:.3f} "
+                       f"| {e['max']:.3f} | {e['n']} |")
+    out += ["", "| framework | exchange at 2 ranks | step p50 (ms) | samples/s median | min | max "
+            "| launches |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["kind"] == "idle_cycle":
+            x = r["samples_per_s_total"]
+            out.append(f"| {r['framework']} | {r['variant']} | {r['step_time_p50_s'] * 1e3:.2f} "
+                       f"| {x['median']:.0f} | {x['min']:.0f} | {x['max']:.0f} "
+                       f"| {r['launches']} |")
+    return "\n".join(out)
+
+
 def main(paths: list[str]) -> str:
     rows = _records(paths)
     env = [r for r in rows if r["kind"] == "environment"]
@@ -94,19 +197,14 @@ def main(paths: list[str]) -> str:
     if any(r["kind"] == "allreduce" for r in rows):
         parts += [allreduce_tables(rows)]
     if any(r["kind"] == "allreduce_target" for r in rows):
-        parts += [simple_table(rows, "allreduce_target", [
-            ("transport", "transport"), ("path", "path"), ("bytes", "bytes"),
-            ("busbw / mpi4py (median)", "busbw_vs_mpi4py_median"), ("min", "min"),
-            ("max", "max"), ("launch pairs", "launch_pairs")]), ""]
+        parts += [allreduce_target_table(rows), ""]
     if any(r["kind"] == "overhead" for r in rows):
-        parts += [simple_table(rows, "overhead", [
-            ("framework", "framework"), ("ranks", "ranks"), ("model", "model"),
-            ("harness step p50 (s)", "harness_step_p50_s"), ("bare step p50 (s)", "bare_step_p50_s"),
-            ("ratio median", "ratio.median"), ("min", "ratio.min"), ("max", "ratio.max"),
-            ("launches", "launches")]), ""]
+        parts += [overhead_table(rows), ""]
     if any(r["kind"] == "bookkeeping" for r in rows):
         b = [r for r in rows if r["kind"] == "bookkeeping"][0]
-        parts += [f"Harness bookkeeping per step, measured in-process: {b['us_per_step']:.1f} µs.", ""]
+        parts += [f"Harness bookkeeping per step, measured in-process: {b['us_per_step']:.1f} µs"
+                  + (" (null backend; not the overhead, which is the wall-clock ratio above)."
+                     if any(r.get("method") == "wall" for r in rows) else "."), ""]
     if any(r["kind"] == "scaling" for r in rows):
         parts += [simple_table(rows, "scaling_pair", [
             ("framework", "framework"), ("X(1) samples/s", "x1_samples_per_s"),
@@ -127,6 +225,12 @@ def main(paths: list[str]) -> str:
             ("unfused round (ms)", "unfused_round_ms"), ("fused speed-up", "speedup"),
             ("flat buffer round (ms)", "flat_round_ms"),
             ("flat vs unfused", "flat_speedup_vs_unfused")]), ""]
+    if any(r["kind"] == "peers" for r in rows):
+        parts += [peers_table(rows), ""]
+    if any(r["kind"] == "allreduce_flat" for r in rows):
+        parts += [allreduce_flat_table(rows), ""]
+    if any(r["kind"] == "main_job" for r in rows):
+        parts += [main_job_tables(rows), ""]
     return "\n".join(parts)
 
 

@@ -11,8 +11,14 @@ from conftest import harness, needs_horovod, needs_mpi, run
 
 pytestmark = [needs_horovod, needs_mpi, pytest.mark.mpi]
 
-EXPECTED = {"allreduce": {"allreduce", "allreduce_ratio"}, "overhead": {"overhead"},
-            "scaling": {"scaling"}, "async_sync": {"async_vs_sync"}, "fusion": {"fusion"}}
+EXPECTED = {"allreduce": {"allreduce", "allreduce_ratio"},
+            "allreduce_target": {"allreduce_target_environment", "allreduce_target_sample",
+                                 "allreduce_target"},
+            "overhead": {"bookkeeping", "overhead_pair", "overhead"},
+            "scaling": {"scaling"}, "async_sync": {"async_vs_sync"}, "fusion": {"fusion"},
+            "peers": {"peer_pair", "peers"},
+            "main_job": {"main_job_run", "main_job", "idle_cycle_pair", "idle_cycle"},
+            "allreduce_flat": {"allreduce_flat_sample", "allreduce_flat"}}
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
@@ -25,3 +31,42 @@ def test_benchmark_runs(name, tmp_path):
     env = [r for r in records if r["kind"] == "environment"]
     assert [e["stage"] for e in env] == ["before", "after"]
     assert env[0]["versions"]["horovod"] == "0.28.1" and env[0]["loadavg"] is not None
+    check = RAW_CHECKS.get(name)
+    if check is not None:
+        check(records)
+
+
+def check_overhead(records: list[dict]) -> None:
+    """Both sides' wall clock over the same steps, one pair per launch."""
+    pairs = [r for r in records if r["kind"] == "overhead_pair"]
+    row = [r for r in records if r["kind"] == "overhead"][0]
+    assert len(pairs) == row["launches"] and row["method"] == "wall"
+    for p in pairs:
+        assert p["method"] == "wall" and p["harness_wall_s"] > 0 and p["bare_wall_s"] > 0
+        assert p["ratio"] == pytest.approx(p["harness_wall_s"] / p["bare_wall_s"])
+        assert p["harness_grad_exchange"] in ("flat", "optimizer")
+        assert p["bare_env"]["OMPI_MCA_mpi_yield_when_idle"] == "1"
+    assert row["steps_timed"] == row["steps"] - row["warmup"] > 0
+
+
+def check_allreduce_target(records: list[dict]) -> None:
+    """Every launch's sample is kept, each rank started with the yield setting its path names,
+    and the environment (commit included) is recorded at the start and at the end."""
+    samples = [r for r in records if r["kind"] == "allreduce_target_sample"]
+    rows = [r for r in records if r["kind"] == "allreduce_target"]
+    paths = {"mpi4py": "0", "harness_flat (yield, default)": "1", "harness_flat (no yield)": "0"}
+    assert {s["path"] for s in samples} == set(paths)
+    for s in samples:
+        assert s["busbw_GBps"] > 0
+        assert [e["OMPI_MCA_mpi_yield_when_idle"] for e in s["env_seen"]] == \
+            [paths[s["path"]]] * 2
+    for r in rows:
+        mine = [s for s in samples if (s["transport"], s["path"], s["bytes"]) ==
+                (r["transport"], r["path"], r["bytes"])]
+        assert len(mine) == len(r["ratios"]) == r["launch_pairs"]
+    env = [r for r in records if r["kind"] == "allreduce_target_environment"]
+    assert [e["stage"] for e in env] == ["start", "end"]
+    assert all(e["git_commit"] and e["git_head"] for e in env)
+
+
+RAW_CHECKS = {"overhead": check_overhead, "allreduce_target": check_allreduce_target}

@@ -1,0 +1,103 @@
+"""The allreduce target check: the harness's default gradient exchange (``harness_flat``: one
+in-place Horovod allreduce of the flat gradient buffer) against mpi4py for messages >= 4 MiB,
+2 ranks, shared memory and TCP loopback, launches interleaved so that each ratio compares
+measurements taken seconds apart.
+
+Each round launches, in turn (the order rotating from round to round):
+
+* ``mpi4py``: the reference, ``OMPI_MCA_mpi_yield_when_idle=0`` (Open MPI's own default);
+* ``harness_flat (yield, default)``: ``OMPI_MCA_mpi_yield_when_idle=1``, what ``harness train``
+  applies by default;
+* ``harness_flat (no yield)``: ``OMPI_MCA_mpi_yield_when_idle=0``.
+
+The variable is put in the launched processes' environment (``mpirun -x``), so it is in place
+before ``MPI_Init``: the worker initialises MPI through mpi4py before the harness's own code
+could set it. Every worker record carries each rank's value at its start (``env_seen``).
+
+Records: ``allreduce_target_environment`` (versions, load, commit and the working tree's state)
+at the start and at the end; ``allreduce_target_sample`` for every launch, path and size (its
+median busbw over the iterations); ``allreduce_target`` per transport, path and size: the ratios
+busbw / mpi4py's of the same round, their median, min and max.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+
+import numpy as np
+
+from bench.common import REPO, emit, env_record, mpirun, python, run_json_lines
+
+YIELD = "OMPI_MCA_mpi_yield_when_idle"
+VARIANTS = [("mpi", "mpi4py", "0"), ("harness-flat", "harness_flat (yield, default)", "1"),
+            ("harness-flat", "harness_flat (no yield)", "0")]
+
+
+def worktree_state() -> dict:
+    """The commit's uncommitted changes, if any: the files and a hash of ``git diff HEAD``, so
+    that a record from a dirty tree still names what ran."""
+    def git(*args: str) -> str:
+        p = subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO)
+        return p.stdout if p.returncode == 0 else ""
+
+    diff = git("diff", "HEAD")
+    return {"git_head": git("rev-parse", "HEAD").strip() or None,
+            "dirty_files": [line[3:] for line in git("status", "--porcelain",
+                                                       "--untracked-files=no").splitlines()],
+            "diff_sha1": hashlib.sha1(diff.encode()).hexdigest() if diff else None}
+
+
+def environment(stage: str, out=None) -> dict:
+    rec = dict(env_record(), kind="allreduce_target_environment", stage=stage, **worktree_state())
+    emit(rec, out)
+    return rec
+
+
+def run(quick: bool = False, out=None, repeats: int = 5, iters: int = 80) -> list[dict]:
+    sizes = [4 << 20] if quick else [4 << 20, 16 << 20, 64 << 20]
+    repeats = 1 if quick else repeats
+    start = environment("start", out)
+    rows = []
+    for transport in (("shm",) if quick else ("shm", "tcp")):
+        samples: dict[tuple[str, int], list[float]] = {}
+        for launch in range(repeats):
+            k = launch % len(VARIANTS)
+            for group, label, yield_value in VARIANTS[k:] + VARIANTS[:k]:
+                argv = mpirun(2, transport)
+                argv += ["-x", YIELD, python(), "-m", "bench.allreduce_worker", group,
+                         transport, ",".join(map(str, sizes)), str(iters if not quick else 5)]
+                for r in run_json_lines(argv, env={YIELD: yield_value}):
+                    if r.get("kind") != "allreduce":
+                        continue
+                    seen = [e.get(YIELD) for e in r["env_at_start"]]
+                    if seen != [yield_value] * r["ranks"]:
+                        raise RuntimeError(f"{label}: the ranks started with {YIELD}={seen}, "
+                                           f"not {yield_value}")
+                    emit({"kind": "allreduce_target_sample", "transport": transport,
+                          "launch": launch, "path": label, "group": group, "impl": r["impl"],
+                          "bytes": r["bytes"], "iters": r["iters"],
+                          "busbw_GBps": r["busbw_GBps"], "time_us_median": r["time_us_median"],
+                          "time_us_p10": r["time_us_p10"], "env_seen": r["env_at_start"],
+                          "env_after_setup": r["env_after_setup"]}, out)
+                    samples.setdefault((label, r["bytes"]), []).append(r["busbw_GBps"])
+        for _, label, _ in VARIANTS[1:]:
+            for size in sizes:
+                ref = samples[("mpi4py", size)]
+                ratios = [a / b for a, b in zip(samples[(label, size)], ref)]
+                row = {"kind": "allreduce_target", "transport": transport, "path": label,
+                       "bytes": size, "launch_pairs": len(ratios),
+                       "busbw_vs_mpi4py_median": float(np.median(ratios)),
+                       "min": min(ratios), "max": max(ratios),
+                       "busbw_GBps_median": float(np.median(samples[(label, size)])),
+                       "mpi4py_busbw_GBps_median": float(np.median(ref)),
+                       "ratios": ratios}
+                rows.append(row)
+                emit(row, out)
+    end = environment("end", out)
+    if (start["git_commit"], start["diff_sha1"]) != (end["git_commit"], end["diff_sha1"]):
+        emit({"kind": "allreduce_target_warning",
+              "message": f"the tree changed during the run: {start['git_commit']} "
+                         f"({start['diff_sha1']}) at the start, {end['git_commit']} "
+                         f"({end['diff_sha1']}) at the end"}, out)
+    return rows
