@@ -8,14 +8,17 @@ Each round launches, in turn (the order rotating from round to round):
 * ``mpi4py``: the reference, ``OMPI_MCA_mpi_yield_when_idle=0`` (Open MPI's own default);
 * ``harness_flat (yield, default)``: ``OMPI_MCA_mpi_yield_when_idle=1``, what ``harness train``
   applies by default;
-* ``harness_flat (no yield)``: ``OMPI_MCA_mpi_yield_when_idle=0``.
+* ``harness_flat (no yield)``: ``OMPI_MCA_mpi_yield_when_idle=0``;
+* ``mpi4py (yield)``: the reference with ``OMPI_MCA_mpi_yield_when_idle=1``, to tell what the
+  setting costs Open MPI itself from what it costs Horovod's path.
 
 The variable is put in the launched processes' environment (``mpirun -x``), so it is in place
 before ``MPI_Init``: the worker initialises MPI through mpi4py before the harness's own code
 could set it. Every worker record carries each rank's value at its start (``env_seen``).
 
-Records: ``allreduce_target_environment`` (versions, load, commit and the working tree's state)
-at the start and at the end; ``allreduce_target_sample`` for every launch, path and size (its
+Records: ``allreduce_target_environment`` (versions, load, commit and the code's uncommitted
+changes) at the start and at the end, and ``allreduce_target_warning`` if the code changed
+between them; ``allreduce_target_sample`` for every launch, path and size (its
 median busbw over the iterations); ``allreduce_target`` per transport, path and size: the ratios
 busbw / mpi4py's of the same round, their median, min and max.
 """
@@ -31,21 +34,34 @@ from bench.common import REPO, emit, env_record, mpirun, python, run_json_lines
 
 YIELD = "OMPI_MCA_mpi_yield_when_idle"
 VARIANTS = [("mpi", "mpi4py", "0"), ("harness-flat", "harness_flat (yield, default)", "1"),
-            ("harness-flat", "harness_flat (no yield)", "0")]
+            ("harness-flat", "harness_flat (no yield)", "0"), ("mpi", "mpi4py (yield)", "1")]
+
+
+#: the directories whose code a measurement runs (a commit that changes none of them, e.g. one
+#: of docs, does not change what was measured)
+CODE = ("bench", "harness", "models", "launchers")
 
 
 def worktree_state() -> dict:
-    """The commit's uncommitted changes, if any: the files and a hash of ``git diff HEAD``, so
+    """What code ran: HEAD, the tree of each code directory at HEAD, and the uncommitted changes
+    to them (files, and a hash over ``git diff HEAD`` and the untracked files' contents), so
     that a record from a dirty tree still names what ran."""
     def git(*args: str) -> str:
         p = subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO)
         return p.stdout if p.returncode == 0 else ""
 
-    diff = git("diff", "HEAD")
+    changes = git("status", "--porcelain", "--", *CODE).splitlines()
+    h = hashlib.sha1(git("diff", "HEAD", "--", *CODE).encode())
+    for line in sorted(changes):
+        if line.startswith("??"):
+            path = REPO / line[3:]
+            for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+                if f.is_file() and "__pycache__" not in f.parts:
+                    h.update(f.read_bytes())
     return {"git_head": git("rev-parse", "HEAD").strip() or None,
-            "dirty_files": [line[3:] for line in git("status", "--porcelain",
-                                                       "--untracked-files=no").splitlines()],
-            "diff_sha1": hashlib.sha1(diff.encode()).hexdigest() if diff else None}
+            "code_trees": {d: git("rev-parse", f"HEAD:{d}").strip() or None for d in CODE},
+            "code_changes": [line[3:] for line in changes],
+            "code_diff_sha1": h.hexdigest() if changes else None}
 
 
 def environment(stage: str, out=None) -> dict:
@@ -95,9 +111,10 @@ def run(quick: bool = False, out=None, repeats: int = 5, iters: int = 80) -> lis
                 rows.append(row)
                 emit(row, out)
     end = environment("end", out)
-    if (start["git_commit"], start["diff_sha1"]) != (end["git_commit"], end["diff_sha1"]):
+    same = ("code_trees", "code_diff_sha1")
+    if [start[k] for k in same] != [end[k] for k in same]:
         emit({"kind": "allreduce_target_warning",
-              "message": f"the tree changed during the run: {start['git_commit']} "
-                         f"({start['diff_sha1']}) at the start, {end['git_commit']} "
-                         f"({end['diff_sha1']}) at the end"}, out)
+              "message": f"the code changed during the run: {start['git_commit']} "
+                         f"{start['code_changes']} at the start, {end['git_commit']} "
+                         f"{end['code_changes']} at the end"}, out)
     return rows

@@ -108,6 +108,12 @@ def overhead_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _changes(e: dict) -> str:
+    """An environment record's uncommitted code changes, if any."""
+    files = e.get("code_changes", e.get("dirty_files"))
+    return f" + uncommitted {', '.join(files)}" if files else ""
+
+
 def allreduce_target_table(rows: list[dict]) -> str:
     """The interleaved target check; with its per-launch ratios and its start and end
     environment where the records have them."""
@@ -128,9 +134,10 @@ def allreduce_target_table(rows: list[dict]) -> str:
     envs = [r for r in rows if r["kind"] == "allreduce_target_environment"]
     if envs:
         out += ["", "Target check environment: " + "; ".join(
-            f"{e['stage']}: commit {e['git_commit']}"
-            f"{' + uncommitted ' + ', '.join(e['dirty_files']) if e.get('dirty_files') else ''}"
-            f", load average {e['loadavg'][0]:.2f}" for e in envs) + "."]
+            f"{e['stage']}: commit {e['git_commit']}" + _changes(e)
+            + f", load average {e['loadavg'][0]:.2f}" for e in envs) + "."]
+        out += [f"Warning: {w['message']}." for w in rows
+                if w["kind"] == "allreduce_target_warning"]
         seen = sorted({f"{r['path']}: " + "/".join(str(e.get("OMPI_MCA_mpi_yield_when_idle"))
                                                    for e in r["env_seen"])
                        for r in rows if r["kind"] == "allreduce_target_sample"})

@@ -54,7 +54,8 @@ def check_allreduce_target(records: list[dict]) -> None:
     and the environment (commit included) is recorded at the start and at the end."""
     samples = [r for r in records if r["kind"] == "allreduce_target_sample"]
     rows = [r for r in records if r["kind"] == "allreduce_target"]
-    paths = {"mpi4py": "0", "harness_flat (yield, default)": "1", "harness_flat (no yield)": "0"}
+    paths = {"mpi4py": "0", "harness_flat (yield, default)": "1", "harness_flat (no yield)": "0",
+             "mpi4py (yield)": "1"}
     assert {s["path"] for s in samples} == set(paths)
     for s in samples:
         assert s["busbw_GBps"] > 0
