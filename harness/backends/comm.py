@@ -9,6 +9,7 @@ Nothing here imports a framework at import time.
 from __future__ import annotations
 
 import importlib
+import os
 
 import numpy as np
 
@@ -69,6 +70,8 @@ class HorovodComm(Backend):
         info = super().info()
         info.versions["horovod"] = horovod.__version__
         info.settings.update(self.hvd_env)
+        # the effective value, also when the launch environment set it rather than the harness
+        info.settings["HOROVOD_WAKE_ON_ENQUEUE"] = os.environ.get("HOROVOD_WAKE_ON_ENQUEUE", "0")
         info.settings["controller"] = "gloo" if self.hvd.gloo_enabled() else "mpi"
         info.settings.update(compression=self.cfg.compression, reduction=self.cfg.reduction,
                              backward_passes_per_step=self.cfg.backward_passes_per_step,
