@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from unittest import mock
 
 import pytest
 
@@ -168,8 +169,12 @@ def test_a_bad_horovod_variable_is_refused_before_horovod_starts(monkeypatch):
     assert "HOROVOD_STALL_CHECK_TIME_SECONDS" not in os.environ       # nothing exported
     monkeypatch.setenv("HOROVOD_CONTROLLER", "gloo")
     monkeypatch.setenv("HOROVOD_STALL_CHECK_TIME_SECONDS", "soon")    # the harness sets it
-    env = apply_horovod_environment(RunConfig())
-    assert os.environ["HOROVOD_STALL_CHECK_TIME_SECONDS"] == env["HOROVOD_STALL_CHECK_TIME_SECONDS"]
+    # what it exports must not outlive this test: the processes later tests start inherit it
+    with mock.patch.dict(os.environ):
+        env = apply_horovod_environment(RunConfig())
+        assert os.environ["HOROVOD_STALL_CHECK_TIME_SECONDS"] == \
+            env["HOROVOD_STALL_CHECK_TIME_SECONDS"]
+    assert os.environ["HOROVOD_STALL_CHECK_TIME_SECONDS"] == "soon"
 
 
 @pytest.mark.framework
