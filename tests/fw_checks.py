@@ -204,9 +204,32 @@ def check_serial_sgd(fw: str, out_path: str, steps: str, *flags: str) -> dict:
     return {"steps": int(steps)}
 
 
+def check_late_rank(fw: str, rounds: str = "6") -> dict:
+    """Under horovodrun -np 2 with HOROVOD_WAKE_ON_ENQUEUE=1 and a long HOROVOD_CYCLE_TIME C:
+    every round rank 0 enqueues its tensor 0.8 C after both ranks met, rank 1 at 1.2 C. Rank 0's
+    enqueue wakes its thread, which negotiates with rank 1's thread when that one's idle cycle
+    ends (C); rank 1's tensor is missing then. Returns rank 1's allreduce times from its
+    enqueue: our patch 0007 keeps them short; without it rank 0's thread sleeps until 1.8 C."""
+    import time
+
+    import horovod.torch as hvd
+    import torch
+
+    hvd.init()
+    cycle = float(os.environ["HOROVOD_CYCLE_TIME"]) / 1000
+    waits = []
+    for i in range(int(rounds)):
+        hvd.allreduce(torch.zeros(1), name=f"sync.{i}")       # both ranks start together
+        time.sleep((0.8, 1.2)[hvd.rank()] * cycle)
+        t0 = time.perf_counter()
+        hvd.allreduce(torch.ones(1000), name=f"grad.{i}")
+        waits.append(time.perf_counter() - t0)
+    return {"late_rank_waits_s": hvd.allgather_object(waits)[1], "rank": hvd.rank()}
+
+
 CHECKS = {"models": check_models, "forward": check_forward, "backend": check_backend,
           "fidelity": check_fidelity, "horovod": check_horovod,
-          "serial_sgd": check_serial_sgd}
+          "serial_sgd": check_serial_sgd, "late_rank": check_late_rank}
 
 if __name__ == "__main__":
     fw, check, *args = sys.argv[1:]

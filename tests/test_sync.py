@@ -56,6 +56,17 @@ def test_horovod_allreduce_two_ranks(fw):
         assert out["zero_grad_set_to_none"]
 
 
+def test_a_tensor_waiting_on_a_late_rank_does_not_sleep_out_a_cycle():
+    """Patch 0007: with an enqueue waking Horovod's thread and a 50 ms cycle, rank 0's thread
+    negotiates again at once while its tensor waits on rank 1, instead of sleeping 50 ms after
+    the negotiation that rank 1's idle wake-up joined (that made 25-27 ms steps at 20 ms)."""
+    env = {"HOROVOD_WAKE_ON_ENQUEUE": "1", "HOROVOD_CYCLE_TIME": "50"}
+    p = run(["horovodrun", "-np", "2", PY, REPO / "tests" / "fw_checks.py", "torch",
+             "late_rank"], timeout=180, check=True, env=env)
+    waits = json_line(p.stdout, "late_rank_waits_s")["late_rank_waits_s"]
+    assert sorted(waits)[len(waits) // 2] < 0.010, waits
+
+
 @needs_mpi
 def test_mpi4py_runs_on_the_same_mpi_as_horovod():
     p = run(harness("doctor", "--json"), timeout=300, check=True)
