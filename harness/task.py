@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from harness.errors import ConfigError, HarnessError
+from harness.quiet import native_log_filter
 
 if TYPE_CHECKING:
     from harness.config import RunConfig
@@ -205,7 +206,8 @@ def load_task(label: str, cfg: "RunConfig") -> Task:
     ``NAME`` may be a :class:`Task`, a :class:`Tasks` pair, or a function ``f(cfg)`` returning
     either (for tasks that read the run config, as the built-in models do)."""
     where, name = split_label(label)
-    module = _import(where, label)
+    with native_log_filter():      # a task module that imports TensorFlow: its notices
+        module = _import(where, label)
     if not hasattr(module, name):
         found = [k for k, v in vars(module).items()
                  if isinstance(v, (Task, Tasks)) and not k.startswith("_")]

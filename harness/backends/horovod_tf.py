@@ -18,6 +18,7 @@ from harness.backends.comm import HorovodComm, LocalComm, MPIComm
 from harness.backends.common import (FlatLayout, check_scalar, check_weight_names,
                                      initial_canonical_weights, misfit)
 from harness.env import World
+from harness.quiet import native_log_filter
 from harness.task import Task, TaskError
 
 _KERAS: Any = None          # the Keras module this process's backend chose
@@ -28,12 +29,13 @@ def import_keras(flavour: str):
     global _KERAS
     if flavour == "legacy":
         os.environ["TF_USE_LEGACY_KERAS"] = "1"
-    import tensorflow as tf
+    with native_log_filter():                  # TensorFlow's start-up notices (harness.quiet)
+        import tensorflow as tf
 
-    if flavour == "legacy":
-        import tf_keras as keras
-    else:
-        import keras
+        if flavour == "legacy":
+            import tf_keras as keras
+        else:
+            import keras
     _KERAS = keras
     return tf, keras
 
