@@ -34,7 +34,9 @@ def allreduce_tables(rows: list[dict]) -> str:
             continue
         sizes = _sizes(sub)
         ref = {r["bytes"]: r["busbw_GBps"] for r in sub if r["impl"] == "mpi4py"}
-        out += [f"**{transport}** ({'Open MPI vader shared memory' if transport == 'shm' else 'Open MPI TCP on loopback'}): bus bandwidth in GB/s; "
+        link = "Open MPI vader shared memory" if transport == "shm" else \
+            "Open MPI TCP on loopback"
+        out += [f"**{transport}** ({link}): bus bandwidth in GB/s; "
                 "in brackets, the ratio to mpi4py at the same size.", "",
                 "| path | cycle (ms) | " + " | ".join(_fmt_size(s) for s in sizes) + " |",
                 "|---|---|" + "---|" * len(sizes)]

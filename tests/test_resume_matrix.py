@@ -5,8 +5,9 @@ Factors: framework x gradient path (Horovod's optimizer wrapper or TF's tape, th
 the signal lands x world size. The full product is hundreds of jobs; every *pair* of factor
 values occurs in at least one cell here. A cell is one configuration run once uninterrupted and
 once as a chain of launches, each stopped by a signal at one of the configuration's signal
-positions and resumed by the next launch (exit 75 each time, 0 at the end), so one chain covers several positions. Every
-cell must end with the weights, learning rates, epoch losses and counts of the uninterrupted run.
+positions and resumed by the next launch (exit 75 each time, 0 at the end), so one chain covers
+several positions. Every cell must end with the weights, learning rates, epoch losses and counts
+of the uninterrupted run.
 
 Combinations that do not exist are skipped by construction, with the reason:
 ``fit`` is Keras' ``model.fit`` (TensorFlow only).
