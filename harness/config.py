@@ -90,7 +90,9 @@ class RunConfig:
                                  minimum=0)
     resume: str = _opt("auto", "auto: resume from the run folder's checkpoint if there is one; "
                        "never: refuse to start over an existing checkpoint; or a checkpoint path")
-    log_every: int = _opt(10, "progress line every N steps on rank 0", minimum=1)
+    log_every: int = _opt(10, "progress line every N steps on rank 0 (and the TensorBoard "
+                          "scalars' cadence)", minimum=1)
+    tensorboard: bool = _opt(True, "write TensorBoard event files into <run>/tb/ (rank 0)")
 
     # --- Horovod knobs ---
     compression: str = _opt("none", "gradient compression on the wire", ("none", "fp16"))

@@ -23,9 +23,10 @@ from harness.driver import LRSchedule, eval_record, eval_sums, track_target
 from harness.env import World
 from harness.errors import TrainingAborted
 from harness.faults import FaultInjector
-from harness.metrics import MetricsWriter, StepTimer
+from harness.metrics import MetricsWriter, StepBreakdown, StepTimer
 from harness.preemption import StopFlag, Watchdog
 from harness.progress import Progress
+from harness.runinfo import process_age_s
 
 
 class Preempted(Exception):
@@ -164,6 +165,11 @@ class TrainingRun:
         self.schedule = LRSchedule.of(cfg, world.size, self.spe)
         self.timer = StepTimer(warmup=min(5, max(1, self.total_steps // 10)))
         self.timer.restore(ctx.resume_extra)       # step times of earlier segments
+        self.breakdown = StepBreakdown(self.timer.warmup)     # this start's steps
+        #: this start's start-up: the process's age now (interpreter, imports, data, model
+        #: build) and its first step (graph tracing, allocator warm-up), apart from training
+        self.startup_s = process_age_s()
+        self.first_step_s: float | None = None
         self.progress = Progress(world.rank == 0, self.total_steps, ctx.log, cfg.log_every)
         self.watchdog = Watchdog(world.rank, cfg.stall_timeout_s, ctx.log)
         self.start_wall = time.perf_counter() - pos.wall_s
@@ -188,8 +194,10 @@ class TrainingRun:
             f"{self.schedule.warmup_steps} steps)")
 
     def record_step(self, loss: float, metric_sums: dict[str, float], n: int, step_time: float,
-                    applied: bool = True) -> None:
-        """After every optimizer step: metrics, progress, NaN and stop checks, checkpoints."""
+                    applied: bool = True,
+                    parts: tuple[float, float | None, float | None, float] | None = None) -> None:
+        """After every optimizer step: metrics, progress, NaN and stop checks, checkpoints.
+        ``parts``: the step's (data, compute, exchange, harness) seconds, where measured."""
         cfg, pos, ctx = self.ctx.cfg, self.pos, self.ctx
         pos.step += 1
         pos.step_in_epoch += 1
@@ -205,6 +213,11 @@ class TrainingRun:
                 f"{ctx.world.rank}: lower lr, check the data, or set nan_policy = 'skip'. No "
                 "checkpoint was written after it.")
         self.timer.add(step_time)
+        if self.first_step_s is None:
+            self.first_step_s = step_time
+        if parts is not None:
+            self.breakdown.add(*parts)
+        data_s, compute_s, exchange_s, harness_s = parts or (None, None, None, None)
         means = {m: metric_sums[m] / n for m in self.metric_names}
         pos.epoch_loss_sum += loss
         pos.epoch_loss_n += 1
@@ -214,7 +227,9 @@ class TrainingRun:
         rate = self.sharder.global_batch / step_time
         ctx.metrics.write("step", step=pos.step, epoch=pos.epoch + 1, loss=loss, **means,
                           lr=self.lr, step_time_s=step_time, samples_per_s_rank=n / step_time,
-                          samples_per_s_total=rate, wall_s=self.wall(), applied=applied)
+                          samples_per_s_total=rate, wall_s=self.wall(), applied=applied,
+                          t_data_s=data_s, t_compute_s=compute_s, t_exchange_s=exchange_s,
+                          t_harness_s=harness_s)
         self.progress.update(pos.step, loss, means, rate)
         ckpt_due = bool(cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0)
         self.save_pending = self.save_pending or ckpt_due
@@ -284,8 +299,20 @@ class TrainingRun:
             target_accuracy=ctx.cfg.target_accuracy, time_to_target_s=pos.time_to_target_s,
             steps_to_target=pos.steps_to_target, skipped_steps=pos.skipped,
             global_batch=self.sharder.global_batch, world_size=ctx.world.size,
-            **weights_consistency(ctx))
+            startup_s=self.startup_s, first_step_s=self.first_step_s,
+            time_breakdown=self.breakdown_summary(), **weights_consistency(ctx))
         return summary
+
+    def breakdown_summary(self) -> dict[str, Any]:
+        """Rank 0's median step parts and every part's range over the ranks' medians (one
+        collective at the end of the run; every rank calls it)."""
+        own = self.breakdown.medians()
+        known = np.nan_to_num(own)          # NaN where not measured: alike on every rank
+        hi = self.ctx.backend.allreduce_host(np.concatenate([known, -known]), "max")
+        n = len(own)
+        unknown = np.isnan(own)
+        return StepBreakdown.summary(own, np.where(unknown, np.nan, hi[:n]),
+                                     np.where(unknown, np.nan, -hi[n:]))
 
     def agree(self) -> None:
         """All ranks learn whether any rank was asked to stop (a collective: every rank calls
@@ -345,6 +372,7 @@ def train(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
     if not backend.broadcast_after_first_step or resumed:
         backend.broadcast_state(resumed=resumed)
     first_step_done = False
+    tail = 0.0
     try:
         if pos.step_in_epoch >= run.spe:      # resumed from a stop on an epoch's last step
             run.end_epoch()
@@ -352,20 +380,30 @@ def train(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
             while pos.step_in_epoch < run.spe and pos.step < run.total_steps:
                 t0 = time.perf_counter()
                 xb, yb = ctx.data.train.batch(run.sharder.indices(pos.epoch, pos.step_in_epoch))
+                t_data = time.perf_counter() - t0
                 xb = faults.before_step(pos.step + 1, xb)
                 new_lr = run.schedule(pos.step)
                 if new_lr != run.lr:
                     backend.set_lr(new_lr)
                     run.lr = new_lr
+                t_call = time.perf_counter()
                 res = backend.train_step(xb, yb)
                 if straggle:                   # experiments: this rank is slow
                     time.sleep((cfg.straggler_factor - 1.0) * (time.perf_counter() - t0))
-                step_time = time.perf_counter() - t0
+                t_ret = time.perf_counter()
+                step_time = t_ret - t0
                 if not first_step_done:
                     first_step_done = True
                     if backend.broadcast_after_first_step:
                         backend.broadcast_state(resumed=resumed)
-                run.record_step(res.loss, res.metrics, len(yb), step_time, res.applied)
+                # the step's parts from this rank's clock alone: no barrier, no device sync
+                t_rec = time.perf_counter()
+                exchange = res.exchange_s
+                compute = None if exchange is None else (t_ret - t_call) - exchange
+                harness = (t_rec - t0) - t_data - (t_ret - t_call) + tail
+                run.record_step(res.loss, res.metrics, len(yb), step_time, res.applied,
+                                (t_data, compute, exchange, harness))
+                tail = time.perf_counter() - t_rec      # this step's bookkeeping: the next's
             if pos.step_in_epoch >= run.spe:        # a completed epoch
                 run.end_epoch()
         return run.finish()

@@ -55,8 +55,10 @@ def _clean(value: Any) -> Any:
 class MetricsWriter:
     """Appends records to metrics.jsonl (rank 0); other ranks get a writer that drops them."""
 
-    def __init__(self, path: Path | None, flush_every: int = 50) -> None:
+    def __init__(self, path: Path | None, flush_every: int = 50, tensorboard: Any = None) -> None:
         self.path = path
+        #: a harness.tb.TensorBoardWriter that mirrors the records (rank 0), or None
+        self.tensorboard = tensorboard
         self._f = None
         self._pending = 0
         self.flush_every = flush_every
@@ -78,6 +80,8 @@ class MetricsWriter:
         self._pending += 1
         if kind != "step" or self._pending >= self.flush_every:
             self.flush()
+        if self.tensorboard is not None:
+            self.tensorboard.record(kind, record)
 
     def flush(self) -> None:
         if self._f is not None:
@@ -94,6 +98,9 @@ class MetricsWriter:
                            "checkpoint")
 
     def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
         if self._f is not None:
             try:
                 self.flush()
@@ -171,3 +178,47 @@ class StepTimer:
             "samples_per_s_total": total,
             "samples_per_s_per_device": total / world_size if total else None,
         }
+
+
+#: the parts of a step (``t_<part>_s`` in step records): the batch from the dataset; the
+#: backend's step less its exchange (forward, backward, update, the framework's dispatch); the
+#: wait for the reduced gradients; everything else in the loop (lr, faults, metrics, progress,
+#: the stop agreement, the previous step's bookkeeping)
+BREAKDOWN_PARTS = ("data", "compute", "exchange", "harness")
+
+
+class StepBreakdown:
+    """Where each timed step's time went on this rank (warm-up steps set apart as in
+    StepTimer). A part the backend cannot measure (the exchange under Horovod's gradient tape)
+    is None in every step, on every rank alike (the same config)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.count = 0
+        self.rows: list[tuple[float, float | None, float | None, float]] = []
+
+    def add(self, data: float, compute: float | None, exchange: float | None,
+            harness: float) -> None:
+        self.count += 1
+        if self.count > self.warmup:
+            self.rows.append((data, compute, exchange, harness))
+
+    def medians(self) -> np.ndarray:
+        """This rank's median of each part (NaN: not measured, or no timed step)."""
+        if not self.rows:
+            return np.full(len(BREAKDOWN_PARTS), np.nan)
+        arr = np.array([[np.nan if v is None else v for v in r] for r in self.rows])
+        return np.array([np.median(col) if np.isfinite(col).all() else np.nan
+                         for col in arr.T])
+
+    @staticmethod
+    def summary(own: np.ndarray, rank_max: np.ndarray, rank_min: np.ndarray) -> dict[str, Any]:
+        """The summary's ``time_breakdown``: rank 0's medians and, per part, the slowest and
+        fastest rank's median (a straggler shows as a wide compute range); null where not
+        measured."""
+        def num(v: float) -> float | None:
+            return float(v) if math.isfinite(v) else None
+
+        return {f"{part}_s": num(own[i]) for i, part in enumerate(BREAKDOWN_PARTS)} | {
+            "ranks_s": {f"{part}": [num(rank_min[i]), num(rank_max[i])]
+                        for i, part in enumerate(BREAKDOWN_PARTS)}}

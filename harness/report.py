@@ -351,6 +351,23 @@ def figures(runs: list[Run], out: Path) -> list[Path]:
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
 
+    timed = [r for r in runs if breakdown(r)]
+    if timed:
+        fig, ax = plt.subplots(figsize=(8, 0.6 * len(timed) + 1.6))
+        left = [0.0] * len(timed)
+        for part, color in zip(BREAKDOWN, ("tab:gray", "tab:green", "tab:orange", "tab:purple")):
+            ms = [1000 * (breakdown(r).get(f"{part}_s") or 0.0) for r in timed]
+            ax.barh([r.label for r in timed], ms, left=left, color=color, label=part)
+            left = [a + b for a, b in zip(left, ms)]
+        ax.invert_yaxis()
+        ax.set_xlabel("median step time on rank 0 (ms)")
+        ax.legend(ncol=4, fontsize=8, loc="lower right")
+        ax.grid(alpha=0.3, axis="x")
+        fig.tight_layout()
+        paths.append(out / "breakdown.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
     ps = [r for r in runs if r.summary.get("staleness_histogram")]
     if ps:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -368,6 +385,70 @@ def figures(runs: list[Run], out: Path) -> list[Path]:
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths
+
+
+#: the step parts of a summary's ``time_breakdown`` (harness.metrics.BREAKDOWN_PARTS)
+BREAKDOWN = ("data", "compute", "exchange", "harness")
+
+
+def breakdown(r: Run) -> dict[str, Any]:
+    """A finished sync run's step breakdown ({} for parameter-server and older runs)."""
+    b = r.summary.get("time_breakdown") or {}
+    return b if b.get("compute_s") is not None or b.get("harness_s") is not None else {}
+
+
+def explain_step(r: Run, base: Run | None, eff: float | None) -> str:
+    """One sentence: where the run's step time goes and, against its single-worker run, what
+    its scaling efficiency lost it to."""
+    b = breakdown(r)
+    parts = {p: b.get(f"{p}_s") for p in BREAKDOWN}
+    total = sum(v for v in parts.values() if v is not None)
+    if total <= 0:
+        return f"- {r.name}: no step breakdown recorded."
+    shares = ", ".join(f"{p} {1000 * v:.2f} ms ({v / total:.0%})" for p, v in parts.items()
+                       if v is not None)
+    text = f"- **{r.name}**: a step takes {1000 * total:.2f} ms on rank 0: {shares}"
+    if parts["exchange"] is None:
+        text += " (the exchange runs inside the backward pass on this path: not separable)"
+    ranks = (b.get("ranks_s") or {}).get("compute") or [None, None]
+    if r.workers > 1 and None not in ranks and ranks[1] > 0:
+        text += (f"; compute over the ranks {1000 * ranks[0]:.2f}-{1000 * ranks[1]:.2f} ms"
+                 + (" (a straggler)" if ranks[1] > 1.25 * ranks[0] else ""))
+    bb = breakdown(base) if base is not None and base is not r else {}
+    if eff is not None and base is not None and bb:
+        deltas = [(p, (parts[p] or 0.0) - (bb.get(f"{p}_s") or 0.0)) for p in BREAKDOWN
+                  if parts[p] is not None and bb.get(f"{p}_s") is not None]
+        grew = sorted(deltas, key=lambda d: -d[1])
+        main = grew[0] if grew and grew[0][1] > 0 else None
+        text += (f". Scaling efficiency {eff:.2f}: against {base.name} the step changed by "
+                 + ", ".join(f"{p} {1000 * d:+.2f} ms" for p, d in deltas))
+        if main is not None and parts[main[0]]:
+            text += (f"; most of the loss is {main[0]}"
+                     + (f" ({parts[main[0]] / total:.0%} of each step waits on it)"
+                        if main[0] == "exchange" else ""))
+    start, first = r.summary.get("startup_s"), r.summary.get("first_step_s")
+    if start is not None:
+        text += (f". Start-up before training: {start:.1f} s (interpreter, imports, data, "
+                 "model)" + (f", then a first step of {1000 * first:.0f} ms (graph tracing, "
+                             "warm-up)" if first is not None else ""))
+    return text + "."
+
+
+def breakdown_section(runs: list[Run]) -> list[str]:
+    timed = [r for r in runs if breakdown(r)]
+    if not timed:
+        return []
+    base, _ = scaling_baselines(runs)
+    eff = scaling_efficiency(runs)
+    lines = ["## Where each step's time goes", "",
+             "Rank 0's median of each part of a step, measured on every rank from its own "
+             "clock (no barrier added): **data** (the batch), **compute** (forward, backward "
+             "and update), **exchange** (waiting for the reduced gradients once the local "
+             "ones exist), **harness** (everything else the loop does: metrics, progress, "
+             "lr, the stop agreement). Start-up (imports, graph tracing) is not in the "
+             "training wall time; curves against wall time start at the training loop.", ""]
+    lines += [explain_step(r, base.get(r.path), eff.get(r.path)) for r in timed]
+    return lines + [""]
 
 
 FIRST_LOSS_TOLERANCE = 1e-5     # step-1 losses of runs from the same weights and batch
@@ -448,6 +529,7 @@ def render_markdown(runs: list[Run], notes: list[str], figs: list[Path], out_dir
     if scaling_notes:
         lines += ["**Scaling efficiency:**", ""] + [f"- {n}" for n in scaling_notes] + [""]
     lines += fidelity(runs)
+    lines += breakdown_section(runs)
     for f in figs:
         lines += [f"![{f.stem}]({f.relative_to(out_dir).as_posix()})", ""]
     ps = [r for r in runs if r.summary.get("staleness_histogram")]

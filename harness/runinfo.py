@@ -41,6 +41,18 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc, 10 ms resolution); None elsewhere.
+    A run's start-up (interpreter, imports, data, model) is this at the training loop's start."""
+    try:
+        after_name = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(after_name[19]) / os.sysconf("SC_CLK_TCK")    # field 22: starttime
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, uptime - started)
+
+
 def environment() -> dict[str, Any]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
@@ -51,6 +63,6 @@ def environment() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "loadavg": list(load) if load else None,
         "git_commit": git_commit(),
-        "command": shlex.join(sys.argv),
+        "command": shlex.join(getattr(sys, "orig_argv", sys.argv)),   # python -m harness ...
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(_ENV_PREFIXES)},
     }

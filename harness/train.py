@@ -19,6 +19,7 @@ from harness.logging import get_logger
 from harness.loop import Plan, Position, Preempted, RunContext, step_batch, train
 from harness.metrics import MetricsWriter
 from harness.preemption import EXIT_PREEMPTED, StopFlag
+from harness.tb import open_writer
 from harness.task import Task
 
 
@@ -133,7 +134,10 @@ def _run(cfg: RunConfig, backend: Backend, world: World, log, stop: StopFlag, ta
     if ckpt is not None:
         log.info(f"resuming from {ckpt.path} at step {pos.step} (epoch {pos.epoch + 1})")
 
-    metrics = MetricsWriter(run_dir / "metrics.jsonl" if world.rank == 0 else None)
+    metrics = MetricsWriter(None)
+    if world.rank == 0:
+        metrics = MetricsWriter(run_dir / "metrics.jsonl",
+                                tensorboard=open_writer(run_dir, cfg, log))
     info = backend.info()
     if world.rank == 0:
         start_record(run_dir, metrics, cfg, model, data,

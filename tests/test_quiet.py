@@ -1,5 +1,5 @@
 """Quiet logs: TensorFlow's start-up notices filtered by TF_CPP_MIN_LOG_LEVEL (the user's, else
-2), everything else written during the import kept."""
+2), everything else written during the import kept; TensorBoard without TensorFlow."""
 
 from __future__ import annotations
 
@@ -51,3 +51,12 @@ def test_importing_tensorflow_prints_no_start_up_notices_unless_the_user_asks():
     p = run([PY, "-c", IMPORT], timeout=120, check=True, env={"TF_CPP_MIN_LOG_LEVEL": "0"})
     assert "oneDNN custom operations are on" in p.stderr, p.stderr     # the user's level
 
+
+def test_tensorboard_writer_does_not_import_tensorflow(tmp_path):
+    code = ("import sys; from pathlib import Path; from harness.tb import TensorBoardWriter; "
+            f"w = TensorBoardWriter(Path({str(tmp_path)!r}), 10); "
+            "w.record('step', {'time': 1.0, 'step': 1, 'loss': 0.5}); w.close(); "
+            "print('tensorflow' in sys.modules)")
+    p = run([PY, "-c", code], timeout=60, check=True, cwd=REPO)
+    assert p.stdout.strip() == "False"
+    assert list(tmp_path.glob("events.out.tfevents.*"))

@@ -423,3 +423,42 @@ def test_a_task_without_a_canonical_layout_is_reported_as_starting_from_other_we
     d = write_run(tmp_path / "first", task_start("torch", True, 1.5, 0.7))
     md = build_report([d, c], tmp_path / "out2").read_text()
     assert "checksums are 1.5, 2.5" in md
+
+
+# --- issue 16: where each step's time goes ------------------------------------------------------
+
+def breakdown(data: float, compute: float, exchange: float | None, harness: float,
+              compute_range: tuple[float, float] | None = None) -> dict:
+    parts = {"data": data, "compute": compute, "exchange": exchange, "harness": harness}
+    ranks = {p: [v, v] for p, v in parts.items()}
+    if compute_range:
+        ranks["compute"] = list(compute_range)
+    return {**{f"{p}_s": v for p, v in parts.items()}, "ranks_s": ranks}
+
+
+def test_the_report_explains_each_runs_scaling_efficiency_from_its_step_breakdown(tmp_path):
+    one = write_run(tmp_path / "one", start(0, workers=1, summary={
+        "samples_per_s_total": 1000.0, "startup_s": 3.5, "first_step_s": 0.8,
+        "time_breakdown": breakdown(0.0001, 0.0020, 0.0, 0.0001)}))
+    two = write_run(tmp_path / "two", start(0, workers=2, summary={
+        "samples_per_s_total": 1500.0, "startup_s": 4.0, "first_step_s": 0.9,
+        "time_breakdown": breakdown(0.0001, 0.0021, 0.0008, 0.0001, (0.0020, 0.0030))}))
+    md = build_report([one, two], tmp_path / "out", show=False).read_text()
+    section = md.split("## Where each step's time goes", 1)[1].split("\n## ", 1)[0]
+    line = next(x for x in section.splitlines() if x.startswith("- **two**"))
+    assert "a step takes 3.10 ms on rank 0" in line
+    assert "exchange 0.80 ms (26%)" in line
+    assert "Scaling efficiency 0.75" in line                 # 1500 / (2 x 1000)
+    assert "exchange +0.80 ms" in line and "compute +0.10 ms" in line
+    assert "most of the loss is exchange (26% of each step waits on it)" in line
+    assert "compute over the ranks 2.00-3.00 ms (a straggler)" in line
+    assert "Start-up before training: 4.0 s" in line and "first step of 900 ms" in line
+    assert (tmp_path / "out" / "figures" / "breakdown.png").exists()
+    assert "![breakdown](figures/breakdown.png)" in md
+
+
+def test_a_path_that_cannot_separate_the_exchange_says_so(tmp_path, no_figures):
+    run = write_run(tmp_path / "tape", start(0, workers=2, summary={
+        "time_breakdown": breakdown(0.0001, None, None, 0.0001)}))
+    md = build_report([run], tmp_path / "out", show=False).read_text()
+    assert "not separable" in md

@@ -36,8 +36,8 @@ def digits_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits")
     runs = {}
     for fw in FRAMEWORKS:
-        run(launch("horovodrun" if fw == "torch" else "mpirun", RANKS, "--framework", fw, *DIGITS, "--out-dir", out,
-                   "--run-name", fw), timeout=300, check=True)
+        run(launch("horovodrun" if fw == "torch" else "mpirun", RANKS, "--framework", fw,
+                   *DIGITS, "--out-dir", out, "--run-name", fw), timeout=300, check=True)
         runs[fw] = out / fw
     return runs
 
@@ -111,6 +111,46 @@ def test_digits_two_ranks_reaches_90_percent(fw, digits_runs):
     assert s["samples_per_s_per_device"] == pytest.approx(s["samples_per_s_total"] / RANKS)
     assert s["samples"] == len(steps) * RANKS * BATCH
     assert json.loads((d / "config.json").read_text())["config"]["framework"] == fw
+
+
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+def test_step_records_say_where_the_time_went_and_tensorboard_mirrors_them(fw, digits_runs):
+    """Each step's data/compute/exchange/harness parts (the default flat exchange can tell the
+    exchange from the backward pass in both frameworks); the summary's medians and the ranks'
+    range; rank 0's TensorBoard events hold the metrics.jsonl values at the same steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    d = digits_runs[fw]
+    records = read_jsonl(d / "metrics.jsonl")
+    steps = [r for r in records if r["kind"] == "step"]
+    for r in steps:
+        parts = [r[f"t_{p}_s"] for p in ("data", "compute", "exchange", "harness")]
+        assert all(v is not None and v >= 0 for v in parts), r
+        # the step time is the batch, the lr/fault checks (microseconds) and the backend's step
+        assert 0 <= r["step_time_s"] - sum(parts[:3]) < 0.002, r
+    later = steps[5:]
+    assert float(np.median([r["t_exchange_s"] for r in later])) > 0     # 2 ranks really wait
+    assert float(np.median([r["t_compute_s"] for r in later])) > 0
+    b = summary(d)["time_breakdown"]
+    for part in ("data", "compute", "exchange", "harness"):
+        low, high = b["ranks_s"][part]
+        assert 0 <= low <= high, (part, b)
+        assert low <= b[f"{part}_s"] <= high, (part, b)
+    assert summary(d)["startup_s"] > 0 and summary(d)["first_step_s"] > 0
+
+    ea = EventAccumulator(str(d / "tb"))
+    ea.Reload()
+    loss = {e.step: e.value for e in ea.Scalars("train/loss")}
+    logged = [r for r in steps if r["step"] == 1 or r["step"] % 10 == 0]   # log_every = 10
+    assert sorted(loss) == [r["step"] for r in logged]
+    for r in logged:
+        assert loss[r["step"]] == pytest.approx(r["loss"], rel=1e-6)
+    exchange = {e.step: e.value for e in ea.Scalars("step_time/exchange_s")}
+    assert all(exchange[r["step"]] == pytest.approx(r["t_exchange_s"], rel=1e-6) for r in logged)
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    acc = {e.step: e.value for e in ea.Scalars("eval/acc")}
+    assert acc == {r["step"]: pytest.approx(r["eval_acc"], rel=1e-6) for r in epochs}
+    assert "config" in ea.Tags()["tensors"]
 
 
 @pytest.mark.parametrize("fw", FRAMEWORKS)

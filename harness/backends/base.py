@@ -43,6 +43,11 @@ class StepResult:
     loss: float                    # mean loss of this rank's batch
     metrics: dict[str, float]      # each task metric summed over this rank's batch (mean x n)
     applied: bool = True  # False when the step was skipped (non-finite gradients, nan_policy=skip)
+    #: seconds spent waiting for the reduced gradients once the local ones existed (host
+    #: staging included), on this rank's own clock with no synchronisation added; None where
+    #: the path cannot tell it from the backward pass (Horovod's gradient tape, model.fit).
+    #: The rest of train_step is the step breakdown's compute (harness/loop.py).
+    exchange_s: float | None = None
 
 
 @dataclass

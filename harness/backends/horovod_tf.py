@@ -9,6 +9,7 @@ underlying ``tf.Variable`` of each (``v.value``).
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -201,13 +202,25 @@ class TFBackend(Backend):
         return tf.constant(True)
 
     def _reduced_gradients(self, x, y):
-        """Local gradients; the Horovod subclass averages them over ranks."""
-        return self._local_gradients(x, y)
+        """(loss, metric sums, gradients, time the local gradients were ready or None); the
+        Horovod subclass averages the gradients over ranks."""
+        loss, sums, grads = self._local_gradients(x, y)
+        return loss, sums, grads, self._stamp(grads)
+
+    def _stamp(self, after):
+        """The time (tf.timestamp, seconds) once ``after`` exist: the graph's own clock, no
+        synchronisation added (the step breakdown's compute/exchange boundary)."""
+        with self.tf.control_dependencies(list(after)):
+            return self.tf.timestamp()
 
     def _train_step_graph(self, x, y):
-        loss, sums, grads = self._reduced_gradients(x, y)
-        applied = self._apply(grads)
-        return loss, sums, applied
+        tf = self.tf
+        loss, sums, grads, t_local = self._reduced_gradients(x, y)
+        t_reduced = self._stamp(grads if t_local is None else [*grads, t_local])
+        with tf.control_dependencies([t_reduced]):
+            applied = self._apply(grads)
+        nan = tf.constant(np.nan, tf.float64)     # the tape: no boundary to stamp
+        return loss, sums, applied, tf.stack([nan if t_local is None else t_local, t_reduced])
 
     def _apply_flat(self, flat):
         tf = self.tf
@@ -227,8 +240,10 @@ class TFBackend(Backend):
 
     # --- steps ---
     def train_step(self, x: np.ndarray, y: np.ndarray) -> StepResult:
-        loss, sums, applied = self._train_fn(x, y)
-        return StepResult(float(loss), self._metrics(sums), bool(applied))
+        loss, sums, applied, stamps = self._train_fn(x, y)
+        t_local, t_reduced = np.asarray(stamps).tolist()
+        return StepResult(float(loss), self._metrics(sums), bool(applied),
+                          exchange_s=None if t_local != t_local else t_reduced - t_local)
 
     def eval_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, float]]:
         loss, sums = self._eval_fn(x, y)
@@ -322,15 +337,17 @@ class HorovodTFBackend(HorovodComm, TFBackend):
                 tape, compression=compression, op=op,
                 gradient_predivide_factor=c.gradient_predivide_factor)
             return loss, sums, dense_gradients(tape.gradient(loss, self.tf_trainable),
-                                               self.tf_trainable)
+                                               self.tf_trainable), None
         # Accumulated micro-batches: one allreduce of the summed gradients, with the same
         # grouped op and scaling the tape uses.
         loss, sums, grads = self._local_gradients(x, y)
+        t_local = self._stamp(grads)
         pre, post = ((1.0 / c.gradient_predivide_factor, c.gradient_predivide_factor)
                      if op == hvd.Average else (1.0, 1.0))
-        grads = hvd.grouped_allreduce(grads, op=op, compression=compression,
-                                      prescale_factor=pre, postscale_factor=post)
-        return loss, sums, grads
+        with tf.control_dependencies([t_local]):
+            grads = hvd.grouped_allreduce(grads, op=op, compression=compression,
+                                          prescale_factor=pre, postscale_factor=post)
+        return loss, sums, grads, t_local
 
     def _flat_exchange(self, x, y, compression):
         """grad_exchange = flat: local gradients of the loss scaled by 1/(size x predivide), so
@@ -338,7 +355,9 @@ class HorovodTFBackend(HorovodComm, TFBackend):
         one buffer (``_flat_allreduce``)."""
         scale = 1.0 / (self.hvd.size() * self.cfg.gradient_predivide_factor)
         loss, sums, grads = self._local_gradients(x, y, scale)
-        return loss, sums, self._flat_allreduce(grads, compression)
+        t_local = self._stamp(grads)
+        with self.tf.control_dependencies([t_local]):
+            return loss, sums, self._flat_allreduce(grads, compression), t_local
 
     def _flat_allreduce(self, grads, compression):
         """The gradients in one contiguous buffer, one Horovod sum allreduce, split back: one
@@ -363,12 +382,14 @@ class MPITFBackend(MPIComm, TFBackend):
     def train_step(self, x: np.ndarray, y: np.ndarray) -> StepResult:
         tf = self.tf
         loss, sums, grads = self._grad_fn(x, y)
+        t1 = time.perf_counter()
         flat = tf.concat([tf.reshape(g, [-1]) for g in grads], 0).numpy()
         if self.comm.size > 1:
             self.comm.allreduce_flat_(flat)
             flat *= np.float32(1.0 / self.comm.size)
-        applied = self._apply_fn(tf.constant(flat))
-        return StepResult(float(loss), self._metrics(sums), bool(applied))
+        exchange_s = time.perf_counter() - t1
+        applied = bool(self._apply_fn(tf.constant(flat)))
+        return StepResult(float(loss), self._metrics(sums), applied, exchange_s=exchange_s)
 
     def broadcast_state(self, resumed: bool = False) -> None:
         if self.comm.size == 1:

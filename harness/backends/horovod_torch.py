@@ -7,7 +7,9 @@ rank reduces tensors under the same names.
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -155,17 +157,29 @@ class TorchBackend(Backend):
                                                 if p.grad is not None]).sum()))
 
     def exchange_and_step(self) -> bool:
-        """Reduce gradients over ranks and apply them; False if the step was skipped."""
+        """Reduce gradients over ranks and apply them; False if the step was skipped. The
+        wait for the reduced gradients runs under ``exchange_timer``."""
         if self.cfg.nan_policy == "skip" and not self.grads_finite():
             return False
         self.optimizer.step()
         return True
 
+    _exchange_s = 0.0
+
+    @contextmanager
+    def exchange_timer(self) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._exchange_s += time.perf_counter() - t
+
     def train_step(self, x: np.ndarray, y: np.ndarray) -> StepResult:
+        self._exchange_s = 0.0
         self.zero_grad()
         loss, metrics = self._forward_backward(x, y)
         applied = self.exchange_and_step()
-        return StepResult(loss, metrics, applied)
+        return StepResult(loss, metrics, applied, exchange_s=self._exchange_s)
 
     @torch.no_grad()
     def eval_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, float]]:
@@ -307,17 +321,22 @@ class HorovodTorchBackend(HorovodComm, TorchBackend):
 
     def exchange_and_step(self) -> bool:
         if self.cfg.exchange == "flat":
-            self._exchange_flat()
+            with self.exchange_timer():
+                self._exchange_flat()
             return super().exchange_and_step()
-        if self.cfg.nan_policy == "skip":
-            opt: Any = self.optimizer             # hvd.DistributedOptimizer
-            opt.synchronize()                     # averaged gradients: the same on every rank
-            if not self.grads_finite():
-                return False
-            with opt.skip_synchronize():
-                opt.step()
+        if self.cfg.reduction == "adasum":
+            # Adasum's step applies the local update and reduces the deltas: one wait,
+            # timed whole (the update is in it)
+            with self.exchange_timer():
+                self.optimizer.step()
             return True
-        self.optimizer.step()
+        opt: Any = self.optimizer                 # hvd.DistributedOptimizer
+        with self.exchange_timer():
+            opt.synchronize()                     # averaged gradients: the same on every rank
+        if self.cfg.nan_policy == "skip" and not self.grads_finite():
+            return False
+        with opt.skip_synchronize():
+            opt.step()
         return True
 
 
@@ -330,12 +349,13 @@ class MPITorchBackend(MPIComm, TorchBackend):
     def exchange_and_step(self) -> bool:
         flat = self._use_flat_grads()
         if self.comm.size > 1:
-            if self.device.type != "cpu":
-                host = flat.cpu().numpy()
-                self.comm.allreduce_flat_(host)
-                flat.copy_(torch.from_numpy(host))
-            else:
-                self.comm.allreduce_flat_(flat.numpy())
+            with self.exchange_timer():
+                if self.device.type != "cpu":
+                    host = flat.cpu().numpy()
+                    self.comm.allreduce_flat_(host)
+                    flat.copy_(torch.from_numpy(host))
+                else:
+                    self.comm.allreduce_flat_(flat.numpy())
             flat.mul_(1.0 / self.comm.size)
         return super().exchange_and_step()
 

@@ -32,6 +32,7 @@ from harness.env import World, check_runtime_world
 from harness.errors import CheckpointError, ConfigError, HarnessError, TrainingAborted
 from harness.logging import get_logger
 from harness.metrics import MetricsWriter
+from harness.tb import open_writer
 from harness.preemption import EXIT_PREEMPTED, StopFlag, Watchdog
 from harness.ps.plan import PSContext, PSPlan
 from harness.task import Task
@@ -192,7 +193,8 @@ def _serve(ctx: PSContext, task: Task, run_dir: Path, comm, MPI, rank: int, watc
     shard = flat[start:stop].copy()
     metrics = None
     if rank == 0:
-        metrics = MetricsWriter(run_dir / "metrics.jsonl")
+        metrics = MetricsWriter(run_dir / "metrics.jsonl",
+                                tensorboard=open_writer(run_dir, cfg, log))
         start_record(run_dir, metrics, cfg, model, ctx.data,
                      world={"size": comm.Get_size(), "servers": cfg.ps_servers, "workers": W,
                             "launcher": "mpi4py"},
