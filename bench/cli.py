@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 
 from bench.common import emit, env_record
+from harness.errors import ConfigError
 
 BENCHES = ("allreduce", "allreduce_target", "overhead", "scaling", "async_sync", "fusion",
            "peers", "main_job", "allreduce_flat")
@@ -13,9 +15,20 @@ BENCHES = ("allreduce", "allreduce_target", "overhead", "scaling", "async_sync",
 
 def cmd_bench(args: argparse.Namespace) -> int:
     names = BENCHES if args.name == "all" else (args.name,)
+    runs = [importlib.import_module(f"bench.{name}").run for name in names]
+    extra = {}
+    if args.launches is not None:
+        if args.launches < 1:
+            raise ConfigError(f"--launches {args.launches}: give 1 or more")
+        takes = [n for n, r in zip(names, runs) if "launches" in inspect.signature(r).parameters]
+        if len(takes) != len(names):
+            raise ConfigError(f"--launches applies to {', '.join(takes) or 'none of these'}, "
+                              f"not to {', '.join(n for n in names if n not in takes)}: "
+                              "drop --launches or name one of those")
+        extra["launches"] = args.launches
     emit(env_record(stage="before", quick=args.quick), args.out)
-    for name in names:
-        importlib.import_module(f"bench.{name}").run(quick=args.quick, out=args.out)
+    for run in runs:
+        run(quick=args.quick, out=args.out, **extra)
     emit(env_record(stage="after"), args.out)
     return 0
 
@@ -27,4 +40,6 @@ def add_bench_parser(sub) -> None:
     p.add_argument("name", choices=(*BENCHES, "all"))
     p.add_argument("--quick", action="store_true", help="tiny sizes: check that it runs")
     p.add_argument("--out", help="also append the JSON lines to this file")
+    p.add_argument("--launches", type=int, metavar="N",
+                   help="launches per variant (main_job, overhead, peers; default 3)")
     p.set_defaults(func=cmd_bench)

@@ -21,6 +21,15 @@ EXPECTED = {"allreduce": {"allreduce", "allreduce_ratio"},
             "allreduce_flat": {"allreduce_flat_sample", "allreduce_flat"}}
 
 
+def test_launches_applies_only_to_benchmarks_that_take_it(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    p = run(harness("bench", "allreduce", "--launches", "5", "--out", out), timeout=60)
+    assert p.returncode == 2 and "--launches applies to none of these" in p.stderr
+    p = run(harness("bench", "overhead", "--launches", "0", "--out", out), timeout=60)
+    assert p.returncode == 2 and "give 1 or more" in p.stderr
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_benchmark_runs(name, tmp_path):
     out = tmp_path / "bench.jsonl"
