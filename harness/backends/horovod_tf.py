@@ -356,6 +356,9 @@ class HorovodTFBackend(HorovodComm, TFBackend):
         scale = 1.0 / (self.hvd.size() * self.cfg.gradient_predivide_factor)
         loss, sums, grads = self._local_gradients(x, y, scale)
         t_local = self._stamp(grads)
+        if self.hvd.size() == 1:          # nothing to reduce (as DistributedGradientTape)
+            post = self.cfg.gradient_predivide_factor
+            return loss, sums, grads if post == 1.0 else [g * post for g in grads], t_local
         with self.tf.control_dependencies([t_local]):
             return loss, sums, self._flat_allreduce(grads, compression), t_local
 

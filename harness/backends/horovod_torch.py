@@ -310,6 +310,12 @@ class HorovodTorchBackend(HorovodComm, TorchBackend):
 
     def _exchange_flat(self) -> None:
         hvd, flat = self.hvd, self._use_flat_grads()
+        if hvd.size() == 1:
+            # nothing to reduce (Horovod's own wrappers skip it too): an allreduce would still
+            # pass the buffer through Horovod's thread, 0.7 ms a step on resnet20
+            if self._post_scale != 1.0:
+                flat.mul_(self._post_scale)
+            return
         if self.cfg.compression == "fp16":
             wire, ctx = hvd.Compression.fp16.compress(flat)
             flat.copy_(hvd.Compression.fp16.decompress(
