@@ -67,9 +67,18 @@ def test_ssp_never_exceeds_its_bound(results):
     s_ssp, s_async = summary(results / "ssp"), summary(results / "async")
     assert s_ssp["max_clock_lead"] <= 1
     assert s_async["max_clock_lead"] > 1          # without the bound the lead does grow
-    staleness = [r["staleness"] for r in read_jsonl(results / "ssp" / "metrics.jsonl")
-                 if r["kind"] == "step"]
+    steps = [r for r in read_jsonl(results / "ssp" / "metrics.jsonl") if r["kind"] == "step"]
+    staleness = [r["staleness"] for r in steps]
     assert len(staleness) == 80 and max(staleness) == s_ssp["staleness_max"]
+    # server 0's TensorBoard events: staleness and push/pull latency at the logged versions
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(results / "ssp" / "tb"))
+    ea.Reload()
+    logged = [r for r in steps if r["step"] == 1 or r["step"] % 10 == 0]     # log_every = 10
+    for tag, key in (("ps/staleness", "staleness"), ("ps/push_pull_latency_s", "latency_s")):
+        assert {e.step: e.value for e in ea.Scalars(tag)} == \
+            {r["step"]: pytest.approx(r[key], rel=1e-6) for r in logged}, tag
 
 
 @pytest.mark.parametrize("fw", FRAMEWORKS)

@@ -51,6 +51,20 @@ def test_compare_writes_report_with_valid_figures(comparison):
         assert data.startswith(PNG) and len(data) > 5000, f
     assert "torch-sync-np2" in stdout and "scaling eff." in stdout      # terminal table
     assert "## Runs: environment and commands" in md and "mpirun -np 2" in md
+    assert "figures/breakdown.png" in figs
+    # every sync run explained from its step breakdown, the 2-rank ones against their 1-rank run
+    section = md.split("## Where each step's time goes", 1)[1].split("\n## ", 1)[0]
+    for fw in ("torch", "tensorflow"):
+        assert f"- **{fw}-sync-np1**: a step takes" in section
+        line = next(x for x in section.splitlines() if x.startswith(f"- **{fw}-sync-np2**"))
+        assert "Scaling efficiency" in line and "exchange" in line and "Start-up" in line
+    # the command as launched, not the path of harness/__main__.py
+    assert re.search(r"rank 0 command: `\S*python\S* -m harness train ", md), md
+    assert "__main__.py" not in md
+    # TensorBoard: one event folder per run, under the comparison folder
+    assert {p.parent.parent.name for p in out.glob("*/tb/events.out.tfevents.*")} == \
+        {f"{fw}-{m}" for fw in ("torch", "tensorflow")
+         for m in ("sync-np1", "sync-np2", "ps-1w", "ps-2w")}
 
 
 def test_built_in_models_start_equal_in_both_frameworks_and_their_first_losses_agree(
