@@ -416,21 +416,27 @@ def explain_step(r: Run, base: Run | None, eff: float | None) -> str:
                  + (" (a straggler)" if ranks[1] > 1.25 * ranks[0] else ""))
     bb = breakdown(base) if base is not None and base is not r else {}
     if eff is not None and base is not None and bb:
-        deltas = [(p, (parts[p] or 0.0) - (bb.get(f"{p}_s") or 0.0)) for p in BREAKDOWN
-                  if parts[p] is not None and bb.get(f"{p}_s") is not None]
-        grew = sorted(deltas, key=lambda d: -d[1])
-        main = grew[0] if grew and grew[0][1] > 0 else None
-        text += (f". Scaling efficiency {eff:.2f}: against {base.name} the step changed by "
+        deltas = sorted(((p, (parts[p] or 0.0) - (bb.get(f"{p}_s") or 0.0)) for p in BREAKDOWN
+                         if parts[p] is not None and bb.get(f"{p}_s") is not None),
+                        key=lambda d: -d[1])
+        text += (f". Scaling efficiency {eff:.2f} against {base.name}, whose step took "
+                 f"{1000 * sum(bb.get(f'{p}_s') or 0.0 for p in BREAKDOWN):.2f} ms: "
                  + ", ".join(f"{p} {1000 * d:+.2f} ms" for p, d in deltas))
-        if main is not None and parts[main[0]]:
-            text += (f"; most of the loss is {main[0]}"
-                     + (f" ({parts[main[0]] / total:.0%} of each step waits on it)"
-                        if main[0] == "exchange" else ""))
+        if eff < 1 and deltas and deltas[0][1] > 0:
+            text += f"; the loss is mostly {deltas[0][0]}"
+        elif eff >= 1 and deltas and deltas[-1][1] < 0:
+            text += f"; above 1 because {deltas[-1][0]} per step fell"
+            threads = [(x.run.get("environment") or {}).get("env", {}).get("OMP_NUM_THREADS")
+                       for x in (r, base)]
+            if deltas[-1][0] == "compute" and None not in threads and threads[0] != threads[1]:
+                text += (f" (each rank computes with its share of the cores: {threads[0]} "
+                         f"thread(s) a rank here, {threads[1]} in {base.name})")
     start, first = r.summary.get("startup_s"), r.summary.get("first_step_s")
     if start is not None:
-        text += (f". Start-up before training: {start:.1f} s (interpreter, imports, data, "
-                 "model)" + (f", then a first step of {1000 * first:.0f} ms (graph tracing, "
-                             "warm-up)" if first is not None else ""))
+        text += (f". Start-up before the training loop: {start:.1f} s (interpreter, imports, "
+                 "data, model)" + (f"; the loop's first step took {1000 * first:.0f} ms "
+                                   "(graph tracing, warm-up), so wall-time curves start there"
+                                   if first is not None else ""))
     return text + "."
 
 
@@ -445,8 +451,9 @@ def breakdown_section(runs: list[Run]) -> list[str]:
              "clock (no barrier added): **data** (the batch), **compute** (forward, backward "
              "and update), **exchange** (waiting for the reduced gradients once the local "
              "ones exist), **harness** (everything else the loop does: metrics, progress, "
-             "lr, the stop agreement). Start-up (imports, graph tracing) is not in the "
-             "training wall time; curves against wall time start at the training loop.", ""]
+             "lr, the stop agreement). The training wall time starts at the training loop: "
+             "start-up before it (interpreter, imports, data, model) is listed apart, and its "
+             "first step (graph tracing) is named.", ""]
     lines += [explain_step(r, base.get(r.path), eff.get(r.path)) for r in timed]
     return lines + [""]
 
