@@ -59,6 +59,8 @@ def epoch_scalars(record: dict[str, Any]) -> dict[str, float]:
         v = _number(value)
         if v is None:
             continue
+        if key == "eval_samples":             # the test set's size, not a measurement
+            continue
         if key.startswith("eval_"):
             out[f"eval/{key[5:]}"] = v
         elif key.startswith("train_"):

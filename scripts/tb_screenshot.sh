@@ -20,8 +20,12 @@ for _ in $(seq 60); do
   curl -sf "http://127.0.0.1:$port/data/runs" >/dev/null 2>&1 && break
   sleep 1
 done
-url="http://127.0.0.1:$port/?smoothing=0#timeseries"
-[ -n "$filter" ] && url="http://127.0.0.1:$port/?smoothing=0&tagFilter=$(python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1]))' "$filter")#timeseries"
+# the SCALARS dashboard: it draws every card at once (the TIME SERIES page draws them lazily,
+# which a headless screenshot can catch half-drawn)
+url="http://127.0.0.1:$port/#scalars&_smoothingWeight=0"
+if [ -n "$filter" ]; then
+  url="$url&tagFilter=$(python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "$filter")"
+fi
 "$browser" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1600,2200 \
-    --virtual-time-budget=20000 --screenshot="$out" "$url" 2>/dev/null
+    --virtual-time-budget="${TB_WAIT_MS:-30000}" --screenshot="$out" "$url" 2>/dev/null
 echo "tb_screenshot: $out ($url)"
