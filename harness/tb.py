@@ -105,9 +105,10 @@ class TensorBoardWriter:
         elif kind in ("epoch", "eval"):
             if "step" in record:
                 self.scalars(int(record["step"]), wall, epoch_scalars(record))
+            self.flush()                 # a crash loses at most the epoch in progress
         elif kind == "run":
             self.config(record.get("config") or {}, wall)
-        elif kind == "summary":
+        elif kind in ("summary", "preempted"):
             self.flush()
 
     def config(self, config: dict[str, Any], wall: float) -> None:
