@@ -440,8 +440,28 @@ def explain_step(r: Run, base: Run | None, eff: float | None) -> str:
     return text + "."
 
 
+def explain_ps(r: Run, base: Run | None, eff: float | None) -> str:
+    """One sentence for a parameter-server run: a worker's step and its wait on push/pull, from
+    the summary (the server records them per applied push)."""
+    s = r.summary
+    step, wait = s.get("step_time_p50_s"), s.get("push_pull_latency_p50_s")
+    if step is None or wait is None:
+        return f"- {r.name}: no step or push/pull times recorded."
+    text = (f"- **{r.name}**: a worker's step (compute, then the push and pull round trip) "
+            f"takes {1000 * step:.2f} ms, the round trip {1000 * wait:.2f} ms ({wait / step:.0%};"
+            f" medians); staleness {s.get('staleness_mean') or 0.0:.2f} versions on average")
+    if eff is not None and base is not None and base is not r:
+        b_step, b_wait = base.summary.get("step_time_p50_s"), \
+            base.summary.get("push_pull_latency_p50_s")
+        if b_step is not None and b_wait is not None:
+            text += (f". Scaling efficiency {eff:.2f} against {base.name}: step "
+                     f"{1000 * (step - b_step):+.2f} ms, push/pull wait "
+                     f"{1000 * (wait - b_wait):+.2f} ms")
+    return text + "."
+
+
 def breakdown_section(runs: list[Run]) -> list[str]:
-    timed = [r for r in runs if breakdown(r)]
+    timed = [r for r in runs if breakdown(r) or r.summary.get("staleness_histogram")]
     if not timed:
         return []
     base, _ = scaling_baselines(runs)
@@ -453,8 +473,10 @@ def breakdown_section(runs: list[Run]) -> list[str]:
              "ones exist), **harness** (everything else the loop does: metrics, progress, "
              "lr, the stop agreement). The training wall time starts at the training loop: "
              "start-up before it (interpreter, imports, data, model) is listed apart, and its "
-             "first step (graph tracing) is named.", ""]
-    lines += [explain_step(r, base.get(r.path), eff.get(r.path)) for r in timed]
+             "first step (graph tracing) is named. Parameter-server runs: a worker's median "
+             "step and its wait on push and pull.", ""]
+    lines += [explain_step(r, base.get(r.path), eff.get(r.path)) if breakdown(r) else
+              explain_ps(r, base.get(r.path), eff.get(r.path)) for r in timed]
     return lines + [""]
 
 

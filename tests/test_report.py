@@ -58,6 +58,9 @@ def test_compare_writes_report_with_valid_figures(comparison):
         assert f"- **{fw}-sync-np1**: a step takes" in section
         line = next(x for x in section.splitlines() if x.startswith(f"- **{fw}-sync-np2**"))
         assert "Scaling efficiency" in line and "exchange" in line and "Start-up" in line
+    for fw in ("torch", "tensorflow"):
+        line = next(x for x in section.splitlines() if x.startswith(f"- **{fw}-ps-2w**"))
+        assert "push and pull round trip" in line and "Scaling efficiency" in line
     # the command as launched, not the path of harness/__main__.py
     assert re.search(r"rank 0 command: `\S*python\S* -m harness train ", md), md
     assert "__main__.py" not in md

@@ -463,3 +463,19 @@ def test_a_path_that_cannot_separate_the_exchange_says_so(tmp_path, no_figures):
         "time_breakdown": breakdown(0.0001, None, None, 0.0001)}))
     md = build_report([run], tmp_path / "out", show=False).read_text()
     assert "not separable" in md
+
+
+def test_parameter_server_runs_are_explained_from_their_step_and_push_pull_times(tmp_path,
+                                                                                no_figures):
+    ps = {"mode": "async", "ps_consistency": "async"}
+    one = write_run(tmp_path / "ps1", start(0, workers=1, summary={
+        "samples_per_s_total": 1000.0, "step_time_p50_s": 0.002, "push_pull_latency_p50_s": 0.0005,
+        "staleness_mean": 0.0, "staleness_histogram": {"0": 10}}, **ps))
+    two = write_run(tmp_path / "ps2", start(0, workers=2, summary={
+        "samples_per_s_total": 1200.0, "step_time_p50_s": 0.004, "push_pull_latency_p50_s": 0.001,
+        "staleness_mean": 0.9, "staleness_histogram": {"0": 5, "1": 5}}, **ps))
+    md = build_report([one, two], tmp_path / "out", show=False).read_text()
+    line = next(x for x in md.splitlines() if x.startswith("- **ps2**"))
+    assert "takes 4.00 ms, the round trip 1.00 ms (25%; medians)" in line
+    assert "staleness 0.90 versions" in line
+    assert "Scaling efficiency 0.60 against ps1: step +2.00 ms, push/pull wait +0.50 ms" in line
