@@ -183,6 +183,14 @@ class RunConfig:
         if self.grad_exchange == "flat" and self.reduction == "adasum":
             raise ConfigError("reduction = 'adasum' combines gradients layer by layer; it needs "
                               "grad_exchange = 'optimizer' (or 'auto')")
+        if self.reduction == "adasum" and self.nan_policy == "skip" \
+                and self.framework == "torch" and self.mode == "sync":
+            # hvd.DistributedOptimizer with Adasum cannot synchronize apart from its step
+            # ("Skipping synchronization is not supported"), so the reduced gradients cannot
+            # be checked before the update
+            raise ConfigError("nan_policy = 'skip' with reduction = 'adasum' is not possible in "
+                              "PyTorch: Horovod's Adasum optimizer updates as it reduces; set "
+                              "nan_policy = 'stop' or reduction = 'average'")
         if self.grad_exchange == "flat" and self.tf_loop == "fit":
             raise ConfigError("tf_loop = 'fit' reduces gradients in Horovod's Keras "
                               "DistributedOptimizer: set grad_exchange = 'optimizer' (or 'auto')")

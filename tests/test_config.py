@@ -30,6 +30,8 @@ def test_defaults_are_valid_and_round_trip():
     ({"lr": float("inf")}, "lr = inf is not a finite number"),
     ({"momentum": float("nan")}, "momentum = nan is not a finite number"),
     ({"grad_exchange": "flat", "reduction": "adasum"}, "it needs grad_exchange = 'optimizer'"),
+    ({"reduction": "adasum", "nan_policy": "skip"},
+     "nan_policy = 'skip' with reduction = 'adasum' is not possible in PyTorch"),
     ({"grad_exchange": "flat", "framework": "tensorflow", "tf_loop": "fit"},
      "set grad_exchange = 'optimizer'"),
 ])

@@ -335,7 +335,8 @@ class HorovodTorchBackend(HorovodComm, TorchBackend):
             return super().exchange_and_step()
         if self.cfg.reduction == "adasum":
             # Adasum's step applies the local update and reduces the deltas: one wait,
-            # timed whole (the update is in it)
+            # timed whole (the update is in it); it cannot synchronize apart from its step,
+            # so the config refuses nan_policy = skip with it
             with self.exchange_timer():
                 self.optimizer.step()
             return True
