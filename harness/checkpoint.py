@@ -38,6 +38,8 @@ class Checkpoint:
     path: Path | None = None
     #: run bookkeeping that must survive a resume (e.g. the step times behind the summary)
     extra: dict[str, np.ndarray] = field(default_factory=dict)
+    #: every rank's gradient-compression state (error-feedback residuals), stacked by rank
+    exchange: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def step(self) -> int:
@@ -70,6 +72,7 @@ def save(directory: Path, ckpt: Checkpoint, prefix: str = "ckpt", keep: int = 2)
     arrays.update({f"w/{k}": v for k, v in ckpt.weights.items()})
     arrays.update({f"o/{k}": v for k, v in ckpt.optimizer.items()})
     arrays.update({f"x/{k}": v for k, v in ckpt.extra.items()})
+    arrays.update({f"e/{k}": v for k, v in ckpt.exchange.items()})
     final = directory / f"{prefix}-{ckpt.step:09d}.npz"
     try:
         atomic_write(final, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
@@ -107,6 +110,7 @@ def load(path: Path) -> Checkpoint:
             weights = {k[2:]: z[k] for k in z.files if k.startswith("w/")}
             optimizer = {k[2:]: z[k] for k in z.files if k.startswith("o/")}
             extra = {k[2:]: z[k] for k in z.files if k.startswith("x/")}
+            exchange = {k[2:]: z[k] for k in z.files if k.startswith("e/")}
     except CheckpointError:
         raise
     except FileNotFoundError:
@@ -118,7 +122,7 @@ def load(path: Path) -> Checkpoint:
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format {meta.get('format_version')!r}; "
                               f"this harness reads format {FORMAT_VERSION}")
-    return Checkpoint(meta, weights, optimizer, path, extra)
+    return Checkpoint(meta, weights, optimizer, path, extra, exchange)
 
 
 def load_latest(directory: Path, prefix: str = "ckpt",

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.compress import FLAT_ONLY, METHODS
 from harness.errors import ConfigError
 
 
@@ -95,7 +96,18 @@ class RunConfig:
     tensorboard: bool = _opt(True, "write TensorBoard event files into <run>/tb/ (rank 0)")
 
     # --- Horovod knobs ---
-    compression: str = _opt("none", "gradient compression on the wire", ("none", "fp16"))
+    compression: str = _opt("none", "gradient compression on the wire (docs/compression.md): "
+                            "none, fp16, bf16, int8 (a scale per 512 values), sign (1 bit and "
+                            "a scale), topk / randomk (compression_ratio of the values), "
+                            "powersgd (rank powersgd_rank factors); all but none and fp16 run "
+                            "on the flat exchange", METHODS)
+    compression_ratio: float = _opt(0.01, "topk / randomk: the share of the gradient's values "
+                                    "each rank sends per step", minimum=0.0,
+                                    exclusive_min=True, maximum=1.0)
+    powersgd_rank: int = _opt(4, "powersgd: rank of the low-rank factors", minimum=1)
+    error_feedback: bool = _opt(True, "int8, sign, topk, randomk, powersgd: keep what "
+                                "compression dropped on each rank and add it to the next step "
+                                "(checkpointed, so a resume stays exact)")
     backward_passes_per_step: int = _opt(1, "local gradient accumulation steps per allreduce",
                                          minimum=1)
     reduction: str = _opt("average", "gradient reduction op", ("average", "adasum"))
@@ -194,8 +206,30 @@ class RunConfig:
         if self.grad_exchange == "flat" and self.tf_loop == "fit":
             raise ConfigError("tf_loop = 'fit' reduces gradients in Horovod's Keras "
                               "DistributedOptimizer: set grad_exchange = 'optimizer' (or 'auto')")
+        self._check_compression()
         if self.resume not in ("auto", "never") and not self.resume.strip():
             raise ConfigError("resume must be 'auto', 'never' or a checkpoint path")
+
+    def _check_compression(self) -> None:
+        method = self.compression
+        if method not in FLAT_ONLY:
+            return
+        if self.mode == "async":
+            raise ConfigError(f"compression = {method!r} compresses the sync gradient exchange; "
+                              "the parameter server sends full gradients: set mode = 'sync' or "
+                              "compression = 'none'")
+        if self.reduction == "adasum":
+            raise ConfigError(f"compression = {method!r} cannot be combined with reduction = "
+                              "'adasum' (Adasum combines whole gradients layer by layer): set "
+                              "reduction = 'average' or compression = 'none' / 'fp16'")
+        if self.tf_loop == "fit":
+            raise ConfigError(f"compression = {method!r} runs on the flat exchange, but tf_loop = "
+                              "'fit' reduces in Horovod's Keras optimizer: set tf_loop = 'custom' "
+                              "or compression = 'none' / 'fp16'")
+        if self.grad_exchange == "optimizer":
+            raise ConfigError(f"compression = {method!r} runs on the flat exchange: set "
+                              "grad_exchange = 'flat' (or 'auto'), or compression = 'none' / "
+                              "'fp16'")
 
     @property
     def exchange(self) -> str:

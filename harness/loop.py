@@ -17,6 +17,7 @@ import numpy as np
 
 from harness import checkpoint as ckpt_io
 from harness.backends.base import Backend, FitBackend
+from harness.compress import dense_sent_bytes
 from harness.config import RunConfig
 from harness.data import Dataset, Sharder, eval_shard
 from harness.driver import LRSchedule, eval_record, eval_sums, track_target
@@ -129,14 +130,18 @@ def evaluate(ctx: RunContext) -> dict[str, Any]:
 
 def save_checkpoint(ctx: RunContext, pos: Position, wall_s: float,
                     timer: StepTimer | None = None) -> Path | None:
-    if ctx.world.rank != 0 or ctx.last_saved_step == pos.step:
+    if ctx.last_saved_step == pos.step:
+        return None
+    exchange = ctx.backend.exchange_state()       # every rank's residuals: a collective
+    ctx.last_saved_step = pos.step
+    if ctx.world.rank != 0:
         return None
     arrays, opt_meta = ctx.backend.get_optimizer_state()
     meta = dict(ctx.ckpt_meta, optimizer=opt_meta, position=pos.as_meta(wall_s))
     extra = timer.state() if timer is not None else {}
     path = ckpt_io.save(ctx.run_dir / "checkpoints",
-                        ckpt_io.Checkpoint(meta, ctx.backend.get_weights(), arrays, extra=extra))
-    ctx.last_saved_step = pos.step
+                        ckpt_io.Checkpoint(meta, ctx.backend.get_weights(), arrays, extra=extra,
+                                           exchange=exchange))
     ctx.log.info(f"checkpoint {path.name} (step {pos.step})")
     return path
 
@@ -178,6 +183,7 @@ class TrainingRun:
         self.update_every = ctx.backend.update_every()
         self.stop_agreed = False         # every rank knows that some rank was asked to stop
         self.save_pending = False        # a checkpoint waits for the next update boundary
+        self.sent: list[int] = []        # bytes rank 0 sent per step (this start's steps)
         ctx.ckpt_meta["plan"] = Plan(self.sharder.global_batch, self.spe, self.total_steps,
                                      self.schedule.peak, self.schedule.warmup_steps).as_meta()
 
@@ -195,9 +201,11 @@ class TrainingRun:
 
     def record_step(self, loss: float, metric_sums: dict[str, float], n: int, step_time: float,
                     applied: bool = True,
-                    parts: tuple[float, float | None, float | None, float] | None = None) -> None:
+                    parts: tuple[float, float | None, float | None, float] | None = None,
+                    sent_bytes: int | None = None) -> None:
         """After every optimizer step: metrics, progress, NaN and stop checks, checkpoints.
-        ``parts``: the step's (data, compute, exchange, harness) seconds, where measured."""
+        ``parts``: the step's (data, compute, exchange, harness) seconds, where measured;
+        ``sent_bytes``: what this rank sent for the gradient exchange."""
         cfg, pos, ctx = self.ctx.cfg, self.pos, self.ctx
         pos.step += 1
         pos.step_in_epoch += 1
@@ -229,7 +237,9 @@ class TrainingRun:
                           lr=self.lr, step_time_s=step_time, samples_per_s_rank=n / step_time,
                           samples_per_s_total=rate, wall_s=self.wall(), applied=applied,
                           t_data_s=data_s, t_compute_s=compute_s, t_exchange_s=exchange_s,
-                          t_harness_s=harness_s)
+                          t_harness_s=harness_s, sent_bytes=sent_bytes)
+        if sent_bytes is not None:
+            self.sent.append(sent_bytes)
         self.progress.update(pos.step, loss, means, rate)
         ckpt_due = bool(cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0)
         self.save_pending = self.save_pending or ckpt_due
@@ -300,7 +310,10 @@ class TrainingRun:
             steps_to_target=pos.steps_to_target, skipped_steps=pos.skipped,
             global_batch=self.sharder.global_batch, world_size=ctx.world.size,
             startup_s=self.startup_s, first_step_s=self.first_step_s,
-            time_breakdown=self.breakdown_summary(), **weights_consistency(ctx))
+            time_breakdown=self.breakdown_summary(), **weights_consistency(ctx),
+            compression=ctx.cfg.compression,
+            sent_bytes_per_step=float(np.mean(self.sent)) if self.sent else None,
+            dense_bytes_per_step=dense_sent_bytes(ctx.backend.layout.total, ctx.world.size))
         return summary
 
     def breakdown_summary(self) -> dict[str, Any]:
@@ -371,6 +384,12 @@ def train(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
     # from rank 0's checkpoint instead of its own initial weights.
     if not backend.broadcast_after_first_step or resumed:
         backend.broadcast_state(resumed=resumed)
+    if resumed:
+        fresh = backend.restore_exchange()     # each rank's own error-feedback residual
+        if fresh and world.rank == 0:
+            ctx.log.warning(f"the checkpoint has no compression state {', '.join(fresh)} for "
+                            f"{world.size} ranks (saved by another number of ranks or another "
+                            "compression): it starts from zeros, so this resume is not exact")
     first_step_done = False
     tail = 0.0
     try:
@@ -402,7 +421,7 @@ def train(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
                 compute = None if exchange is None else (t_ret - t_call) - exchange
                 harness = (t_rec - t0) - t_data - (t_ret - t_call) + tail
                 run.record_step(res.loss, res.metrics, len(yb), step_time, res.applied,
-                                (t_data, compute, exchange, harness))
+                                (t_data, compute, exchange, harness), backend.sent_bytes())
                 tail = time.perf_counter() - t_rec      # this step's bookkeeping: the next's
             if pos.step_in_epoch >= run.spe:        # a completed epoch
                 run.end_epoch()
@@ -431,7 +450,8 @@ def train_fit(ctx: RunContext, backend: FitBackend, pos: Position,
 
     def on_step(loss: float, means: dict[str, float], step_time: float) -> None:
         b = run.sharder.batch
-        run.record_step(loss, {m: v * b for m, v in means.items()}, b, step_time)
+        run.record_step(loss, {m: v * b for m, v in means.items()}, b, step_time,
+                        sent_bytes=backend.sent_bytes())
 
     step_callback = backend.step_callback(on_step, before_step)
     try:

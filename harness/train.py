@@ -64,6 +64,7 @@ def load_into_backend(backend: Backend, ckpt: ckpt_io.Checkpoint) -> None:
         backend.set_weights(ckpt.weights)
         if ckpt.optimizer:
             backend.set_optimizer_state(ckpt.optimizer, ckpt.meta["optimizer"])
+        backend.set_exchange_state(ckpt.exchange)
     except CheckpointError:
         raise
     except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
@@ -149,7 +150,8 @@ def _run(cfg: RunConfig, backend: Backend, world: World, log, stop: StopFlag, ta
     ctx = RunContext(cfg, world, backend, data, run_dir, log, metrics, stop,
                      ckpt_meta={**identity, "config": cfg.to_dict(), "world_size": world.size,
                                 "layout": model["layout"]},
-                     last_saved_step=ckpt.step if ckpt is not None else None,
+                     # every rank: checkpoints are collectives (compression state)
+                     last_saved_step=pos.step if resumed else None,
                      resume_extra=ckpt.extra if ckpt is not None else {})
     try:
         summary = train(ctx, pos, resumed)

@@ -227,7 +227,93 @@ def check_late_rank(fw: str, rounds: str = "6") -> dict:
     return {"late_rank_waits_s": hvd.allgather_object(waits)[1], "rank": hvd.rank()}
 
 
-CHECKS = {"models": check_models, "forward": check_forward, "backend": check_backend,
+#: a network's trainable shapes in PyTorch's layout and in Keras's (matrices transposed)
+COMPRESS_SHAPES = {"torch": ((24, 40), (24,), (10, 24), (10,)),
+                   "tensorflow": ((40, 24), (24,), (24, 10), (10,))}
+
+
+def compress_inputs(fw: str, method: str, steps: int = 3) -> list[np.ndarray]:
+    """The same gradients, one per step: for PowerSGD in ``fw``'s layout (Keras's matrices
+    transposed); the other methods see a flat vector only, the same one in both."""
+    out = []
+    for t in range(steps):
+        parts = []
+        rng = np.random.default_rng(t)
+        for shape in COMPRESS_SHAPES["torch"]:
+            a = rng.standard_normal(shape).astype(np.float32)
+            keras = fw == "tensorflow" and method == "powersgd"
+            parts.append((a.T if keras else a).ravel())
+        out.append(np.concatenate(parts))
+    return out
+
+
+def check_compress(fw: str, out_path: str) -> dict:
+    """Every compression method, 3 steps with its state, on one rank with this framework's
+    operations (TensorFlow's inside tf.function, as the backend runs them): the outputs."""
+    from harness import compress as C
+
+    shapes = COMPRESS_SHAPES[fw]
+    n = sum(int(np.prod(s)) for s in shapes)
+    arrays, sent = {}, {}
+    for method in C.CLASSES:
+        if fw == "torch":
+            import torch
+
+            from harness.backends.ops_torch import TorchOps
+
+            c = C.make(method, TorchOps(), n, shapes=shapes, ratio=0.05, rank=3, seed=7)
+            run = lambda v: c.exchange(torch.from_numpy(v)).numpy()  # noqa: E731
+        else:
+            import tensorflow as tf
+
+            from harness.backends.ops_tf import TFOps
+
+            c = C.make(method, TFOps(), n, shapes=shapes, ratio=0.05, rank=3, seed=7,
+                       channels_last=True)
+            graph = tf.function(c.exchange)
+            run = lambda v: graph(tf.constant(v)).numpy()  # noqa: E731
+        for t, v in enumerate(compress_inputs(fw, method)):
+            arrays[f"{method}/{t}"] = run(v)
+        sent[method] = c.payload_bytes
+        for name, a in c.state_arrays().items():
+            arrays[f"{method}/state/{name}"] = a
+    np.savez(out_path, **arrays)
+    return {"payload_bytes": sent}
+
+
+#: per method, what the accuracy test sets besides it: random-k picks its values blind, so
+#: it needs a large share (at 1% its delayed residuals make the digits cnn diverge)
+METHOD_SETTINGS = {"randomk": {"compression_ratio": 0.25}}
+
+
+def check_compressed_training(fw: str, out_dir: str, methods: str) -> dict:
+    """Under horovodrun -np 2: the README's main job (digits cnn) once per method, in this one
+    launch (Horovod starts and shuts down per run; MPI stays up through mpi4py): each run's
+    final test accuracy and the bytes rank 0 sent per step."""
+    from mpi4py import MPI        # first: MPI then outlives each run's hvd.shutdown()
+
+    from harness.train import run
+
+    out = {}
+    for method in methods.split(","):
+        cfg = RunConfig.load(Path(__file__).resolve().parents[1] / "configs" /
+                             "compare_digits.toml",
+                             {"framework": fw, "compression": method, "out_dir": out_dir,
+                              "run_name": method, "tensorboard": False,
+                              **METHOD_SETTINGS.get(method, {})})
+        if run(cfg) != 0:
+            raise SystemExit(f"{method}: the run did not finish")
+        if MPI.COMM_WORLD.rank != 0:         # rank 0 writes the summary
+            continue
+        summary = json.loads((Path(out_dir) / method / "summary.json").read_text())
+        out[method] = {"acc": summary["final_eval_acc"],
+                       "sent_bytes": summary["sent_bytes_per_step"],
+                       "dense_bytes": summary["dense_bytes_per_step"]}
+    return {"compressed_training": out} if MPI.COMM_WORLD.rank == 0 else {"rank": 1}
+
+
+CHECKS = {"compress": check_compress, "compressed_training": check_compressed_training,
+          "models": check_models, "forward": check_forward, "backend": check_backend,
           "fidelity": check_fidelity, "horovod": check_horovod,
           "serial_sgd": check_serial_sgd, "late_rank": check_late_rank}
 

@@ -34,6 +34,18 @@ def test_defaults_are_valid_and_round_trip():
      "nan_policy = 'skip' with reduction = 'adasum' is not possible in PyTorch"),
     ({"grad_exchange": "flat", "framework": "tensorflow", "tf_loop": "fit"},
      "set grad_exchange = 'optimizer'"),
+    ({"compression": "topk", "reduction": "adasum"},
+     "compression = 'topk' cannot be combined with reduction = 'adasum'"),
+    ({"compression": "topk", "compression_ratio": 0.0}, "compression_ratio = 0.0 is out of range"),
+    ({"compression": "randomk", "compression_ratio": 1.5},
+     "compression_ratio = 1.5 is out of range"),
+    ({"compression": "int8", "mode": "async"}, "the parameter server sends full gradients"),
+    ({"compression": "sign", "framework": "tensorflow", "tf_loop": "fit"},
+     "compression = 'sign' runs on the flat exchange, but tf_loop = 'fit'"),
+    ({"compression": "powersgd", "grad_exchange": "optimizer"},
+     "set grad_exchange = 'flat'"),
+    ({"compression": "zip"}, "compression = 'zip' is not one of"),
+    ({"powersgd_rank": 0}, "powersgd_rank = 0 is out of range"),
 ])
 def test_invalid_values_name_field_value_and_fix(values, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("?", r"\?")):

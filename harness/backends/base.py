@@ -21,6 +21,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 from harness.backends.common import FlatLayout, configure_threads
+from harness.compress import Compressor
 from harness.config import RunConfig
 from harness.env import World
 from harness.errors import ConfigError
@@ -146,6 +147,40 @@ class Backend(ABC):
         if canonical is None:
             return None
         return canonical.from_framework(self.model, self.get_weights())
+
+    # --- compressed exchange (harness/compress.py): its per-rank state and bytes ---
+    #: set by ``setup`` where the config compresses the flat exchange and there are peers
+    compressor: Compressor | None = None
+    _restored_exchange: dict[str, np.ndarray] | None = None
+
+    def _make_compressor(self) -> None:  # noqa: B027 - optional hook
+        """Set ``compressor`` for the run's config (the end of ``setup``; communication
+        mixins that compress supply it)."""
+
+    def _framework_ops(self, hvd: Any) -> Any:
+        """This framework's tensor operations for harness/compress.py over Horovod."""
+        raise NotImplementedError
+
+    def sent_bytes(self) -> int | None:
+        """Bytes this rank sent for the gradient exchange of its last step (ring algorithms'
+        count, from the payloads' shapes); None where the path does not say."""
+        return None
+
+    def exchange_state(self) -> dict[str, np.ndarray]:
+        """Every rank's compression state (error-feedback residuals, ...) stacked by rank; a
+        collective: every rank calls it at the same checkpoint."""
+        return {} if self.compressor is None else self.compressor.state_arrays()
+
+    def set_exchange_state(self, stacked: dict[str, np.ndarray]) -> None:
+        """Rank 0: the checkpoint's compression state, handed out by ``restore_exchange``."""
+        self._restored_exchange = stacked
+
+    def restore_exchange(self) -> list[str]:
+        """A collective after a resume: each rank takes its row of rank 0's restored state;
+        returns what started from zeros (absent, or saved by another number of ranks)."""
+        if self.compressor is None:
+            return []
+        return self.compressor.restore(self._restored_exchange, self.world.rank)
 
     # --- flat-vector interface used by the parameter server ---
     @abstractmethod

@@ -16,6 +16,7 @@ import numpy as np
 from harness.backends.base import Backend, BackendInfo
 from harness.backends.common import (apply_horovod_environment, check_horovod_combination,
                                      check_mpi_path)
+from harness.compress import dense_sent_bytes
 from harness.env import World
 from harness.errors import ConfigError
 
@@ -36,6 +37,9 @@ class LocalComm(Backend):
 
     def allreduce_host(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
         return np.asarray(values, dtype=np.float64)
+
+    def sent_bytes(self) -> int | None:
+        return 0
 
 
 class HorovodComm(Backend):
@@ -63,6 +67,21 @@ class HorovodComm(Backend):
 
     def shutdown(self) -> None:
         self.hvd.shutdown()
+
+    def _make_compressor(self) -> None:
+        from harness.compress import for_run
+
+        if self.cfg.exchange == "flat":     # the optimizer paths use Horovod's own fp16
+            self.compressor = for_run(self.cfg, self._framework_ops(self.hvd), self.layout.shapes,
+                                      channels_last=self.framework == "tensorflow")
+
+    def sent_bytes(self) -> int | None:
+        if self.compressor is not None:
+            return self.compressor.sent_bytes
+        n = self.layout.total
+        if self.cfg.compression == "fp16":       # Horovod's fp16 on the optimizer's tensors
+            return dense_sent_bytes(n, self.world.size, itemsize=2)
+        return dense_sent_bytes(n, self.world.size)
 
     def info(self) -> BackendInfo:
         import horovod
@@ -97,6 +116,18 @@ class MPIComm(Backend):
 
     def allreduce_host(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
         return self.comm.allreduce(values, op)
+
+    def sent_bytes(self) -> int | None:
+        if self.compressor is not None:
+            return self.compressor.sent_bytes
+        return dense_sent_bytes(self.layout.total, self.world.size)
+
+    def _make_compressor(self) -> None:
+        """The run's compressor over mpi4py (NumPy arithmetic on host buffers)."""
+        from harness.compress import NumpyOps, for_run
+
+        self.compressor = for_run(self.cfg, NumpyOps(self.comm.comm), self.layout.shapes,
+                                  channels_last=self.framework == "tensorflow")
 
     def info(self) -> BackendInfo:
         import mpi4py

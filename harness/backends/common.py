@@ -147,10 +147,7 @@ def check_horovod_combination(cfg: RunConfig, size: int, gloo: bool, gpu: bool) 
 
 
 def check_mpi_path(cfg: RunConfig) -> None:
-    """The mpi4py gradient path implements the plain averaging allreduce only."""
-    if cfg.compression != "none":
-        raise ConfigError(f"compression = {cfg.compression!r} needs Horovod (allreduce = "
-                          "'horovod'); the mpi4py path sends fp32")
+    """The mpi4py gradient path implements the averaging allreduce (compressed or not)."""
     if cfg.reduction != "average":
         raise ConfigError(f"reduction = {cfg.reduction!r} needs Horovod (allreduce = 'horovod')")
 

@@ -136,6 +136,7 @@ class TFBackend(Backend):
         self._grad_fn = tf.function(self._local_gradients, input_signature=[x_spec, y_spec])
         self._eval_fn = tf.function(self._eval_graph, input_signature=[x_spec, y_spec])
         self._apply_fn = tf.function(self._apply_flat)
+        self._make_compressor()                # its state variables exist before tracing
 
     def _check_task(self, x: np.ndarray, y: np.ndarray) -> None:
         """The model, loss and metrics fit together on the sample batch (else a TaskError)."""
@@ -307,6 +308,11 @@ class TFBackend(Backend):
     def _has_gpu(self) -> bool:
         return self.gpu
 
+    def _framework_ops(self, hvd: Any) -> Any:
+        from harness.backends.ops_tf import TFOps
+
+        return TFOps(hvd)
+
     def info(self) -> BackendInfo:
         versions = {"tensorflow": self.tf.__version__, "keras": self.keras.__version__}
         return BackendInfo("tensorflow", self.gradient_path, versions,
@@ -367,9 +373,14 @@ class HorovodTFBackend(HorovodComm, TFBackend):
         tensor per step leaves Horovod nothing to fuse or negotiate tensor by tensor."""
         tf, hvd = self.tf, self.hvd
         flat = tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
-        flat = hvd.allreduce(flat, op=hvd.Sum, compression=compression,
-                             postscale_factor=self.cfg.gradient_predivide_factor,
-                             name="harness_grads")
+        if self.compressor is not None:
+            flat = self.compressor.exchange(flat)
+            if self.cfg.gradient_predivide_factor != 1.0:
+                flat = flat * self.cfg.gradient_predivide_factor
+        else:
+            flat = hvd.allreduce(flat, op=hvd.Sum, compression=compression,
+                                 postscale_factor=self.cfg.gradient_predivide_factor,
+                                 name="harness_grads")
         parts = tf.split(flat, [int(np.prod(v.shape)) for v in self.tf_trainable])
         return [tf.reshape(p, v.shape) for p, v in zip(parts, self.tf_trainable)]
 
@@ -387,7 +398,9 @@ class MPITFBackend(MPIComm, TFBackend):
         loss, sums, grads = self._grad_fn(x, y)
         t1 = time.perf_counter()
         flat = tf.concat([tf.reshape(g, [-1]) for g in grads], 0).numpy()
-        if self.comm.size > 1:
+        if self.compressor is not None:
+            flat = self.compressor.exchange(flat) * np.float32(1.0 / self.comm.size)
+        elif self.comm.size > 1:
             self.comm.allreduce_flat_(flat)
             flat *= np.float32(1.0 / self.comm.size)
         exchange_s = time.perf_counter() - t1

@@ -63,6 +63,7 @@ class TorchBackend(Backend):
             self.set_weights(initial_canonical_weights(task, self.model, self.cfg.seed, shapes))
         self._check_task(x, y)
         self.optimizer = self.wrap_optimizer(self._make_optimizer(lr))
+        self._make_compressor()
         self.model.train()
 
     @torch.no_grad()
@@ -260,6 +261,11 @@ class TorchBackend(Backend):
     def _has_gpu(self) -> bool:
         return torch.cuda.is_available()
 
+    def _framework_ops(self, hvd: Any) -> Any:
+        from harness.backends.ops_torch import TorchOps
+
+        return TorchOps(hvd, self.device)
+
     def info(self) -> BackendInfo:
         return BackendInfo("torch", self.gradient_path, {"torch": torch.__version__},
                            {"threads_per_rank": self.threads, "device": str(self.device)})
@@ -319,10 +325,8 @@ class HorovodTorchBackend(HorovodComm, TorchBackend):
             if self._post_scale != 1.0:
                 flat.mul_(self._post_scale)
             return
-        if self.cfg.compression == "fp16":
-            wire, ctx = hvd.Compression.fp16.compress(flat)
-            flat.copy_(hvd.Compression.fp16.decompress(
-                hvd.allreduce(wire, op=hvd.Sum, name="harness.grads"), ctx))
+        if self.compressor is not None:
+            flat.copy_(self.compressor.exchange(flat))
         else:
             hvd.allreduce_(flat, op=hvd.Sum, name="harness.grads")
         if self._post_scale != 1.0:
@@ -360,7 +364,9 @@ class MPITorchBackend(MPIComm, TorchBackend):
         flat = self._use_flat_grads()
         if self.comm.size > 1:
             with self.exchange_timer():
-                if self.device.type != "cpu":
+                if self.compressor is not None:
+                    flat.copy_(torch.from_numpy(self.compressor.exchange(flat.cpu().numpy())))
+                elif self.device.type != "cpu":
                     host = flat.cpu().numpy()
                     self.comm.allreduce_flat_(host)
                     flat.copy_(torch.from_numpy(host))

@@ -1,0 +1,149 @@
+"""Gradient compression in both frameworks: the same numbers and bytes as the NumPy
+reference, training to dense accuracy at 2 ranks, and exact resumes with error feedback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import PY, REPO, checkpoint_weights, fw_check, json_line, latest_checkpoint, \
+    launch, needs_horovod, needs_mpi, read_jsonl, run
+from harness import compress as C
+
+
+def reference(fw: str) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """What harness/compress.py's NumPy operations give for tests/fw_checks.py's inputs."""
+    import fw_checks
+
+    shapes = fw_checks.COMPRESS_SHAPES[fw]
+    n = sum(int(np.prod(s)) for s in shapes)
+    arrays, sent = {}, {}
+    for method in C.CLASSES:
+        c = C.make(method, C.NumpyOps(), n, shapes=shapes, ratio=0.05, rank=3, seed=7,
+                   channels_last=fw == "tensorflow")
+        for t, v in enumerate(fw_checks.compress_inputs(fw, method)):
+            arrays[f"{method}/{t}"] = c.exchange(v)
+        sent[method] = c.payload_bytes
+    return arrays, sent
+
+
+def torch_layout(fw: str, method: str, flat: np.ndarray) -> np.ndarray:
+    """A flat vector in tests/fw_checks.py's Keras layout back in PyTorch's."""
+    import fw_checks
+
+    if fw == "torch" or method != "powersgd":
+        return flat
+    parts, off = [], 0
+    for shape in fw_checks.COMPRESS_SHAPES["tensorflow"]:
+        size = int(np.prod(shape))
+        a = flat[off:off + size].reshape(shape)
+        parts.append((a.T if a.ndim == 2 else a).ravel())
+        off += size
+    return np.concatenate(parts)
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    out = {}
+    for fw in ("torch", "tensorflow"):
+        path = tmp_path_factory.mktemp(fw) / "compress.npz"
+        answer = fw_check(fw, "compress", str(path))
+        with np.load(path) as z:
+            out[fw] = ({k: z[k] for k in z.files}, answer["payload_bytes"])
+    return out
+
+
+@pytest.mark.framework
+@pytest.mark.parametrize("method", list(C.CLASSES))
+def test_both_frameworks_compress_alike_and_send_the_same_bytes(method, outputs):
+    """The same gradient vector, compressed by PyTorch's and TensorFlow's operations over
+    three steps (error feedback, PowerSGD's warm start and random-k's cursor carried along),
+    gives the NumPy reference's result and bytes. For PowerSGD TensorFlow's matrices arrive
+    transposed (Keras's layout) and give the same factors."""
+    results = {}
+    for fw in ("torch", "tensorflow"):
+        arrays, sent = outputs[fw]
+        ref, ref_sent = reference(fw)
+        assert sent[method] == ref_sent[method]
+        for t in range(3):
+            got, want = arrays[f"{method}/{t}"], ref[f"{method}/{t}"]
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5,
+                                       err_msg=f"{fw} {method} step {t}")
+        results[fw] = [torch_layout(fw, method, arrays[f"{method}/{t}"]) for t in range(3)]
+    assert outputs["torch"][1][method] == outputs["tensorflow"][1][method]
+    for t in range(3):
+        np.testing.assert_allclose(results["torch"][t], results["tensorflow"][t], rtol=1e-4,
+                                   atol=1e-5, err_msg=f"torch vs tensorflow, {method} step {t}")
+
+
+# --- real runs: 2 ranks ---------------------------------------------------------------------
+
+RESUME_CELLS = [("torch", "horovod", "randomk"), ("tensorflow", "horovod", "powersgd"),
+                ("torch", "mpi", "topk"), ("tensorflow", "mpi", "sign")]
+
+
+def resume_args(fw: str, path: str, method: str, out, name: str) -> list:
+    return ["--framework", fw, "--model", "mlp", "--dataset", "synthetic",
+            "--synthetic-samples", 5 * 32 + 3, "--batch-size", 16, "--epochs", 2,
+            "--lr", 0.05, "--allreduce", path, "--compression", method,
+            "--compression-ratio", 0.05, "--powersgd-rank", 2, "--agree-every", 1,
+            "--log-every", 1000, "--out-dir", out, "--run-name", name]
+
+
+@needs_horovod
+@needs_mpi
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.parametrize("fw, path, method", RESUME_CELLS,
+                         ids=["-".join(c) for c in RESUME_CELLS])
+def test_a_resume_with_error_feedback_is_exact(fw, path, method, results):
+    """Stopped by a signal at step 7 of 10 and resumed, a compressed run ends with the
+    uninterrupted run's weights and losses: every rank's residual (and PowerSGD's Q, random-k's
+    cursor) travels through the checkpoint."""
+    ref = run(launch("mpirun", 2, *resume_args(fw, path, method, results, "ref")), timeout=240)
+    assert ref.returncode == 0, ref.stderr[-4000:]
+    cut = run(launch("mpirun", 2, *resume_args(fw, path, method, results, "cut")), timeout=240,
+              env={"HARNESS_FAULT": "sigusr1@1:7"})
+    assert cut.returncode == 75, (cut.stdout + cut.stderr)[-4000:]
+    with np.load(latest_checkpoint(results / "cut")) as z:
+        residual = z["e/residual"]
+    assert residual.shape[0] == 2 and np.abs(residual[0] - residual[1]).max() > 0  # per rank
+    again = run(launch("mpirun", 2, *resume_args(fw, path, method, results, "cut")),
+                timeout=240)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "not exact" not in again.stderr
+    a = checkpoint_weights(latest_checkpoint(results / "cut"))
+    b = checkpoint_weights(latest_checkpoint(results / "ref"))
+    for key in b:
+        np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-6, err_msg=key)
+    la = {r["step"]: r["loss"] for r in read_jsonl(results / "cut" / "metrics.jsonl")
+          if r["kind"] == "step"}
+    lb = {r["step"]: r["loss"] for r in read_jsonl(results / "ref" / "metrics.jsonl")
+          if r["kind"] == "step"}
+    assert sorted(la) == sorted(lb) == list(range(1, 11))
+    for step in lb:
+        assert la[step] == pytest.approx(lb[step], rel=1e-5, abs=1e-6), step
+
+
+@needs_horovod
+@needs_mpi
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.parametrize("fw", ["torch", "tensorflow"])
+def test_every_method_trains_the_digits_cnn_to_dense_accuracy(fw, results):
+    """At 2 ranks every method ends within 2 points of the dense run's test accuracy (random-k
+    at 25%, the others at their defaults: top-k 1%, PowerSGD rank 4) and sends the bytes
+    its method implies."""
+    p = run(["horovodrun", "-np", "2", PY, REPO / "tests" / "fw_checks.py", fw,
+             "compressed_training", results, ",".join(C.METHODS)], timeout=420)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
+    got = json_line(p.stdout, "compressed_training")["compressed_training"]
+    dense = got["none"]
+    assert dense["acc"] > 0.95 and dense["sent_bytes"] == dense["dense_bytes"]
+    for method in C.METHODS[1:]:
+        assert got[method]["acc"] >= dense["acc"] - 0.02, (method, got[method], dense)
+        assert 0 < got[method]["sent_bytes"] < dense["sent_bytes"], (method, got[method])
+    assert got["fp16"]["sent_bytes"] == got["bf16"]["sent_bytes"] == dense["sent_bytes"] // 2
+    assert got["topk"]["sent_bytes"] <= dense["sent_bytes"] / 20
+    assert got["sign"]["sent_bytes"] < dense["sent_bytes"] / 25
