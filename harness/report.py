@@ -56,8 +56,14 @@ class Run:
                    or self.summary.get("world_size") or 1)
 
     @property
+    def compression(self) -> str:
+        """The gradient compression and its setting ("none", "topk 1%", "powersgd r4")."""
+        return compression_label(self.cfg)
+
+    @property
     def label(self) -> str:
-        return self.extra.get("label") or f"{self.framework} {self.mode} x{self.workers}"
+        own = "" if self.compression == "none" else f" {self.compression}"
+        return self.extra.get("label") or f"{self.framework} {self.mode} x{self.workers}{own}"
 
     @property
     def model(self) -> str:
@@ -162,6 +168,22 @@ def _fmt(v: Any, spec: str = ".4f") -> str:
     return format(v, spec)
 
 
+def compression_label(cfg: dict[str, Any]) -> str:
+    method = cfg.get("compression", "none")
+    if method in ("topk", "randomk"):
+        method += f" {100 * cfg.get('compression_ratio', 0.01):g}%"
+    elif method == "powersgd":
+        method += f" r{cfg.get('powersgd_rank', 4)}"
+    if method.split()[0] in ("int8", "sign", "topk", "randomk", "powersgd") and \
+            not cfg.get("error_feedback", True):
+        method += " no-EF"
+    return method
+
+
+#: the config keys of the gradient compression (a compressed run's dense baseline differs in
+#: these only)
+COMPRESSION_KEYS = ("compression", "compression_ratio", "powersgd_rank", "error_feedback")
+
 # Config keys that say where and how a run was recorded, not what was measured.
 NOT_THE_EXPERIMENT = ("out_dir", "run_name", "resume", "log_every", "horovod_timeline",
                       "stall_timeout_s")
@@ -220,6 +242,7 @@ COLUMNS = [
     ("best acc", "best_eval_acc", ".4f"), ("time to target (s)", "time_to_target_s", ".2f"),
     ("samples/s total", "samples_per_s_total", ",.0f"),
     ("samples/s/device", "samples_per_s_per_device", ",.0f"),
+    ("sent/step (KB)", "sent_bytes_per_step", "kB"),
     ("step p50 (ms)", "step_time_p50_s", "ms"), ("step p90 (ms)", "step_time_p90_s", "ms"),
     ("scaling eff.", "scaling", ".3f"), ("train wall (s)", "train_wall_s", ".1f"),
 ]
@@ -257,9 +280,10 @@ def table_rows(runs: list[Run]) -> list[list[str]]:
                 row.append(_fmt(eff[r.path], spec or ".4f"))
             elif r.unfinished is not None:
                 row.append(UNFINISHED if key == first else _fmt(None))
-            elif spec == "ms":
+            elif spec in ("ms", "kB"):
                 v = r.summary.get(key)
-                row.append(_fmt(v * 1000 if v is not None else None, ".2f"))
+                row.append(_fmt(v * (1000 if spec == "ms" else 1e-3) if v is not None else None,
+                                ".2f" if spec == "ms" else ",.1f"))
             else:
                 row.append(_fmt(r.summary.get(key), spec or ".4f"))
         rows.append(row)
@@ -368,6 +392,11 @@ def figures(runs: list[Run], out: Path) -> list[Path]:
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
 
+    if "acc" in runs[0].metrics:
+        path = compression_figure(runs, out, plt)
+        if path is not None:
+            paths.append(path)
+
     ps = [r for r in runs if r.summary.get("staleness_histogram")]
     if ps:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -385,6 +414,88 @@ def figures(runs: list[Run], out: Path) -> list[Path]:
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths
+
+
+def dense_baselines(runs: list[Run]) -> dict[Path, Run | None]:
+    """Each finished compressed run's dense twin: the finished run with compression = none and
+    otherwise the same config, data and workers (None when there is none)."""
+    def key(r: Run) -> str:
+        cfg = {k: v for k, v in r.cfg.items()
+               if k not in NOT_THE_EXPERIMENT and k not in COMPRESSION_KEYS}
+        return json.dumps([cfg, r.run.get("data"), r.workers], sort_keys=True, default=str)
+
+    dense = {key(r): r for r in runs if r.compression == "none" and r.unfinished is None}
+    return {r.path: dense.get(key(r)) for r in runs
+            if r.compression != "none" and r.unfinished is None}
+
+
+def compression_section(runs: list[Run]) -> list[str]:
+    """The trade-off of each compressed run against its dense twin: accuracy, bytes, time."""
+    twins = dense_baselines(runs)
+    if not twins:
+        return []
+    lines = ["## Gradient compression", "",
+             "Each compressed run against the dense run with the same config, data and workers. "
+             "Bytes are what rank 0 sent per step for the gradient exchange (ring algorithms' "
+             "count from the payloads; a 1-rank run sends none). A compressed run wins where "
+             "the network, not the computation, bounds the step: on one host's shared memory "
+             "the dense exchange is nearly free, so compression mostly costs time here.", "",
+             "| run | compression | final acc | vs dense (points) | sent/step (KB) | "
+             "of dense | samples/s | vs dense | time to target (s) |", "|" + "---|" * 9]
+    for r in runs:
+        if r.path not in twins:
+            continue
+        d, s = twins[r.path], r.summary
+        acc, sent, rate = (s.get("final_eval_acc"), s.get("sent_bytes_per_step"),
+                           s.get("samples_per_s_total"))
+        da = d.summary.get("final_eval_acc") if d else None
+        ds = d.summary.get("sent_bytes_per_step") if d else None
+        dr = d.summary.get("samples_per_s_total") if d else None
+        lines.append(
+            f"| {r.name} | {r.compression} | {_fmt(acc)} | "
+            f"{_fmt(100 * (acc - da) if acc is not None and da is not None else None, '+.1f')} | "
+            f"{_fmt(sent / 1e3 if sent is not None else None, ',.1f')} | "
+            f"{_fmt(sent / ds if sent is not None and ds else None, '.3f')} | "
+            f"{_fmt(rate, ',.0f')} | {_fmt(rate / dr if rate and dr else None, '.2f')} | "
+            f"{_fmt(s.get('time_to_target_s'), '.2f')} |")
+    missing = [r.name for r in runs if r.path in twins and twins[r.path] is None]
+    if missing:
+        lines.append("")
+        lines.append(f"No dense run with the same config for {', '.join(missing)}: add "
+                     "compression none to the comparison to see their trade-off.")
+    return lines + [""]
+
+
+def compression_figure(runs: list[Run], out: Path, plt: Any) -> Path | None:
+    """Final accuracy against bytes sent per step and against training time."""
+    shown = [r for r in runs if r.unfinished is None and r.workers > 1 and
+             r.summary.get("sent_bytes_per_step")]
+    if len({r.compression for r in shown}) < 2:
+        return None
+    colors = {"torch": "tab:red", "tensorflow": "tab:blue"}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in shown:
+        acc = r.summary.get("final_eval_acc")
+        if acc is None:
+            continue
+        c = colors.get(r.framework, "gray")
+        for ax, x in zip(axes, (r.summary["sent_bytes_per_step"] / 1e3,
+                                r.summary.get("train_wall_s"))):
+            ax.scatter([x], [acc], color=c)
+            ax.annotate(f"{r.compression} x{r.workers}", (x, acc), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("sent per step and rank (KB, log scale)")
+    axes[1].set_xlabel("training wall time (s)")
+    for ax in axes:
+        ax.set_ylabel("final test accuracy")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("red: PyTorch, blue: TensorFlow", fontsize=9)
+    fig.tight_layout()
+    path = out / "compression.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 #: the step parts of a summary's ``time_breakdown`` (harness.metrics.BREAKDOWN_PARTS)
@@ -559,6 +670,8 @@ def render_markdown(runs: list[Run], notes: list[str], figs: list[Path], out_dir
         lines += ["**Scaling efficiency:**", ""] + [f"- {n}" for n in scaling_notes] + [""]
     lines += fidelity(runs)
     lines += breakdown_section(runs)
+    if "acc" in runs[0].metrics:
+        lines += compression_section(runs)
     for f in figs:
         lines += [f"![{f.stem}]({f.relative_to(out_dir).as_posix()})", ""]
     ps = [r for r in runs if r.summary.get("staleness_histogram")]

@@ -12,6 +12,7 @@ For ``async`` the ``--np`` value counts workers; the job gets ``ps_servers`` mor
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shlex
 import sys
@@ -53,28 +54,55 @@ def _refuse_duplicates(items: list, value: str, what: str) -> None:
         seen.append(v)
 
 
+def compression_settings(value: str | None) -> list[tuple[str, list[str]]]:
+    """``--compression none,topk,randomk:0.25,powersgd:2`` as (run-name suffix, train flags):
+    a method, with its ratio (topk, randomk) or rank (powersgd) after a colon."""
+    from harness.compress import METHODS
+
+    if value is None:
+        return [("", [])]
+    out = []
+    for item in _csv(value, None, "compression"):
+        method, _, setting = item.partition(":")
+        if method not in METHODS:
+            raise ConfigError(f"--compression: {method!r} is not one of {', '.join(METHODS)}")
+        flags = ["--compression", method]
+        if setting:
+            if method in ("topk", "randomk"):
+                flags += ["--compression-ratio", setting]
+            elif method == "powersgd":
+                flags += ["--powersgd-rank", setting]
+            else:
+                raise ConfigError(f"--compression {item!r}: only topk/randomk (a ratio) and "
+                                  "powersgd (a rank) take a setting after ':'")
+        out.append((f"-{method}" + (f"-{setting}" if setting else ""), flags))
+    return out
+
+
 def plan(train_args: list[str], frameworks: list[str], nps: list[int], modes: list[str],
-         launcher: str, out_dir: Path, python: str, resume: bool = False) -> list[Job]:
+         launcher: str, out_dir: Path, python: str, resume: bool = False,
+         compressions: str | None = None) -> list[Job]:
     """The jobs of a comparison, as launcher argv lists (pure: nothing runs). ``resume``: runs
-    continue their own folders (a finished one is left as it is), else they must be new."""
+    continue their own folders (a finished one is left as it is), else they must be new.
+    ``compressions``: the ``--compression`` axis (None: the config's own)."""
     from launchers.builders import build_argv
     from launchers.spec import LaunchSpec
 
     cfg = parse_train_args(train_args)
     jobs: list[Job] = []
-    for mode in modes:
-        for fw in frameworks:
-            for n in nps:
-                ranks = n + (cfg.ps_servers if mode == "async" else 0)
-                name = f"{fw}-{mode}-np{n}" if mode == "sync" else f"{fw}-ps-{n}w"
-                args = [*train_args, "--framework", fw, "--mode", mode, "--out-dir",
-                        str(out_dir), "--run-name", name, "--resume", "auto" if resume else "never"]
-                use = launcher if mode == "sync" or launcher == "srun" else "mpirun"
-                spec = LaunchSpec.with_defaults(launcher=use, np=ranks, python=python)
-                if any(j.name == name for j in jobs):
-                    raise ConfigError(f"run {name} is planned twice: list each framework, mode "
-                                      "and rank count once")
-                jobs.append(Job(name, build_argv(spec, args)))
+    for mode, fw, n, (suffix, flags) in itertools.product(
+            modes, frameworks, nps, compression_settings(compressions)):
+        ranks = n + (cfg.ps_servers if mode == "async" else 0)
+        name = (f"{fw}-{mode}-np{n}" if mode == "sync" else f"{fw}-ps-{n}w") + suffix
+        args = [*train_args, *flags, "--framework", fw, "--mode", mode, "--out-dir",
+                str(out_dir), "--run-name", name, "--resume", "auto" if resume else "never"]
+        parse_train_args(args)           # each combination is valid (one-line error)
+        use = launcher if mode == "sync" or launcher == "srun" else "mpirun"
+        spec = LaunchSpec.with_defaults(launcher=use, np=ranks, python=python)
+        if any(j.name == name for j in jobs):
+            raise ConfigError(f"run {name} is planned twice: list each framework, mode "
+                              "and rank count once")
+        jobs.append(Job(name, build_argv(spec, args)))
     return jobs
 
 
@@ -101,7 +129,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.resume and not args.out_dir:
         raise ConfigError("--resume continues a comparison: give its --out-dir")
     jobs = plan(train_args, frameworks, nps, modes, args.launcher, out_dir, sys.executable,
-                resume=args.resume)
+                resume=args.resume, compressions=args.compression)
     existing = [j.name for j in jobs if (out_dir / j.name).exists()]
     if existing and not args.dry_run and not args.resume:
         raise ConfigError(f"{out_dir} already holds runs {', '.join(existing)}: choose a new "
@@ -153,6 +181,9 @@ def add_compare_parser(sub) -> None:
     p.add_argument("--frameworks", default="torch,tensorflow", help="default: %(default)s")
     p.add_argument("--np", default="1,2", help="ranks (workers for async); default: %(default)s")
     p.add_argument("--modes", default="sync", help="sync, async or both; default: %(default)s")
+    p.add_argument("--compression", metavar="LIST",
+                   help="gradient compression as an axis, e.g. none,topk,randomk:0.25,powersgd:2 "
+                        "(a ratio or rank after ':'); default: the config's own")
     p.add_argument("--launcher", default="horovodrun", choices=("horovodrun", "mpirun", "srun"),
                    help="launcher for sync runs (async runs use mpirun, or srun under SLURM)")
     p.add_argument("--out-dir", help="folder for the runs and the report (default: "

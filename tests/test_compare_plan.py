@@ -65,3 +65,35 @@ def test_a_framework_or_mode_in_the_train_args_is_overridden_per_run(tmp_path):
 def test_invalid_train_args_are_refused_before_any_plan(tmp_path):
     with pytest.raises(ConfigError, match="momentum = 1.5 is out of range"):
         plan(["--momentum", "1.5"], ["torch"], [1], ["sync"], "horovodrun", tmp_path, PYTHON)
+
+
+def test_compression_is_an_axis_with_its_setting_per_run(tmp_path):
+    jobs = plan(TRAIN, ["torch", "tensorflow"], [2], ["sync"], "horovodrun", tmp_path, PYTHON,
+                compressions="none,topk:0.05,powersgd:2,int8")
+    got = {}
+    for job in jobs:
+        _, _, cfg = launched(job.argv)
+        assert job.name == cfg.run_name
+        got[job.name] = (cfg.compression, cfg.compression_ratio, cfg.powersgd_rank)
+    assert got == {f"{fw}-sync-np2{suffix}": value for fw in ("torch", "tensorflow")
+                   for suffix, value in [("-none", ("none", 0.01, 4)),
+                                         ("-topk-0.05", ("topk", 0.05, 4)),
+                                         ("-powersgd-2", ("powersgd", 0.01, 2)),
+                                         ("-int8", ("int8", 0.01, 4))]}
+
+
+@pytest.mark.parametrize("value, message", [
+    ("zip", "'zip' is not one of"), ("int8:4", "only topk/randomk"),
+    ("topk:2", "compression_ratio = 2.0 is out of range"),
+    ("topk,topk", "lists topk twice"),
+])
+def test_a_bad_compression_axis_is_one_line_before_any_run(tmp_path, value, message):
+    with pytest.raises(ConfigError, match=message):
+        plan(TRAIN, ["torch"], [2], ["sync"], "horovodrun", tmp_path, PYTHON,
+             compressions=value)
+
+
+def test_compression_with_the_parameter_server_is_refused_in_the_plan(tmp_path):
+    with pytest.raises(ConfigError, match="the parameter server sends full gradients"):
+        plan(TRAIN, ["torch"], [2], ["sync", "async"], "horovodrun", tmp_path, PYTHON,
+             compressions="none,topk")

@@ -306,7 +306,8 @@ def test_every_column_of_a_finished_run_comes_from_its_summary(tmp_path, no_figu
     folder = write_run(tmp_path / "r", start(0, workers=3, **cfg, summary={
         "final_eval_acc": 0.91234, "best_eval_acc": 0.95678, "time_to_target_s": 12.345,
         "samples_per_s_total": 12345.6, "step_time_p50_s": 0.0123456,
-        "step_time_p90_s": 0.0234567, "train_wall_s": 98.76}))
+        "step_time_p90_s": 0.0234567, "train_wall_s": 98.76,
+        "sent_bytes_per_step": 123456.0}))
     row = table(build_report([folder], tmp_path / "out"))["r"]
     s, run = summary_of(folder), json.loads((folder / "config.json").read_text())
     workers = run["world"].get("workers", run["world"]["size"])
@@ -317,6 +318,7 @@ def test_every_column_of_a_finished_run_comes_from_its_summary(tmp_path, no_figu
         "time to target (s)": f"{s['time_to_target_s']:.2f}",
         "samples/s total": f"{s['samples_per_s_total']:,.0f}",
         "samples/s/device": f"{s['samples_per_s_per_device']:,.0f}",
+        "sent/step (KB)": f"{s['sent_bytes_per_step'] / 1000:,.1f}",
         "step p50 (ms)": f"{s['step_time_p50_s'] * 1000:.2f}",
         "step p90 (ms)": f"{s['step_time_p90_s'] * 1000:.2f}",
         "scaling eff.": "n/a",                           # no single-worker run in the report
@@ -479,3 +481,50 @@ def test_parameter_server_runs_are_explained_from_their_step_and_push_pull_times
     assert "takes 4.00 ms, the round trip 1.00 ms (25%; medians)" in line
     assert "staleness 0.90 versions" in line
     assert "Scaling efficiency 0.60 against ps1: step +2.00 ms, push/pull wait +0.50 ms" in line
+
+
+# --- issue 17: compressed runs against their dense twins --------------------------------------
+
+def section(report: Path, title: str) -> dict[str, dict[str, str]]:
+    """The table under ``## title`` in report.md, as {run: {column: cell}}."""
+    lines = report.read_text().splitlines()
+    at = lines.index(f"## {title}")
+    first = next(i for i in range(at, len(lines)) if lines[i].startswith("| run |"))
+    header = [c.strip() for c in lines[first].strip("|").split("|")]
+    rows = {}
+    for line in lines[first + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(header, cells))
+    return rows
+
+
+def test_each_compressed_run_is_set_against_the_dense_run_of_its_config(tmp_path, no_figures):
+    dense = {"final_eval_acc": 0.97, "sent_bytes_per_step": 150_000.0,
+             "samples_per_s_total": 20_000.0}
+    write_run(tmp_path / "dense", start(0, workers=2, summary=dense, model="cnn"))
+    write_run(tmp_path / "topk", start(0, workers=2, model="cnn", compression="topk",
+                                       summary={"final_eval_acc": 0.955,
+                                                "sent_bytes_per_step": 3_000.0,
+                                                "samples_per_s_total": 16_000.0}))
+    write_run(tmp_path / "psgd-lr", start(0, workers=2, model="cnn", compression="powersgd",
+                                          powersgd_rank=2, lr=0.2,
+                                          summary={"final_eval_acc": 0.96}))
+    build_report([tmp_path / n for n in ("dense", "topk", "psgd-lr")], tmp_path)
+    rows = section(tmp_path / "report.md", "Gradient compression")
+    assert rows["topk"]["compression"] == "topk 1%"
+    assert rows["topk"]["vs dense (points)"] == "-1.5"
+    assert rows["topk"]["of dense"] == "0.020"
+    assert rows["topk"]["vs dense"] == "0.80"
+    # another lr is another experiment: no dense twin, said so
+    assert rows["psgd-lr"]["compression"] == "powersgd r2"
+    assert rows["psgd-lr"]["vs dense (points)"] == "n/a"
+    assert "No dense run with the same config for psgd-lr" in (tmp_path / "report.md").read_text()
+    assert table(tmp_path / "report.md")["topk"]["sent/step (KB)"] == "3.0"
+
+
+def test_a_report_without_compressed_runs_has_no_compression_section(tmp_path, no_figures):
+    write_run(tmp_path / "a", start(0, workers=2, summary={}))
+    build_report([tmp_path / "a"], tmp_path)
+    assert "## Gradient compression" not in (tmp_path / "report.md").read_text()
