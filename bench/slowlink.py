@@ -10,7 +10,7 @@ packet.
       namespace <p>a                namespace <p>b
         <p>ma 10.78.0.2               <p>mb 10.78.0.3        node names: the 10.78 addresses
         <p>da 10.77.0.1  ========  <p>db 10.77.0.2           the data link, shaped by
-                       tbf RATE each way                      ``tc qdisc ... tbf``
+                       tbf RATE each way                      ``tc qdisc ... tbf`` (a bucket of 10 ms)
 
 Open MPI starts one daemon per node through an rsh agent that runs the command in the node's
 namespace (``ip netns exec``), and its ranks talk over TCP on the data link only
@@ -21,9 +21,11 @@ machines' kernel has no ``netem``, so the link adds no delay, only a rate limit.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -33,6 +35,20 @@ DATA_NET, MGMT_NET = "10.77.0", "10.78.0"
 def _ip(*args: str, ns: str | None = None) -> None:
     argv = (["ip", "netns", "exec", ns] if ns else []) + list(args)
     subprocess.run(argv, check=True, capture_output=True, text=True)
+
+
+def rate_bits(rate: str) -> float:
+    """``tc``'s rate (``25mbit``, ``1gbit``, ``500kbit``) in bits per second."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kmg]?)bit", rate.strip().lower())
+    if m is None:
+        raise ValueError(f"rate {rate!r}: give NUMBER kbit|mbit|gbit, e.g. 25mbit")
+    return float(m[1]) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m[2]]
+
+
+def burst_bytes(rate: str) -> int:
+    """The token bucket: 10 ms at the rate, at least 32 KiB (tbf needs rate / HZ). A larger
+    bucket would let a whole step's gradients through at the veth's own speed."""
+    return max(32 * 1024, int(rate_bits(rate) / 8 / 100))
 
 
 def available() -> str | None:
@@ -75,7 +91,9 @@ class SlowLink:
             _ip("ip", "netns", "add", name)
         for name in ns.values():
             _ip("ip", "link", "set", "lo", "up", ns=name)
-        _ip("ip", "link", "add", f"{p}br", "type", "bridge", ns=ns["h"])
+        # no STP, no forwarding delay: a port forwards as soon as it is up
+        _ip("ip", "link", "add", f"{p}br", "type", "bridge", "stp_state", "0", "forward_delay",
+            "0", ns=ns["h"])
         _ip("ip", "addr", "add", f"{MGMT_NET}.1/24", "dev", f"{p}br", ns=ns["h"])
         _ip("ip", "link", "set", f"{p}br", "up", ns=ns["h"])
         for node, addr in (("a", 2), ("b", 3)):
@@ -93,7 +111,8 @@ class SlowLink:
             _ip("ip", "addr", "add", f"{DATA_NET}.{addr}/24", "dev", dev, ns=ns[node])
             _ip("ip", "link", "set", dev, "up", ns=ns[node])
             _ip("tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", self.rate, "burst",
-                "256kb", "latency", "100ms", ns=ns[node])
+                str(burst_bytes(self.rate)), "latency", "100ms", ns=ns[node])
+        self._wait_until_up()
         cases = "\n".join(f"  {h}) ns={n};;" for h, n in self.hosts.items())
         self.agent.write_text(
             "#!/bin/sh\n# Open MPI's rsh agent: the command runs in the node's namespace\n"
@@ -101,6 +120,17 @@ class SlowLink:
             '  *) echo "slowlink: unknown host $host" >&2; exit 1;;\nesac\n'
             'exec ip netns exec "$ns" sh -c "$*"\n')
         self.agent.chmod(self.agent.stat().st_mode | stat.S_IXUSR)
+
+    def _wait_until_up(self, timeout: float = 10.0) -> None:
+        """Until the head reaches each node's management address (a TCP connect to a closed
+        port answers at once with a reset once the path is up)."""
+        code = ("import socket,sys,time\nend=time.time()+%f\nfor h in sys.argv[1:]:\n"
+                " while True:\n  s=socket.socket(); s.settimeout(0.5)\n"
+                "  try: s.connect((h, 9)); break\n  except ConnectionRefusedError: break\n"
+                "  except OSError:\n   if time.time()>end: sys.exit('no route to '+h)\n"
+                "   time.sleep(0.1)\n  finally: s.close()\n" % timeout)
+        subprocess.run(["ip", "netns", "exec", self.ns["h"], sys.executable, "-c", code,
+                        *self.hosts], check=True, capture_output=True, text=True)
 
     def close(self) -> None:
         for name in self.ns.values():
@@ -114,7 +144,9 @@ class SlowLink:
         return {"OMPI_MCA_plm_rsh_agent": str(self.agent),
                 "OMPI_MCA_btl": "self,tcp",
                 "OMPI_MCA_btl_tcp_if_include": f"{DATA_NET}.0/24",
-                "OMPI_MCA_oob_tcp_if_include": f"{MGMT_NET}.0/24"}
+                "OMPI_MCA_oob_tcp_if_include": f"{MGMT_NET}.0/24",
+                # each daemon talks to mpirun only (no routes between the nodes' daemons)
+                "OMPI_MCA_routed": "direct"}
 
     @property
     def host_list(self) -> str:

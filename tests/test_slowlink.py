@@ -24,7 +24,7 @@ def train_over(link: SlowLink, out, name: str, *flags) -> tuple[dict, int]:
                       "--hosts", link.host_list, "--", "--framework", "torch", "--model", "cnn",
                       "--dataset", "synthetic", "--synthetic-samples", 64 * 30, "--epochs", 1,
                       "--allreduce", "horovod", "--out-dir", out, "--run-name", name,
-                      "--tensorboard", "false", *flags])
+                      "--no-tensorboard", *flags])
     before = link.tx_bytes()["a"]
     p = subprocess.run([str(a) for a in argv], env=dict(os.environ, **link.env), cwd=REPO,
                        capture_output=True, text=True, timeout=300)
