@@ -194,6 +194,26 @@ def main_job_tables(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def compression_table(rows: list[dict]) -> str:
+    """``harness bench compression``: each method against dense on the slow link (medians)."""
+    def f(v, spec: str) -> str:
+        return "n/a" if v is None else format(v, spec)
+
+    out = ["| framework | method | samples/s | vs dense | sent/step (KB) | on the wire (KB) "
+           "| of dense | final acc | vs dense (points) | time to dense acc (s) | vs dense "
+           "| launches |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["kind"] != "compression_row":
+            continue
+        out.append(f"| {r['framework']} | {r['method']} | {r['samples_per_s']:,.0f} "
+                   f"| {r['speed_vs_dense']:.2f} | {r['sent_bytes_per_step'] / 1e3:,.1f} "
+                   f"| {r['nic_tx_bytes_per_step'] / 1e3:,.1f} | {r['bytes_vs_dense']:.3f} "
+                   f"| {r['final_acc']:.4f} | {r['acc_points_vs_dense']:+.1f} "
+                   f"| {f(r['time_to_dense_acc_s'], '.2f')} "
+                   f"| {f(r['time_to_acc_vs_dense'], '.2f')} | {r['launches']} |")
+    return "\n".join(out)
+
+
 def main(paths: list[str]) -> str:
     rows = _records(paths)
     env = [r for r in rows if r["kind"] == "environment"]
@@ -240,6 +260,8 @@ def main(paths: list[str]) -> str:
         parts += [allreduce_flat_table(rows), ""]
     if any(r["kind"] == "main_job" for r in rows):
         parts += [main_job_tables(rows), ""]
+    if any(r["kind"] == "compression_row" for r in rows):
+        parts += [compression_table(rows), ""]
     return "\n".join(parts)
 
 

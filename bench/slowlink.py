@@ -10,7 +10,7 @@ packet.
       namespace <p>a                namespace <p>b
         <p>ma 10.78.0.2               <p>mb 10.78.0.3        node names: the 10.78 addresses
         <p>da 10.77.0.1  ========  <p>db 10.77.0.2           the data link, shaped by
-                       tbf RATE each way                      ``tc qdisc ... tbf`` (a bucket of 10 ms)
+                       tbf RATE each way                      ``tc qdisc ... tbf``
 
 Open MPI starts one daemon per node through an rsh agent that runs the command in the node's
 namespace (``ip netns exec``), and its ranks talk over TCP on the data link only

@@ -54,7 +54,10 @@ class Ops(Protocol):
     tensor; state handles are whatever ``variable`` returns (a ``tf.Variable``, a box)."""
 
     size: int
+    #: whether ``allreduce_sum`` sums float16 (Horovod does; MPI does not)
+    sums_half: bool
 
+    def all_finite(self, x: Any) -> Any: ...
     def constant(self, a: np.ndarray) -> Any: ...
     def zeros(self, n: int) -> Any: ...
     def cast(self, x: Any, dtype: str) -> Any: ...
@@ -106,24 +109,45 @@ class Compressor:
     """One rank's compressed exchange of the flat gradient vector (length ``n``).
 
     ``exchange(v)`` returns the sum over ranks of every rank's compressed ``v`` and, with
-    error feedback, keeps this rank's residual. ``state_arrays``/``load_state`` hold what a
+    error feedback, keeps this rank's residual. ``state_arrays``/``restore`` hold what a
     checkpoint must carry for an exact resume (residuals, PowerSGD's Q, random-k's cursor).
+    ``skip_nonfinite`` (``nan_policy = "skip"``): a step whose ``v`` is not finite on some rank
+    gives a non-finite total on every rank (so all skip the update) and leaves the state as it
+    was, so one bad batch does not poison the residual or PowerSGD's Q for the rest of the run.
     """
 
     method = "none"
 
     def __init__(self, ops: Ops, n: int, *, error_feedback: bool = True, seed: int = 0,
                  shapes: tuple[tuple[int, ...], ...] = (), ratio: float = 0.01,
-                 rank: int = 4, channels_last: bool = False) -> None:
+                 rank: int = 4, channels_last: bool = False,
+                 skip_nonfinite: bool = False) -> None:
         self.ops, self.n, self.channels_last = ops, n, channels_last
+        self.skip_nonfinite = skip_nonfinite
         self.error_feedback = error_feedback and self.method in EF_METHODS
         self.seed, self.shapes, self.ratio, self.rank = seed, shapes, ratio, rank
         self.payload_bytes = 0
         self.sent_bytes = 0
         self._state: dict[str, Any] = {}
+        self._initial: dict[str, np.ndarray] = {}
+        #: state that is the same on every rank (a checkpoint of any world size restores it)
+        self._shared: set[str] = set()
+        self._finite: Any = None
         self._counting = True
         if self.error_feedback:
-            self._state["residual"] = ops.variable("residual", np.zeros(n, np.float32))
+            self._add_state("residual", np.zeros(n, np.float32))
+
+    def _add_state(self, name: str, initial: np.ndarray, shared: bool = False) -> None:
+        self._state[name] = self.ops.variable(name, initial)
+        self._initial[name] = np.array(initial)
+        if shared:
+            self._shared.add(name)
+
+    def _set(self, name: str, value: Any) -> None:
+        """Update a state, or keep it on a step with non-finite gradients (skip_nonfinite)."""
+        if self._finite is not None:
+            value = self.ops.where(self._finite, value, self.ops.read(self._state[name]))
+        self.ops.assign(self._state[name], value)
 
     # --- the collectives, counted ---
     def _allreduce(self, x: Any, name: str) -> Any:
@@ -146,11 +170,17 @@ class Compressor:
         ops = self.ops
         if self._counting:
             self.payload_bytes = self.sent_bytes = 0
+        self._finite = ops.all_finite(v) if self.skip_nonfinite else None
+        if self._finite is not None:
+            # all of v non-finite: whatever a method selects or scales carries it, so every
+            # rank's total is non-finite and every rank skips the step alike (a top-k that
+            # passed over this rank's NaN would let the others apply it)
+            v = ops.where(self._finite, v, v + float("nan"))
         if self.error_feedback:
             v = v + ops.read(self._state["residual"])
         total, mine = self._exchange(v)
         if self.error_feedback:
-            ops.assign(self._state["residual"], v - mine)
+            self._set("residual", v - mine)
         self._counting = False        # the payload shapes are static: counted once
         return total
 
@@ -169,23 +199,21 @@ class Compressor:
                                                    f"harness.state.{name}"))
         return out
 
-    def state_templates(self) -> dict[str, np.ndarray]:
-        """Zeros shaped as ``state_arrays`` returns them: what a rank without a checkpoint
-        (or with one of another world size) starts from."""
-        ops = self.ops
-        return {name: np.zeros((ops.size, *_shape(ops.read(h))),
-                               ops.to_numpy(ops.read(h)).dtype)
-                for name, h in self._state.items()}
-
     def restore(self, stacked: dict[str, np.ndarray] | None, rank: int) -> list[str]:
         """A collective: rank 0's ``stacked`` arrays (from its checkpoint; None on the other
-        ranks) go to every rank, which takes its own row. An array that is missing or was
-        saved by another number of ranks starts from zeros; returns their names."""
+        ranks) go to every rank, which takes its own row. State that is the same on every rank
+        (PowerSGD's Q, random-k's cursor) comes from any world size's checkpoint; per-rank
+        state (residuals) from one of this world size only. What the checkpoint lacks, or
+        holds in another shape, starts from its initial value: returns those names."""
         ops, fresh = self.ops, []
-        for name, template in self.state_templates().items():
+        for name, initial in self._initial.items():
             a = None if stacked is None else stacked.get(name)
-            if a is None or a.shape != template.shape or a.dtype != template.dtype:
-                a = template
+            fits = a is not None and a.shape[1:] == initial.shape and a.dtype == initial.dtype \
+                and (name in self._shared or a.shape[0] == ops.size)
+            if fits and name in self._shared:
+                a = np.repeat(a[:1], ops.size, axis=0)
+            elif not fits:
+                a = np.repeat(initial[None], ops.size, axis=0)
                 fresh.append(name)
             got = ops.to_numpy(ops.broadcast(ops.constant(np.array(a)),
                                              f"harness.restore.{name}"))
@@ -202,8 +230,12 @@ class Fp16(Compressor):
 
     def _exchange(self, v):
         ops = self.ops
-        total = ops.cast(self._allreduce(ops.cast(v, "float16"), "values"), "float32")
-        return total, v
+        half = ops.cast(v, "float16")
+        if ops.sums_half:
+            return ops.cast(self._allreduce(half, "values"), "float32"), v
+        # MPI has no float16 sum: gathered, summed in float32
+        got = ops.cast(self._allgather(half, "values"), "float32")
+        return ops.sum(ops.reshape(got, (ops.size, self.n)), axis=0), v
 
 
 class Bf16(Compressor):
@@ -258,9 +290,6 @@ class Sign(_Bucketed):
 
     method = "sign"
 
-    def __init__(self, ops: Ops, n: int, **kw: Any) -> None:
-        super().__init__(ops, n, **kw)
-
     def _exchange(self, v):
         ops = self.ops
         rows = self._rows(v)
@@ -297,13 +326,22 @@ class TopK(Compressor):
         mine = ops.scatter_sum(idx, values, self.n)
         idx_all = self._allgather(idx, "indices")
         values_all = self._allgather(values, "values")
-        return ops.scatter_sum(idx_all, values_all, self.n), mine
+        # rank by rank, in rank order: within a rank the indices differ, so no two values
+        # meet in one scatter, and every rank sums the overlaps in the same order (a single
+        # scatter of all ranks' values adds them in whatever order a GPU's atomics take)
+        total = mine if ops.size == 1 else None
+        for r in range(ops.size if ops.size > 1 else 0):
+            part = ops.scatter_sum(idx_all[r * k:(r + 1) * k], values_all[r * k:(r + 1) * k],
+                                   self.n)
+            total = part if total is None else total + part
+        return total, mine
 
 
 class RandomK(Compressor):
     """k values at indices every rank draws alike, so only the values travel (one allreduce).
-    The indices walk a random permutation of all n, k per step (from the run's seed), so
-    every value is sent once every n/k steps: random, without repeats within a cycle."""
+    The indices walk a random permutation of all n, k per step (from the run's seed, wrapping
+    around its end), so every value is sent once in every ceil(n/k) steps or so (exactly once
+    every n/k steps where k divides n): random, and none is left out for long."""
 
     method = "randomk"
 
@@ -313,7 +351,7 @@ class RandomK(Compressor):
         perm = np.random.default_rng([self.seed, 17]).permutation(n).astype(np.int64)
         self._perm = ops.variable("perm", perm)
         self._offsets = ops.constant(np.arange(self.k, dtype=np.int64))
-        self._state["cursor"] = ops.variable("cursor", np.zeros(1, np.int64))
+        self._add_state("cursor", np.zeros(1, np.int64), shared=True)
 
     def _exchange(self, v):
         ops = self.ops
@@ -323,7 +361,7 @@ class RandomK(Compressor):
         values = ops.gather(v, idx)
         mine = ops.scatter_sum(idx, values, self.n)
         total = ops.scatter_sum(idx, self._allreduce(values, "values"), self.n)
-        ops.assign(self._state["cursor"], cursor + 1)
+        self._set("cursor", cursor + 1)
         return total, mine
 
 
@@ -335,7 +373,9 @@ class PowerSGD(Compressor):
 
     A weight's matrix has its output units as rows in both frameworks: PyTorch keeps them
     first ((out, in, kh, kw)), Keras last ((kh, kw, in, out), ``channels_last``), so Keras's
-    are transposed on the way in and out and both send the same factors."""
+    are transposed on the way in and out and the two send factors of the same shapes; for a
+    dense layer the same factors (a convolution's columns are ordered (in, kh, kw) in one
+    and (kh, kw, in) in the other, so its seeded Q meets them in another order)."""
 
     method = "powersgd"
 
@@ -358,8 +398,8 @@ class PowerSGD(Compressor):
         if off != n:
             raise ValueError(f"PowerSGD: the shapes hold {off} values, the vector {n}")
         for i, (_, _, cols, r) in enumerate(self.matrices):
-            self._state[f"q{i:03d}"] = ops.variable(
-                f"q{i:03d}", rng.standard_normal((cols, r)).astype(np.float32))
+            self._add_state(f"q{i:03d}", rng.standard_normal((cols, r)).astype(np.float32),
+                            shared=True)
 
     def _matrix(self, values, m: int, cols: int):
         if self.channels_last:
@@ -405,7 +445,7 @@ class PowerSGD(Compressor):
         for i, ((off, m, cols, r), p) in enumerate(zip(self.matrices, ps_hat)):
             q = ops.reshape(second[pos:pos + cols * r], (cols, r))
             pos += cols * r
-            ops.assign(self._state[f"q{i:03d}"], q)
+            self._set(f"q{i:03d}", q)
             total[off] = self._vector(ops.matmul(p, q, transpose_b=True), m, cols)
             # the residual is against the average's approximation (as PyTorch's hook keeps
             # it), in this rank's share of the sum: 1/size of it
@@ -433,7 +473,24 @@ def for_run(cfg: Any, ops: Ops, shapes: tuple[tuple[int, ...], ...],
     n = sum(int(np.prod(s)) for s in shapes)
     return make(cfg.compression, ops, n, shapes=tuple(shapes), ratio=cfg.compression_ratio,
                 rank=cfg.powersgd_rank, error_feedback=cfg.error_feedback, seed=cfg.seed,
-                channels_last=channels_last)
+                channels_last=channels_last, skip_nonfinite=cfg.nan_policy == "skip")
+
+
+class HorovodCollectives:
+    """The collectives of an ``Ops`` through Horovod: the same calls in horovod.torch and
+    horovod.tensorflow. Without Horovod (``hvd`` None: one rank) each is the identity."""
+
+    hvd: Any = None
+    sums_half = True
+
+    def allreduce_sum(self, x, name):
+        return x if self.hvd is None else self.hvd.allreduce(x, op=self.hvd.Sum, name=name)
+
+    def allgather(self, x, name):
+        return x if self.hvd is None else self.hvd.allgather(x, name=name)
+
+    def broadcast(self, x, name):
+        return x if self.hvd is None else self.hvd.broadcast(x, root_rank=0, name=name)
 
 
 class _Box:
@@ -453,6 +510,10 @@ class NumpyOps:
     def __init__(self, comm: Any = None) -> None:
         self.comm = comm
         self.size = 1 if comm is None else comm.Get_size()
+        self.sums_half = comm is None
+
+    def all_finite(self, x):
+        return np.isfinite(x).all()
 
     def constant(self, a):
         return np.asarray(a)
@@ -466,7 +527,8 @@ class NumpyOps:
             return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
         if x.dtype == np.uint16 and dtype == "float32":                  # from bfloat16 bits
             return (x.astype(np.uint32) << 16).view(np.float32)
-        return x.astype(self._DTYPES[dtype])
+        with np.errstate(invalid="ignore"):  # NaN to int8 on a skipped step: any value will do
+            return x.astype(self._DTYPES[dtype])
 
     def bitcast(self, x, dtype):
         return x.view(np.uint16 if dtype == "bfloat16" else self._DTYPES[dtype])
@@ -490,7 +552,7 @@ class NumpyOps:
         return np.clip(x, lo, hi)
 
     def where(self, cond, a, b):
-        return np.where(cond, a, b).astype(np.float32)
+        return np.where(cond, a, b)
 
     def sum(self, x, axis=None, keepdims=False):
         return np.sum(x, axis=axis, keepdims=keepdims, dtype=np.float32)
@@ -532,9 +594,6 @@ class NumpyOps:
     def allreduce_sum(self, x, name):
         if self.comm is None:
             return x.copy()
-        if x.dtype == np.float16:        # MPI has no float16 sum: gathered, summed in float32
-            got = self.allgather(x, name).reshape(self.size, *x.shape)
-            return got.astype(np.float32).sum(axis=0).astype(np.float16)
         out = np.empty_like(x)
         self.comm.Allreduce(np.ascontiguousarray(x), out)
         return out

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from harness import checkpoint as ckpt_io
+from harness.compress import EF_METHODS
 from harness.backends.base import Backend, create, resolve_gradient_path
 from harness.config import RunConfig
 from harness.data import Dataset
@@ -53,9 +54,18 @@ def check_resume_fits(ckpt: ckpt_io.Checkpoint, cfg: RunConfig, world: World, pl
                 f"{plan.lr_peak:g} (lr_scaling = {cfg.lr_scaling!r}): resume with "
                 f"{old_size} rank(s), or set lr_scaling = 'none' with global_batch_size so the "
                 "schedule does not depend on the number of ranks")
+        per_rank = cfg.compression in EF_METHODS and cfg.error_feedback
         log.warning(f"checkpoint {ckpt.path} was written by {old_size} rank(s), this run "
                     f"has {world.size}: the global batch ({plan.global_batch}) and learning-rate "
-                    "schedule are unchanged, so training continues exactly where it stopped")
+                    "schedule are unchanged, so training continues "
+                    + ("where it stopped, but each rank's error-feedback residual (one per rank) "
+                       "starts from zeros" if per_rank else "exactly where it stopped"))
+
+
+def compression_settings(config: dict) -> tuple:
+    """What a checkpoint's compression state depends on (its config's or this run's)."""
+    return tuple(config.get(k) for k in ("compression", "compression_ratio", "powersgd_rank",
+                                         "error_feedback"))
 
 
 def load_into_backend(backend: Backend, ckpt: ckpt_io.Checkpoint) -> None:
@@ -64,7 +74,9 @@ def load_into_backend(backend: Backend, ckpt: ckpt_io.Checkpoint) -> None:
         backend.set_weights(ckpt.weights)
         if ckpt.optimizer:
             backend.set_optimizer_state(ckpt.optimizer, ckpt.meta["optimizer"])
-        backend.set_exchange_state(ckpt.exchange)
+        if compression_settings(ckpt.meta.get("config", {})) == \
+                compression_settings(backend.cfg.to_dict()):
+            backend.set_exchange_state(ckpt.exchange)       # else it starts afresh (warned)
     except CheckpointError:
         raise
     except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:

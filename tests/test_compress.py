@@ -145,7 +145,7 @@ def test_state_restores_exactly(method):
         assert np.array_equal(a.exchange(gradient(t)), b.exchange(gradient(t)))
 
 
-def test_state_of_another_world_size_starts_from_zeros():
+def test_a_residual_of_another_world_size_starts_from_zeros():
     a, b = make("topk"), make("topk")
     a.exchange(gradient())
     stacked = {k: np.concatenate([v, v]) for k, v in a.state_arrays().items()}   # 2 ranks'
@@ -158,3 +158,65 @@ def test_bfloat16_rounds_to_nearest_even():
     x = np.array([1.0, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -2.5, 3e38], np.float32)
     back = ops.cast(ops.cast(x, "bfloat16"), "float32")
     assert back.tolist()[:4] == [1.0, 1.0, 1.0 + 2 ** -6, -2.5]
+
+
+class ThreeIdenticalRanks:
+    """An mpi4py-like communicator of 3 ranks that all hold this rank's data."""
+
+    def Get_size(self) -> int:
+        return 3
+
+    def Allgather(self, send, recv) -> None:
+        recv[:] = np.concatenate([send] * 3)
+
+    def Allreduce(self, send, recv) -> None:
+        recv[:] = send * 3
+
+    def Bcast(self, buf, root=0) -> None:
+        pass
+
+
+@pytest.mark.parametrize("method", list(C.CLASSES))
+def test_three_ranks_sum_their_shares_and_count_ring_bytes(method):
+    """With 3 ranks holding the same gradient, the total is 3x one rank's share, and the
+    bytes follow the collective: fp16 over MPI (no float16 sum) gathers."""
+    one = make(method)
+    three = C.make(method, C.NumpyOps(ThreeIdenticalRanks()), N, shapes=SHAPES, ratio=0.1,
+                   rank=2)
+    v = gradient()
+    mine, total = one.exchange(v), three.exchange(v)
+    if method != "powersgd":          # its P and Q are reduced before the factors are formed
+        np.testing.assert_allclose(total, 3 * mine, rtol=1e-5, atol=1e-5)
+    gathers = method in ("fp16", "bf16", "int8", "sign", "topk")
+    assert three.sent_bytes == (2 * one.payload_bytes if gathers
+                                else round(4 / 3 * one.payload_bytes))
+
+
+def test_a_non_finite_step_leaves_the_state_as_it_was():
+    """nan_policy = skip: the step is skipped, and its NaN stays out of the residual, Q and
+    the cursor, so the next step is finite again."""
+    for method in ("int8", "topk", "randomk", "powersgd"):
+        c = make(method, skip_nonfinite=True)
+        c.exchange(gradient(0))
+        before = c.state_arrays()
+        bad = gradient(1)
+        bad[5] = np.nan
+        assert not np.isfinite(c.exchange(bad)).all()
+        after = c.state_arrays()
+        for name in before:
+            assert np.array_equal(before[name], after[name]), (method, name)
+        assert np.isfinite(c.exchange(gradient(2))).all(), method
+
+
+def test_powersgd_resumed_from_another_world_size_keeps_its_q():
+    """Q is the same on every rank: a checkpoint of any world size restores it (zeros would
+    stop every matrix's update for good); the per-rank residual restarts."""
+    a, b = make("powersgd"), make("powersgd")
+    for t in range(3):
+        a.exchange(gradient(t))
+    saved = {k: np.concatenate([v, v]) for k, v in a.state_arrays().items()}   # 2 ranks'
+    assert b.restore(saved, rank=0) == ["residual"]
+    assert np.array_equal(b.state_arrays()["q000"], a.state_arrays()["q000"])
+    fresh = make("powersgd")
+    assert sorted(fresh.restore({}, rank=0)) == sorted(fresh.state_arrays())
+    assert np.abs(fresh.exchange(gradient())).max() > 0       # the seeded Q, not zeros

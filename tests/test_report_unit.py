@@ -337,10 +337,11 @@ def test_values_that_were_not_measured_show_as_n_a(tmp_path, no_figures):
     assert row["final acc"] == f"{summary_of(folder)['final_eval_acc']:.4f}"
 
 
-def ps_table(report: Path) -> dict[str, dict[str, str]]:
-    """The parameter-server table of report.md, as {row name: {column: cell}}."""
+def section(report: Path, title: str) -> dict[str, dict[str, str]]:
+    """The table under ``## title`` in report.md, as {run: {column: cell}}."""
     lines = report.read_text().splitlines()
-    first = lines.index("## Parameter-server runs") + 2
+    at = lines.index(f"## {title}")
+    first = next(i for i in range(at, len(lines)) if lines[i].startswith("| run |"))
     header = [c.strip() for c in lines[first].strip("|").split("|")]
     rows = {}
     for line in lines[first + 2:]:
@@ -349,6 +350,11 @@ def ps_table(report: Path) -> dict[str, dict[str, str]]:
         cells = [c.strip() for c in line.strip("|").split("|")]
         rows[cells[0]] = dict(zip(header, cells))
     return rows
+
+
+def ps_table(report: Path) -> dict[str, dict[str, str]]:
+    """The parameter-server table of report.md, as {row name: {column: cell}}."""
+    return section(report, "Parameter-server runs")
 
 
 PS_SUMMARY = {"updates_per_s": 4321.5, "staleness_histogram": {"0": 5, "1": 3, "4": 1},
@@ -485,19 +491,6 @@ def test_parameter_server_runs_are_explained_from_their_step_and_push_pull_times
 
 # --- issue 17: compressed runs against their dense twins --------------------------------------
 
-def section(report: Path, title: str) -> dict[str, dict[str, str]]:
-    """The table under ``## title`` in report.md, as {run: {column: cell}}."""
-    lines = report.read_text().splitlines()
-    at = lines.index(f"## {title}")
-    first = next(i for i in range(at, len(lines)) if lines[i].startswith("| run |"))
-    header = [c.strip() for c in lines[first].strip("|").split("|")]
-    rows = {}
-    for line in lines[first + 2:]:
-        if not line.startswith("|"):
-            break
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        rows[cells[0]] = dict(zip(header, cells))
-    return rows
 
 
 def test_each_compressed_run_is_set_against_the_dense_run_of_its_config(tmp_path, no_figures):

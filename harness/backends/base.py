@@ -180,7 +180,9 @@ class Backend(ABC):
         returns what started from zeros (absent, or saved by another number of ranks)."""
         if self.compressor is None:
             return []
-        return self.compressor.restore(self._restored_exchange, self.world.rank)
+        fresh = self.compressor.restore(self._restored_exchange, self.world.rank)
+        self._restored_exchange = None
+        return fresh
 
     # --- flat-vector interface used by the parameter server ---
     @abstractmethod

@@ -9,8 +9,10 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from harness.compress import HorovodCollectives
 
-class TFOps:
+
+class TFOps(HorovodCollectives):
     """``hvd``: horovod.tensorflow (None: one rank, collectives are the identity)."""
 
     def __init__(self, hvd: Any = None) -> None:
@@ -18,6 +20,9 @@ class TFOps:
         self.size = 1 if hvd is None else hvd.size()
         self._bit_weights = tf.constant([128, 64, 32, 16, 8, 4, 2, 1], tf.int32)
         self._bit_shifts = tf.constant([7, 6, 5, 4, 3, 2, 1, 0], tf.uint8)
+
+    def all_finite(self, x):
+        return tf.reduce_all(tf.math.is_finite(x))
 
     def constant(self, a):
         return tf.constant(np.array(a))
@@ -88,21 +93,6 @@ class TFOps:
         bits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(packed[:, None], self._bit_shifts),
                                       tf.constant(1, tf.uint8))
         return tf.reshape(bits, [-1])
-
-    def allreduce_sum(self, x, name):
-        if self.hvd is None:
-            return tf.identity(x)
-        return self.hvd.allreduce(x, op=self.hvd.Sum, name=name)
-
-    def allgather(self, x, name):
-        if self.hvd is None:
-            return tf.identity(x)
-        return self.hvd.allgather(x, name=name)
-
-    def broadcast(self, x, name):
-        if self.hvd is None:
-            return x
-        return self.hvd.broadcast(x, root_rank=0, name=name)
 
     def nbytes(self, x):
         return int(x.shape.num_elements()) * x.dtype.size

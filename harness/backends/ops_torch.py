@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from harness.compress import HorovodCollectives
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "int8": torch.int8, "int16": torch.int16, "uint8": torch.uint8,
            "int32": torch.int32, "int64": torch.int64}
@@ -18,7 +20,7 @@ class _Box:
         self.value = value
 
 
-class TorchOps:
+class TorchOps(HorovodCollectives):
     """``hvd``: horovod.torch (None: one rank, collectives are the identity)."""
 
     def __init__(self, hvd: Any = None, device: torch.device | str = "cpu") -> None:
@@ -28,6 +30,9 @@ class TorchOps:
         self._bit_weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8,
                                          device=self.device)
         self._bit_shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=self.device)
+
+    def all_finite(self, x):
+        return torch.isfinite(x).all()
 
     def constant(self, a):
         return torch.from_numpy(np.array(a)).to(self.device)
@@ -96,21 +101,6 @@ class TorchOps:
 
     def unpack_bits(self, packed):
         return ((packed.unsqueeze(1) >> self._bit_shifts) & 1).reshape(-1)
-
-    def allreduce_sum(self, x, name):
-        if self.hvd is None:
-            return x.clone()
-        return self.hvd.allreduce(x, op=self.hvd.Sum, name=name)
-
-    def allgather(self, x, name):
-        if self.hvd is None:
-            return x.clone()
-        return self.hvd.allgather(x, name=name)
-
-    def broadcast(self, x, name):
-        if self.hvd is None:
-            return x
-        return self.hvd.broadcast(x, root_rank=0, name=name)
 
     def nbytes(self, x):
         return x.numel() * x.element_size()
