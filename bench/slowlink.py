@@ -113,12 +113,19 @@ class SlowLink:
             _ip("tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", self.rate, "burst",
                 str(burst_bytes(self.rate)), "latency", "100ms", ns=ns[node])
         self._wait_until_up()
-        cases = "\n".join(f"  {h}) ns={n};;" for h, n in self.hosts.items())
+        cases = []
+        for host, name in self.hosts.items():
+            (self.dir / name).mkdir()
+            cases.append(f"  {host}) ns={name};;")
+        # Each node gets its own host name (a UTS namespace) and its own Open MPI session
+        # folder: sharing the machine's, one node's daemon cleaning up after a job raced the
+        # other's start of the next ("orte_session_dir failed").
         self.agent.write_text(
-            "#!/bin/sh\n# Open MPI's rsh agent: the command runs in the node's namespace\n"
-            f'host=$1; shift\ncase "$host" in\n{cases}\n'
+            "#!/bin/sh\n# Open MPI's rsh agent: the command runs in the node's namespaces\n"
+            "host=$1; shift\ncase \"$host\" in\n" + "\n".join(cases) + "\n"
             '  *) echo "slowlink: unknown host $host" >&2; exit 1;;\nesac\n'
-            'exec ip netns exec "$ns" sh -c "$*"\n')
+            f'exec ip netns exec "$ns" unshare --uts env OMPI_MCA_orte_tmpdir_base={self.dir}/$ns '
+            'sh -c "hostname $ns && $*"\n')
         self.agent.chmod(self.agent.stat().st_mode | stat.S_IXUSR)
 
     def _wait_until_up(self, timeout: float = 10.0) -> None:
