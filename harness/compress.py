@@ -207,12 +207,12 @@ class Compressor:
         holds in another shape, starts from its initial value: returns those names."""
         ops, fresh = self.ops, []
         for name, initial in self._initial.items():
-            a = None if stacked is None else stacked.get(name)
-            fits = a is not None and a.shape[1:] == initial.shape and a.dtype == initial.dtype \
-                and (name in self._shared or a.shape[0] == ops.size)
-            if fits and name in self._shared:
-                a = np.repeat(a[:1], ops.size, axis=0)
-            elif not fits:
+            saved = None if stacked is None else stacked.get(name)
+            if saved is not None and saved.shape[1:] == initial.shape \
+                    and saved.dtype == initial.dtype \
+                    and (name in self._shared or saved.shape[0] == ops.size):
+                a = np.repeat(saved[:1], ops.size, axis=0) if name in self._shared else saved
+            else:
                 a = np.repeat(initial[None], ops.size, axis=0)
                 fresh.append(name)
             got = ops.to_numpy(ops.broadcast(ops.constant(np.array(a)),
