@@ -247,9 +247,10 @@ def compress_inputs(fw: str, method: str, steps: int = 3) -> list[np.ndarray]:
     return out
 
 
-def check_compress(fw: str, out_path: str) -> dict:
+def check_compress(fw: str, out_path: str, device: str = "cpu") -> dict:
     """Every compression method, 3 steps with its state, on one rank with this framework's
-    operations (TensorFlow's inside tf.function, as the backend runs them): the outputs."""
+    operations (TensorFlow's inside tf.function, as the backend runs them; PyTorch's on
+    ``device``): the outputs."""
     from harness import compress as C
 
     shapes = COMPRESS_SHAPES[fw]
@@ -261,8 +262,9 @@ def check_compress(fw: str, out_path: str) -> dict:
 
             from harness.backends.ops_torch import TorchOps
 
-            c = C.make(method, TorchOps(), n, shapes=shapes, ratio=0.05, rank=3, seed=7)
-            run = lambda v: c.exchange(torch.from_numpy(v)).numpy()  # noqa: E731
+            c = C.make(method, TorchOps(device=device), n, shapes=shapes, ratio=0.05, rank=3,
+                       seed=7)
+            run = lambda v: c.exchange(torch.from_numpy(v).to(device)).cpu().numpy()  # noqa
         else:
             import tensorflow as tf
 

@@ -137,3 +137,16 @@ def test_doctor_reports_the_gpu():
     gpu = [f for f in facts["findings"] if f["component"] == "gpu"][0]
     assert gpu["status"] == "ok" and "GPU(s)" in gpu["detail"], gpu
 
+
+def test_every_compression_method_on_cuda_gives_the_reference_numbers(tmp_path):
+    """PyTorch's compression operations on the GPU (three steps with their state: residuals,
+    PowerSGD's Q, random-k's cursor) give the NumPy reference's results and bytes."""
+    from conftest import fw_check
+    from test_compression import reference
+
+    answer = fw_check("torch", "compress", str(tmp_path / "c.npz"), "cuda")
+    ref, ref_sent = reference("torch")
+    assert answer["payload_bytes"] == ref_sent
+    with np.load(tmp_path / "c.npz") as z:
+        for key, want in ref.items():
+            np.testing.assert_allclose(z[key], want, rtol=1e-4, atol=1e-5, err_msg=key)
