@@ -23,8 +23,8 @@ def test_compare_stops_at_a_preempted_run_and_resume_continues(tmp_path, monkeyp
     monkeypatch.setattr(harness.report, "build_report", lambda *a, **k: None)
     out = tmp_path / "cmp"
     ns = argparse.Namespace(config=None, frameworks="torch", np="1,2", modes="sync",
-                            launcher="mpirun", out_dir=str(out), dry_run=False, resume=False,
-                            train_args=["--", "--model", "mlp"])
+                            compression=None, launcher="mpirun", out_dir=str(out),
+                            dry_run=False, resume=False, train_args=["--", "--model", "mlp"])
     assert cmd_compare(ns) == 75 and len(calls) == 1          # the second run never started
     (out / "torch-sync-np1").mkdir(parents=True)             # what the first run left
     with pytest.raises(ConfigError, match="add --resume"):
