@@ -389,7 +389,7 @@ def train(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
         if fresh and world.rank == 0:
             ctx.log.warning(f"the checkpoint has no compression state {', '.join(fresh)} for "
                             f"{world.size} ranks (saved by another number of ranks or another "
-                            "compression): it starts from zeros, so this resume is not exact")
+                            "compression): it starts afresh, so this resume is not exact")
     first_step_done = False
     tail = 0.0
     try:
