@@ -44,6 +44,8 @@ METHODS = ("none", "fp16", "bf16", "int8", "sign", "topk", "randomk", "powersgd"
 EF_METHODS = ("int8", "sign", "topk", "randomk", "powersgd")
 #: methods that only run on the flat exchange (``fp16`` also runs in Horovod's optimizers)
 FLAT_ONLY = ("bf16", "int8", "sign", "topk", "randomk", "powersgd")
+#: the config keys a compressor's state depends on
+KEYS = ("compression", "compression_ratio", "powersgd_rank", "error_feedback")
 #: values that share one scale (int8, sign)
 BUCKET = 512
 _EPS = 1e-8

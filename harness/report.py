@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from harness import compress
 from harness.errors import ConfigError
 from harness.files import atomic_write
 from harness.metrics import latest_by_step, read_records
@@ -179,10 +180,6 @@ def compression_label(cfg: dict[str, Any]) -> str:
         method += " no-EF"
     return method
 
-
-#: the config keys of the gradient compression (a compressed run's dense baseline differs in
-#: these only)
-COMPRESSION_KEYS = ("compression", "compression_ratio", "powersgd_rank", "error_feedback")
 
 # Config keys that say where and how a run was recorded, not what was measured.
 NOT_THE_EXPERIMENT = ("out_dir", "run_name", "resume", "log_every", "horovod_timeline",
@@ -421,7 +418,7 @@ def dense_baselines(runs: list[Run]) -> dict[Path, Run | None]:
     otherwise the same config, data and workers (None when there is none)."""
     def key(r: Run) -> str:
         cfg = {k: v for k, v in r.cfg.items()
-               if k not in NOT_THE_EXPERIMENT and k not in COMPRESSION_KEYS}
+               if k not in NOT_THE_EXPERIMENT and k not in compress.KEYS}
         return json.dumps([cfg, r.run.get("data"), r.workers], sort_keys=True, default=str)
 
     dense = {key(r): r for r in runs if r.compression == "none" and r.unfinished is None}

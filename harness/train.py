@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from harness import checkpoint as ckpt_io
+from harness import compress
 from harness.compress import EF_METHODS
 from harness.backends.base import Backend, create, resolve_gradient_path
 from harness.config import RunConfig
@@ -64,8 +65,7 @@ def check_resume_fits(ckpt: ckpt_io.Checkpoint, cfg: RunConfig, world: World, pl
 
 def compression_settings(config: dict) -> tuple:
     """What a checkpoint's compression state depends on (its config's or this run's)."""
-    return tuple(config.get(k) for k in ("compression", "compression_ratio", "powersgd_rank",
-                                         "error_feedback"))
+    return tuple(config.get(k) for k in compress.KEYS)
 
 
 def load_into_backend(backend: Backend, ckpt: ckpt_io.Checkpoint) -> None:
