@@ -8,12 +8,13 @@ main job (configs/compare_digits.toml: the digits cnn, 8 epochs, batch 32 per ra
 communication-bound configuration (as a 7.5 MB model on 1 Gbit/s would be).
 
 Per launch round, for each framework: the dense run (compression = none) first, then every
-method, interleaved. Per run (``compression_run``): samples/s (global batch over the median
-step), training wall time, final test accuracy, the bytes rank 0 reports sending per step, the
-bytes its node's interface actually sent per step (``tx_bytes`` over the run / steps: headers,
-Horovod's negotiation and the harness's small agreements included), and the time to the dense
-run's accuracy: the first epoch end whose test accuracy is within 1 point of the dense run's
-final accuracy (the dense run of the same round and framework), on the run's own wall clock.
+method (and local SGD, post-local SGD), interleaved. Per run (``compression_run``): samples/s
+(global batch over the median step), training wall time, final test accuracy, the bytes rank 0
+reports sending per step, the bytes its node's interface actually sent per step (``tx_bytes``
+over the run / steps: headers, Horovod's negotiation and the harness's small agreements
+included), and the time to the dense run's accuracy: the first epoch end whose test accuracy
+is within 1 point of the dense run's final accuracy (the dense run of the same round and
+framework), on the run's own wall clock.
 Per (framework, method) a ``compression_row`` holds the medians over rounds and the ratios to
 dense.
 
@@ -37,10 +38,14 @@ from bench.common import REPO, emit, median
 from bench.slowlink import SlowLink, available
 from harness.errors import EnvironmentMismatch
 
-#: (method, its setting flags): random-k needs a large share (docs/compression.md)
+#: (method, its setting flags): random-k needs a large share (docs/compression.md); local SGD
+#: averages weights every 8 steps, post-local SGD every 16 after 2 dense epochs (of 8)
 METHODS = [("none", []), ("fp16", []), ("bf16", []), ("int8", []), ("sign", []),
            ("topk", ["--compression-ratio", "0.01"]), ("randomk", ["--compression-ratio", "0.25"]),
-           ("powersgd", ["--powersgd-rank", "4"])]
+           ("powersgd", ["--powersgd-rank", "4"]),
+           ("local-sgd", ["--local-sgd-period", "8"]),
+           ("post-local-sgd", ["--local-sgd-period", "16", "--local-sgd-start-epoch", "2"])]
+LOCAL = ("local-sgd", "post-local-sgd")
 FRAMEWORKS = ("torch", "tensorflow")
 RATE = "25mbit"
 
@@ -57,7 +62,8 @@ def time_to(records: list[dict[str, Any]], accuracy: float) -> float | None:
 def one_run(link: SlowLink, fw: str, method: str, flags: list[str], out_dir: Path,
             name: str, quick: bool) -> dict[str, Any]:
     train = ["--config", str(REPO / "configs" / "compare_digits.toml"), "--framework", fw,
-             "--compression", method, *flags, "--out-dir", str(out_dir), "--run-name", name,
+             *(["--compression", method] if method not in LOCAL else []), *flags,
+             "--out-dir", str(out_dir), "--run-name", name,
              "--resume", "never", "--no-tensorboard", "--allreduce", "horovod"]
     if quick:
         train += ["--epochs", "1"]

@@ -626,3 +626,72 @@ class NumpyOps:
 
     def to_numpy(self, x):
         return np.asarray(x)
+
+
+# --- the parameter server's compressed pushes ---------------------------------------------
+
+#: methods a parameter-server worker can push with (mode = "async")
+PUSH_METHODS = ("topk", "int8")
+
+
+class _Capture(NumpyOps):
+    """One rank whose allgathers keep what they would have sent: a compressor over it encodes
+    a push with the same selection, scales and error feedback as the sync exchange."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: dict[str, np.ndarray] = {}
+
+    def allgather(self, x, name):
+        self.sent[name.rsplit(".", 1)[-1]] = np.ascontiguousarray(x)
+        return x.copy()
+
+
+class PushCodec:
+    """A parameter-server worker's compressed push of one ``n``-value shard, as one byte
+    buffer of static size (``nbytes``): top-k's int32 indices then float32 values, or int8's
+    values then one float32 scale per BUCKET. The worker encodes (keeping its residual with
+    error feedback); the server decodes into a dense gradient."""
+
+    def __init__(self, method: str, n: int, ratio: float = 0.01,
+                 error_feedback: bool = True) -> None:
+        if method not in PUSH_METHODS:
+            raise ValueError(f"no compressed push for {method!r}: {', '.join(PUSH_METHODS)}")
+        self.method, self.n = method, n
+        self.parts: list[tuple[str, np.dtype, int]]
+        if method == "topk":
+            k = sparse_k(n, ratio)
+            self.parts = [("indices", np.dtype(np.int32), k), ("values", np.dtype(np.float32), k)]
+        else:
+            buckets = max(1, math.ceil(n / BUCKET))
+            self.parts = [("values", np.dtype(np.int8), buckets * BUCKET),
+                          ("scales", np.dtype(np.float32), buckets)]
+        self.nbytes = sum(dtype.itemsize * count for _, dtype, count in self.parts)
+        self._ops: _Capture | None = None
+        self._compressor: Compressor | None = None
+        self._ratio, self._ef = ratio, error_feedback
+
+    def encode(self, v: np.ndarray) -> np.ndarray:
+        """``v`` (float32, n) compressed into a new uint8 buffer of ``nbytes``."""
+        if self._compressor is None:           # the worker's side only: its residual
+            self._ops = _Capture()
+            self._compressor = make(self.method, self._ops, self.n, ratio=self._ratio,
+                                    error_feedback=self._ef)
+        assert self._ops is not None
+        self._compressor.exchange(np.asarray(v, np.float32))
+        return np.concatenate([self._ops.sent[name].view(np.uint8).ravel()
+                               for name, _, _ in self.parts])
+
+    def decode(self, buf: np.ndarray) -> np.ndarray:
+        """The dense float32 gradient (n) that ``buf`` carries."""
+        got, off = {}, 0
+        for name, dtype, count in self.parts:
+            size = dtype.itemsize * count
+            got[name] = buf[off:off + size].view(dtype)
+            off += size
+        if self.method == "topk":
+            out = np.zeros(self.n, np.float32)
+            out[got["indices"]] = got["values"]
+            return out
+        rows = got["values"].astype(np.float32).reshape(-1, BUCKET) * got["scales"][:, None]
+        return rows.reshape(-1)[:self.n]

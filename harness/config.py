@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.compress import FLAT_ONLY, METHODS
+from harness.compress import FLAT_ONLY, METHODS, PUSH_METHODS
 from harness.errors import ConfigError
 
 
@@ -108,6 +108,16 @@ class RunConfig:
     error_feedback: bool = _opt(True, "int8, sign, topk, randomk, powersgd: keep what "
                                 "compression dropped on each rank and add it to the next step "
                                 "(checkpointed, so a resume stays exact)")
+    local_sgd_period: int = _opt(0, "local SGD (docs/compression.md): each rank takes this "
+                                 "many steps on its own, then the ranks average their weights "
+                                 "(and at every epoch end); 0: off, gradients every step",
+                                 minimum=0)
+    local_sgd_start_epoch: int = _opt(0, "post-local SGD: dense gradient exchange for this "
+                                      "many epochs, then local SGD", minimum=0)
+    local_sgd_weighted: bool = _opt(False, "local SGD: weight each rank's model by the samples "
+                                    "it applied since the last average (federated averaging; "
+                                    "differs from the plain mean when nan_policy = 'skip' "
+                                    "skipped some of a rank's steps)")
     backward_passes_per_step: int = _opt(1, "local gradient accumulation steps per allreduce",
                                          minimum=1)
     reduction: str = _opt("average", "gradient reduction op", ("average", "adasum"))
@@ -207,17 +217,21 @@ class RunConfig:
             raise ConfigError("tf_loop = 'fit' reduces gradients in Horovod's Keras "
                               "DistributedOptimizer: set grad_exchange = 'optimizer' (or 'auto')")
         self._check_compression()
+        self._check_local_sgd()
         if self.resume not in ("auto", "never") and not self.resume.strip():
             raise ConfigError("resume must be 'auto', 'never' or a checkpoint path")
 
     def _check_compression(self) -> None:
         method = self.compression
+        if self.mode == "async":
+            if method not in ("none", *PUSH_METHODS):
+                raise ConfigError(f"compression = {method!r} compresses the sync gradient "
+                                  "exchange; the parameter server's workers push with "
+                                  f"{' or '.join(PUSH_METHODS)}: set one of them, 'none', or "
+                                  "mode = 'sync'")
+            return
         if method not in FLAT_ONLY:
             return
-        if self.mode == "async":
-            raise ConfigError(f"compression = {method!r} compresses the sync gradient exchange; "
-                              "the parameter server sends full gradients: set mode = 'sync' or "
-                              "compression = 'none'")
         if self.reduction == "adasum":
             raise ConfigError(f"compression = {method!r} cannot be combined with reduction = "
                               "'adasum' (Adasum combines whole gradients layer by layer): set "
@@ -230,6 +244,31 @@ class RunConfig:
             raise ConfigError(f"compression = {method!r} runs on the flat exchange: set "
                               "grad_exchange = 'flat' (or 'auto'), or compression = 'none' / "
                               "'fp16'")
+
+    def _check_local_sgd(self) -> None:
+        period = self.local_sgd_period
+        if not period:
+            if self.local_sgd_start_epoch or self.local_sgd_weighted:
+                key = "local_sgd_start_epoch" if self.local_sgd_start_epoch \
+                    else "local_sgd_weighted"
+                raise ConfigError(f"{key} is set but local SGD is off: set local_sgd_period "
+                                  f"(steps between averages, e.g. 8) or drop {key}")
+            return
+        fixes = [(self.mode == "async", "the parameter server already lets workers run "
+                                        "apart: set mode = 'sync'"),
+                 (self.reduction == "adasum", "set reduction = 'average'"),
+                 (self.tf_loop == "fit", "set tf_loop = 'custom'"),
+                 (self.grad_exchange == "optimizer", "set grad_exchange = 'flat' (or 'auto')"),
+                 (self.compression != "none", "local steps send no gradients to compress: set "
+                                              "compression = 'none'")]
+        for bad, fix in fixes:
+            if bad:
+                raise ConfigError(f"local_sgd_period = {period} cannot run with this config: "
+                                  f"{fix}, or local_sgd_period = 0")
+        if self.local_sgd_start_epoch >= self.epochs:
+            raise ConfigError(f"local_sgd_start_epoch = {self.local_sgd_start_epoch} is not "
+                              f"below epochs = {self.epochs}: local SGD would never start; "
+                              f"use 0..{self.epochs - 1}")
 
     @property
     def exchange(self) -> str:

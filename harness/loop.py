@@ -24,6 +24,7 @@ from harness.driver import LRSchedule, eval_record, eval_sums, track_target
 from harness.env import World
 from harness.errors import TrainingAborted
 from harness.faults import FaultInjector
+from harness.localsgd import LocalSGD
 from harness.metrics import MetricsWriter, StepBreakdown, StepTimer
 from harness.preemption import StopFlag, Watchdog
 from harness.progress import Progress
@@ -183,6 +184,8 @@ class TrainingRun:
         self.update_every = ctx.backend.update_every()
         self.stop_agreed = False         # every rank knows that some rank was asked to stop
         self.save_pending = False        # a checkpoint waits for the next update boundary
+        #: the ranks' weights agree (false between local SGD's averages)
+        self.synced = True
         self.sent: list[int] = []        # bytes rank 0 sent per step (this start's steps)
         ctx.ckpt_meta["plan"] = Plan(self.sharder.global_batch, self.spe, self.total_steps,
                                      self.schedule.peak, self.schedule.warmup_steps).as_meta()
@@ -252,8 +255,10 @@ class TrainingRun:
                 self.save()
 
     def at_boundary(self) -> bool:
-        """Between optimizer updates (always, unless model.fit accumulates micro-batches)."""
-        return self.pos.step % self.update_every == 0 or self.pos.step >= self.total_steps
+        """Between optimizer updates (always, unless model.fit accumulates micro-batches),
+        where the ranks' weights agree (local SGD: at its averages)."""
+        return self.synced and (self.pos.step % self.update_every == 0
+                                or self.pos.step >= self.total_steps)
 
     def save(self) -> None:
         save_checkpoint(self.ctx, self.pos, self.wall(), self.timer)
@@ -312,6 +317,9 @@ class TrainingRun:
             startup_s=self.startup_s, first_step_s=self.first_step_s,
             time_breakdown=self.breakdown_summary(), **weights_consistency(ctx),
             compression=ctx.cfg.compression,
+            local_sgd_period=ctx.cfg.local_sgd_period or None,
+            local_sgd_start_epoch=ctx.cfg.local_sgd_start_epoch if ctx.cfg.local_sgd_period
+            else None,
             sent_bytes_per_step=float(np.mean(self.sent)) if self.sent else None,
             dense_bytes_per_step=dense_sent_bytes(ctx.backend.layout.total, ctx.world.size))
         return summary
@@ -376,20 +384,26 @@ def train(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
     faults = FaultInjector(world.rank, desync=lambda: backend.set_flat_params(
         backend.get_flat_params() * np.float32(1.001)))
     straggle = cfg.straggler_rank == world.rank
+    local = LocalSGD.of(cfg, world.size)
     backend.set_lr(run.lr)
-    run.announce("step loop")
+    run.announce("step loop" if local is None else
+                 f"step loop, local SGD: weights averaged every {local.period} steps"
+                 + (f" from epoch {local.start_epoch + 1}" if local.start_epoch else ""))
     run.watchdog.start()
     # PyTorch: broadcast before step 1. TensorFlow: after step 1 (its optimizer slots exist
     # only then); a resumed TF run also broadcasts before step 1 so that every rank starts
-    # from rank 0's checkpoint instead of its own initial weights.
-    if not backend.broadcast_after_first_step or resumed:
+    # from rank 0's checkpoint instead of its own initial weights. A local SGD step leaves the
+    # ranks apart, so a first step that is local comes after the broadcast.
+    first_local = local is not None and local.local(pos.epoch)
+    if not backend.broadcast_after_first_step or resumed or first_local:
         backend.broadcast_state(resumed=resumed)
     if resumed:
         fresh = backend.restore_exchange()     # each rank's own error-feedback residual
         if fresh and world.rank == 0:
-            ctx.log.warning(f"the checkpoint has no compression state {', '.join(fresh)} for "
-                            f"{world.size} ranks (saved by another number of ranks or another "
-                            "compression): it starts afresh, so this resume is not exact")
+            ctx.log.warning(f"the checkpoint has no per-rank state ({', '.join(fresh)}) for "
+                            f"{world.size} ranks (saved by another number of ranks, compression "
+                            "or local SGD setting): it starts afresh (the optimizer's from rank "
+                            "0's), so this resume is not exact")
     first_step_done = False
     tail = 0.0
     try:
@@ -406,28 +420,48 @@ def train(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
                     backend.set_lr(new_lr)
                     run.lr = new_lr
                 t_call = time.perf_counter()
-                res = backend.train_step(xb, yb)
+                is_local = local is not None and local.local(pos.epoch)
+                res = backend.local_step(xb, yb) if is_local else backend.train_step(xb, yb)
                 if straggle:                   # experiments: this rank is slow
                     time.sleep((cfg.straggler_factor - 1.0) * (time.perf_counter() - t0))
+                exchange, sent = res.exchange_s, backend.sent_bytes()
+                if local is not None and is_local:
+                    exchange, sent = average_if_due(run, local, backend, res.applied, len(yb))
                 t_ret = time.perf_counter()
                 step_time = t_ret - t0
                 if not first_step_done:
                     first_step_done = True
-                    if backend.broadcast_after_first_step:
+                    if backend.broadcast_after_first_step and not first_local:
                         backend.broadcast_state(resumed=resumed)
                 # the step's parts from this rank's clock alone: no barrier, no device sync
                 t_rec = time.perf_counter()
-                exchange = res.exchange_s
                 compute = None if exchange is None else (t_ret - t_call) - exchange
                 harness = (t_rec - t0) - t_data - (t_ret - t_call) + tail
                 run.record_step(res.loss, res.metrics, len(yb), step_time, res.applied,
-                                (t_data, compute, exchange, harness), backend.sent_bytes())
+                                (t_data, compute, exchange, harness), sent)
                 tail = time.perf_counter() - t_rec      # this step's bookkeeping: the next's
             if pos.step_in_epoch >= run.spe:        # a completed epoch
                 run.end_epoch()
         return run.finish()
     finally:
         run.close()
+
+
+def average_if_due(run: TrainingRun, local: LocalSGD, backend: Backend, applied: bool,
+                   n: int) -> tuple[float, int]:
+    """After a local SGD step: average the ranks' weights if the period, the epoch or the run
+    ends with it. Returns the step's (exchange seconds, bytes sent)."""
+    pos = run.pos
+    if applied:
+        local.applied += n
+    if not local.due(pos.step_in_epoch + 1, run.spe, pos.step + 1, run.total_steps):
+        run.synced = False
+        return 0.0, 0
+    t = time.perf_counter()
+    size = run.ctx.world.size
+    backend.average_params(local.share(size, backend.allreduce_host))
+    run.synced = True
+    return time.perf_counter() - t, dense_sent_bytes(backend.layout.total, size)
 
 
 def train_fit(ctx: RunContext, backend: FitBackend, pos: Position,

@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 from harness import compress
 from harness.errors import ConfigError
 from harness.files import atomic_write
+from harness.localsgd import KEYS as LOCAL_SGD_KEYS
 from harness.metrics import latest_by_step, read_records
 
 
@@ -170,6 +171,13 @@ def _fmt(v: Any, spec: str = ".4f") -> str:
 
 
 def compression_label(cfg: dict[str, Any]) -> str:
+    """The exchange as the report names it: "none", "topk 1%", "powersgd r4", "local SGD H8",
+    "post-local SGD H16 (2 dense epochs)"."""
+    period = cfg.get("local_sgd_period") or 0
+    if period:
+        start = cfg.get("local_sgd_start_epoch") or 0
+        return (f"post-local SGD H{period} ({start} dense epochs)" if start else
+                f"local SGD H{period}") + (" weighted" if cfg.get("local_sgd_weighted") else "")
     method = cfg.get("compression", "none")
     if method in ("topk", "randomk"):
         method += f" {100 * cfg.get('compression_ratio', 0.01):g}%"
@@ -180,6 +188,10 @@ def compression_label(cfg: dict[str, Any]) -> str:
         method += " no-EF"
     return method
 
+
+#: the keys of how gradients travel (compression and local SGD): a compressed run's dense
+#: twin differs in these alone
+EXCHANGE_KEYS = (*compress.KEYS, *LOCAL_SGD_KEYS)
 
 # Config keys that say where and how a run was recorded, not what was measured.
 NOT_THE_EXPERIMENT = ("out_dir", "run_name", "resume", "log_every", "horovod_timeline",
@@ -418,7 +430,7 @@ def dense_baselines(runs: list[Run]) -> dict[Path, Run | None]:
     otherwise the same config, data and workers (None when there is none)."""
     def key(r: Run) -> str:
         cfg = {k: v for k, v in r.cfg.items()
-               if k not in NOT_THE_EXPERIMENT and k not in compress.KEYS}
+               if k not in NOT_THE_EXPERIMENT and k not in EXCHANGE_KEYS}
         return json.dumps([cfg, r.run.get("data"), r.workers], sort_keys=True, default=str)
 
     dense = {key(r): r for r in runs if r.compression == "none" and r.unfinished is None}
@@ -432,9 +444,11 @@ def compression_section(runs: list[Run]) -> list[str]:
     if not twins:
         return []
     lines = ["## Gradient compression", "",
-             "Each compressed run against the dense run with the same config, data and workers. "
-             "Bytes are what rank 0 sent per step for the gradient exchange (ring algorithms' "
-             "count from the payloads; a 1-rank run sends none). A compressed run wins where "
+             "Each compressed run (or local SGD run) against the dense run with the same config, "
+             "data and workers. Bytes are what rank 0 sent per step for the gradient exchange "
+             "(ring algorithms' count from the payloads; a 1-rank run sends none; local SGD: its "
+             "weight averages over all steps; a parameter-server worker: its pushes). A "
+             "compressed run wins where "
              "the network, not the computation, bounds the step: on one host's shared memory "
              "the dense exchange is nearly free, so compression mostly costs time here.", "",
              "| run | compression | final acc | vs dense (points) | sent/step (KB) | "

@@ -55,12 +55,14 @@ def check_resume_fits(ckpt: ckpt_io.Checkpoint, cfg: RunConfig, world: World, pl
                 f"{plan.lr_peak:g} (lr_scaling = {cfg.lr_scaling!r}): resume with "
                 f"{old_size} rank(s), or set lr_scaling = 'none' with global_batch_size so the "
                 "schedule does not depend on the number of ranks")
-        per_rank = cfg.compression in EF_METHODS and cfg.error_feedback
+        per_rank = [what for what, on in [
+            ("error-feedback residual", cfg.compression in EF_METHODS and cfg.error_feedback),
+            ("optimizer state (local SGD)", cfg.local_sgd_period)] if on]
         log.warning(f"checkpoint {ckpt.path} was written by {old_size} rank(s), this run "
                     f"has {world.size}: the global batch ({plan.global_batch}) and learning-rate "
                     "schedule are unchanged, so training continues "
-                    + ("where it stopped, but each rank's error-feedback residual (one per rank) "
-                       "starts from zeros" if per_rank else "exactly where it stopped"))
+                    + (f"where it stopped, but each rank's own {' and '.join(per_rank)} starts "
+                       "afresh" if per_rank else "exactly where it stopped"))
 
 
 def compression_settings(config: dict) -> tuple:

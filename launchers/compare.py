@@ -55,8 +55,9 @@ def _refuse_duplicates(items: list, value: str, what: str) -> None:
 
 
 def compression_settings(value: str | None) -> list[tuple[str, list[str]]]:
-    """``--compression none,topk,randomk:0.25,powersgd:2`` as (run-name suffix, train flags):
-    a method, with its ratio (topk, randomk) or rank (powersgd) after a colon."""
+    """``--compression none,topk,randomk:0.25,powersgd:2,local:8,local:16:2`` as (run-name
+    suffix, train flags): a method, with its ratio (topk, randomk) or rank (powersgd) after a
+    colon; or local SGD with its period, and for post-local SGD the dense epochs before it."""
     from harness.compress import METHODS
 
     if value is None:
@@ -64,8 +65,17 @@ def compression_settings(value: str | None) -> list[tuple[str, list[str]]]:
     out = []
     for item in _csv(value, None, "compression"):
         method, _, setting = item.partition(":")
+        if method == "local":
+            period, _, start = setting.partition(":")
+            if not period:
+                raise ConfigError(f"--compression {item!r}: local SGD takes its period, e.g. "
+                                  "local:8 (and local:16:2 for 2 dense epochs first)")
+            out.append((f"-local-{setting.replace(':', '-')}",
+                        ["--local-sgd-period", period, "--local-sgd-start-epoch", start or "0"]))
+            continue
         if method not in METHODS:
-            raise ConfigError(f"--compression: {method!r} is not one of {', '.join(METHODS)}")
+            raise ConfigError(f"--compression: {method!r} is not one of "
+                              f"{', '.join(METHODS)}, local")
         flags = ["--compression", method]
         if setting:
             if method in ("topk", "randomk"):
@@ -182,8 +192,9 @@ def add_compare_parser(sub) -> None:
     p.add_argument("--np", default="1,2", help="ranks (workers for async); default: %(default)s")
     p.add_argument("--modes", default="sync", help="sync, async or both; default: %(default)s")
     p.add_argument("--compression", metavar="LIST",
-                   help="gradient compression as an axis, e.g. none,topk,randomk:0.25,powersgd:2 "
-                        "(a ratio or rank after ':'); default: the config's own")
+                   help="gradient compression as an axis, e.g. none,topk,randomk:0.25,powersgd:2,"
+                        "local:8 (a ratio or rank after ':'; local SGD's period, and "
+                        "local:16:2 for 2 dense epochs first); default: the config's own")
     p.add_argument("--launcher", default="horovodrun", choices=("horovodrun", "mpirun", "srun"),
                    help="launcher for sync runs (async runs use mpirun, or srun under SLURM)")
     p.add_argument("--out-dir", help="folder for the runs and the report (default: "

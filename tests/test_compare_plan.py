@@ -69,23 +69,28 @@ def test_invalid_train_args_are_refused_before_any_plan(tmp_path):
 
 def test_compression_is_an_axis_with_its_setting_per_run(tmp_path):
     jobs = plan(TRAIN, ["torch", "tensorflow"], [2], ["sync"], "horovodrun", tmp_path, PYTHON,
-                compressions="none,topk:0.05,powersgd:2,int8")
+                compressions="none,topk:0.05,powersgd:2,int8,local:8,local:16:2")
     got = {}
     for job in jobs:
         _, _, cfg = launched(job.argv)
         assert job.name == cfg.run_name
-        got[job.name] = (cfg.compression, cfg.compression_ratio, cfg.powersgd_rank)
+        got[job.name] = (cfg.compression, cfg.compression_ratio, cfg.powersgd_rank,
+                         cfg.local_sgd_period, cfg.local_sgd_start_epoch)
     assert got == {f"{fw}-sync-np2{suffix}": value for fw in ("torch", "tensorflow")
-                   for suffix, value in [("-none", ("none", 0.01, 4)),
-                                         ("-topk-0.05", ("topk", 0.05, 4)),
-                                         ("-powersgd-2", ("powersgd", 0.01, 2)),
-                                         ("-int8", ("int8", 0.01, 4))]}
+                   for suffix, value in [("-none", ("none", 0.01, 4, 0, 0)),
+                                         ("-topk-0.05", ("topk", 0.05, 4, 0, 0)),
+                                         ("-powersgd-2", ("powersgd", 0.01, 2, 0, 0)),
+                                         ("-int8", ("int8", 0.01, 4, 0, 0)),
+                                         ("-local-8", ("none", 0.01, 4, 8, 0)),
+                                         ("-local-16-2", ("none", 0.01, 4, 16, 2))]}
 
 
 @pytest.mark.parametrize("value, message", [
     ("zip", "'zip' is not one of"), ("int8:4", "only topk/randomk"),
     ("topk:2", "compression_ratio = 2.0 is out of range"),
     ("topk,topk", "lists topk twice"),
+    ("local", "local SGD takes its period"),
+    ("local:x", "--local-sgd-period: invalid int value: 'x'"),
 ])
 def test_a_bad_compression_axis_is_one_line_before_any_run(tmp_path, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -93,7 +98,14 @@ def test_a_bad_compression_axis_is_one_line_before_any_run(tmp_path, value, mess
              compressions=value)
 
 
-def test_compression_with_the_parameter_server_is_refused_in_the_plan(tmp_path):
-    with pytest.raises(ConfigError, match="the parameter server sends full gradients"):
+def test_compression_the_parameter_server_cannot_push_is_refused_in_the_plan(tmp_path):
+    jobs = plan(TRAIN, ["torch"], [2], ["sync", "async"], "horovodrun", tmp_path, PYTHON,
+                compressions="none,topk")
+    assert [j.name for j in jobs] == ["torch-sync-np2-none", "torch-sync-np2-topk",
+                                      "torch-ps-2w-none", "torch-ps-2w-topk"]
+    with pytest.raises(ConfigError, match="workers push with topk or int8"):
         plan(TRAIN, ["torch"], [2], ["sync", "async"], "horovodrun", tmp_path, PYTHON,
-             compressions="none,topk")
+             compressions="none,powersgd")
+    with pytest.raises(ConfigError, match="local_sgd_period = 8 cannot run.*parameter server"):
+        plan(TRAIN, ["torch"], [2], ["async"], "horovodrun", tmp_path, PYTHON,
+             compressions="local:8")

@@ -220,3 +220,19 @@ def test_powersgd_resumed_from_another_world_size_keeps_its_q():
     fresh = make("powersgd")
     assert sorted(fresh.restore({}, rank=0)) == sorted(fresh.state_arrays())
     assert np.abs(fresh.exchange(gradient())).max() > 0       # the seeded Q, not zeros
+
+
+@pytest.mark.parametrize("method", C.PUSH_METHODS)
+def test_a_parameter_server_push_carries_what_the_sync_exchange_would(method):
+    """A worker's encoded push, decoded by a server's codec, is what one rank's compressed
+    exchange gives (error feedback carried over three steps), in the bytes it claims."""
+    rng = np.random.default_rng(3)
+    worker, server = C.PushCodec(method, 3000, ratio=0.05), C.PushCodec(method, 3000, ratio=0.05)
+    ref = C.make(method, C.NumpyOps(), 3000, ratio=0.05)
+    for _ in range(3):
+        v = rng.standard_normal(3000).astype(np.float32)
+        buf = worker.encode(v)
+        assert buf.dtype == np.uint8 and buf.nbytes == worker.nbytes < 3000 * 4 / 3
+        np.testing.assert_array_equal(server.decode(buf), ref.exchange(v))
+    with pytest.raises(ValueError, match="no compressed push for 'sign'"):
+        C.PushCodec("sign", 10)

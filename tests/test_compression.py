@@ -80,14 +80,20 @@ def test_both_frameworks_compress_alike_and_send_the_same_bytes(method, outputs)
 # --- real runs: 2 ranks ---------------------------------------------------------------------
 
 RESUME_CELLS = [("torch", "horovod", "randomk"), ("tensorflow", "horovod", "powersgd"),
-                ("torch", "mpi", "topk"), ("tensorflow", "mpi", "sign")]
+                ("torch", "mpi", "topk"), ("tensorflow", "mpi", "sign"),
+                # local SGD: each rank's optimizer state (SGD momentum, Adam's moments)
+                ("torch", "horovod", "local-sgd"), ("tensorflow", "mpi", "local-adam")]
+#: local SGD every 3 steps: averages at steps 3, 5 (the epoch's end), 8 and 10
+LOCAL = {"local-sgd": ["--local-sgd-period", 3],
+         "local-adam": ["--local-sgd-period", 3, "--optimizer", "adam", "--lr", 0.01]}
 
 
 def resume_args(fw: str, path: str, method: str, out, name: str) -> list:
+    settings = ["--compression", method, "--compression-ratio", 0.05, "--powersgd-rank", 2] \
+        if method not in LOCAL else LOCAL[method]
     return ["--framework", fw, "--model", "mlp", "--dataset", "synthetic",
             "--synthetic-samples", 5 * 32 + 3, "--batch-size", 16, "--epochs", 2,
-            "--lr", 0.05, "--allreduce", path, "--compression", method,
-            "--compression-ratio", 0.05, "--powersgd-rank", 2, "--agree-every", 1,
+            "--lr", 0.05, "--allreduce", path, *settings, "--agree-every", 1,
             "--log-every", 1000, "--out-dir", out, "--run-name", name]
 
 
@@ -100,15 +106,20 @@ def resume_args(fw: str, path: str, method: str, out, name: str) -> list:
 def test_a_resume_with_error_feedback_is_exact(fw, path, method, results):
     """Stopped by a signal at step 7 of 10 and resumed, a compressed run ends with the
     uninterrupted run's weights and losses: every rank's residual (and PowerSGD's Q, random-k's
-    cursor) travels through the checkpoint."""
+    cursor) travels through the checkpoint. Under local SGD the stop waits for the average at
+    step 8, and each rank's own optimizer state travels."""
     ref = run(launch("mpirun", 2, *resume_args(fw, path, method, results, "ref")), timeout=240)
     assert ref.returncode == 0, ref.stderr[-4000:]
     cut = run(launch("mpirun", 2, *resume_args(fw, path, method, results, "cut")), timeout=240,
               env={"HARNESS_FAULT": "sigusr1@1:7"})
     assert cut.returncode == 75, (cut.stdout + cut.stderr)[-4000:]
-    with np.load(latest_checkpoint(results / "cut")) as z:
-        residual = z["e/residual"]
-    assert residual.shape[0] == 2 and np.abs(residual[0] - residual[1]).max() > 0  # per rank
+    stopped = latest_checkpoint(results / "cut")
+    with np.load(stopped) as z:
+        rows = [z[k] for k in z.files if k.startswith("e/opt/")] if method in LOCAL else \
+            [z["e/residual"]]
+    assert stopped.name == f"ckpt-{8 if method in LOCAL else 7:09d}.npz"
+    assert rows and all(r.shape[0] == 2 for r in rows)
+    assert max(np.abs(r[0] - r[1]).max() for r in rows) > 0         # one per rank
     again = run(launch("mpirun", 2, *resume_args(fw, path, method, results, "cut")),
                 timeout=240)
     assert again.returncode == 0, again.stderr[-4000:]
@@ -133,17 +144,24 @@ def test_a_resume_with_error_feedback_is_exact(fw, path, method, results):
 @pytest.mark.parametrize("fw", ["torch", "tensorflow"])
 def test_every_method_trains_the_digits_cnn_to_dense_accuracy(fw, results):
     """At 2 ranks every method ends within 2 points of the dense run's test accuracy (random-k
-    at 25%, the others at their defaults: top-k 1%, PowerSGD rank 4) and sends the bytes
-    its method implies."""
+    at 25%, the others at their defaults: top-k 1%, PowerSGD rank 4; local SGD every 8 steps,
+    post-local SGD every 16 after 2 dense epochs) and sends the bytes its method implies."""
+    methods = [*C.METHODS, "local-sgd", "post-local-sgd"]
     p = run(["horovodrun", "-np", "2", PY, REPO / "tests" / "fw_checks.py", fw,
-             "compressed_training", results, ",".join(C.METHODS)], timeout=420)
+             "compressed_training", results, ",".join(methods)], timeout=540)
     assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
     got = json_line(p.stdout, "compressed_training")["compressed_training"]
     dense = got["none"]
     assert dense["acc"] > 0.95 and dense["sent_bytes"] == dense["dense_bytes"]
-    for method in C.METHODS[1:]:
+    for method in methods[1:]:
         assert got[method]["acc"] >= dense["acc"] - 0.02, (method, got[method], dense)
         assert 0 < got[method]["sent_bytes"] < dense["sent_bytes"], (method, got[method])
+        assert got[method]["consistent"], method          # local SGD: averaged at the end
+    # 22 steps an epoch: local SGD averages at steps 8, 16 and 22 of each (3 of 22 steps);
+    # post-local SGD sends dense for 2 epochs, then averages at 16 and 22 (2 of 22)
+    assert got["local-sgd"]["sent_bytes"] == pytest.approx(dense["sent_bytes"] * 3 / 22)
+    assert got["post-local-sgd"]["sent_bytes"] == pytest.approx(
+        dense["sent_bytes"] * (2 * 22 + 6 * 2) / (8 * 22))
     assert got["fp16"]["sent_bytes"] == got["bf16"]["sent_bytes"] == dense["sent_bytes"] // 2
     assert got["topk"]["sent_bytes"] <= dense["sent_bytes"] / 20
     assert got["sign"]["sent_bytes"] < dense["sent_bytes"] / 25

@@ -37,6 +37,28 @@ def test_one_async_worker_is_bit_identical_to_serial_sgd(fw, results, tmp_path):
     np.testing.assert_array_equal(server_params(results / "one"), np.load(tmp_path / "serial.npy"))
 
 
+@pytest.mark.parametrize("fw, method", [("torch", "topk"), ("tensorflow", "int8")])
+def test_a_compressed_push_applies_what_a_serial_reference_compresses(fw, method, results,
+                                                                     tmp_path):
+    """One worker pushing to two servers with top-k (5%) or int8 and error feedback ends with
+    the parameters of serial SGD on the same gradients compressed shard by shard by the test's
+    own NumPy, and its summary counts the compressed bytes."""
+    flags = [*EXACT, "--ps-servers", "2", "--compression", method, "--compression-ratio", "0.05"]
+    ps(3, "--framework", fw, *flags, "--ps-consistency", "async", "--out-dir", results,
+       "--run-name", method)
+    fw_check(fw, "serial_sgd", tmp_path / "serial.npy", "25", *flags)
+    got, want = server_params(results / method, servers=2), np.load(tmp_path / "serial.npy")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    fw_check(fw, "serial_sgd", tmp_path / "dense.npy", "25", *EXACT)
+    assert np.abs(got - np.load(tmp_path / "dense.npy")).max() > 1e-3   # compression did act
+    s = summary(results / method)
+    n = s["dense_bytes_per_step"] // 4
+    halves = [n // 2, n - n // 2]                       # the two servers' shards
+    want_bytes = sum(8 * int(np.ceil(0.05 * h)) if method == "topk" else
+                     -(-h // 512) * (512 + 4) for h in halves)
+    assert s["compression"] == method and s["sent_bytes_per_step"] == want_bytes
+
+
 @needs_horovod
 def test_bsp_equals_sync_allreduce_and_shards_change_nothing(results):
     common = ["--framework", "torch", "--model", "mlp", "--threads-per-rank", "1",

@@ -27,6 +27,9 @@ from harness.env import World
 from harness.errors import ConfigError
 from harness.task import Task
 
+#: checkpoint exchange-state prefix of each rank's optimizer arrays (local SGD)
+OPTIMIZER_ROWS = "opt/"
+
 # (framework, gradient path) -> "module:Class"
 IMPLEMENTATIONS = {
     ("torch", "horovod"): "harness.backends.horovod_torch:HorovodTorchBackend",
@@ -167,22 +170,90 @@ class Backend(ABC):
         return None
 
     def exchange_state(self) -> dict[str, np.ndarray]:
-        """Every rank's compression state (error-feedback residuals, ...) stacked by rank; a
-        collective: every rank calls it at the same checkpoint."""
-        return {} if self.compressor is None else self.compressor.state_arrays()
+        """Every rank's own state stacked by rank: compression's (error-feedback residuals,
+        ...) and, under local SGD, the optimizer's (``opt/<name>``); a collective: every rank
+        calls it at the same checkpoint."""
+        out = {} if self.compressor is None else self.compressor.state_arrays()
+        if self._optimizer_per_rank():
+            arrays, _ = self.get_optimizer_state()
+            for key in sorted(arrays):
+                out[OPTIMIZER_ROWS + key] = self._allgather_host(arrays[key])
+        return out
 
     def set_exchange_state(self, stacked: dict[str, np.ndarray]) -> None:
         """Rank 0: the checkpoint's compression state, handed out by ``restore_exchange``."""
         self._restored_exchange = stacked
 
     def restore_exchange(self) -> list[str]:
-        """A collective after a resume: each rank takes its row of rank 0's restored state;
-        returns what started from zeros (absent, or saved by another number of ranks)."""
-        if self.compressor is None:
-            return []
-        fresh = self.compressor.restore(self._restored_exchange, self.world.rank)
-        self._restored_exchange = None
+        """A collective after a resume (after ``broadcast_state``): each rank takes its row of
+        rank 0's restored state; returns what started afresh (absent, or saved by another
+        number of ranks)."""
+        saved, self._restored_exchange = self._restored_exchange, None
+        fresh = [] if self.compressor is None else self.compressor.restore(saved, self.world.rank)
+        if self._optimizer_per_rank():
+            fresh += self._restore_optimizer_rows(saved)
         return fresh
+
+    def _optimizer_per_rank(self) -> bool:
+        """Local SGD: each rank's optimizer state is its own (checkpointed per rank)."""
+        return bool(self.cfg.local_sgd_period) and self.world.size > 1
+
+    def _restore_optimizer_rows(self, saved: dict[str, np.ndarray] | None) -> list[str]:
+        """Each rank's own optimizer state from rank 0's checkpoint rows; without them (a
+        checkpoint of another world size, or of a run without local SGD) every rank keeps
+        rank 0's, which ``broadcast_state`` gave it."""
+        arrays, meta = self.get_optimizer_state()
+        if not arrays:
+            return []
+        size, rank = self.world.size, self.world.rank
+
+        def fits(key: str) -> bool:
+            got = None if saved is None else saved.get(OPTIMIZER_ROWS + key)
+            return got is not None and got.shape == (size, *arrays[key].shape) \
+                and got.dtype == arrays[key].dtype
+
+        ok = rank == 0 and all(fits(k) for k in arrays)         # rank 0 holds the checkpoint
+        if self.allreduce_host(np.array([1.0 if ok else 0.0]), "max")[0] == 0:
+            return ["optimizer state per rank"]
+        rows = {}
+        for key in sorted(arrays):
+            a = arrays[key]
+            stacked = saved[OPTIMIZER_ROWS + key] if rank == 0 and saved is not None else \
+                np.empty((size, *a.shape), a.dtype)
+            rows[key] = self._broadcast_host(np.ascontiguousarray(stacked))[rank]
+        self.set_optimizer_state(rows, meta)
+        return []
+
+    # --- local SGD (harness/localsgd.py) ---
+    def local_step(self, x: np.ndarray, y: np.ndarray) -> StepResult:
+        """Forward, backward and update on this rank's own gradients: nothing is exchanged."""
+        raise NotImplementedError
+
+    def average_params(self, share: float) -> None:
+        """A collective: this rank's trainable parameters become the sum over ranks of
+        ``share`` x each rank's (``share`` = 1/size: their mean)."""
+        raise NotImplementedError
+
+    def _sum_params(self, flat: Any) -> Any:
+        """The sum over ranks of a flat float32 framework tensor (communication mixins)."""
+        raise NotImplementedError
+
+    def _to_host(self, t: Any) -> np.ndarray:
+        """A framework tensor as a NumPy array (framework backends)."""
+        raise NotImplementedError
+
+    def _from_host(self, a: np.ndarray) -> Any:
+        """A NumPy array as a framework tensor on this rank's device (framework backends)."""
+        raise NotImplementedError
+
+    # --- host arrays between ranks (checkpoints; communication mixins supply them) ---
+    def _allgather_host(self, a: np.ndarray) -> np.ndarray:
+        """Every rank's ``a`` stacked by rank, (size, *a.shape)."""
+        return a[None].copy()
+
+    def _broadcast_host(self, a: np.ndarray) -> np.ndarray:
+        """Rank 0's ``a`` (same shape and dtype on every rank)."""
+        return a
 
     # --- flat-vector interface used by the parameter server ---
     @abstractmethod

@@ -41,6 +41,9 @@ class LocalComm(Backend):
     def sent_bytes(self) -> int | None:
         return 0
 
+    def _sum_params(self, flat):
+        return flat
+
 
 class HorovodComm(Backend):
     """Horovod: init with the harness's Horovod settings; small reductions through hvd."""
@@ -67,6 +70,17 @@ class HorovodComm(Backend):
 
     def shutdown(self) -> None:
         self.hvd.shutdown()
+
+    def _sum_params(self, flat):
+        return self.hvd.allreduce(flat, op=self.hvd.Sum, name="harness.params")
+
+    def _allgather_host(self, a: np.ndarray) -> np.ndarray:
+        t = self._host_tensor(np.ascontiguousarray(a[None]))
+        return np.array(self.hvd.allgather(t, name="harness.host.allgather").numpy())
+
+    def _broadcast_host(self, a: np.ndarray) -> np.ndarray:
+        t = self._host_tensor(np.ascontiguousarray(a))
+        return np.array(self.hvd.broadcast(t, root_rank=0, name="harness.host.broadcast").numpy())
 
     def _make_compressor(self) -> None:
         from harness.compress import for_run
@@ -121,6 +135,22 @@ class MPIComm(Backend):
         if self.compressor is not None:
             return self.compressor.sent_bytes
         return dense_sent_bytes(self.layout.total, self.world.size)
+
+    def _sum_params(self, flat):
+        host = np.array(self._to_host(flat), np.float32)
+        if self.comm.size > 1:
+            self.comm.allreduce_flat_(host)
+        return self._from_host(host)
+
+    def _allgather_host(self, a: np.ndarray) -> np.ndarray:
+        out = np.empty((self.comm.size, *a.shape), a.dtype)
+        self.comm.comm.Allgather(np.ascontiguousarray(a[None]), out)
+        return out
+
+    def _broadcast_host(self, a: np.ndarray) -> np.ndarray:
+        a = np.array(a)
+        self.comm.bcast_(a)
+        return a
 
     def _make_compressor(self) -> None:
         """The run's compressor over mpi4py (NumPy arithmetic on host buffers)."""

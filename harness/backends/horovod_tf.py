@@ -8,6 +8,7 @@ underlying ``tf.Variable`` of each (``v.value``).
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Any
@@ -136,6 +137,7 @@ class TFBackend(Backend):
         self._grad_fn = tf.function(self._local_gradients, input_signature=[x_spec, y_spec])
         self._eval_fn = tf.function(self._eval_graph, input_signature=[x_spec, y_spec])
         self._apply_fn = tf.function(self._apply_flat)
+        self._local_fn = tf.function(self._local_step_graph, input_signature=[x_spec, y_spec])
         self._make_compressor()                # its state variables exist before tracing
 
     def _check_task(self, x: np.ndarray, y: np.ndarray) -> None:
@@ -223,6 +225,10 @@ class TFBackend(Backend):
         nan = tf.constant(np.nan, tf.float64)     # the tape: no boundary to stamp
         return loss, sums, applied, tf.stack([nan if t_local is None else t_local, t_reduced])
 
+    def _local_step_graph(self, x, y):
+        loss, sums, grads = self._local_gradients(x, y)
+        return loss, sums, self._apply(grads)
+
     def _apply_flat(self, flat):
         tf = self.tf
         grads, off = [], 0
@@ -245,6 +251,20 @@ class TFBackend(Backend):
         t_local, t_reduced = np.asarray(stamps).tolist()
         return StepResult(float(loss), self._metrics(sums), bool(applied),
                           exchange_s=None if t_local != t_local else t_reduced - t_local)
+
+    def local_step(self, x: np.ndarray, y: np.ndarray) -> StepResult:
+        loss, sums, applied = self._local_fn(x, y)
+        return StepResult(float(loss), self._metrics(sums), bool(applied), exchange_s=0.0)
+
+    def average_params(self, share: float) -> None:
+        tf = self.tf
+        flat = tf.concat([tf.reshape(v, [-1]) for v in self.tf_trainable], 0)
+        if share != 1.0:
+            flat = flat * share
+        flat = self._sum_params(flat)
+        sizes = [math.prod(s) for s in self.layout.shapes]
+        for v, part in zip(self.trainable, tf.split(flat, sizes)):
+            v.assign(tf.reshape(part, v.shape))
 
     def eval_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, float]]:
         loss, sums = self._eval_fn(x, y)
@@ -307,6 +327,12 @@ class TFBackend(Backend):
 
     def _has_gpu(self) -> bool:
         return self.gpu
+
+    def _to_host(self, t) -> np.ndarray:
+        return np.array(t)
+
+    def _from_host(self, a: np.ndarray):
+        return self.tf.constant(a)
 
     def _framework_ops(self, hvd: Any) -> Any:
         from harness.backends.ops_tf import TFOps

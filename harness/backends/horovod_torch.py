@@ -185,6 +185,25 @@ class TorchBackend(Backend):
         applied = self.exchange_and_step()
         return StepResult(loss, metrics, applied, exchange_s=self._exchange_s)
 
+    def local_step(self, x: np.ndarray, y: np.ndarray) -> StepResult:
+        scale, self.grad_scale = self.grad_scale, 1.0     # this rank's own mean gradient
+        try:
+            self.zero_grad()
+            loss, metrics = self._forward_backward(x, y)
+        finally:
+            self.grad_scale = scale
+        applied = TorchBackend.exchange_and_step(self)    # the update, without the exchange
+        return StepResult(loss, metrics, applied, exchange_s=0.0)
+
+    @torch.no_grad()
+    def average_params(self, share: float) -> None:
+        flat = torch.cat([p.reshape(-1) for p in self.params])
+        if share != 1.0:
+            flat.mul_(share)
+        flat = self._sum_params(flat)
+        for p, off in zip(self.params, self.layout.offsets):
+            p.copy_(flat[off:off + p.numel()].view_as(p))
+
     @torch.no_grad()
     def eval_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, float]]:
         self.model.eval()
@@ -260,6 +279,12 @@ class TorchBackend(Backend):
 
     def _has_gpu(self) -> bool:
         return torch.cuda.is_available()
+
+    def _to_host(self, t: torch.Tensor) -> np.ndarray:
+        return t.detach().cpu().numpy()
+
+    def _from_host(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(self.device)
 
     def _framework_ops(self, hvd: Any) -> Any:
         from harness.backends.ops_torch import TorchOps

@@ -259,7 +259,8 @@ def _write_summary(cfg: RunConfig, plan: PSPlan, metrics, report: dict, final: d
         **({f"final_eval_{m}": final.get(f"eval_{m}") if final else None} if m else {}),
         loss_name=loss_name, metrics=[m] if m else [],
         best_eval_acc=target.best_eval_acc, target_accuracy=cfg.target_accuracy,
-        time_to_target_s=target.time_to_target_s, steps_to_target=target.steps_to_target)
+        time_to_target_s=target.time_to_target_s, steps_to_target=target.steps_to_target,
+        **push_bytes(cfg, plan))
     finish_record(run_dir, metrics, summary)
     failed = report["failed_workers"]
     result = final_metrics(summary) if final else "no test results (no worker finished)"
@@ -268,6 +269,17 @@ def _write_summary(cfg: RunConfig, plan: PSPlan, metrics, report: dict, final: d
              f"{report['staleness_mean'] or 0:.2f} max {report['staleness_max']}; "
              f"results in {run_dir}" + (f"; failed workers: {failed}" if failed else ""))
     return 0
+
+
+def push_bytes(cfg: RunConfig, plan: PSPlan) -> dict:
+    """What one worker's push sends (its gradient shards, or their compressed pushes), and
+    the full gradient's float32 bytes."""
+    from harness.ps.worker import push_codecs
+
+    dense = 4 * plan.params
+    codecs = push_codecs(cfg, plan.shards)
+    return {"compression": cfg.compression, "dense_bytes_per_step": dense,
+            "sent_bytes_per_step": dense if codecs is None else sum(c.nbytes for c in codecs)}
 
 
 def _work(ctx: PSContext, task: Task, run_dir: Path, comm, MPI, rank: int, watchdog, log,

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from harness import checkpoint as ckpt_io
+from harness.compress import PushCodec
 from harness.ps import protocol as P
 from harness.ps.optim import SGDMomentum
 from harness.ps.plan import PSPlan
@@ -68,6 +69,11 @@ class Server:
         self.deferred: list[int] = []
         self.pending: dict[int, np.ndarray] = {}        # bsp: this clock's gradients by rank
         self.grad_bufs = {r: np.empty_like(shard) for r in self.workers}
+        #: compressed pushes: the codec of this shard and each worker's receive buffer
+        self.codec = None if self.cfg.compression == "none" else PushCodec(
+            self.cfg.compression, len(shard), self.cfg.compression_ratio)
+        self.push_bufs = {} if self.codec is None else \
+            {r: np.empty(self.codec.nbytes, np.uint8) for r in self.workers}
         self.staleness: Counter = Counter()
         self.max_lead = 0
         self.latencies: list[float] = []
@@ -125,7 +131,11 @@ class Server:
                     self.t0 = self._t_ready
                 self._reply_or_defer(src)       # ssp: a resumed worker may be ahead too
             elif kind == P.PUSH:
-                self.comm.Recv(self.grad_bufs[src], source=src, tag=P.GRAD)
+                if self.codec is None:
+                    self.comm.Recv(self.grad_bufs[src], source=src, tag=P.GRAD)
+                else:
+                    self.comm.Recv(self.push_bufs[src], source=src, tag=P.GRAD)
+                    self.grad_bufs[src][...] = self.codec.decode(self.push_bufs[src])
                 if P.has(hdr[P.FLAGS], P.STOP):
                     self._begin_stop(f"worker rank {src} got a stop signal")
                 self._on_push(w, hdr)

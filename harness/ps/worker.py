@@ -10,6 +10,7 @@ import traceback
 import numpy as np
 
 from harness.backends.base import Backend
+from harness.compress import PushCodec
 from harness.ps import protocol as P
 from harness.ps.plan import PSPlan
 from harness.data import Sharder
@@ -30,15 +31,28 @@ class Worker:
         self.version = 0
         self.clock = 0                        # steps of this worker applied on every server
         self.stop_flag = False
+        #: compressed pushes (compression = topk | int8): one codec (and residual) per shard
+        self.codecs = push_codecs(self.cfg, self.shards)
 
     # --- messaging ---
     def _isend_all(self, hdr: np.ndarray, grad: np.ndarray | None) -> list:
         reqs = []
-        for server, a, b in self.shards:
+        for i, (server, a, b) in enumerate(self.shards):
             reqs.append(self.comm.Isend(hdr, dest=server, tag=P.HDR))
             if grad is not None:
-                reqs.append(self.comm.Isend(grad[a:b], dest=server, tag=P.GRAD))
+                reqs.append(self.comm.Isend(self._payload(i, grad[a:b], hdr), dest=server,
+                                            tag=P.GRAD))
         return reqs
+
+    def _payload(self, i: int, shard: np.ndarray, hdr: np.ndarray) -> np.ndarray:
+        """What goes to shard ``i``'s server: the gradient shard, or its compressed push (a
+        skipped step's is zeros: a non-finite gradient must not enter the residual)."""
+        if self.codecs is None:
+            return shard
+        codec = self.codecs[i]
+        if P.has(hdr[P.FLAGS], P.SKIPPED):
+            return np.zeros(codec.nbytes, np.uint8)
+        return codec.encode(shard)
 
     def _send_all(self, hdr: np.ndarray) -> None:
         """Send ``hdr`` to every server."""
@@ -185,3 +199,11 @@ class Worker:
         epochs = math.ceil(self.clock / self.sharder.steps_per_epoch)
         self._send_eval(epochs)
         return what
+
+
+def push_codecs(cfg, shards) -> list[PushCodec] | None:
+    """One codec per (server rank, start, stop) shard for a compressed push, or None."""
+    if cfg.compression == "none":
+        return None
+    return [PushCodec(cfg.compression, b - a, cfg.compression_ratio, cfg.error_feedback)
+            for _, a, b in shards]
