@@ -31,3 +31,25 @@ def test_each_rank_weighs_in_by_the_samples_it_applied():
     assert weighted.applied == 0
     idle = LocalSGD(period=4, start_epoch=0, weighted=True)        # every rank skipped
     assert idle.share(2, lambda v: np.zeros(1)) == 0.5
+
+
+def test_the_loop_averages_when_due_with_each_ranks_applied_samples():
+    """The step loop's wiring (harness/loop.py): a local step that was skipped adds nothing to
+    this rank's weight; an average sends the weights' bytes and lets checkpoints happen."""
+    from types import SimpleNamespace
+
+    from harness.compress import dense_sent_bytes
+    from harness.loop import Position, average_if_due
+
+    shares = []
+    backend = SimpleNamespace(layout=SimpleNamespace(total=1000), average_params=shares.append,
+                              allreduce_host=lambda v: v + 32)    # the other rank applied 32
+    run = SimpleNamespace(pos=Position(), spe=10, total_steps=20, synced=True,
+                          ctx=SimpleNamespace(world=SimpleNamespace(size=2)))
+    local = LocalSGD(period=2, start_epoch=0, weighted=True)
+    assert average_if_due(run, local, backend, True, 16) == (0.0, 0)     # step 1: not due
+    assert not run.synced and shares == []
+    run.pos.step = run.pos.step_in_epoch = 1
+    _, sent = average_if_due(run, local, backend, False, 16)     # step 2 skipped, then averaged
+    assert shares == [16 / 48] and sent == dense_sent_bytes(1000, 2) and run.synced
+    assert local.applied == 0
