@@ -27,8 +27,8 @@ CONFIG = "configs/compare_digits.toml"
 def _compare(out_dir: Path, quick: bool) -> None:
     argv = [python(), "-m", "harness", "compare", "--config", CONFIG, "--np", "1,2",
             "--modes", "sync" if quick else "sync,async", "--out-dir", str(out_dir)]
-    if quick:
-        argv += ["--", "--epochs", "1"]
+    if quick:                  # the smoke test: PyTorch's runs, one epoch
+        argv += ["--frameworks", "torch", "--", "--epochs", "1"]
     p = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=1800)
     if p.returncode != 0:
         raise RuntimeError(f"{argv} failed ({p.returncode}):\n{p.stdout[-3000:]}\n"

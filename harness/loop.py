@@ -399,6 +399,7 @@ def train(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
         backend.broadcast_state(resumed=resumed)
     if resumed:
         fresh = backend.restore_exchange()     # each rank's own error-feedback residual
+        backend.set_lr(run.lr)   # the restored optimizer state holds the last step's (Keras)
         if fresh and world.rank == 0:
             ctx.log.warning(f"the checkpoint has no per-rank state ({', '.join(fresh)}) for "
                             f"{world.size} ranks (saved by another number of ranks, compression "

@@ -70,8 +70,10 @@ def compression_settings(value: str | None) -> list[tuple[str, list[str]]]:
             if not period:
                 raise ConfigError(f"--compression {item!r}: local SGD takes its period, e.g. "
                                   "local:8 (and local:16:2 for 2 dense epochs first)")
-            out.append((f"-local-{setting.replace(':', '-')}",
-                        ["--local-sgd-period", period, "--local-sgd-start-epoch", start or "0"]))
+            start = start or "0"
+            out.append((f"-local-{period}" + (f"-{start}" if start != "0" else ""),
+                        ["--compression", "none", "--local-sgd-period", period,
+                         "--local-sgd-start-epoch", start]))
             continue
         if method not in METHODS:
             raise ConfigError(f"--compression: {method!r} is not one of "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -176,6 +177,16 @@ class Backend(ABC):
         out = {} if self.compressor is None else self.compressor.state_arrays()
         if self._optimizer_per_rank():
             arrays, _ = self.get_optimizer_state()
+            # PyTorch makes a rank's optimizer state at its first update: a rank that skipped
+            # every step so far (nan_policy = skip) has none, and the gathers must match
+            n = self.allreduce_host(np.array([len(arrays), -len(arrays)], np.float64), "max")
+            if n[0] != -n[1]:
+                if self.world.rank == 0:
+                    logging.getLogger("harness").warning(
+                        "a rank has no optimizer state yet (it skipped every step so far): this "
+                        "checkpoint holds rank 0's for every rank, so a resume from it is not "
+                        "exact")
+                return out
             for key in sorted(arrays):
                 out[OPTIMIZER_ROWS + key] = self._allgather_host(arrays[key])
         return out
@@ -206,6 +217,10 @@ class Backend(ABC):
         if not arrays:
             return []
         size, rank = self.world.size, self.world.rank
+        has_rows = rank == 0 and saved is not None and \
+            any(k.startswith(OPTIMIZER_ROWS) for k in saved)
+        if self.allreduce_host(np.array([1.0 if has_rows else 0.0]), "max")[0] == 0:
+            return []     # saved without local SGD: every rank's state was rank 0's, as now
 
         def fits(key: str) -> bool:
             got = None if saved is None else saved.get(OPTIMIZER_ROWS + key)

@@ -149,9 +149,11 @@ class Worker:
             t0 = time.perf_counter()
             res, grad = self.backend.compute_gradients(x, y)
             flags = 0
-            if not math.isfinite(res.loss):
+            # a finite loss can still have an overflowing gradient (max and min: no copy)
+            if not (math.isfinite(res.loss) and math.isfinite(float(grad.max()))
+                    and math.isfinite(float(grad.min()))):
                 if cfg.nan_policy == "stop":
-                    raise TrainingAborted(f"non-finite loss ({res.loss}) at clock "
+                    raise TrainingAborted(f"non-finite loss ({res.loss}) or gradient at clock "
                                           f"{self.clock + 1} on worker rank {self.rank}")
                 flags |= P.SKIPPED
                 self.log.warning(f"worker rank {self.rank}: non-finite gradient at clock "
