@@ -150,3 +150,16 @@ def test_every_compression_method_on_cuda_gives_the_reference_numbers(tmp_path):
     with np.load(tmp_path / "c.npz") as z:
         for key, want in ref.items():
             np.testing.assert_allclose(z[key], want, rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+@needs_mpirun
+@pytest.mark.parametrize("path", ["mpi", pytest.param("horovod-flat", marks=needs_horovod)])
+def test_local_sgd_averages_cuda_weights(path, results):
+    """Local SGD on the GPU: local steps on CUDA, the weights averaged through the host (mpi4py)
+    or on the device (Horovod) every 4 steps; the ranks end with one model."""
+    launcher, ranks, extra = _path_args(path)
+    run(launch(launcher, ranks, *DIGITS, *extra, "--local-sgd-period", "4",
+               "--out-dir", results, "--run-name", "r"), timeout=600, check=True)
+    s = summary(results / "r")
+    assert s["final_eval_acc"] >= 0.9 and s["ranks_consistent"], s
+    assert s["local_sgd_period"] == 4 and 0 < s["sent_bytes_per_step"] < s["dense_bytes_per_step"]
