@@ -167,6 +167,19 @@ class RunConfig:
     straggler_factor: float = _opt(2.0, "the straggler's step time as a multiple of its "
                                    "compute time", minimum=1.0)
 
+    # --- elastic training (docs/elastic.md) ---
+    elastic: bool = _opt(False, "elastic training on Horovod's elastic API: a lost rank makes "
+                         "the others roll back to the last commit and go on at the smaller "
+                         "size; a host that comes back makes the job grow (launch with "
+                         "`harness launch --elastic`)")
+    min_ranks: int | None = _opt(None, "elastic: the fewest ranks the job trains with (below "
+                                 "it the job ends with a checkpoint; default 1)", minimum=1)
+    max_ranks: int | None = _opt(None, "elastic: the most ranks the job grows to (default: no "
+                                 "limit but the hosts')", minimum=1)
+    commit_every: int = _opt(10, "elastic: steps between commits of the training state to "
+                             "host memory (a lost rank costs at most this many steps)",
+                             minimum=1)
+
     # --- reliability ---
     stall_timeout_s: float = _opt(300.0, "report a rank that makes no progress for this long "
                                   "and stop the job", minimum=1.0)
@@ -218,6 +231,7 @@ class RunConfig:
                               "DistributedOptimizer: set grad_exchange = 'optimizer' (or 'auto')")
         self._check_compression()
         self._check_local_sgd()
+        self._check_elastic()
         if self.resume not in ("auto", "never") and not self.resume.strip():
             raise ConfigError("resume must be 'auto', 'never' or a checkpoint path")
 
@@ -270,6 +284,33 @@ class RunConfig:
                               f"below epochs = {self.epochs}: local SGD would never start; "
                               f"use 0..{self.epochs - 1}")
 
+    def _check_elastic(self) -> None:
+        lo, hi = self.min_ranks, self.max_ranks
+        if lo is not None and hi is not None and lo > hi:
+            raise ConfigError(f"min_ranks = {lo} is more than max_ranks = {hi}: set min_ranks "
+                              f"<= max_ranks (e.g. min_ranks = {hi})")
+        if not self.elastic:
+            given = [k for k, v in (("min_ranks", lo), ("max_ranks", hi)) if v is not None]
+            if given:
+                raise ConfigError(f"{given[0]} is set but elastic is off: set elastic = true "
+                                  f"(--elastic) or drop {given[0]}")
+            return
+        fixes = [(self.mode == "async", "the parameter server admits and loses workers "
+                                        "without it: set mode = 'sync'"),
+                 (self.allreduce in ("mpi", "local"), "elastic runs on Horovod's elastic API; "
+                  "the mpi4py fallback cannot change its world size: set allreduce = 'horovod'"),
+                 (self.reduction == "adasum", "set reduction = 'average'"),
+                 (self.tf_loop == "fit", "set tf_loop = 'custom'"),
+                 (self.grad_exchange == "optimizer", "set grad_exchange = 'flat' (or 'auto')"),
+                 (self.local_sgd_period > 0, "set local_sgd_period = 0"),
+                 (self.backward_passes_per_step > 1, "set backward_passes_per_step = 1"),
+                 (self.compression not in ("none", "fp16"), "a compressor's per-rank state "
+                  "does not survive a resize: set compression = 'none' or 'fp16'")]
+        for bad, fix in fixes:
+            if bad:
+                raise ConfigError(f"elastic = true cannot run with this config: {fix}, or "
+                                  "elastic = false")
+
     @property
     def exchange(self) -> str:
         """The Horovod gradient exchange that runs: ``grad_exchange`` with ``auto`` resolved."""
@@ -303,7 +344,9 @@ class RunConfig:
         """``task_name``: a user's task (the built-in models are named by model and data)."""
         mode = self.mode if self.mode == "sync" else f"ps-{self.ps_consistency}"
         what = task_name or f"{self.model}-{self.dataset}"
-        return f"{self.framework}-{what}-{mode}-np{world_size}"
+        # an elastic run's world size changes; its ranks (joiners too) share one folder
+        ranks = "elastic" if self.elastic else f"np{world_size}"
+        return f"{self.framework}-{what}-{mode}-{ranks}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -367,12 +367,22 @@ class Sharder:
     rank ``r`` takes its ``r``-th slice, so np=2 with batch B sees exactly the samples of np=1
     with batch 2B. The permutation depends only on (seed, epoch). The last partial global batch
     is dropped, so every rank runs the same number of steps and none waits forever.
+
+    ``global_batch`` (elastic runs) fixes G whatever the world size: ranks take slices that
+    differ by at most one sample when G does not divide by it.
     """
 
-    def __init__(self, n: int, batch: int, rank: int, size: int, seed: int, shuffle: bool) -> None:
+    def __init__(self, n: int, batch: int, rank: int, size: int, seed: int, shuffle: bool,
+                 global_batch: int | None = None) -> None:
         self.n, self.batch, self.rank, self.size = n, batch, rank, size
         self.seed, self.shuffle = seed, shuffle
-        self.global_batch = batch * size
+        self.global_batch = batch * size if global_batch is None else global_batch
+        #: where this rank's slice starts in the global batch
+        self.offset = rank * batch
+        if global_batch is not None:      # split as evenly as it goes (elastic resizes)
+            base, extra = divmod(global_batch, size)
+            self.batch = base + (rank < extra)
+            self.offset = rank * base + min(rank, extra)
         self.steps_per_epoch = n // self.global_batch
         if self.steps_per_epoch == 0:
             raise ConfigError(f"the training set has {n} samples, fewer than one global batch "
@@ -381,7 +391,7 @@ class Sharder:
         self._epoch, self._perm = -1, np.arange(n)
 
     def indices(self, epoch: int, step: int) -> np.ndarray | slice:
-        start = step * self.global_batch + self.rank * self.batch
+        start = step * self.global_batch + self.offset
         if not self.shuffle:
             return slice(start, start + self.batch)
         if epoch != self._epoch:

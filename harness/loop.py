@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -94,7 +94,7 @@ class Plan:
     @classmethod
     def of(cls, cfg: RunConfig, world_size: int, n_train: int) -> "Plan":
         sharder = Sharder(n_train, step_batch(cfg, world_size), 0, world_size, cfg.seed,
-                          cfg.shuffle)
+                          cfg.shuffle, elastic_batch(cfg, world_size))
         spe = sharder.steps_per_epoch
         schedule = LRSchedule.of(cfg, world_size, spe)
         total = cfg.epochs * spe if cfg.max_steps is None else min(cfg.epochs * spe,
@@ -152,23 +152,35 @@ def step_batch(cfg: RunConfig, world_size: int) -> int:
     backward_passes_per_step micro-batches into one step; model.fit steps per micro-batch and
     Horovod's Keras optimizer accumulates them."""
     k = 1 if cfg.tf_loop == "fit" else cfg.backward_passes_per_step
+    g = elastic_batch(cfg, world_size)
+    if g is not None:               # the largest slice of the elastic run's global batch
+        return -(-g // world_size) * k
     return cfg.per_rank_batch(world_size) * k
+
+
+def elastic_batch(cfg: RunConfig, start_ranks: int) -> int | None:
+    """An elastic run's global batch, fixed for the whole run (None: not elastic)."""
+    return (cfg.global_batch_size or cfg.batch_size * start_ranks) if cfg.elastic else None
 
 
 class TrainingRun:
     """The schedule, bookkeeping and stop logic of one run, shared by both training drivers:
     the step loop (``backend.train_step``) and Keras ``model.fit`` (``tf_loop = "fit"``)."""
 
-    def __init__(self, ctx: RunContext, pos: Position, resumed: bool, per_rank: int) -> None:
+    def __init__(self, ctx: RunContext, pos: Position, resumed: bool, per_rank: int,
+                 global_batch: int | None = None, lr_ranks: int | None = None) -> None:
+        """``global_batch`` and ``lr_ranks`` (elastic runs): the global batch split over the
+        ranks there are, and the ranks the learning rate is scaled for, both fixed by the
+        run's start whatever the world size now."""
         cfg, world = ctx.cfg, ctx.world
         self.ctx, self.pos, self.resumed = ctx, pos, resumed
         self.sharder = Sharder(len(ctx.data.train), per_rank, world.rank, world.size,
-                               cfg.seed, cfg.shuffle)
+                               cfg.seed, cfg.shuffle, global_batch)
         self.metric_names = list(ctx.backend.task.metrics)
         self.spe = self.sharder.steps_per_epoch
         self.total_steps = cfg.epochs * self.spe if cfg.max_steps is None else \
             min(cfg.epochs * self.spe, cfg.max_steps)
-        self.schedule = LRSchedule.of(cfg, world.size, self.spe)
+        self.schedule = LRSchedule.of(cfg, lr_ranks or world.size, self.spe)
         self.timer = StepTimer(warmup=min(5, max(1, self.total_steps // 10)))
         self.timer.restore(ctx.resume_extra)       # step times of earlier segments
         self.breakdown = StepBreakdown(self.timer.warmup)     # this start's steps
@@ -240,7 +252,8 @@ class TrainingRun:
                           lr=self.lr, step_time_s=step_time, samples_per_s_rank=n / step_time,
                           samples_per_s_total=rate, wall_s=self.wall(), applied=applied,
                           t_data_s=data_s, t_compute_s=compute_s, t_exchange_s=exchange_s,
-                          t_harness_s=harness_s, sent_bytes=sent_bytes)
+                          t_harness_s=harness_s, sent_bytes=sent_bytes,
+                          world_size=ctx.world.size)
         if sent_bytes is not None:
             self.sent.append(sent_bytes)
         self.progress.update(pos.step, loss, means, rate)
@@ -377,12 +390,39 @@ def weights_consistency(ctx: RunContext) -> dict[str, Any]:
 
 def train(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
     """Run from ``pos`` to the end of the schedule; returns the summary record's fields."""
+    if isinstance(ctx.backend, FitBackend):
+        return train_fit(ctx, ctx.backend, pos, resumed)
+    return train_steps(ctx, pos, resumed)
+
+
+class Segment(Protocol):
+    """What the step loop asks of an elastic run (harness/elastic.py)."""
+
+    global_batch: int        # fixed for the run, split over the ranks there are
+    start_ranks: int         # the ranks the learning rate is scaled for
+    first_rank: int          # this process's rank when it started (fault injection)
+    run: "TrainingRun | None"
+
+    def after_step(self, run: "TrainingRun", state: Any) -> None: ...
+
+    def after_epoch(self, run: "TrainingRun", state: Any) -> None: ...
+
+
+def train_steps(ctx: RunContext, pos: Position, resumed: bool, elastic: Segment | None = None,
+                state: Any = None) -> dict[str, Any]:
+    """The step loop from ``pos`` to the end of the schedule. ``elastic``: one segment of an
+    elastic run (harness/elastic.py), whose ``state`` the loop commits; its sync has made the
+    ranks equal, so nothing is broadcast here."""
     cfg, world, backend = ctx.cfg, ctx.world, ctx.backend
-    if isinstance(backend, FitBackend):
-        return train_fit(ctx, backend, pos, resumed)
-    run = TrainingRun(ctx, pos, resumed, step_batch(cfg, world.size))
-    faults = FaultInjector(world.rank, desync=lambda: backend.set_flat_params(
-        backend.get_flat_params() * np.float32(1.001)))
+    if elastic is None:
+        run = TrainingRun(ctx, pos, resumed, step_batch(cfg, world.size))
+    else:
+        run = TrainingRun(ctx, pos, resumed, 0, elastic.global_batch, elastic.start_ranks)
+        elastic.run = run
+    # an elastic run's faults name the rank a process had when the run started
+    faults = FaultInjector(world.rank if elastic is None else elastic.first_rank,
+                           desync=lambda: backend.set_flat_params(
+                               backend.get_flat_params() * np.float32(1.001)))
     straggle = cfg.straggler_rank == world.rank
     local = LocalSGD.of(cfg, world.size)
     backend.set_lr(run.lr)
@@ -395,9 +435,10 @@ def train(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
     # from rank 0's checkpoint instead of its own initial weights. A local SGD step leaves the
     # ranks apart, so a first step that is local comes after the broadcast.
     first_local = local is not None and local.local(pos.epoch)
-    if not backend.broadcast_after_first_step or resumed or first_local:
+    first_step_done = elastic is not None         # no broadcasts in an elastic segment
+    if elastic is None and (not backend.broadcast_after_first_step or resumed or first_local):
         backend.broadcast_state(resumed=resumed)
-    if resumed:
+    if resumed and elastic is None:
         fresh = backend.restore_exchange()     # each rank's own error-feedback residual
         backend.set_lr(run.lr)   # the restored optimizer state holds the last step's (Keras)
         if fresh and world.rank == 0:
@@ -405,7 +446,6 @@ def train(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
                             f"{world.size} ranks (saved by another number of ranks, compression "
                             "or local SGD setting): it starts afresh (the optimizer's from rank "
                             "0's), so this resume is not exact")
-    first_step_done = False
     tail = 0.0
     try:
         if pos.step_in_epoch >= run.spe:      # resumed from a stop on an epoch's last step
@@ -440,9 +480,13 @@ def train(ctx: RunContext, pos: Position, resumed: bool) -> dict[str, Any]:
                 harness = (t_rec - t0) - t_data - (t_ret - t_call) + tail
                 run.record_step(res.loss, res.metrics, len(yb), step_time, res.applied,
                                 (t_data, compute, exchange, harness), sent)
+                if elastic is not None:
+                    elastic.after_step(run, state)
                 tail = time.perf_counter() - t_rec      # this step's bookkeeping: the next's
             if pos.step_in_epoch >= run.spe:        # a completed epoch
                 run.end_epoch()
+                if elastic is not None:
+                    elastic.after_epoch(run, state)
         return run.finish()
     finally:
         run.close()

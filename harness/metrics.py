@@ -13,6 +13,9 @@
 * ``eval``: the final evaluation of a run that ends mid-epoch (``max_steps``).
 * ``preempted``: the step (parameter server: version and worker clocks) at which a stop signal
   ended this start; no ``summary`` follows it.
+* ``reset``: an elastic run changed its world size (``old_size``, ``new_size``, ``reason``: rank
+  lost, hosts added or removed), at ``step``, the step training goes on from (after a lost
+  rank, the last commit: ``steps_redone`` steps are trained again).
 * ``summary``: percentiles and rates computed from the step records above, nothing estimated:
   a value that was not measured is ``null``. The parameter server's counters (updates/s,
   push/pull latency, staleness histogram) are in it too.

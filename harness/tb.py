@@ -7,7 +7,8 @@ scalars are the ``metrics.jsonl`` values at the same step numbers:
 * ``step`` records every ``every`` steps (the progress cadence, ``log_every``) and the first:
   ``train/loss``, ``train/<metric>``, ``train/lr``, ``perf/samples_per_s``,
   ``perf/step_time_s``, the step breakdown ``step_time/<part>_s``, the bytes this rank sent
-  for the exchange ``comm/sent_bytes``; for the parameter server
+  for the exchange ``comm/sent_bytes``, the ranks training ``perf/world_size`` (it changes in
+  elastic runs); for the parameter server
   ``ps/staleness``, ``ps/push_pull_latency_s``, ``ps/compute_s``;
 * ``epoch`` and ``eval`` records: ``eval/loss``, ``eval/<metric>``, ``train/epoch_loss``,
   ``train/epoch_<metric>``, at the step the epoch ended;
@@ -34,7 +35,7 @@ _STEP_TAGS = {"loss": "train/loss", "lr": "train/lr", "samples_per_s_total": "pe
               "latency_s": "ps/push_pull_latency_s", "compute_s": "ps/compute_s",
               "t_data_s": "step_time/data_s", "t_compute_s": "step_time/compute_s",
               "t_exchange_s": "step_time/exchange_s", "t_harness_s": "step_time/harness_s",
-              "sent_bytes": "comm/sent_bytes"}
+              "sent_bytes": "comm/sent_bytes", "world_size": "perf/world_size"}
 
 
 def _number(v: Any) -> float | None:

@@ -5,18 +5,21 @@
 
 from __future__ import annotations
 
+import os
+
 from harness import checkpoint as ckpt_io
 from harness import compress
 from harness.compress import EF_METHODS
 from harness.backends.base import Backend, create, resolve_gradient_path
 from harness.config import RunConfig
 from harness.data import Dataset
+from harness.elastic import RunFinished, refuse_elastic_start, train_elastic
 from harness.driver import (agree_on_start, check_layout, checkpoint_identity,
                             find_resume_checkpoint, final_metrics, finish_record, finished,
                             load_task_data, log_finished, model_record, own_task_name, run_dir_of,
                             start_record)
 from harness.env import World, check_runtime_world, detect_world
-from harness.errors import CheckpointError, HarnessError, TrainingAborted
+from harness.errors import CheckpointError, ConfigError, HarnessError, TrainingAborted
 from harness.logging import get_logger
 from harness.loop import Plan, Position, Preempted, RunContext, step_batch, train
 from harness.metrics import MetricsWriter
@@ -93,6 +96,10 @@ def run(cfg: RunConfig, task: Task | None = None) -> int:
     launcher_world = detect_world()
     log = get_logger(launcher_world.rank)
     own = task is not None or cfg.task is not None
+    if cfg.elastic and os.environ.get("HOROVOD_ELASTIC") != "1":
+        raise ConfigError("elastic = true needs horovodrun's elastic mode: launch with "
+                          "`harness launch --launcher horovodrun --elastic -np N -- ...` (on "
+                          "SLURM: slurm/elastic.sbatch), or set elastic = false")
     task, data = load_task_data(cfg, task)      # the user's code runs on every rank
     if cfg.mode == "async":
         from harness.ps.driver import run as run_ps
@@ -135,16 +142,24 @@ def _run(cfg: RunConfig, backend: Backend, world: World, log, stop: StopFlag, ta
                 ckpt_io.check_writable(run_dir / "checkpoints")     # the first write of the run
         except HarnessError as e:
             error = e
-    # rank 0 looked for the checkpoint; every rank learns what it found
-    looked = world.rank == 0
-    agreed, done = agree_on_start(backend.allreduce_host, error, done or not looked,
-                                  pos.as_vector() * looked)
-    if done:
-        log_finished(log, run_dir, f"{pos.step} steps")
-        backend.shutdown()
-        return 0
-    if world.rank != 0:
-        pos = Position.from_vector(agreed)
+    if cfg.elastic:
+        # No collective outside the elastic run: a rank that joins a running job starts here
+        # while the others wait in its first sync, which carries rank 0's findings instead.
+        if world.rank == 0 and (error is not None or done):
+            refuse_elastic_start(backend, error)
+            log_finished(log, run_dir, f"{pos.step} steps")
+            return 0
+    else:
+        # rank 0 looked for the checkpoint; every rank learns what it found
+        looked = world.rank == 0
+        agreed, done = agree_on_start(backend.allreduce_host, error, done or not looked,
+                                      pos.as_vector() * looked)
+        if done:
+            log_finished(log, run_dir, f"{pos.step} steps")
+            backend.shutdown()
+            return 0
+        if world.rank != 0:
+            pos = Position.from_vector(agreed)
     resumed = pos.step > 0 or ckpt is not None
     if ckpt is not None:
         log.info(f"resuming from {ckpt.path} at step {pos.step} (epoch {pos.epoch + 1})")
@@ -168,11 +183,16 @@ def _run(cfg: RunConfig, backend: Backend, world: World, log, stop: StopFlag, ta
                      last_saved_step=pos.step if resumed else None,
                      resume_extra=ckpt.extra if ckpt is not None else {})
     try:
-        summary = train(ctx, pos, resumed)
+        summary = train_elastic(ctx, pos) if cfg.elastic else train(ctx, pos, resumed)
     except Preempted as p:
-        metrics.write("preempted", step=p.step)
-        metrics.close()
+        ctx.metrics.write("preempted", step=p.step)
+        ctx.metrics.close()
         return EXIT_PREEMPTED
+    except RunFinished:
+        log_finished(log, run_dir, "rank 0 found its final checkpoint")
+        return 0
+    world, metrics = ctx.world, ctx.metrics        # an elastic run's may have changed
+    log = get_logger(world.rank)
     if world.rank == 0:
         finish_record(run_dir, metrics, summary)
     if not summary["ranks_consistent"]:

@@ -27,6 +27,13 @@ def rank_program(spec: LaunchSpec, train_args: list[str]) -> list[str]:
 
 def horovodrun_argv(spec: LaunchSpec, program: list[str]) -> list[str]:
     argv = ["horovodrun", "-np", str(spec.np)]
+    if spec.elastic:        # launchers/elastic.py has filled these in
+        argv += ["--min-np", str(spec.min_np), "--max-np", str(spec.max_np),
+                 "--host-discovery-script", str(spec.host_discovery_script)]
+        if spec.elastic_timeout is not None:
+            argv += ["--elastic-timeout", str(spec.elastic_timeout)]
+    if spec.network_interfaces:
+        argv += ["--network-interfaces", spec.network_interfaces]
     if spec.hosts:
         argv += ["-H", spec.hosts]
     if spec.hostfile:

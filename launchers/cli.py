@@ -18,6 +18,7 @@ import shlex
 import sys
 
 from harness.config import add_dataclass_arguments, fields_from_namespace, parse_train_args
+from harness.errors import ConfigError
 from launchers.builders import build_argv
 from launchers.spec import LaunchSpec
 
@@ -47,8 +48,21 @@ def cmd_launch(args: argparse.Namespace) -> int:
     train_args = list(args.train_args)
     if train_args and train_args[0] == "--":
         train_args = train_args[1:]
-    parse_train_args(train_args)              # fail fast on a bad run config
+    if getattr(args, "elastic", False) and "--elastic" not in train_args:
+        train_args = [*train_args, "--elastic"]     # the ranks' run config is elastic too
+    cfg = parse_train_args(train_args)        # fail fast on a bad run config
+    launcher = getattr(args, "launcher", "horovodrun")
+    if cfg.elastic and launcher != "horovodrun":
+        raise ConfigError(f"elastic = true runs under horovodrun's elastic mode, not "
+                          f"{launcher}: use --launcher horovodrun (on SLURM: "
+                          "slurm/elastic.sbatch)")
+    if cfg.elastic:
+        args.elastic = True
     spec = spec_from_args(args)
+    if spec.elastic:
+        from launchers import elastic
+
+        spec = elastic.prepare(spec, cfg.max_ranks)
     argv = build_argv(spec, train_args)
     if args.print_argv:
         sys.stdout.write("".join(a + "\0" for a in argv))

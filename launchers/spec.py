@@ -45,6 +45,26 @@ class LaunchSpec:
                                        exclusive_min=True)
     autotune: bool = _opt(False, "let Horovod autotune fusion and cycle time", HVD)
     start_timeout: int | None = _opt(None, "seconds to wait for all ranks", HVD, minimum=1)
+    network_interfaces: str | None = _opt(None, "network interfaces Horovod uses, e.g. eth0 "
+                                          "or lo (elastic on one machine: lo)", HVD)
+    elastic: bool = _opt(False, "elastic training (docs/elastic.md): ranks may be lost and "
+                         "hosts added while the job runs; implied by the run config's "
+                         "elastic = true", HVD)
+    min_np: int | None = _opt(None, "elastic: the fewest ranks horovodrun restarts the job "
+                              "with (default 1; the run config's min_ranks stops the job "
+                              "with a checkpoint below its own minimum)", HVD, minimum=1)
+    max_np: int | None = _opt(None, "elastic: the most ranks (default: the run config's "
+                              "max_ranks, else np)", HVD, minimum=1)
+    host_discovery_script: str | None = _opt(None, "elastic: your executable that prints the "
+                                             "available hosts, one host:slots a line "
+                                             "(default: one the launcher writes, reading "
+                                             "hosts_file)", HVD)
+    hosts_file: str | None = _opt(None, "elastic: the file the written discovery script reads, "
+                                  "one host:slots a line; edit it to add or remove hosts "
+                                  "(default: a new one from hosts/hostfile, else one local "
+                                  "slot per rank, in a temp folder)", HVD)
+    elastic_timeout: int | None = _opt(None, "elastic: seconds to wait for min_np ranks after "
+                                       "a reset (Horovod's default: 600)", HVD, minimum=1)
     mpi_flavour: str = _opt("openmpi", "Open MPI or MPICH/Intel MPI (Hydra) syntax", MPI,
                             choices=("openmpi", "mpich"))
     bind_to: str | None = _opt(None, "process binding (core, socket, none, ...)", MPI)
@@ -103,6 +123,24 @@ class LaunchSpec:
             raise ConfigError(f"np = {self.np} but nodes x ntasks_per_node = "
                               f"{self.nodes} x {self.ntasks_per_node} = "
                               f"{self.nodes * self.ntasks_per_node}: make them agree")
+        lo, hi = self.min_np, self.max_np
+        if lo is not None and hi is not None and lo > hi:
+            raise ConfigError(f"min_np = {lo} is more than max_np = {hi}: set --min-np at most "
+                              f"--max-np")
+        if lo is not None and lo > self.np:
+            raise ConfigError(f"np = {self.np} is below --min-np {lo}: start with at least "
+                              f"{lo} ranks, or lower --min-np")
+        if hi is not None and hi < self.np:
+            raise ConfigError(f"np = {self.np} is above --max-np {hi}: start with at most "
+                              f"{hi} ranks, or raise --max-np")
+        elastic_only = [n for n in ("min_np", "max_np", "host_discovery_script", "hosts_file",
+                                    "elastic_timeout") if getattr(self, n) is not None]
+        if elastic_only and not self.elastic:
+            flag = "--" + elastic_only[0].replace("_", "-")
+            raise ConfigError(f"{flag} is an elastic option: add --elastic, or drop {flag}")
+        if self.host_discovery_script and (self.hosts_file or self.hosts or self.hostfile):
+            raise ConfigError("--host-discovery-script lists the hosts itself: drop "
+                              "--hosts-file/--hosts/--hostfile")
         if self.nodes and self.nodes > self.np:
             raise ConfigError(f"nodes = {self.nodes} is more than the np = {self.np} ranks: ask "
                               f"for at most {self.np} nodes, or more ranks")

@@ -261,6 +261,26 @@ class Backend(ABC):
         """A NumPy array as a framework tensor on this rank's device (framework backends)."""
         raise NotImplementedError
 
+    # --- elastic training (harness/elastic.py; Horovod's elastic API) ---
+    def elastic_run(self, func: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """``func(state)`` wrapped by the framework's ``hvd.elastic.run``: rerun after a reset
+        (a rank lost, hosts added), with the runtime restarted at the new size."""
+        raise NotImplementedError(f"{type(self).__name__} has no elastic runtime: elastic "
+                                  "training needs allreduce = 'horovod'")
+
+    def bcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (Horovod's ``broadcast_object``; elastic only)."""
+        raise NotImplementedError
+
+    def refresh_world(self) -> World:
+        """The runtime's world after an elastic reset (``self.world`` updated)."""
+        raise NotImplementedError
+
+    def resize(self, share: float) -> None:
+        """After an elastic reset: this rank's mean gradient is weighted by ``share`` (its
+        slice of the global batch over the global batch) in the reduced sum."""
+        raise NotImplementedError
+
     # --- host arrays between ranks (checkpoints; communication mixins supply them) ---
     def _allgather_host(self, a: np.ndarray) -> np.ndarray:
         """Every rank's ``a`` stacked by rank, (size, *a.shape)."""

@@ -82,6 +82,18 @@ class HorovodComm(Backend):
         t = self._host_tensor(np.ascontiguousarray(a))
         return np.array(self.hvd.broadcast(t, root_rank=0, name="harness.host.broadcast").numpy())
 
+    def elastic_run(self, func):
+        return importlib.import_module(self.hvd_module + ".elastic").run(func)
+
+    def bcast_object(self, obj):
+        return self.hvd.broadcast_object(obj, root_rank=0, name="harness.elastic.state")
+
+    def refresh_world(self) -> World:
+        hvd = self.hvd
+        self.world = World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(),
+                           self.world.source)
+        return self.world
+
     def _make_compressor(self) -> None:
         from harness.compress import for_run
 

@@ -385,7 +385,8 @@ class HorovodTFBackend(HorovodComm, TFBackend):
         """grad_exchange = flat: local gradients of the loss scaled by 1/(size x predivide), so
         that the sum over ranks is the average without a pass over the gradients, reduced as
         one buffer (``_flat_allreduce``)."""
-        scale = 1.0 / (self.hvd.size() * self.cfg.gradient_predivide_factor)
+        share = self.share if self.share is not None else 1.0 / self.hvd.size()
+        scale = share / self.cfg.gradient_predivide_factor
         loss, sums, grads = self._local_gradients(x, y, scale)
         t_local = self._stamp(grads)
         if self.hvd.size() == 1:          # nothing to reduce (as DistributedGradientTape)
@@ -409,6 +410,35 @@ class HorovodTFBackend(HorovodComm, TFBackend):
                                  name="harness_grads")
         parts = tf.split(flat, [int(np.prod(v.shape)) for v in self.tf_trainable])
         return [tf.reshape(p, v.shape) for p, v in zip(parts, self.tf_trainable)]
+
+    def elastic_run(self, func):
+        """Horovod's TF ``elastic.run`` turns a failed Horovod op into HorovodInternalError
+        only when the op's name is in TensorFlow's message, and returns None (the error
+        swallowed) otherwise; this wrapper re-raises everything it does not translate."""
+        from horovod.common.elastic import run_fn
+        from horovod.common.exceptions import HorovodInternalError
+        from horovod.tensorflow.elastic import _reset
+
+        tf = self.tf
+
+        def wrapper(state, *args, **kwargs):
+            try:
+                return func(state, *args, **kwargs)
+            except tf.errors.OpError as e:
+                if "Horovod" in (e.message or ""):
+                    raise HorovodInternalError(e) from e
+                raise
+
+        return run_fn(wrapper, _reset)
+
+    #: this rank's weight in the reduced gradient sum (None: 1/size); elastic resizes set it
+    share: float | None = None
+
+    def resize(self, share: float) -> None:
+        self.share = share
+        # the step's graph holds the old size and share: trace it anew
+        self._train_fn = self.tf.function(self._train_step_graph,
+                                          input_signature=self._train_fn.input_signature)
 
     def broadcast_state(self, resumed: bool = False) -> None:
         variables = tf_variables(self.model.variables) + \

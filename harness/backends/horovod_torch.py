@@ -322,6 +322,9 @@ class HorovodTorchBackend(HorovodComm, TorchBackend):
             op=hvd.Adasum if c.reduction == "adasum" else hvd.Average,
             gradient_predivide_factor=c.gradient_predivide_factor)
 
+    def resize(self, share: float) -> None:
+        self.grad_scale = share / self.cfg.gradient_predivide_factor
+
     def broadcast_state(self, resumed: bool = False) -> None:
         hvd = self.hvd
         # A fresh optimizer is identical on every rank by construction, so only a restored one
