@@ -477,6 +477,34 @@ def compression_section(runs: list[Run]) -> list[str]:
     return lines + [""]
 
 
+def elastic_section(runs: list[Run]) -> list[str]:
+    """Elastic runs: each stretch at one world size with its own throughput, and the resets."""
+    el = [r for r in runs if r.summary.get("elastic")]
+    if not el:
+        return []
+    lines = ["## Elastic runs", "",
+             "Throughput per segment of constant world size: the steps run in it (redone "
+             "steps included) x the global batch over its wall time. A reset is a rank lost "
+             "(the others went back to their last commit and redid the steps since) or hosts "
+             "added or removed.", "",
+             "| run | ranks | steps | wall (s) | samples/s | per rank |", "|" + "---|" * 6]
+    for r in el:
+        for seg in r.summary["elastic"].get("segments", []):
+            rate, n = seg.get("samples_per_s"), seg.get("world_size")
+            lines.append(
+                f"| {r.name} | {n} | {seg.get('start_step')}-{seg.get('end_step', '?')} | "
+                f"{_fmt(seg.get('start_wall_s'), '.1f')}-{_fmt(seg.get('end_wall_s'), '.1f')} | "
+                f"{_fmt(rate, ',.0f')} | {_fmt(rate / n if rate and n else None, ',.0f')} |")
+    lines.append("")
+    for r in el:
+        for x in r.summary["elastic"].get("resets", []):
+            redo = f", {x['steps_redone']} step(s) redone" if x.get("steps_redone") else ""
+            lines.append(f"- {r.name}: {x.get('reason')} at {_fmt(x.get('wall_s'), '.1f')} s: "
+                         f"{x.get('old_size')} -> {x.get('new_size')} ranks, from step "
+                         f"{x.get('step')}{redo}")
+    return lines + [""]
+
+
 def compression_figure(runs: list[Run], out: Path, plt: Any) -> Path | None:
     """Final accuracy against bytes sent per step and against training time."""
     shown = [r for r in runs if r.unfinished is None and r.workers > 1 and
@@ -685,6 +713,7 @@ def render_markdown(runs: list[Run], notes: list[str], figs: list[Path], out_dir
         lines += compression_section(runs)
     for f in figs:
         lines += [f"![{f.stem}]({f.relative_to(out_dir).as_posix()})", ""]
+    lines += elastic_section(runs)
     ps = [r for r in runs if r.summary.get("staleness_histogram")]
     if ps:
         lines += ["## Parameter-server runs", "",

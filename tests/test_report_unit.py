@@ -521,3 +521,23 @@ def test_a_report_without_compressed_runs_has_no_compression_section(tmp_path, n
     write_run(tmp_path / "a", start(0, workers=2, summary={}))
     build_report([tmp_path / "a"], tmp_path)
     assert "## Gradient compression" not in (tmp_path / "report.md").read_text()
+
+
+def test_an_elastic_run_is_reported_per_segment_of_constant_size(tmp_path, no_figures):
+    elastic = {"global_batch": 96, "start_ranks": 3, "min_ranks": 1, "commit_every": 10,
+               "resets": [{"step": 14, "epoch": 2, "old_size": 3, "new_size": 2,
+                           "reason": "rank lost", "wall_s": 10.5, "steps_redone": 5}],
+               "segments": [{"world_size": 3, "start_step": 0, "start_wall_s": 0.0,
+                             "end_step": 19, "end_wall_s": 1.9, "steps": 19,
+                             "samples_per_s": 960.0},
+                            {"world_size": 2, "start_step": 14, "start_wall_s": 10.6,
+                             "end_step": 42, "end_wall_s": 13.4, "steps": 28,
+                             "samples_per_s": 960.0}]}
+    folder = write_run(tmp_path / "el", start(0, workers=2, summary={"elastic": elastic}))
+    text = (build_report([folder], tmp_path / "out")).read_text()
+    section = text[text.index("## Elastic runs"):]
+    assert "| el | 3 | 0-19 | 0.0-1.9 | 960 | 320 |" in section
+    assert "| el | 2 | 14-42 | 10.6-13.4 | 960 | 480 |" in section
+    assert "- el: rank lost at 10.5 s: 3 -> 2 ranks, from step 14, 5 step(s) redone" in section
+    plain = write_run(tmp_path / "plain", start(0, workers=2, summary={}))
+    assert "## Elastic runs" not in build_report([plain], tmp_path / "out2").read_text()

@@ -152,3 +152,22 @@ def test_rank_crash_under_srun_ends_the_job(cluster, jobs, kind, expected):
     assert not [line for line in ps.stdout.splitlines() if "pgrep" not in line]
     ckpt = latest_checkpoint(jobs / "results" / f"harness-train-{job}")
     assert ckpt.name == "ckpt-000000022.npz"
+
+
+def test_elastic_sbatch_goes_on_on_one_node_when_the_other_nodes_rank_dies(cluster, jobs):
+    """slurm/elastic.sbatch: horovodrun's elastic driver in the allocation, its hosts from
+    slurm/elastic_hosts.sh; the rank on node2 is killed at step 15 and the job finishes on
+    node1's, every training sample applied exactly once per epoch (tests/elastic_task.py)."""
+    job = submit(cluster, "elastic.sbatch", "--task", str(REPO / "tests" / "elastic_task.py")
+                 + ":task", "--global-batch-size", "32", "--epochs", "3", "--commit-every",
+                 "4", "--threads-per-rank", "1", "--out-dir", jobs / "results", cwd=jobs,
+                 env={"HARNESS_FAULT": "kill@1:15", "HOROVOD_GLOO_TIMEOUT_SECONDS": "10"})
+    info = cluster.wait(job, timeout=300)
+    assert info["JobState"] == "COMPLETED", output(jobs, job)
+    run_dir = jobs / "results" / f"harness-elastic-{job}"
+    s = summary(run_dir)
+    assert [(r["old_size"], r["new_size"], r["reason"]) for r in s["elastic"]["resets"]] == \
+        [(2, 1, "rank lost")]
+    (w,) = checkpoint_weights(latest_checkpoint(run_dir)).values()
+    np.testing.assert_allclose(-w, 3.0, atol=1e-4)
+    assert "--host-discovery-script" in output(jobs, job)

@@ -120,8 +120,14 @@ def sbatch_directives(script: Path) -> dict[str, str]:
 def test_every_batch_script_asks_for_the_warning_and_requeues(script):
     """Both READMEs promise it for every script."""
     d = sbatch_directives(SLURM_DIR / script)
-    assert re.fullmatch(r"B:USR1@\d+", d.get("signal", "")), d
     assert "requeue" in d and d.get("open-mode") == "append", d
+    if script == "elastic.sbatch":
+        # its ranks run under horovodrun, which passes no signal on: a preempted elastic job
+        # is requeued and resumes from its last checkpoint, without the warning's checkpoint
+        # (slurm/README.md says so)
+        assert "signal" not in d
+        return
+    assert re.fullmatch(r"B:USR1@\d+", d.get("signal", "")), d
     text = (SLURM_DIR / script).read_text()
     assert "run_preemptible" in text
 
