@@ -304,8 +304,8 @@ class RunConfig:
                  (self.grad_exchange == "optimizer", "set grad_exchange = 'flat' (or 'auto')"),
                  (self.local_sgd_period > 0, "set local_sgd_period = 0"),
                  (self.backward_passes_per_step > 1, "set backward_passes_per_step = 1"),
-                 (self.compression not in ("none", "fp16"), "a compressor's per-rank state "
-                  "does not survive a resize: set compression = 'none' or 'fp16'")]
+                 (self.compression != "none", "a compressor is built for the world size "
+                  "at its start, and a resize changes it: set compression = 'none'")]
         for bad, fix in fixes:
             if bad:
                 raise ConfigError(f"elastic = true cannot run with this config: {fix}, or "

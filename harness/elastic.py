@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from harness.errors import CheckpointError, TrainingAborted
+from harness.logging import get_logger
 from harness.loop import Position, RunContext, TrainingRun, save_checkpoint, train_steps
 
 if TYPE_CHECKING:
@@ -83,10 +84,13 @@ class Elastic:
     def __init__(self, ctx: RunContext, pos: Position) -> None:
         self.ctx, self.backend = ctx, ctx.backend
         cfg = ctx.cfg
-        self.start_ranks = ctx.world.size
+        #: the plan's: this start's, or the checkpoint's that it resumes (rank 0's, which the
+        #: first sync hands every rank)
+        saved = ctx.ckpt_meta.get("elastic") or {}
+        self.start_ranks = int(saved.get("start_ranks") or ctx.world.size)
+        self.global_batch = cfg.global_batch_size or cfg.batch_size * self.start_ranks
         #: this process's rank at its start (fault injection names it)
         self.first_rank = ctx.world.rank
-        self.global_batch = cfg.global_batch_size or cfg.batch_size * self.start_ranks
         self.commit_every = cfg.commit_every
         self.min_ranks = cfg.min_ranks or 1
         self.t0 = time.perf_counter() - pos.wall_s
@@ -117,7 +121,8 @@ class Elastic:
         self.lost = {"failed_at_step": self.live.step,
                      "committed_step": int(self.committed.position["step"])}
         self._apply(self.committed)
-        self.live = Position.from_meta(self.committed.position)
+        # a copy: the loop adds to the position's running sums in place
+        self.live = Position.from_meta(copy.deepcopy(self.committed.position))
 
     def sync(self) -> None:
         """Rank 0's commit (its weights, optimizer, position, history) on every rank."""
@@ -137,7 +142,7 @@ class Elastic:
         self.global_batch, self.start_ranks = c.global_batch, c.start_ranks
         self.history = copy.deepcopy(c.history)
         self.t0 = time.perf_counter() - c.wall_s
-        self.live = Position.from_meta(c.position)
+        self.live = Position.from_meta(copy.deepcopy(c.position))
 
     def _apply(self, c: Committed) -> None:
         # a checkpoint written after the commit is written again when its step is redone
@@ -162,12 +167,16 @@ class Elastic:
         ctx, backend = self.ctx, self.backend
         world = backend.refresh_world()
         ctx.world = world
+        ctx.log = get_logger(world.rank)          # rank 0 may be another process now
+        ctx.ckpt_meta["world_size"] = world.size
         pos = self.live
         if world.size > self.global_batch:
             raise TrainingAborted(f"{world.size} ranks cannot share the global batch of "
                                   f"{self.global_batch} samples: raise global_batch_size or "
                                   f"lower max_ranks to {self.global_batch}")
         backend.resize(split(self.global_batch, world.rank, world.size) / self.global_batch)
+        ctx.ckpt_meta["elastic"] = {"global_batch": self.global_batch,
+                                    "start_ranks": self.start_ranks}
         ctx.metrics = _metrics_on_rank0(ctx)
         if self.size is not None and self.size != world.size or self.lost is not None:
             self._record_reset(world.size, pos)

@@ -56,6 +56,32 @@ class HorovodSource(_Source):
     rank, size = "HOROVOD_RANK", "HOROVOD_SIZE"
     local_rank, local_size = "HOROVOD_LOCAL_RANK", "HOROVOD_LOCAL_SIZE"
 
+    @classmethod
+    def read(cls, env: Mapping[str, str]) -> World | None:
+        w = super().read(env)
+        slot = loopback_slot(env)
+        return w if w is None or slot is None else \
+            World(w.rank, w.size, slot[0], slot[1], w.source)
+
+
+#: names that all resolve to 127.0.0.1, which horovodrun runs locally (no ssh): an elastic job
+#: on one machine gives each local rank its own (launchers/elastic.py), since Horovod's elastic
+#: driver blacklists a failed rank's whole host
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "127.1", "127.0.1", "127.0.0.01", "0x7f000001",
+                  "0x7f.1", "2130706433")
+#: set by ``harness launch --elastic`` on one machine: the local ranks there may be
+LOCAL_SLOTS = "HARNESS_ELASTIC_LOCAL_SLOTS"
+
+
+def loopback_slot(env: Mapping[str, str]) -> tuple[int, int] | None:
+    """(local rank, local size) of a rank of a one-machine elastic job, which Horovod counts
+    as local rank 0 of 1 on a host of its own: its loopback name's index, and the slots the
+    launcher gave the machine (so GPUs and threads are shared out as for any local ranks)."""
+    host, slots = env.get("HOROVOD_HOSTNAME"), env.get(LOCAL_SLOTS)
+    if env.get("HOROVOD_ELASTIC") != "1" or host not in LOOPBACK_NAMES or not slots:
+        return None
+    return LOOPBACK_NAMES.index(host), int(slots)
+
 
 class OpenMPISource(_Source):
     name = "Open MPI"

@@ -134,6 +134,10 @@ def _run(cfg: RunConfig, backend: Backend, world: World, log, stop: StopFlag, ta
             if ckpt is not None:
                 ckpt_io.check_compatible(ckpt, identity)
                 check_layout(ckpt, model["layout"], cfg.framework)
+                elastic_start = (ckpt.meta.get("elastic") or {}).get("start_ranks")
+                if cfg.elastic and elastic_start:
+                    # an elastic run's plan is its first start's, whatever the size now
+                    plan = Plan.of(cfg, int(elastic_start), len(data.train))
                 check_resume_fits(ckpt, cfg, world, plan, log)
                 load_into_backend(backend, ckpt)
                 pos = Position.from_meta(ckpt.meta["position"])
@@ -182,6 +186,8 @@ def _run(cfg: RunConfig, backend: Backend, world: World, log, stop: StopFlag, ta
                      # every rank: checkpoints are collectives (compression state)
                      last_saved_step=pos.step if resumed else None,
                      resume_extra=ckpt.extra if ckpt is not None else {})
+    if ckpt is not None and "elastic" in ckpt.meta:
+        ctx.ckpt_meta["elastic"] = ckpt.meta["elastic"]
     try:
         summary = train_elastic(ctx, pos) if cfg.elastic else train(ctx, pos, resumed)
     except Preempted as p:

@@ -14,6 +14,7 @@ launcher (``--time`` with mpirun, ``--bind-to`` with sbatch) is refused, not dro
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 
@@ -62,7 +63,15 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if spec.elastic:
         from launchers import elastic
 
-        spec = elastic.prepare(spec, cfg.max_ranks)
+        if cfg.min_ranks is not None and cfg.min_ranks > spec.np:
+            raise ConfigError(f"min_ranks = {cfg.min_ranks} is more than the -np {spec.np} "
+                              "ranks the job starts with: start with at least min_ranks")
+        if cfg.max_ranks is not None and spec.max_np is not None and \
+                cfg.max_ranks != spec.max_np:
+            raise ConfigError(f"max_ranks = {cfg.max_ranks} and --max-np {spec.max_np} differ: "
+                              "give one of them")
+        spec, env = elastic.prepare(spec, cfg.max_ranks)
+        os.environ.update(env)               # horovodrun passes it on to the ranks
     argv = build_argv(spec, train_args)
     if args.print_argv:
         sys.stdout.write("".join(a + "\0" for a in argv))

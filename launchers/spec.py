@@ -138,6 +138,9 @@ class LaunchSpec:
         if elastic_only and not self.elastic:
             flag = "--" + elastic_only[0].replace("_", "-")
             raise ConfigError(f"{flag} is an elastic option: add --elastic, or drop {flag}")
+        if self.elastic and self.controller == "mpi":
+            raise ConfigError("elastic runs need horovodrun's Gloo controller: drop "
+                              "--controller mpi")
         if self.host_discovery_script and (self.hosts_file or self.hosts or self.hostfile):
             raise ConfigError("--host-discovery-script lists the hosts itself: drop "
                               "--hosts-file/--hosts/--hostfile")

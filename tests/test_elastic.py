@@ -49,7 +49,8 @@ def resets(run_dir: Path) -> list[dict]:
                                                              "max_ranks = 2"),
     (["--elastic", "--allreduce", "mpi"], "the mpi4py fallback cannot change its world size"),
     (["--elastic", "--reduction", "adasum"], "set reduction = 'average'"),
-    (["--elastic", "--compression", "topk"], "compression = 'none' or 'fp16'"),
+    (["--elastic", "--compression", "fp16"], "set compression = 'none'"),
+    (["--elastic", "--min-ranks", "3"], "min_ranks = 3 is more than the -np 2 ranks"),
     (["--min-ranks", "2"], "min_ranks is set but elastic is off"),
 ])
 def test_bad_elastic_configs_are_refused_with_one_line(tmp_path: Path, train, message):
@@ -62,8 +63,10 @@ def test_bad_elastic_configs_are_refused_with_one_line(tmp_path: Path, train, me
 
 @pytest.mark.parametrize("script, message", [
     ("#!/bin/sh\necho localhost:1\n", "is not executable: chmod +x it"),
-    ("#!/bin/sh\necho 'hello world'\n", "printed 'hello world', not host:slots"),
-    ("#!/bin/sh\necho localhost:0\n", "printed 'localhost:0', not host:slots"),
+    ("#!/bin/sh\necho 'hello world'\n", "has the line 'hello world', not host:slots"),
+    ("#!/bin/sh\necho localhost:0\n", "has the line 'localhost:0', not host:slots"),
+    ("#!/bin/sh\necho localhost\n", "has the line 'localhost', not host:slots"),
+    ("#!/bin/sh\necho '# my hosts'\n", "has the line '# my hosts', not host:slots"),
     ("#!/bin/sh\nexit 1\n", "exited 1"),
     ("#!/bin/sh\ntrue\n", "printed no hosts"),
 ])
@@ -82,7 +85,8 @@ def test_a_bad_discovery_script_is_refused_before_anything_starts(tmp_path: Path
 def test_launch_options_of_elastic_runs_are_checked(tmp_path: Path):
     for extra, message in [(["--min-np", "3", "--max-np", "2"], "min_np = 3 is more than"),
                            (["--max-np", "3"], "--max-np is an elastic option: add --elastic"),
-                           (["--elastic", "--max-np", "1"], "np = 2 is above --max-np 1")]:
+                           (["--elastic", "--max-np", "1"], "np = 2 is above --max-np 1"),
+                           (["--elastic", "--controller", "mpi"], "Gloo controller")]:
         p = run(harness("launch", "--launcher", "horovodrun", "-np", "2", *extra, "--dry-run",
                         "--", "--epochs", "1"), timeout=60)
         assert p.returncode == 2 and message in p.stderr, (extra, p.stderr)
@@ -107,9 +111,37 @@ def test_the_launcher_writes_a_discovery_script_with_one_local_name_per_rank(tmp
     assert argv[argv.index("--network-interfaces") + 1] == "lo"
     assert argv[-1] == "--elastic"        # the ranks' run config is made elastic too
     listed = subprocess.run([script], capture_output=True, text=True, check=True).stdout
-    assert listed.split() == ["localhost:1", "127.0.0.1:1", "127.1:1"]
-    hosts.write_text("localhost:1\n")     # the user edits the file: the script follows it
-    assert subprocess.run([script], capture_output=True, text=True).stdout == "localhost:1\n"
+    assert listed.split() == ["localhost:1", "127.0.0.1:1"]    # -np slots: horovodrun starts
+    # as many ranks as are listed; the user edits the file to grow the job, comments and all
+    hosts.write_text("# the job's hosts\nlocalhost:1\n\n 127.0.0.1:1  # node B\n127.1:1\n")
+    listed = subprocess.run([script], capture_output=True, text=True).stdout
+    assert listed == "localhost:1\n127.0.0.1:1\n127.1:1\n"
+    # an existing hosts file is what the job reads: --hosts beside it would be ignored
+    p = run(harness("launch", "--launcher", "horovodrun", "-np", "2", "--elastic", "--hosts",
+                    "n1:2", "--hosts-file", hosts, "--dry-run", "--", "--epochs", "1"),
+            timeout=60)
+    assert p.returncode == 2 and "would not be read" in p.stderr, p.stderr
+    # a refused launch writes nothing
+    fresh = tmp_path / "new" / "hosts"
+    p = run(harness("launch", "--launcher", "horovodrun", "-np", "4", "--elastic", "--hosts",
+                    "n1:2", "--hosts-file", fresh, "--dry-run", "--", "--epochs", "1"),
+            timeout=60)
+    assert p.returncode == 2 and "fewer slots than np = 4" in p.stderr, p.stderr
+    assert not fresh.parent.exists()
+
+
+def test_local_elastic_ranks_count_as_one_machines_ranks():
+    """Horovod sees each loopback name as a host of its own (local rank 0 of 1): the harness
+    gives the ranks their place on the machine, for GPUs and threads."""
+    from harness.env import detect_world
+
+    env = {"HOROVOD_RANK": "2", "HOROVOD_SIZE": "3", "HOROVOD_LOCAL_RANK": "0",
+           "HOROVOD_LOCAL_SIZE": "1", "HOROVOD_ELASTIC": "1", "HOROVOD_HOSTNAME": "127.1",
+           "HARNESS_ELASTIC_LOCAL_SLOTS": "4"}
+    w = detect_world(env)
+    assert (w.rank, w.size, w.local_rank, w.local_size) == (2, 3, 2, 4)
+    other = detect_world({**env, "HOROVOD_HOSTNAME": "node7"})
+    assert (other.local_rank, other.local_size) == (0, 1)
 
 
 def test_an_uneven_split_still_covers_every_sample_once():
@@ -205,11 +237,14 @@ def test_a_host_added_to_the_discovery_script_makes_the_job_grow(tmp_path: Path)
 @pytest.mark.mpi
 @needs_horovod
 def test_fewer_ranks_than_min_ranks_stop_the_job_with_a_loadable_checkpoint(tmp_path: Path):
-    p = run(elastic_launch(2, tmp_path / "hosts", "--task", COUNTER, *G32, "--epochs", "3",
-                           "--commit-every", "4", "--min-ranks", "2", "--out-dir", tmp_path,
-                           "--run-name", "m"),
+    """2 ranks of 16 samples (the global batch: 32), min_ranks 2, rank 1 killed at step 15:
+    the rank left checkpoints the last commit (step 12) and stops; the checkpoint resumes on
+    one rank, which takes the whole global batch of the run's plan, and finishes the run."""
+    common = ("--task", COUNTER, "--batch-size", "16", "--epochs", "3", "--commit-every", "4",
+              "--out-dir", tmp_path, "--run-name", "m")
+    p = run(elastic_launch(2, tmp_path / "hosts", *common, "--min-ranks", "2"),
             env={**FAST_FAIL, "HARNESS_FAULT": "kill@1:15"}, timeout=300)
-    assert p.returncode != 0
+    assert p.returncode == 1            # the rank's 3, as horovodrun reports a failed rank
     assert "1 rank(s) left, fewer than min_ranks = 2: the job stops at step 12" in p.stderr, \
         p.stderr[-5000:]
     path = latest_checkpoint(tmp_path / "m")
@@ -217,8 +252,24 @@ def test_fewer_ranks_than_min_ranks_stop_the_job_with_a_loadable_checkpoint(tmp_
     # the last commit: epoch 1 (10 steps of 32 samples) and 2 steps of epoch 2
     c = np.round(counts(tmp_path / "m"), 4)
     assert sorted(set(c)) == [1.0, 2.0] and (c == 2.0).sum() == 2 * 32
-    # the checkpoint resumes: the job finishes with every sample trained 3 times
-    p = run(elastic_launch(2, tmp_path / "hosts", "--task", COUNTER, *G32, "--epochs", "3",
-                           "--commit-every", "4", "--min-ranks", "2", "--out-dir", tmp_path,
-                           "--run-name", "m"), timeout=300, check=True)
+    p = run(elastic_launch(1, tmp_path / "hosts1", *common), timeout=300, check=True)
+    assert "training goes on" not in p.stderr
+    s = summary(tmp_path / "m")
+    assert s["global_batch"] == 32 and s["world_size"] == 1 and s["steps"] == 30
     np.testing.assert_allclose(counts(tmp_path / "m"), 3.0, atol=1e-4)
+
+
+def test_the_slurm_discovery_lists_the_jobs_live_nodes_by_address():
+    from launchers.elastic import slurm_hosts
+
+    shown = "\n".join([
+        "NodeName=gpu1 Arch=x86_64 NodeAddr=10.0.0.1 NodeHostName=gpu1 State=ALLOCATED",
+        "NodeName=gpu2 Arch=x86_64 NodeAddr=10.0.0.2 NodeHostName=gpu2 State=DOWN+NOT_RESPONDING",
+        "NodeName=gpu3 Arch=x86_64 NodeAddr=10.0.0.3 NodeHostName=gpu3 State=MIXED+DRAIN",
+        "NodeName=gpu4 Arch=x86_64 NodeAddr=10.0.0.4 NodeHostName=gpu4 State=MIXED",
+    ])
+    assert slurm_hosts(shown, 4) == [("10.0.0.1", 4), ("10.0.0.4", 4)]
+    # a test cluster's nodes on one machine: distinct loopback names
+    local = "NodeName=node1 NodeAddr=127.0.0.1 State=ALLOCATED\n" \
+            "NodeName=node2 NodeAddr=127.0.0.1 State=ALLOCATED"
+    assert slurm_hosts(local, 1) == [("localhost", 1), ("127.0.0.1", 1)]

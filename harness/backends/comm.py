@@ -17,7 +17,7 @@ from harness.backends.base import Backend, BackendInfo
 from harness.backends.common import (apply_horovod_environment, check_horovod_combination,
                                      check_mpi_path)
 from harness.compress import dense_sent_bytes
-from harness.env import World
+from harness.env import World, loopback_slot
 from harness.errors import ConfigError
 
 
@@ -58,9 +58,7 @@ class HorovodComm(Backend):
         hvd.init()
         check_horovod_combination(self.cfg, hvd.size(), gloo=hvd.gloo_enabled(),
                                   gpu=self._has_gpu())
-        self.world = World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(),
-                           self.world.source)
-        return self.world
+        return self.refresh_world()
 
     def allreduce_host(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
         hvd = self.hvd
@@ -90,8 +88,9 @@ class HorovodComm(Backend):
 
     def refresh_world(self) -> World:
         hvd = self.hvd
-        self.world = World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(),
-                           self.world.source)
+        local_rank, local_size = loopback_slot(os.environ) or (hvd.local_rank(),
+                                                               hvd.local_size())
+        self.world = World(hvd.rank(), hvd.size(), local_rank, local_size, self.world.source)
         return self.world
 
     def _make_compressor(self) -> None:

@@ -8,6 +8,8 @@ underlying ``tf.Variable`` of each (``v.value``).
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import os
 import time
@@ -419,17 +421,29 @@ class HorovodTFBackend(HorovodComm, TFBackend):
         from horovod.common.exceptions import HorovodInternalError
         from horovod.tensorflow.elastic import _reset
 
-        tf = self.tf
-
         def wrapper(state, *args, **kwargs):
-            try:
+            with self._peer_failures(HorovodInternalError):
                 return func(state, *args, **kwargs)
-            except tf.errors.OpError as e:
-                if "Horovod" in (e.message or ""):
-                    raise HorovodInternalError(e) from e
-                raise
 
         return run_fn(wrapper, _reset)
+
+    @contextlib.contextmanager
+    def _peer_failures(self, as_error):
+        """A Horovod op that failed because a peer is gone raises TensorFlow's UnknownError
+        naming the op: that becomes ``as_error`` (HorovodInternalError, which the elastic run
+        answers with a reset); any other error stays what it is."""
+        try:
+            yield
+        except self.tf.errors.UnknownError as e:
+            if "Horovod" in (e.message or ""):
+                raise as_error(e) from e
+            raise
+
+    def bcast_object(self, obj):
+        from horovod.common.exceptions import HorovodInternalError
+
+        with self._peer_failures(HorovodInternalError):    # the sync runs outside the wrapper
+            return super().bcast_object(obj)
 
     #: this rank's weight in the reduced gradient sum (None: 1/size); elastic resizes set it
     share: float | None = None
