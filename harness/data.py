@@ -360,6 +360,13 @@ def check_model_input(model: str, shape: tuple[int, ...]) -> None:
 
 # --- sharding --------------------------------------------------------------------------------
 
+def split_batch(global_batch: int, rank: int, size: int) -> tuple[int, int]:
+    """Rank ``rank``'s slice of a global batch over ``size`` ranks, as even as it goes (the
+    first ``global_batch % size`` ranks take one sample more): (samples, offset)."""
+    base, extra = divmod(global_batch, size)
+    return base + (rank < extra), rank * base + min(rank, extra)
+
+
 class Sharder:
     """Which samples each rank trains on, identically for both frameworks.
 
@@ -380,9 +387,7 @@ class Sharder:
         #: where this rank's slice starts in the global batch
         self.offset = rank * batch
         if global_batch is not None:      # split as evenly as it goes (elastic resizes)
-            base, extra = divmod(global_batch, size)
-            self.batch = base + (rank < extra)
-            self.offset = rank * base + min(rank, extra)
+            self.batch, self.offset = split_batch(global_batch, rank, size)
         self.steps_per_epoch = n // self.global_batch
         if self.steps_per_epoch == 0:
             raise ConfigError(f"the training set has {n} samples, fewer than one global batch "

@@ -32,16 +32,12 @@ from typing import TYPE_CHECKING, Any
 
 from harness.errors import CheckpointError, TrainingAborted
 from harness.logging import get_logger
-from harness.loop import Position, RunContext, TrainingRun, save_checkpoint, train_steps
+from harness.data import split_batch
+from harness.loop import (Position, RunContext, TrainingRun, elastic_batch, save_checkpoint,
+                          train_steps)
 
 if TYPE_CHECKING:
     from harness.backends.base import Backend
-
-
-def split(global_batch: int, rank: int, size: int) -> int:
-    """Rank ``rank``'s slice of the global batch over ``size`` ranks (as data.Sharder)."""
-    base, extra = divmod(global_batch, size)
-    return base + (rank < extra)
 
 
 class RunFinished(Exception):
@@ -88,7 +84,7 @@ class Elastic:
         #: first sync hands every rank)
         saved = ctx.ckpt_meta.get("elastic") or {}
         self.start_ranks = int(saved.get("start_ranks") or ctx.world.size)
-        self.global_batch = cfg.global_batch_size or cfg.batch_size * self.start_ranks
+        self.global_batch = elastic_batch(cfg, self.start_ranks) or 0
         #: this process's rank at its start (fault injection names it)
         self.first_rank = ctx.world.rank
         self.commit_every = cfg.commit_every
@@ -174,7 +170,8 @@ class Elastic:
             raise TrainingAborted(f"{world.size} ranks cannot share the global batch of "
                                   f"{self.global_batch} samples: raise global_batch_size or "
                                   f"lower max_ranks to {self.global_batch}")
-        backend.resize(split(self.global_batch, world.rank, world.size) / self.global_batch)
+        backend.resize(split_batch(self.global_batch, world.rank, world.size)[0]
+                       / self.global_batch)
         ctx.ckpt_meta["elastic"] = {"global_batch": self.global_batch,
                                     "start_ranks": self.start_ranks}
         ctx.metrics = _metrics_on_rank0(ctx)
