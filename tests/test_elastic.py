@@ -262,6 +262,9 @@ def test_fewer_ranks_than_min_ranks_stop_the_job_with_a_loadable_checkpoint(tmp_
     s = summary(tmp_path / "m")
     assert s["global_batch"] == 32 and s["world_size"] == 1 and s["steps"] == 30
     np.testing.assert_allclose(counts(tmp_path / "m"), 3.0, atol=1e-4)
+    # the same command again: rank 0 finds the run finished and tells the others in the sync
+    p = run(elastic_launch(2, tmp_path / "hosts2", *common), timeout=300)
+    assert p.returncode == 0 and "already finished" in p.stderr, p.stderr[-3000:]
 
 
 def test_the_slurm_discovery_lists_the_jobs_live_nodes_by_address():
