@@ -37,9 +37,11 @@ def cmd_models(args: argparse.Namespace) -> int:   # noqa: ARG001
 
     for name in REGISTRY:
         spec = get_spec(name)
+        per_token = (f"  {spec.flops_per_sample / spec.tokens_per_sample / 1e6:.3f} "
+                     "MFLOP/token") if spec.tokens_per_sample else ""
         print(f"{name:10s} input {str(spec.input_shape):15s} classes {spec.num_classes:5d} "
               f"parameters {spec.num_parameters:>12,d}  forward GFLOP/sample "
-              f"{spec.flops_per_sample / 1e9:.4f}")
+              f"{spec.flops_per_sample / 1e9:.4f}{per_token}")
     return 0
 
 

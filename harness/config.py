@@ -49,12 +49,22 @@ class RunConfig:
     framework: str = _opt("torch", "deep learning framework (a task of one framework sets it)",
                           ("torch", "tensorflow"))
     model: str = _opt("mlp", "model name (see `harness models`)",
-                      ("mlp", "cnn", "resnet20", "resnet50"))
-    dataset: str = _opt("digits", "digits (bundled with scikit-learn), synthetic, or npz",
-                        ("digits", "synthetic", "npz"))
+                      ("mlp", "cnn", "resnet20", "resnet50", "gpt"))
+    dataset: str = _opt("digits", "digits (bundled with scikit-learn), synthetic, npz, or "
+                        "pysource (gpt: bytes of the Python standard library's own source)",
+                        ("digits", "synthetic", "npz", "pysource"))
     data_path: str | None = _opt(None, "npz file with x_train, y_train, x_test, y_test "
                                  "(dataset = npz)")
     synthetic_samples: int = _opt(2048, "training samples of the synthetic dataset", minimum=1)
+    # --- the gpt language model (docs/gpt.md) ---
+    gpt_layers: int = _opt(2, "gpt: transformer blocks", minimum=1)
+    gpt_dim: int = _opt(64, "gpt: embedding width (divides by gpt_heads)", minimum=1)
+    gpt_heads: int = _opt(4, "gpt: attention heads", minimum=1)
+    seq_len: int = _opt(64, "gpt: tokens per sample (the context length); the pysource windows "
+                        "are cut to it, npz token windows must have it", minimum=1)
+    text_tokens: int = _opt(262144, "pysource: training tokens taken from the corpus, in "
+                            "windows spread evenly over it (the test split takes a quarter as "
+                            "many); 0: all of it", minimum=0)
     mode: str = _opt("sync", "sync: allreduce data parallel; async: mpi4py parameter server",
                      ("sync", "async"))
     allreduce: str = _opt("auto", "sync gradient path: horovod, mpi (mpi4py Allreduce of one flat "
@@ -204,6 +214,7 @@ class RunConfig:
             raise ConfigError(f"data_path = {self.data_path!r} is only read when dataset = 'npz' "
                               f"(dataset is {self.dataset!r}): drop data_path or set "
                               "dataset = 'npz'")
+        self._check_model_data()
         if self.mode == "async" and self.optimizer != "sgd":
             raise ConfigError(f"optimizer = {self.optimizer!r} is not available in async mode: "
                               "the parameter servers run SGD with momentum; set optimizer = 'sgd'")
@@ -234,6 +245,22 @@ class RunConfig:
         self._check_elastic()
         if self.resume not in ("auto", "never") and not self.resume.strip():
             raise ConfigError("resume must be 'auto', 'never' or a checkpoint path")
+
+    def _check_model_data(self) -> None:
+        if self.task is not None:
+            return
+        if self.model == "gpt":
+            if self.dataset not in ("pysource", "npz", "synthetic"):
+                raise ConfigError(f"model = 'gpt' is a language model; dataset = "
+                                  f"{self.dataset!r} holds images: set dataset = 'pysource', "
+                                  "'npz' (token windows) or 'synthetic' (random tokens)")
+            if self.gpt_dim % self.gpt_heads:
+                raise ConfigError(f"gpt_dim = {self.gpt_dim} does not divide into gpt_heads = "
+                                  f"{self.gpt_heads} heads: choose a gpt_dim that is a multiple "
+                                  "of gpt_heads")
+        elif self.dataset == "pysource":
+            raise ConfigError(f"dataset = 'pysource' is text for model = 'gpt', not "
+                              f"{self.model!r}: set model = 'gpt'")
 
     def _check_compression(self) -> None:
         method = self.compression

@@ -4,6 +4,11 @@
 * ``synthetic``: seeded random images in the model's input shape (CIFAR/ImageNet-like).
 * ``npz``: the user's arrays ``x_train, y_train, x_test, y_test``. Members stored uncompressed
   (``np.savez``) are memory-mapped; compressed ones (``np.savez_compressed``) are read into memory.
+  Token windows for a language model are integer ``x`` of shape ``(N, seq_len)`` with ``y`` of
+  the same shape (the next token at each position).
+* ``pysource``: byte-level text of the Python standard library's own top-level modules, which
+  ship with every Python (no download): a fixed, sorted file list, split into train and test
+  by file, cut into windows of ``seq_len`` tokens.
 
 The built-in datasets hold channels-last float32 images ``(N, H, W, C)`` and int64 class
 labels; a task's own data (:func:`Data`) holds whatever its model and loss take: arrays or a
@@ -12,8 +17,11 @@ map-style dataset.
 
 from __future__ import annotations
 
+import hashlib
+import platform
+import sysconfig
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +129,8 @@ class Dataset:
     train: Split
     test: Split
     num_classes: int | None = None
+    #: what else identifies the data (pysource: the Python version, files and a digest)
+    source: dict[str, Any] = field(default_factory=dict)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -151,7 +161,8 @@ class Dataset:
     def fingerprint(self) -> dict:
         """What makes two runs' data the same, for comparison reports."""
         return {"name": self.name, "train": len(self.train), "test": len(self.test),
-                "input_shape": list(self.input_shape), "classes": self.num_classes}
+                "input_shape": list(self.input_shape), "classes": self.num_classes,
+                **self.source}
 
 
 def Data(train: Any, test: Any, name: str = "data", num_classes: int | None = None) -> Dataset:
@@ -210,16 +221,23 @@ def _compact(a: np.ndarray) -> np.ndarray:
 
 def load_dataset(name: str, model_input_shape: tuple[int, ...], model_classes: int,
                  data_path: str | None = None, synthetic_samples: int = 1024,
-                 seed: int = 0) -> Dataset:
+                 seed: int = 0, tokens: bool = False, text_tokens: int = 0) -> Dataset:
+    """A built-in dataset for a model of the given input shape and classes; ``tokens``: the
+    model takes token ids (gpt), so synthetic data is random tokens."""
     if name == "digits":
         return _digits()
+    if name == "synthetic" and tokens:
+        return _synthetic_tokens(model_input_shape[0], model_classes, synthetic_samples, seed)
     if name == "synthetic":
         return _synthetic(model_input_shape, model_classes, synthetic_samples, seed)
+    if name == "pysource":
+        return pysource(model_input_shape[0], text_tokens)
     if name == "npz":
         if not data_path:
             raise ConfigError("dataset = 'npz' needs data_path")
         return load_npz(data_path)
-    raise ConfigError(f"dataset = {name!r} is not one of 'digits', 'synthetic', 'npz'")
+    raise ConfigError(f"dataset = {name!r} is not one of 'digits', 'synthetic', 'npz', "
+                      "'pysource'")
 
 
 def _arrays_dataset(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
@@ -251,6 +269,74 @@ def _synthetic(shape: tuple[int, ...], classes: int, n: int, seed: int) -> Datas
     x = rng.standard_normal((n + n_test, *shape), dtype=np.float32)
     y = rng.integers(0, classes, n + n_test, dtype=np.int64)
     return _arrays_dataset("synthetic", x[:n], y[:n], x[n:], y[n:], classes)
+
+
+def _synthetic_tokens(seq_len: int, vocab: int, n: int, seed: int) -> Dataset:
+    rng = np.random.default_rng([seed, 7])
+    n_test = max(1, min(n // 4, 512))
+    x = rng.integers(0, vocab, (n + n_test, seq_len), dtype=np.int64)
+    y = rng.integers(0, vocab, (n + n_test, seq_len), dtype=np.int64)
+    return Dataset("synthetic", ArraySplit(x[:n], y[:n]), ArraySplit(x[n:], y[n:]), vocab)
+
+
+# --- pysource: the standard library's source as bytes ------------------------------------
+
+PYSOURCE_VOCAB = 256            # bytes
+PYSOURCE_TEST_EVERY = 10        # every 10th file of the sorted list is a test file
+
+
+def pysource_files() -> list[Path]:
+    """The standard library's top-level modules (``<stdlib>/*.py``), sorted by name."""
+    return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+
+
+def pysource(seq_len: int, train_tokens: int = 0) -> Dataset:
+    """Byte windows of the standard library's source: files ``i % 10 == 9`` of the sorted list
+    are the test split. Each split is the concatenation of its files; ``train_tokens`` (0: all)
+    windows' worth of ``seq_len`` tokens are taken evenly spread over the training text, a
+    quarter as many over the test text. ``y`` is ``x`` shifted by one byte."""
+    files = pysource_files()
+    if len(files) < PYSOURCE_TEST_EVERY:
+        raise DataError(f"dataset = 'pysource' found {len(files)} modules in "
+                        f"{sysconfig.get_paths()['stdlib']}: this Python has no standard library "
+                        "source; use dataset = 'npz' with your own token windows")
+    texts: dict[str, list[bytes]] = {"train": [], "test": []}
+    for i, f in enumerate(files):
+        texts["test" if i % PYSOURCE_TEST_EVERY == PYSOURCE_TEST_EVERY - 1 else "train"].append(
+            f.read_bytes())
+    digest = hashlib.sha256()
+    splits: dict[str, ArraySplit] = {}
+    log_p = np.zeros(PYSOURCE_VOCAB)
+    unigram = 0.0
+    for what, share in (("train", 1), ("test", 4)):
+        data = np.frombuffer(b"".join(texts[what]), np.uint8)
+        digest.update(data.tobytes())
+        windows = (len(data) - 1) // seq_len
+        want = windows if not train_tokens else max(1, min(windows, train_tokens // seq_len
+                                                           // share))
+        if windows < 1:
+            raise DataError(f"dataset = 'pysource': the {what} text has {len(data)} bytes, fewer "
+                            f"than one window of seq_len = {seq_len}: lower seq_len")
+        starts = np.linspace(0, windows - 1, want).round().astype(np.int64) * seq_len
+        idx = starts[:, None] + np.arange(seq_len + 1)
+        tokens = data[idx].astype(np.int64)
+        splits[what] = ArraySplit(np.ascontiguousarray(tokens[:, :-1]),
+                                  np.ascontiguousarray(tokens[:, 1:]))
+        if what == "train":
+            counts = np.bincount(data, minlength=PYSOURCE_VOCAB) + 1.0    # add-one smoothing
+            log_p = np.log(counts / counts.sum())
+        else:                       # the test targets' perplexity under those frequencies
+            unigram = float(np.exp(-log_p[tokens[:, 1:].ravel()].mean()))
+    source = {"python": platform.python_version(), "files": len(files),
+              "sha256": digest.hexdigest()[:16], "seq_len": seq_len,
+              "unigram_test_perplexity": round(unigram, 4)}
+    return Dataset("pysource", splits["train"], splits["test"], PYSOURCE_VOCAB, source)
+
+
+def unigram_perplexity(data: Dataset) -> float | None:
+    """The test perplexity of the training text's byte frequencies (a language model must beat
+    it), where the dataset recorded it."""
+    return data.source.get("unigram_test_perplexity")
 
 
 # --- npz -------------------------------------------------------------------------------------
@@ -314,11 +400,13 @@ def _validated(name: str, a: dict[str, np.ndarray]) -> Dataset:
             raise DataError(f"{name}: x_{split} has dtype {x.dtype}; use a numeric dtype "
                             "(float32 preferred)")
         if x.ndim not in (2, 4):
-            raise DataError(f"{name}: x_{split} has shape {x.shape}; expected (N, features) or "
-                            "channels-last images (N, H, W, C)")
+            raise DataError(f"{name}: x_{split} has shape {x.shape}; expected (N, features), "
+                            "channels-last images (N, H, W, C) or token windows (N, seq_len)")
         if y.dtype.kind not in "iu":
             raise DataError(f"{name}: y_{split} has dtype {y.dtype}; labels must be integer "
                             "class indices (e.g. y.astype(np.int64))")
+        if _token_windows(x, y):
+            continue
         if y.ndim != 1 or len(y) != len(x):
             raise DataError(f"{name}: y_{split} has shape {y.shape} for {len(x)} samples in "
                             f"x_{split}; expected ({len(x)},)")
@@ -331,13 +419,29 @@ def _validated(name: str, a: dict[str, np.ndarray]) -> Dataset:
     if a["x_train"].shape[1:] != a["x_test"].shape[1:]:
         raise DataError(f"{name}: x_train samples have shape {a['x_train'].shape[1:]} but x_test "
                         f"samples {a['x_test'].shape[1:]}; they must match")
+    tokens = [_token_windows(a[f"x_{s}"], a[f"y_{s}"]) for s in ("train", "test")]
+    if tokens[0] != tokens[1]:
+        raise DataError(f"{name}: one split holds token windows (integer x and y of the same "
+                        "shape) and the other does not; give both splits the same kind")
     y_train = np.asarray(a["y_train"], dtype=np.int64)
     y_test = np.asarray(a["y_test"], dtype=np.int64)
     lo = min(y_train.min(), y_test.min())
+    if tokens[0]:
+        lo = min(lo, a["x_train"].min(), a["x_test"].min())
     if lo < 0:
-        raise DataError(f"{name}: labels must be >= 0, found {lo}")
+        raise DataError(f"{name}: labels{' and tokens' if tokens[0] else ''} must be >= 0, "
+                        f"found {lo}")
     classes = int(max(y_train.max(), y_test.max())) + 1
+    if tokens[0]:               # token ids stay integers; the vocabulary covers x and y
+        classes = max(classes, int(a["x_train"].max()) + 1, int(a["x_test"].max()) + 1)
+        return Dataset(name, ArraySplit(np.asarray(a["x_train"], np.int64), y_train),
+                       ArraySplit(np.asarray(a["x_test"], np.int64), y_test), classes)
     return _arrays_dataset(name, a["x_train"], y_train, a["x_test"], y_test, classes)
+
+
+def _token_windows(x: np.ndarray, y: np.ndarray) -> bool:
+    """Language-model windows: integer x (N, seq_len) and y of the same shape."""
+    return x.dtype.kind in "iu" and x.ndim == 2 and y.shape == x.shape
 
 
 def _first_non_finite(x: np.ndarray, chunk_bytes: int = 64 << 20) -> int | None:
@@ -352,8 +456,17 @@ def _first_non_finite(x: np.ndarray, chunk_bytes: int = 64 << 20) -> int | None:
     return None
 
 
-def check_model_input(model: str, shape: tuple[int, ...]) -> None:
-    if model != "mlp" and len(shape) != 3:
+def check_model_input(model: str, shape: tuple[int, ...], data: Dataset | None = None) -> None:
+    tokens = data is not None and isinstance(data.train, ArraySplit) and \
+        data.train.x.dtype.kind in "iu" and data.train.y.shape == data.train.x.shape
+    if model == "gpt" and not (tokens and len(shape) == 1):
+        raise DataError(f"model 'gpt' needs token windows (integer x and y of shape (N, "
+                        f"seq_len)) but the data has samples of shape {shape}: use dataset = "
+                        "'pysource', or save token windows in the npz")
+    if model != "gpt" and tokens:
+        raise DataError(f"the data holds token windows of {shape[0]} tokens, for model = "
+                        f"'gpt', not {model!r}: set model = 'gpt'")
+    if model not in ("mlp", "gpt") and len(shape) != 3:
         raise DataError(f"model {model!r} needs channels-last images (N, H, W, C) but the data "
                         f"has samples of shape {shape}; use model = 'mlp' or reshape the arrays")
 

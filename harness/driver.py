@@ -9,6 +9,7 @@ server's (``harness/ps``) both build on this module; it imports neither of them.
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import os
 from dataclasses import dataclass
@@ -82,6 +83,7 @@ def model_record(task: Task, layout: "FlatLayout", canonical: dict | None) -> di
         float(sum(np.sum(np.asarray(v, np.float64)) for v in canonical.values()))
     return {"name": task.name, "parameters": layout.total, "layout": layout_signature(layout),
             "flops_per_sample": task.flops_per_sample, "loss": task.loss_name,
+            "tokens_per_sample": task.tokens_per_sample,
             "metrics": list(task.metrics), "canonical": canonical is not None,
             "initial_weights_checksum": checksum}
 
@@ -179,11 +181,39 @@ def eval_sums(backend: "Backend", data: Dataset, index: np.ndarray) -> np.ndarra
     return sums
 
 
-def eval_record(names: list[str], sums: np.ndarray) -> dict[str, Any]:
-    """``eval_loss``, ``eval_<metric>`` and ``eval_samples`` from :func:`eval_sums`."""
+def eval_record(names: list[str], sums: np.ndarray, tokens_per_sample: int = 0) -> dict[str, Any]:
+    """``eval_loss``, ``eval_<metric>`` and ``eval_samples`` from :func:`eval_sums`; for a
+    language model (``tokens_per_sample``) also ``eval_perplexity``, exp(eval_loss)."""
     n = sums[-1]
-    return {"eval_loss": sums[0] / n, **{f"eval_{m}": v / n for m, v in zip(names, sums[1:-1])},
-            "eval_samples": int(n)}
+    rec = {"eval_loss": sums[0] / n, **{f"eval_{m}": v / n for m, v in zip(names, sums[1:-1])},
+           "eval_samples": int(n)}
+    if tokens_per_sample:
+        rec["eval_perplexity"] = perplexity(rec["eval_loss"])
+    return rec
+
+
+def perplexity(loss: float | None) -> float | None:
+    """exp(mean cross-entropy in nats); inf past float range, None without a loss."""
+    if loss is None:
+        return None
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def language_model_summary(summary: dict[str, Any], tokens_per_sample: int) -> dict[str, Any]:
+    """A language model's summary fields from its sample counts: tokens/s (median step, per
+    device and total, and over the wall time) and the final test perplexity."""
+    if not tokens_per_sample:
+        return {}
+
+    def tokens(key: str) -> float | None:
+        v = summary.get(key)
+        return v * tokens_per_sample if v is not None else None
+
+    return {"tokens_per_sample": tokens_per_sample,
+            "tokens_per_s_total": tokens("samples_per_s_total"),
+            "tokens_per_s_per_device": tokens("samples_per_s_per_device"),
+            "tokens_per_s_wall": tokens("samples_per_s_wall"),
+            "final_eval_perplexity": perplexity(summary.get("final_eval_loss"))}
 
 
 def log_finished(log, run_dir: Path, what: str) -> None:
@@ -255,6 +285,8 @@ def final_metrics(summary: dict) -> str:
     loss = summary.get("final_eval_loss")
     parts = [f"test {summary.get('loss_name', 'loss')} "
              f"{loss:.4f}" if loss is not None else "no test loss"]
+    if summary.get("final_eval_perplexity") is not None:
+        parts.append(f"perplexity {summary['final_eval_perplexity']:.3f}")
     for m in summary.get("metrics", []):
         v = summary.get(f"final_eval_{m}")
         if v is not None:
@@ -262,8 +294,11 @@ def final_metrics(summary: dict) -> str:
     return ", ".join(parts)
 
 
-def finish_record(run_dir: Path, metrics: MetricsWriter, summary: dict[str, Any]) -> None:
-    """The ``summary`` line of metrics.jsonl and ``summary.json`` (rank 0)."""
+def finish_record(run_dir: Path, metrics: MetricsWriter, summary: dict[str, Any],
+                  tokens_per_sample: int = 0) -> None:
+    """The ``summary`` line of metrics.jsonl and ``summary.json`` (rank 0); a language model's
+    (``tokens_per_sample``) with its tokens/s and perplexity."""
+    summary.update(language_model_summary(summary, tokens_per_sample))
     metrics.write("summary", **summary)
     metrics.close()
     write_json_atomic(run_dir / "summary.json", summary)

@@ -126,7 +126,7 @@ def evaluate(ctx: RunContext) -> dict[str, Any]:
     n = len(ctx.data.test)
     index = np.arange(n)[eval_shard(n, ctx.world.rank, ctx.world.size)]
     total = ctx.backend.allreduce_host(eval_sums(ctx.backend, ctx.data, index))
-    return eval_record(list(ctx.backend.task.metrics), total)
+    return eval_record(list(ctx.backend.task.metrics), total, ctx.backend.task.tokens_per_sample)
 
 
 def save_checkpoint(ctx: RunContext, pos: Position, wall_s: float,
@@ -253,7 +253,7 @@ class TrainingRun:
                           samples_per_s_total=rate, wall_s=self.wall(), applied=applied,
                           t_data_s=data_s, t_compute_s=compute_s, t_exchange_s=exchange_s,
                           t_harness_s=harness_s, sent_bytes=sent_bytes,
-                          world_size=ctx.world.size)
+                          world_size=ctx.world.size, **self.token_rate(rate))
         if sent_bytes is not None:
             self.sent.append(sent_bytes)
         self.progress.update(pos.step, loss, means, rate)
@@ -266,6 +266,11 @@ class TrainingRun:
             if self.save_pending:
                 self.watchdog.tick(phase="checkpointing")
                 self.save()
+
+    def token_rate(self, samples_per_s: float) -> dict[str, float]:
+        """A language model's step record: tokens/s over all ranks."""
+        tokens = self.ctx.backend.task.tokens_per_sample
+        return {"tokens_per_s_total": samples_per_s * tokens} if tokens else {}
 
     def at_boundary(self) -> bool:
         """Between optimizer updates (always, unless model.fit accumulates micro-batches),

@@ -46,7 +46,8 @@ PENDING = "<task object>:pending"       # the config's task while a task object 
 RESERVED = frozenset({"loss", "lr", "step", "epoch", "wall_s", "applied", "kind", "time",
                       "restart", "samples", "step_time_s", "samples_per_s_rank",
                       "samples_per_s_total", "worker", "clock", "staleness", "compute_s",
-                      "latency_s", "evaluated_by", "rank"})
+                      "latency_s", "evaluated_by", "rank", "perplexity", "tokens_per_s_total",
+                      "tokens_per_s_per_device"})
 _METRIC = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -95,6 +96,9 @@ class Task:
     canonical: Canonical | None = None
     #: FLOPs of one sample's forward pass, when known (reports derive throughput from it)
     flops_per_sample: int = 0
+    #: tokens in one sample, for language models (the loss: mean cross-entropy per token, in
+    #: nats): the harness then records tokens/s and the test perplexity, exp(test loss)
+    tokens_per_sample: int = 0
     #: run-config values this task trains with unless the config or flags set them
     #: (e.g. ``{"lr": 0.01, "epochs": 20}``)
     defaults: Mapping[str, Any] = field(default_factory=dict)

@@ -35,7 +35,8 @@ _STEP_TAGS = {"loss": "train/loss", "lr": "train/lr", "samples_per_s_total": "pe
               "latency_s": "ps/push_pull_latency_s", "compute_s": "ps/compute_s",
               "t_data_s": "step_time/data_s", "t_compute_s": "step_time/compute_s",
               "t_exchange_s": "step_time/exchange_s", "t_harness_s": "step_time/harness_s",
-              "sent_bytes": "comm/sent_bytes", "world_size": "perf/world_size"}
+              "sent_bytes": "comm/sent_bytes", "world_size": "perf/world_size",
+              "tokens_per_s_total": "perf/tokens_per_s"}
 
 
 def _number(v: Any) -> float | None:

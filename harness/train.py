@@ -200,7 +200,7 @@ def _run(cfg: RunConfig, backend: Backend, world: World, log, stop: StopFlag, ta
     world, metrics = ctx.world, ctx.metrics        # an elastic run's may have changed
     log = get_logger(world.rank)
     if world.rank == 0:
-        finish_record(run_dir, metrics, summary)
+        finish_record(run_dir, metrics, summary, ctx.backend.task.tokens_per_sample)
     if not summary["ranks_consistent"]:
         raise TrainingAborted(
             f"ranks ended with different weights (checksum spread {summary['weights_spread']:g}):"

@@ -23,6 +23,7 @@ REGISTRY: dict[str, str] = {
     "cnn": "models.cnn",
     "resnet20": "models.resnet20",
     "resnet50": "models.resnet50",
+    "gpt": "models.gpt",
 }
 FRAMEWORK_MODULES = {"torch": "torch_impl", "tensorflow": "tf_impl"}
 
@@ -39,11 +40,13 @@ def _package(name: str) -> str:
 
 
 def get_spec(name: str, input_shape: tuple[int, ...] | None = None,
-             num_classes: int | None = None) -> ModelSpec:
-    """The framework-free spec of ``name`` for the given input shape (H, W, C) and classes."""
+             num_classes: int | None = None, **options: int) -> ModelSpec:
+    """The framework-free spec of ``name`` for the given input shape (H, W, C; gpt:
+    (seq_len,)) and classes (gpt: the vocabulary); ``options`` size the architecture where it
+    has them (gpt: layers, dim, heads)."""
     mod = importlib.import_module(_package(name) + ".spec")
     return mod.build_spec(input_shape=input_shape or mod.DEFAULT_INPUT_SHAPE,
-                          num_classes=num_classes or mod.DEFAULT_CLASSES)
+                          num_classes=num_classes or mod.DEFAULT_CLASSES, **options)
 
 
 def default_input_shape(name: str) -> tuple[int, ...]:

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# kinds of parameters: how they are laid out in Keras and how they are initialised
-DENSE, CONV, VECTOR = "dense", "conv", "vector"
+# kinds of parameters: how they are laid out in Keras (an embedding table is (vocab, dim) in
+# both frameworks) and how they are initialised
+DENSE, CONV, VECTOR, EMBEDDING = "dense", "conv", "vector", "embedding"
+NORMAL_STD = 0.02           # the "normal" initialiser (GPT-2's)
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,7 @@ class ParamSpec:
     name: str                 # canonical (PyTorch state_dict) name, e.g. "layer1.0.conv1.weight"
     shape: tuple[int, ...]    # canonical shape
     kind: str                 # DENSE, CONV or VECTOR
-    init: str                 # he_uniform | glorot_uniform | zeros | ones
+    init: str                 # he_uniform | glorot_uniform | normal | zeros | ones
     trainable: bool = True    # False for batch-norm running statistics
 
     @property
@@ -52,6 +54,10 @@ class ModelSpec:
     num_classes: int
     params: list[ParamSpec] = field(default_factory=list)
     flops_per_sample: int = 0           # forward multiply-adds x 2
+    #: tokens in one sample (language models; 0 for the image models)
+    tokens_per_sample: int = 0
+    #: the architecture's size options (gpt: layers, dim, heads)
+    options: dict = field(default_factory=dict)
 
     @property
     def num_parameters(self) -> int:
@@ -71,6 +77,8 @@ class ModelSpec:
                 out[p.name] = np.zeros(p.shape, np.float32)
             elif p.init == "ones":
                 out[p.name] = np.ones(p.shape, np.float32)
+            elif p.init == "normal":
+                out[p.name] = rng.normal(0.0, NORMAL_STD, p.shape).astype(np.float32)
             else:
                 fan_in = math.prod(p.shape[1:])
                 fan_out = p.shape[0] * math.prod(p.shape[2:])

@@ -21,19 +21,28 @@ from models.base import ModelSpec, from_keras_layout, to_keras_layout
 
 def builtin(cfg: RunConfig) -> Tasks:
     """The task of ``cfg.model`` on ``cfg.dataset`` (both frameworks)."""
-    data = load_dataset(cfg.dataset, default_input_shape(cfg.model), default_classes(cfg.model),
-                        cfg.data_path, cfg.synthetic_samples, cfg.seed)
-    check_model_input(cfg.model, data.input_shape)
+    lm = cfg.model == "gpt"
+    shape = (cfg.seq_len,) if lm else default_input_shape(cfg.model)
+    data = load_dataset(cfg.dataset, shape, default_classes(cfg.model), cfg.data_path,
+                        cfg.synthetic_samples, cfg.seed, tokens=lm, text_tokens=cfg.text_tokens)
+    check_model_input(cfg.model, data.input_shape, data)
+    if lm and data.input_shape != shape:
+        raise ConfigError(f"{data.name} holds windows of {data.input_shape[0]} tokens but "
+                          f"seq_len = {cfg.seq_len}: set seq_len = {data.input_shape[0]}")
+    options = {"layers": cfg.gpt_layers, "dim": cfg.gpt_dim, "heads": cfg.gpt_heads} if lm \
+        else {}
     try:
-        spec = get_spec(cfg.model, data.input_shape, data.num_classes)
+        spec = get_spec(cfg.model, data.input_shape, data.num_classes, **options)
     except ValueError as e:
         raise ConfigError(f"model {cfg.model!r} does not fit dataset {data.name!r}: {e}") from None
     return Tasks(torch=torch_task(spec, data), tensorflow=keras_task(spec, data))
 
 
 def _common(spec: ModelSpec, data: Dataset) -> dict[str, Any]:
+    """Classification (language models: of the next token at every position)."""
     return {"name": spec.name, "data": data, "loss_name": "cross_entropy",
-            "flops_per_sample": spec.flops_per_sample}
+            "flops_per_sample": spec.flops_per_sample,
+            "tokens_per_sample": spec.tokens_per_sample}
 
 
 def torch_task(spec: ModelSpec, data: Dataset) -> Task:
@@ -45,10 +54,11 @@ def torch_task(spec: ModelSpec, data: Dataset) -> Task:
     def loss(out, y):
         import torch.nn.functional as F
 
-        return F.cross_entropy(out, y)
+        # (batch, classes) and (batch,), or per token (batch, seq_len, vocab) and (batch, seq_len)
+        return F.cross_entropy(out.flatten(0, -2), y.flatten())
 
     def acc(out, y):
-        return (out.argmax(1) == y).float().mean()
+        return (out.argmax(-1) == y).float().mean()
 
     names = [p.name for p in spec.params]
     same = Canonical(init=spec.init_weights,
@@ -76,7 +86,7 @@ def keras_task(spec: ModelSpec, data: Dataset) -> Task:
     def acc(out, y):
         import tensorflow as tf
 
-        return tf.reduce_mean(tf.cast(tf.equal(tf.argmax(out, 1), tf.cast(y, tf.int64)),
+        return tf.reduce_mean(tf.cast(tf.equal(tf.argmax(out, -1), tf.cast(y, tf.int64)),
                                       tf.float32))
 
     def to_framework(model, w: dict) -> dict:

@@ -37,6 +37,13 @@ def canonical_variables(model) -> dict:
             out[f"{layer.name}.weight"] = layer.kernel
             if layer.use_bias:
                 out[f"{layer.name}.bias"] = layer.bias
+        elif kind == "Embedding":
+            out[f"{layer.name}.weight"] = layer.embeddings
+        elif kind == "LayerNormalization":
+            out[f"{layer.name}.weight"] = layer.gamma
+            out[f"{layer.name}.bias"] = layer.beta
+        elif hasattr(layer, "canonical_weights"):      # the models' own layers (gpt)
+            out.update({f"{layer.name}.{k}": v for k, v in layer.canonical_weights().items()})
         elif kind == "BatchNormalization":
             out[f"{layer.name}.weight"] = layer.gamma
             out[f"{layer.name}.bias"] = layer.beta

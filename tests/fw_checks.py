@@ -23,7 +23,9 @@ from models.base import to_keras_layout  # noqa: E402
 
 WORLD = World(0, 1, 0, 1)
 SMALL_SHAPES = {"mlp": (8, 8, 1), "cnn": (8, 8, 1), "resnet20": (32, 32, 3),
-                "resnet50": (64, 64, 3)}
+                "resnet50": (64, 64, 3), "gpt": (16,)}
+#: a gpt small enough for fixed-batch checks, its vocabulary bytes
+GPT_SMALL = {"gpt_layers": 2, "gpt_dim": 32, "gpt_heads": 4, "seq_len": 16}
 
 
 def framework_names_and_shapes(fw: str, spec) -> dict[str, tuple]:
@@ -56,9 +58,14 @@ def check_models(fw: str) -> dict:
 
 
 def check_forward(fw: str, name: str, out_path: str) -> dict:
-    spec = get_spec(name, SMALL_SHAPES[name], 10)
+    rng = np.random.default_rng(1)
+    if name == "gpt":          # token ids in, (4, seq_len, vocab) logits out
+        spec = get_spec(name, SMALL_SHAPES[name], 256, layers=2, dim=32, heads=4)
+        x = rng.integers(0, 256, (4, *spec.input_shape), dtype=np.int64)
+    else:
+        spec = get_spec(name, SMALL_SHAPES[name], 10)
+        x = rng.standard_normal((4, *spec.input_shape)).astype(np.float32)
     w = spec.init_weights(3)
-    x = np.random.default_rng(1).standard_normal((4, *spec.input_shape)).astype(np.float32)
     if fw == "torch":
         import torch
 
@@ -83,7 +90,9 @@ def check_forward(fw: str, name: str, out_path: str) -> dict:
 def _backend(fw: str, **cfg_kw):
     cfg = RunConfig(framework=fw, **cfg_kw)
     task, data = load_task_data(cfg)
-    spec = get_spec(cfg.model, data.input_shape, data.num_classes)
+    options = {"layers": cfg.gpt_layers, "dim": cfg.gpt_dim, "heads": cfg.gpt_heads} \
+        if cfg.model == "gpt" else {}
+    spec = get_spec(cfg.model, data.input_shape, data.num_classes, **options)
     b = create(cfg, WORLD, "local")
     b.setup(task, data.x_train[:2], data.y_train[:2], cfg.lr)
     return b, data, spec
@@ -139,6 +148,20 @@ def check_fidelity(fw: str, out_path: str) -> dict:
     for i in range(50):
         j = (i * 32) % (len(data.x_train) - 32)
         losses.append(b.train_step(data.x_train[j:j + 32], data.y_train[j:j + 32]).loss)
+    np.savez(out_path, **b.canonical_weights())
+    return {"losses": losses}
+
+
+def check_gpt_fidelity(fw: str, optimizer: str, out_path: str) -> dict:
+    """gpt on pysource from the seeded initial weights: 50 steps of ``optimizer`` on fixed
+    batches (the losses, the first one before any update) and the final weights."""
+    lr = 0.003 if optimizer == "adam" else 0.1
+    b, data, spec = _backend(fw, model="gpt", dataset="pysource", text_tokens=16 * 32 * 50,
+                             optimizer=optimizer, lr=lr, momentum=0.9, **GPT_SMALL)
+    losses = []
+    for i in range(50):
+        losses.append(b.train_step(data.x_train[32 * i:32 * (i + 1)],
+                                   data.y_train[32 * i:32 * (i + 1)]).loss)
     np.savez(out_path, **b.canonical_weights())
     return {"losses": losses}
 
@@ -344,7 +367,8 @@ def check_compressed_training(fw: str, out_dir: str, methods: str) -> dict:
 
 CHECKS = {"compress": check_compress, "compressed_training": check_compressed_training,
           "models": check_models, "forward": check_forward, "backend": check_backend,
-          "fidelity": check_fidelity, "horovod": check_horovod,
+          "fidelity": check_fidelity, "gpt_fidelity": check_gpt_fidelity,
+          "horovod": check_horovod,
           "serial_sgd": check_serial_sgd, "late_rank": check_late_rank}
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ import time
 import numpy as np
 
 from harness.backends.base import FitBackend
-from harness.backends.horovod_tf import HorovodTFBackend, optimizer_variables, tf_variables
+from harness.backends.horovod_tf import (HorovodTFBackend, make_optimizer, optimizer_variables,
+                                         tf_variables)
 
 
 class KerasFitBackend(HorovodTFBackend, FitBackend):
@@ -34,8 +35,7 @@ class KerasFitBackend(HorovodTFBackend, FitBackend):
 
         keras, c = self.keras, self.cfg
         self.hvd_keras = hvd_keras
-        base = (keras.optimizers.SGD(learning_rate=lr, momentum=c.momentum) if c.optimizer == "sgd"
-                else keras.optimizers.Adam(learning_rate=lr, epsilon=1e-8))
+        base = make_optimizer(keras, c, lr)
         self.opt = hvd_keras.DistributedOptimizer(
             base, compression=(hvd_keras.Compression.fp16 if c.compression == "fp16"
                                else hvd_keras.Compression.none),

@@ -63,7 +63,8 @@ def run(cfg: RunConfig, launcher_world: World, log, task: Task, data: Dataset,
     identity = checkpoint_identity(cfg, task, data)
     ctx = PSContext(cfg, data, stop, {**identity, "mode": "async", "ps_servers": S,
                                       "config": cfg.to_dict(), "world_size": size},
-                    metric="acc" if "acc" in task.metrics else next(iter(task.metrics), None))
+                    metric="acc" if "acc" in task.metrics else next(iter(task.metrics), None),
+                    tokens_per_sample=task.tokens_per_sample)
     watchdog = Watchdog(rank, cfg.stall_timeout_s, log).start()
     try:
         if rank < S:
@@ -240,13 +241,14 @@ def _serve(ctx: PSContext, task: Task, run_dir: Path, comm, MPI, rank: int, watc
         return 0
     try:
         return _write_summary(cfg, plan, metrics, report, final, target, log, ctx.metric,
-                              task.loss_name)
+                              task.loss_name, task.tokens_per_sample)
     finally:
         server.release_left_workers()
 
 
 def _write_summary(cfg: RunConfig, plan: PSPlan, metrics, report: dict, final: dict | None,
-                   target: Target, log, m: str | None, loss_name: str) -> int:
+                   target: Target, log, m: str | None, loss_name: str,
+                   tokens_per_sample: int = 0) -> int:
     total, spe, W, run_dir = plan.total_steps, plan.steps_per_epoch, plan.workers, plan.run_dir
     summary = dict(report)
     summary.update(
@@ -261,7 +263,7 @@ def _write_summary(cfg: RunConfig, plan: PSPlan, metrics, report: dict, final: d
         best_eval_acc=target.best_eval_acc, target_accuracy=cfg.target_accuracy,
         time_to_target_s=target.time_to_target_s, steps_to_target=target.steps_to_target,
         **push_bytes(cfg, plan))
-    finish_record(run_dir, metrics, summary)
+    finish_record(run_dir, metrics, summary, tokens_per_sample)
     failed = report["failed_workers"]
     result = final_metrics(summary) if final else "no test results (no worker finished)"
     log.info(f"done: {report['updates']} updates, {result}, "

@@ -72,4 +72,6 @@ class PSContext:
     ckpt_meta: dict[str, Any]
     #: the metric workers report with their loss (acc, else the task's first), or None
     metric: str | None = None
+    #: a language model's tokens per sample (the records add perplexity and tokens/s), or 0
+    tokens_per_sample: int = 0
     on_eval: Callable[[float, float, int], None] = lambda value, wall, version: None

@@ -28,6 +28,7 @@ from harness.compress import PushCodec
 from harness.ps import protocol as P
 from harness.ps.optim import SGDMomentum
 from harness.ps.plan import PSPlan
+from harness.driver import perplexity
 from harness.errors import HarnessError, TrainingAborted
 from harness.faults import FaultInjector
 from harness.metrics import MetricsWriter, percentile
@@ -289,8 +290,9 @@ class Server:
     def _on_eval(self, hdr: np.ndarray) -> P.EvalReport:
         ev = P.decode_eval(hdr)
         if self.metrics is not None:
+            lm = {"eval_perplexity": perplexity(ev.loss)} if self.ctx.tokens_per_sample else {}
             self.metrics.write("epoch", epoch=ev.epoch, step=self.version, eval_loss=ev.loss,
-                               **self._metric("eval_", ev.metric), eval_samples=ev.samples,
+                               **self._metric("eval_", ev.metric), **lm, eval_samples=ev.samples,
                                samples=self.samples, wall_s=self._wall(),
                                evaluated_by=ev.evaluator)
             self.ctx.on_eval(ev.metric, self._wall(), self.version)

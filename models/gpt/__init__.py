@@ -1,0 +1,1 @@
+"""The gpt model: spec.py, torch_impl.py, tf_impl.py."""
