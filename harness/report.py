@@ -78,6 +78,11 @@ class Run:
         return list((self.run.get("model") or {}).get("metrics", ["acc"]))
 
     @property
+    def tokens_per_sample(self) -> int:
+        """A language model's tokens per sample (its report counts tokens), else 0."""
+        return int((self.run.get("model") or {}).get("tokens_per_sample") or 0)
+
+    @property
     def loss_name(self) -> str:
         return (self.run.get("model") or {}).get("loss", "cross_entropy")
 
@@ -261,10 +266,20 @@ UNFINISHED = "unfinished"     # first result cell of a run whose latest start ha
 _ACCURACY = ("final_eval_acc", "best_eval_acc", "time_to_target_s")
 
 
+#: a language model's columns in place of the samples/s ones
+LM_COLUMNS = {"samples_per_s_total": ("tokens/s total", "tokens_per_s_total", ",.0f"),
+              "samples_per_s_per_device": ("tokens/s/device", "tokens_per_s_per_device", ",.0f")}
+
+
 def columns(runs: list[Run]) -> list[tuple[str, str, str | None]]:
     """The table's columns: a classifier's accuracy columns, or else the task's own test
-    loss and metrics by their names (``final mse``, ``final mae``)."""
+    loss and metrics by their names (``final mse``, ``final mae``); a language model's
+    perplexity and tokens/s where a classifier's has accuracy and samples/s."""
     ref = runs[0]
+    if ref.tokens_per_sample:
+        lm = [LM_COLUMNS.get(c[1], c) for c in COLUMNS if c[1] not in _ACCURACY]
+        return lm[:4] + [("final perplexity", "final_eval_perplexity", ".3f")] + \
+            [(f"final {m}", f"final_eval_{m}", ".4f") for m in ref.metrics] + lm[4:]
     if "acc" in ref.metrics:
         return COLUMNS
     own = [(f"final {ref.loss_name}", "final_eval_loss", ".4f")] + \
@@ -317,11 +332,14 @@ def figures(runs: list[Run], out: Path) -> list[Path]:
         line = "-" if r.mode == "sync" else (":" if r.mode == "sync-fit" else "--")
         return {"color": shade, "linestyle": line, "label": r.label}
 
-    # the test curve: accuracy, else the task's first metric, else its test loss
+    # the test curve: a language model's perplexity, else accuracy, else the task's first
+    # metric, else its test loss
     ref = runs[0]
     metric = "acc" if "acc" in ref.metrics else next(iter(ref.metrics), None)
     key = f"eval_{metric}" if metric else "eval_loss"
     test = "test accuracy" if metric == "acc" else f"test {metric or ref.loss_name}"
+    if ref.tokens_per_sample:
+        key, test = "eval_perplexity", "test perplexity"
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     for r in runs:
         st = [s for s in r.steps if isinstance(s.get("loss"), (int, float))]
@@ -350,15 +368,16 @@ def figures(runs: list[Run], out: Path) -> list[Path]:
     done = [r for r in runs if r.unfinished is None]     # unfinished runs have no throughput
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     labels = [r.label for r in done]
-    total = [r.summary.get("samples_per_s_total") or 0 for r in done]
-    per_dev = [r.summary.get("samples_per_s_per_device") or 0 for r in done]
+    unit = "tokens" if ref.tokens_per_sample else "samples"
+    total = [r.summary.get(f"{unit}_per_s_total") or 0 for r in done]
+    per_dev = [r.summary.get(f"{unit}_per_s_per_device") or 0 for r in done]
     p50 = [(r.summary.get("step_time_p50_s") or 0) * 1000 for r in done]
     p90 = [(r.summary.get("step_time_p90_s") or 0) * 1000 for r in done]
     cols = [colors.get(r.framework, "gray") for r in done]
     axes[0].barh(labels, total, color=cols)
-    axes[0].set_xlabel("samples/s, total")
+    axes[0].set_xlabel(f"{unit}/s, total")
     axes[1].barh(labels, per_dev, color=cols)
-    axes[1].set_xlabel("samples/s per device")
+    axes[1].set_xlabel(f"{unit}/s per device")
     axes[2].barh(labels, p50, color=cols, label="p50")
     axes[2].scatter(p90, labels, color="black", marker="|", s=200, label="p90", zorder=3)
     axes[2].set_xlabel("step time (ms)")
@@ -695,6 +714,12 @@ def render_markdown(runs: list[Run], notes: list[str], figs: list[Path], out_dir
              "holds none).", ""]
     if runs[0].cfg.get("target_accuracy") is not None:
         lines += [f"Target accuracy for time-to-accuracy: {runs[0].cfg['target_accuracy']}.", ""]
+    if runs[0].tokens_per_sample:
+        unigram = runs[0].run["data"].get("unigram_test_perplexity")
+        lines += [f"A language model: {runs[0].tokens_per_sample} tokens per sample; "
+                  "perplexity is exp(test cross-entropy per token)"
+                  + (f"; the unigram baseline (the training text's byte frequencies) has test "
+                     f"perplexity {unigram:.3f}" if unigram else "") + ".", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(runs)]
     lines.append("")

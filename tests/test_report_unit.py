@@ -541,3 +541,22 @@ def test_an_elastic_run_is_reported_per_segment_of_constant_size(tmp_path, no_fi
     assert "- el: rank lost at 10.5 s: 3 -> 2 ranks, from step 14, 5 step(s) redone" in section
     plain = write_run(tmp_path / "plain", start(0, workers=2, summary={}))
     assert "## Elastic runs" not in build_report([plain], tmp_path / "out2").read_text()
+
+
+def test_a_language_model_report_shows_perplexity_and_tokens(tmp_path):
+    records = start(0, summary={"final_eval_perplexity": 7.12345, "final_eval_acc": 0.49,
+                                "tokens_per_s_total": 81234.5,
+                                "tokens_per_s_per_device": 81234.5},
+                    model="gpt", dataset="pysource")
+    records[0]["model"].update(name="gpt", metrics=["acc"], tokens_per_sample=64)
+    records[0]["data"] = {**DATA, "name": "pysource", "unigram_test_perplexity": 22.9922}
+    records = [{**r, "eval_perplexity": 9.5} if r["kind"] == "epoch" else r for r in records]
+    folder = write_run(tmp_path / "r", records)
+    report = build_report([folder], tmp_path / "out")
+    row = table(report)["r"]
+    assert row["final perplexity"] == "7.123" and row["final acc"] == "0.4900"
+    assert row["tokens/s total"] == "81,234" and row["tokens/s/device"] == "81,234"
+    assert not {"samples/s total", "best acc", "time to target (s)"} & set(row)
+    assert "unigram baseline (the training text's byte frequencies) has test perplexity " \
+        "22.992" in report.read_text()
+    assert (tmp_path / "out" / "figures" / "curves.png").is_file()
