@@ -406,6 +406,8 @@ def _validated(name: str, a: dict[str, np.ndarray]) -> Dataset:
             raise DataError(f"{name}: y_{split} has dtype {y.dtype}; labels must be integer "
                             "class indices (e.g. y.astype(np.int64))")
         if _token_windows(x, y):
+            if len(x) == 0:
+                raise DataError(f"{name}: x_{split} is empty")
             continue
         if y.ndim != 1 or len(y) != len(x):
             raise DataError(f"{name}: y_{split} has shape {y.shape} for {len(x)} samples in "

@@ -73,8 +73,12 @@ def own_task_name(cfg: RunConfig, task: Task, given: bool) -> str | None:
 
 
 def checkpoint_identity(cfg: RunConfig, task: Task, data: Dataset) -> dict[str, Any]:
-    """What a checkpoint must share with the run that resumes from it."""
-    return {"framework": cfg.framework, "model": task.name, "dataset": data.fingerprint()}
+    """What a checkpoint must share with the run that resumes from it (the built-in gpt: its
+    size too, which the weights' shapes do not all show: the heads)."""
+    out = {"framework": cfg.framework, "model": task.name, "dataset": data.fingerprint()}
+    if cfg.task is None and cfg.model == "gpt":
+        out["gpt"] = {"layers": cfg.gpt_layers, "dim": cfg.gpt_dim, "heads": cfg.gpt_heads}
+    return out
 
 
 def model_record(task: Task, layout: "FlatLayout", canonical: dict | None) -> dict[str, Any]:
@@ -193,10 +197,11 @@ def eval_record(names: list[str], sums: np.ndarray, tokens_per_sample: int = 0) 
 
 
 def perplexity(loss: float | None) -> float | None:
-    """exp(mean cross-entropy in nats); inf past float range, None without a loss."""
-    if loss is None:
+    """exp(mean cross-entropy in nats); None without a finite loss, or past float range (a
+    diverged run)."""
+    if loss is None or not math.isfinite(loss) or loss > 700:
         return None
-    return math.exp(loss) if loss < 700 else math.inf
+    return math.exp(loss)
 
 
 def language_model_summary(summary: dict[str, Any], tokens_per_sample: int) -> dict[str, Any]:

@@ -46,7 +46,7 @@ PENDING = "<task object>:pending"       # the config's task while a task object 
 RESERVED = frozenset({"loss", "lr", "step", "epoch", "wall_s", "applied", "kind", "time",
                       "restart", "samples", "step_time_s", "samples_per_s_rank",
                       "samples_per_s_total", "worker", "clock", "staleness", "compute_s",
-                      "latency_s", "evaluated_by", "rank", "perplexity", "tokens_per_s_total",
+                      "latency_s", "evaluated_by", "rank", "tokens_per_s_total",
                       "tokens_per_s_per_device"})
 _METRIC = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -115,6 +115,11 @@ class Task:
             if not callable(getattr(self, what)):
                 raise TaskError(f"{where}: {what} = {getattr(self, what)!r} is not callable: "
                                 f"pass a function ({what}=...)")
+        if isinstance(self.tokens_per_sample, bool) or not isinstance(self.tokens_per_sample, int) \
+                or self.tokens_per_sample < 0:
+            raise TaskError(f"{where}: tokens_per_sample = {self.tokens_per_sample!r} must be a "
+                            "whole number >= 0 (the tokens in one sample; 0: not a language "
+                            "model)")
         self.metrics = dict(self.metrics)
         self.defaults = dict(self.defaults)
         bad = [k for k in self.defaults if k in ("task", "framework")]
@@ -124,7 +129,8 @@ class Task:
             if not (isinstance(m, str) and _METRIC.fullmatch(m)) or not callable(fn):
                 raise TaskError(f"{where}: metric {m!r} must map a name (letters, digits, _) "
                                 "to a function fn(output, y)")
-            if m in RESERVED or m == self.loss_name:
+            if m in RESERVED or m == self.loss_name or (self.tokens_per_sample
+                                                         and m == "perplexity"):
                 raise TaskError(f"{where}: metric {m!r} has the name of the loss or of a field "
                                 "the harness records: rename it (e.g. 'my_" + m + "')")
 

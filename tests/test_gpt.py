@@ -188,3 +188,31 @@ def test_two_ranks_equal_one_rank_with_double_batch_and_records_tokens(fw, resul
     ea = EventAccumulator(str(results / "np2" / "tb"))
     ea.Reload()
     assert {"perf/tokens_per_s", "eval/perplexity"} <= set(ea.Tags()["scalars"])
+
+
+def test_a_gpt_checkpoint_names_its_size_and_bad_values_are_refused(tmp_path):
+    from harness.driver import checkpoint_identity, perplexity
+    from harness.task import Task, TaskError
+
+    cfg = RunConfig(model="gpt", dataset="pysource", seq_len=16, text_tokens=1024)
+    task = builtin(cfg).torch
+    data = task.load_data()
+    a = checkpoint_identity(cfg, task, data)
+    b = checkpoint_identity(cfg.replace(gpt_heads=8), task, data)
+    assert a["gpt"] == {"layers": 2, "dim": 64, "heads": 4} and a != b    # same shapes
+    assert perplexity(float("nan")) is None and perplexity(1e4) is None
+    empty = tmp_path / "empty.npz"
+    np.savez(empty, x_train=np.zeros((0, 4), np.int64), y_train=np.zeros((0, 4), np.int64),
+             x_test=np.ones((2, 4), np.int64), y_test=np.ones((2, 4), np.int64))
+    with pytest.raises(DataError, match="x_train is empty"):
+        load_npz(empty)
+
+    def t(**kw):
+        return Task(framework="torch", model=lambda: None, loss=lambda o, y: o, data=data,
+                    metrics={"perplexity": lambda o, y: o}, **kw)
+
+    t()                                    # a metric of that name is fine for a classifier
+    with pytest.raises(TaskError, match="rename it"):
+        t(tokens_per_sample=16)
+    with pytest.raises(TaskError, match="tokens_per_sample = 1.5"):
+        t(tokens_per_sample=1.5)

@@ -406,8 +406,8 @@ class HorovodTFBackend(HorovodComm, TFBackend):
         if c.backward_passes_per_step == 1:
             with tf.GradientTape() as tape:
                 loss, sums = self._loss(x, y)
-            tape = hvd.DistributedGradientTape(
-                tape, compression=compression, op=op,
+            tape = hvd.DistributedGradientTape(     # embeddings: dense, as PyTorch's
+                tape, compression=compression, op=op, sparse_as_dense=True,
                 gradient_predivide_factor=c.gradient_predivide_factor)
             return loss, sums, dense_gradients(tape.gradient(loss, self.tf_trainable),
                                                self.tf_trainable), None

@@ -40,7 +40,7 @@ class KerasFitBackend(HorovodTFBackend, FitBackend):
             base, compression=(hvd_keras.Compression.fp16 if c.compression == "fp16"
                                else hvd_keras.Compression.none),
             backward_passes_per_step=c.backward_passes_per_step,
-            average_aggregated_gradients=True,
+            average_aggregated_gradients=True, sparse_as_dense=True,
             gradient_predivide_factor=c.gradient_predivide_factor)
         loss_fn, tf = task.loss, self.tf
         y_dtype, y_shape = tf.as_dtype(y.dtype), [-1, *y.shape[1:]]
