@@ -158,7 +158,8 @@ def check_comparable(runs: list[Run]) -> list[str]:
                               f"but {r.path} uses {r.run['data']}; report runs on the same data")
     notes = []
     for key in ("lr", "batch_size", "global_batch_size", "epochs", "seed", "optimizer",
-                "momentum", "weight_decay", "lr_scaling", "warmup_epochs"):
+                "momentum", "weight_decay", "lr_scaling", "warmup_epochs", "gpt_layers",
+                "gpt_dim", "gpt_heads"):
         values = {str(r.cfg.get(key)) for r in runs}
         if len(values) > 1:
             notes.append(f"{key} differs between runs: {', '.join(sorted(values))}")

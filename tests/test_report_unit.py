@@ -560,3 +560,8 @@ def test_a_language_model_report_shows_perplexity_and_tokens(tmp_path):
     assert "unigram baseline (the training text's byte frequencies) has test perplexity " \
         "22.992" in report.read_text()
     assert (tmp_path / "out" / "figures" / "curves.png").is_file()
+    # a gpt of another size is named under the table
+    wider = [dict(r) for r in records]
+    wider[0] = {**wider[0], "config": {**wider[0]["config"], "gpt_dim": 128}}
+    report = build_report([folder, write_run(tmp_path / "w", wider)], tmp_path / "out2")
+    assert "gpt_dim differs between runs: 128, 64" in report.read_text()
