@@ -29,14 +29,14 @@ def main() -> None:
     from harness.backends.common import configure_threads
     from harness.env import detect_world
     from harness.driver import load_task_data
-    from models import get_spec
+    from models import config_options, get_spec
 
     cfg = RunConfig(framework=framework, model=model, dataset="synthetic",
                     synthetic_samples=samples)
     world = detect_world()
     threads = configure_threads(cfg, world)
     _, data = load_task_data(cfg)
-    spec = get_spec(model, data.input_shape, data.num_classes)
+    spec = get_spec(model, data.input_shape, data.num_classes, **config_options(cfg))
     weights = spec.init_weights(cfg.seed)
     times, marks = [], []
     if framework == "torch":
@@ -61,7 +61,7 @@ def main() -> None:
             x = torch.from_numpy(data.x_train[s:s + batch])
             y = torch.from_numpy(data.y_train[s:s + batch])
             opt.zero_grad()
-            loss = F.cross_entropy(net(x), y)
+            loss = F.cross_entropy(net(x).flatten(0, -2), y.flatten())   # gpt: per token
             loss.backward()
             opt.step()
             marks.append(time.perf_counter())

@@ -28,6 +28,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
                               f"not to {', '.join(n for n in names if n not in takes)}: "
                               "drop --launches or name one of those")
         extra["launches"] = args.launches
+    if args.models:
+        takes = [n for n, r in zip(names, runs) if "models" in inspect.signature(r).parameters]
+        if len(takes) != len(names):
+            raise ConfigError(f"--models applies to {', '.join(takes) or 'none of these'}, "
+                              f"not to {', '.join(n for n in names if n not in takes)}: "
+                              "drop --models or name one of those")
+        extra["models"] = tuple(m for m in args.models.split(",") if m)
+        for name in names:          # before any record is written
+            plans = getattr(importlib.import_module(f"bench.{name}"), "STEPS", {})
+            unknown = [m for m in extra["models"] if m not in plans]
+            if unknown or not extra["models"]:
+                raise ConfigError(f"--models {args.models!r}: {name} has no step plan for "
+                                  f"{unknown[0] if unknown else 'no model'!r}; give "
+                                  f"{', '.join(plans)}")
     emit(env_record(stage="before", quick=args.quick), args.out)
     for run in runs:
         run(quick=args.quick, out=args.out, **extra)
@@ -45,4 +59,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--launches", type=int, metavar="N",
                    help="launches per variant (main_job, overhead, peers: default 3; "
                         "compression: default 1)")
+    p.add_argument("--models", metavar="A,B",
+                   help="models to time, comma-separated (peers: default resnet20,cnn; the "
+                        "gpt: --models gpt)")
     p.set_defaults(func=cmd_bench)

@@ -34,7 +34,7 @@ def main() -> None:
     from harness.config import RunConfig
     from harness.driver import load_task_data
     from harness.env import World
-    from models import get_spec, load_impl
+    from models import config_options, get_spec, load_impl
 
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank, local_size = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
@@ -42,7 +42,7 @@ def main() -> None:
                     synthetic_samples=samples)
     threads = configure_threads(cfg, World(rank, size, local_rank, local_size, "torchrun"))
     _, data = load_task_data(cfg)
-    spec = get_spec(model, data.input_shape, data.num_classes)
+    spec = get_spec(model, data.input_shape, data.num_classes, **config_options(cfg))
     weights = spec.init_weights(cfg.seed)
 
     import torch
@@ -64,7 +64,7 @@ def main() -> None:
         x = torch.from_numpy(data.x_train[s:s + batch])
         y = torch.from_numpy(data.y_train[s:s + batch])
         opt.zero_grad()
-        loss = F.cross_entropy(ddp(x), y)
+        loss = F.cross_entropy(ddp(x).flatten(0, -2), y.flatten())   # gpt: per token
         loss.backward()
         opt.step()
         loss.item()

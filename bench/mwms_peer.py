@@ -43,7 +43,7 @@ def main() -> None:
     from harness.config import RunConfig
     from harness.driver import load_task_data
     from harness.env import World
-    from models import get_spec, load_impl
+    from models import config_options, get_spec, load_impl
 
     tf_config = json.loads(os.environ["TF_CONFIG"])
     rank, size = tf_config["task"]["index"], len(tf_config["cluster"]["worker"])
@@ -52,7 +52,7 @@ def main() -> None:
     # every worker on this one host: local workers = workers
     threads = configure_threads(cfg, World(rank, size, rank, size, "TF_CONFIG"))
     _, data = load_task_data(cfg)
-    spec = get_spec(model, data.input_shape, data.num_classes)
+    spec = get_spec(model, data.input_shape, data.num_classes, **config_options(cfg))
     weights = spec.init_weights(cfg.seed)
 
     import keras
@@ -75,6 +75,8 @@ def main() -> None:
         with tf.GradientTape() as tape:
             logits = net(x, training=True)
             per_sample = tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)
+            if len(per_sample.shape) > 1:         # gpt: a sample's loss is its tokens' mean
+                per_sample = tf.reduce_mean(per_sample, axis=list(range(1, len(per_sample.shape))))
             loss = tf.nn.compute_average_loss(per_sample, global_batch_size=global_batch)
         grads = tape.gradient(loss, net.trainable_variables)
         opt.apply_gradients(zip(grads, net.trainable_variables))

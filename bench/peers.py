@@ -38,7 +38,8 @@ step (it does not read the loss, like Horovod's synthetic benchmarks), bench/ddp
 steps, so no epoch end, evaluation or checkpoint falls inside the interval.
 
 **Launches.** For each model (resnet20: compute-bound, 40 steps, 5 warm-up; cnn: the main job's
-model, 2-4 ms steps, communication-bound, 300 steps, 30 warm-up) and ranks (1, 2), ``launches``
+model, 2-4 ms steps, communication-bound, 300 steps, 30 warm-up; with ``--models gpt`` the
+default gpt on random tokens, 80 steps, 10 warm-up) and ranks (1, 2), ``launches``
 rounds of: harness (torch), horovod, ddp, harness (tensorflow), mwms. A ``peer_pair`` record per
 round and peer holds both samples/s and the ratio harness / peer; a ``peers`` row per (model,
 ranks, peer) holds the ratios' spread and both sides' median samples/s.
@@ -57,11 +58,14 @@ from typing import Any
 
 from bench.common import (REPO, emit, json_lines, median, mpirun, python, run_json_lines,
                           spread)
+from harness.errors import ConfigError
 
 #: peer -> the framework it is compared in
 PEERS: dict[str, str] = {"horovod": "torch", "ddp": "torch", "mwms": "tensorflow"}
 #: model -> (steps N, warm-up steps W)
-STEPS: dict[str, tuple[int, int]] = {"resnet20": (40, 5), "cnn": (300, 30)}
+STEPS: dict[str, tuple[int, int]] = {"resnet20": (40, 5), "cnn": (300, 30), "gpt": (80, 10)}
+#: the models ``run`` times unless told (the gpt: ``--models gpt``)
+DEFAULT_MODELS = ("resnet20", "cnn")
 BATCH = 32
 
 
@@ -200,7 +204,11 @@ def run(quick: bool = False, out=None, launches: int = 3,
     """Interleaved rounds per (model, ranks); returns the ``peers`` rows."""
     batch = 8 if quick else BATCH
     launches = 1 if quick else launches
-    models = models or (("cnn",) if quick else tuple(STEPS))
+    models = models or (("cnn",) if quick else DEFAULT_MODELS)
+    unknown = [m for m in models if m not in STEPS]
+    if unknown:
+        raise ConfigError(f"peers: no step plan for model {unknown[0]!r}: give "
+                          f"{', '.join(STEPS)}")
     ranks = ranks or ((2,) if quick else (1, 2))
     peer_runs = {"horovod": horovod_run, "ddp": ddp_run, "mwms": mwms_run}
     rows = []

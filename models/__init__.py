@@ -28,7 +28,7 @@ REGISTRY: dict[str, str] = {
 FRAMEWORK_MODULES = {"torch": "torch_impl", "tensorflow": "tf_impl"}
 
 __all__ = ["REGISTRY", "ModelSpec", "ParamSpec", "get_spec", "load_impl", "default_input_shape",
-           "default_classes"]
+           "default_classes", "config_options"]
 
 
 def _package(name: str) -> str:
@@ -47,6 +47,14 @@ def get_spec(name: str, input_shape: tuple[int, ...] | None = None,
     mod = importlib.import_module(_package(name) + ".spec")
     return mod.build_spec(input_shape=input_shape or mod.DEFAULT_INPUT_SHAPE,
                           num_classes=num_classes or mod.DEFAULT_CLASSES, **options)
+
+
+def config_options(cfg) -> dict[str, int]:
+    """The architecture options a run config sets for its model (gpt: its gpt_* keys), for
+    :func:`get_spec`."""
+    if cfg.model == "gpt":
+        return {"layers": cfg.gpt_layers, "dim": cfg.gpt_dim, "heads": cfg.gpt_heads}
+    return {}
 
 
 def default_input_shape(name: str) -> tuple[int, ...]:

@@ -15,7 +15,7 @@ from harness.config import RunConfig
 from harness.data import Dataset, check_model_input, load_dataset
 from harness.errors import ConfigError
 from harness.task import Canonical, Task, Tasks
-from models import default_classes, default_input_shape, get_spec, load_impl
+from models import config_options, default_classes, default_input_shape, get_spec, load_impl
 from models.base import ModelSpec, from_keras_layout, to_keras_layout
 
 
@@ -29,10 +29,8 @@ def builtin(cfg: RunConfig) -> Tasks:
     if lm and data.input_shape != shape:
         raise ConfigError(f"{data.name} holds windows of {data.input_shape[0]} tokens but "
                           f"seq_len = {cfg.seq_len}: set seq_len = {data.input_shape[0]}")
-    options = {"layers": cfg.gpt_layers, "dim": cfg.gpt_dim, "heads": cfg.gpt_heads} if lm \
-        else {}
     try:
-        spec = get_spec(cfg.model, data.input_shape, data.num_classes, **options)
+        spec = get_spec(cfg.model, data.input_shape, data.num_classes, **config_options(cfg))
     except ValueError as e:
         raise ConfigError(f"model {cfg.model!r} does not fit dataset {data.name!r}: {e}") from None
     return Tasks(torch=torch_task(spec, data), tensorflow=keras_task(spec, data))

@@ -18,7 +18,7 @@ from harness.config import RunConfig  # noqa: E402
 from harness.env import World  # noqa: E402
 from harness.driver import load_task_data  # noqa: E402
 from harness.ps.plan import even_shard  # noqa: E402
-from models import REGISTRY, get_spec, load_impl  # noqa: E402
+from models import REGISTRY, config_options, get_spec, load_impl  # noqa: E402
 from models.base import to_keras_layout  # noqa: E402
 
 WORLD = World(0, 1, 0, 1)
@@ -90,9 +90,7 @@ def check_forward(fw: str, name: str, out_path: str) -> dict:
 def _backend(fw: str, **cfg_kw):
     cfg = RunConfig(framework=fw, **cfg_kw)
     task, data = load_task_data(cfg)
-    options = {"layers": cfg.gpt_layers, "dim": cfg.gpt_dim, "heads": cfg.gpt_heads} \
-        if cfg.model == "gpt" else {}
-    spec = get_spec(cfg.model, data.input_shape, data.num_classes, **options)
+    spec = get_spec(cfg.model, data.input_shape, data.num_classes, **config_options(cfg))
     b = create(cfg, WORLD, "local")
     b.setup(task, data.x_train[:2], data.y_train[:2], cfg.lr)
     return b, data, spec

@@ -32,6 +32,15 @@ def test_launches_applies_only_to_benchmarks_that_take_it(tmp_path):
     assert not out.exists()
 
 
+def test_models_applies_only_to_benchmarks_that_take_it_and_names_known_models(tmp_path):
+    out = tmp_path / "x.jsonl"
+    p = run(harness("bench", "allreduce", "--models", "gpt", "--out", out), timeout=60)
+    assert p.returncode == 2 and "--models applies to none of these" in p.stderr
+    p = run(harness("bench", "peers", "--models", "gpt2", "--out", out), timeout=60)
+    assert p.returncode == 2 and "peers has no step plan for 'gpt2'" in p.stderr
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_benchmark_runs(name, tmp_path):
     if name == "compression" and available() is not None:
