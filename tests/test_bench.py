@@ -23,21 +23,16 @@ EXPECTED = {"allreduce": {"allreduce", "allreduce_ratio"},
             "compression": {"compression_run", "compression_row"}}
 
 
-def test_launches_applies_only_to_benchmarks_that_take_it(tmp_path):
+@pytest.mark.parametrize("args, message", [
+    (("allreduce", "--launches", "5"), "--launches applies to none of these"),
+    (("overhead", "--launches", "0"), "give 1 or more"),
+    (("allreduce", "--models", "gpt"), "--models applies to none of these"),
+    (("peers", "--models", "gpt2"), "peers has no step plan for 'gpt2'"),
+])
+def test_bench_options_are_checked_before_anything_is_written(args, message, tmp_path):
     out = tmp_path / "bench.jsonl"
-    p = run(harness("bench", "allreduce", "--launches", "5", "--out", out), timeout=60)
-    assert p.returncode == 2 and "--launches applies to none of these" in p.stderr
-    p = run(harness("bench", "overhead", "--launches", "0", "--out", out), timeout=60)
-    assert p.returncode == 2 and "give 1 or more" in p.stderr
-    assert not out.exists()
-
-
-def test_models_applies_only_to_benchmarks_that_take_it_and_names_known_models(tmp_path):
-    out = tmp_path / "x.jsonl"
-    p = run(harness("bench", "allreduce", "--models", "gpt", "--out", out), timeout=60)
-    assert p.returncode == 2 and "--models applies to none of these" in p.stderr
-    p = run(harness("bench", "peers", "--models", "gpt2", "--out", out), timeout=60)
-    assert p.returncode == 2 and "peers has no step plan for 'gpt2'" in p.stderr
+    p = run(harness("bench", *args, "--out", out), timeout=60)
+    assert p.returncode == 2 and message in p.stderr
     assert not out.exists()
 
 
