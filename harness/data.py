@@ -333,12 +333,6 @@ def pysource(seq_len: int, train_tokens: int = 0) -> Dataset:
     return Dataset("pysource", splits["train"], splits["test"], PYSOURCE_VOCAB, source)
 
 
-def unigram_perplexity(data: Dataset) -> float | None:
-    """The test perplexity of the training text's byte frequencies (a language model must beat
-    it), where the dataset recorded it."""
-    return data.source.get("unigram_test_perplexity")
-
-
 # --- npz -------------------------------------------------------------------------------------
 
 def _mmap_member(path: Path, zf: zipfile.ZipFile, member: str) -> np.ndarray | None:
@@ -460,7 +454,7 @@ def _first_non_finite(x: np.ndarray, chunk_bytes: int = 64 << 20) -> int | None:
 
 def check_model_input(model: str, shape: tuple[int, ...], data: Dataset | None = None) -> None:
     tokens = data is not None and isinstance(data.train, ArraySplit) and \
-        data.train.x.dtype.kind in "iu" and data.train.y.shape == data.train.x.shape
+        _token_windows(data.train.x, data.train.y)
     if model == "gpt" and not (tokens and len(shape) == 1):
         raise DataError(f"model 'gpt' needs token windows (integer x and y of shape (N, "
                         f"seq_len)) but the data has samples of shape {shape}: use dataset = "
