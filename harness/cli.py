@@ -5,6 +5,7 @@
     harness launch --launcher horovodrun -np 2 [--dry-run] -- --framework tensorflow ...
     harness compare --frameworks torch,tensorflow --np 1,2 --modes sync,async
     harness report results/run-a results/run-b
+    harness join results/my-ps-run
     harness doctor
     harness bench allreduce
 
@@ -70,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the findings as JSON")
     p.set_defaults(func=cmd_doctor)
 
-    from launchers.cli import add_launch_parser
+    from launchers.cli import add_join_parser, add_launch_parser
     add_launch_parser(sub)
+    add_join_parser(sub)
 
     from launchers.compare import add_compare_parser, add_report_parser
     add_compare_parser(sub)
@@ -86,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return guarded(lambda: args.func(args), getattr(args, "distributed", False))
+    # a rank of a job (train, or the worker `harness join` starts) exits at once on an error
+    distributed = getattr(args, "distributed", False) or getattr(args, "worker", False)
+    return guarded(lambda: args.func(args), distributed)
 
 
 if __name__ == "__main__":

@@ -173,6 +173,9 @@ class RunConfig:
     ps_staleness_lr: bool = _opt(False, "scale each update's learning rate by 1/staleness")
     ps_on_worker_failure: str = _opt("continue", "a worker that raises: continue with the rest, "
                                      "or abort the job", ("continue", "abort"))
+    ps_join: bool = _opt(False, "let a worker started later (`harness join RUN_DIR`) take the "
+                         "place of one that failed; launch with `harness launch --launcher "
+                         "mpirun`, which starts the ompi-server both jobs need (docs/elastic.md)")
     straggler_rank: int | None = _opt(None, "make this rank slow, for experiments", minimum=0)
     straggler_factor: float = _opt(2.0, "the straggler's step time as a multiple of its "
                                    "compute time", minimum=1.0)
@@ -243,8 +246,21 @@ class RunConfig:
         self._check_compression()
         self._check_local_sgd()
         self._check_elastic()
+        self._check_ps_join()
         if self.resume not in ("auto", "never") and not self.resume.strip():
             raise ConfigError("resume must be 'auto', 'never' or a checkpoint path")
+
+    def _check_ps_join(self) -> None:
+        if not self.ps_join:
+            return
+        fix = [(self.mode != "async", "set mode = 'async' (sync jobs grow with elastic = true)"),
+               (self.ps_consistency == "bsp", "a worker that joins later is clocks behind the "
+                "others, which bsp cannot average: set ps_consistency = 'async' or 'ssp'"),
+               (self.ps_on_worker_failure == "abort", "a failed worker ends the job before one "
+                "can join: set ps_on_worker_failure = 'continue'")]
+        for bad, why in fix:
+            if bad:
+                raise ConfigError(f"ps_join = true: {why}, or drop ps_join")
 
     def _check_model_data(self) -> None:
         if self.task is not None:

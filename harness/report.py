@@ -755,6 +755,13 @@ def render_markdown(runs: list[Run], notes: list[str], figs: list[Path], out_dir
                 f"{_fmt(_ms(s.get('push_pull_latency_p99_s')), '.2f')} | "
                 f"{s.get('failed_workers') or 'none'} |")
         lines.append("")
+        for r in ps:
+            for wid, j in (r.summary.get("joined_workers") or {}).items():
+                lines.append(f"- {r.name}: worker {wid} joined from {j['host']} at update "
+                             f"{j['at_version']} in the place of slot {j['slot']} (from clock "
+                             f"{j['from_clock']}); it ended at clock {j['clock']}, {j['state']}")
+        if any(r.summary.get("joined_workers") for r in ps):
+            lines.append("")
     lines += ["## Runs: environment and commands", ""]
     for r in runs:
         env = r.run["environment"]

@@ -83,6 +83,8 @@ def mpirun_argv(spec: LaunchSpec, program: list[str]) -> list[str]:
         argv += ["--bind-to", spec.bind_to]
     if spec.map_by:
         argv += ["--map-by", spec.map_by]
+    if spec.ompi_server:
+        argv += ["--ompi-server", spec.ompi_server]
     for name in spec.export:
         argv += ["-x", name]
     return argv + program

@@ -4,6 +4,8 @@
     harness launch --launcher mpirun -np 4 --bind-to core --dry-run -- --config run.toml
     harness launch --launcher sbatch --nodes 2 --ntasks-per-node 4 --gpus-per-task 1 -- ...
     harness launch --launcher srun -np 8 --print-argv -- ...    # what slurm/common.sh runs
+    harness launch --launcher mpirun -np 4 -- --mode async --ps-join ...
+    harness join results/my-ps-run      # a worker takes the place of one that failed
 
 Everything after ``--`` goes to ``harness train`` in every rank; it is validated here first, so
 a typo fails in a second instead of after N processes have started. Flags are never abbreviated
@@ -14,6 +16,7 @@ launcher (``--time`` with mpirun, ``--bind-to`` with sbatch) is refused, not dro
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
@@ -44,8 +47,6 @@ def spec_from_args(args: argparse.Namespace) -> LaunchSpec:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from launchers.runner import run
-
     train_args = list(args.train_args)
     if train_args and train_args[0] == "--":
         train_args = train_args[1:]
@@ -53,6 +54,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
         train_args = [*train_args, "--elastic"]     # the ranks' run config is elastic too
     cfg = parse_train_args(train_args)        # fail fast on a bad run config
     launcher = getattr(args, "launcher", "horovodrun")
+    if cfg.ps_join and (launcher != "mpirun" or getattr(args, "mpi_flavour", None) == "mpich"):
+        raise ConfigError(f"ps_join = true connects jobs through Open MPI's ompi-server: use "
+                          f"--launcher mpirun (Open MPI), not {launcher}")
     if cfg.elastic and launcher != "horovodrun":
         raise ConfigError(f"elastic = true runs under horovodrun's elastic mode, not "
                           f"{launcher}: use --launcher horovodrun (on SLURM: "
@@ -72,7 +76,23 @@ def cmd_launch(args: argparse.Namespace) -> int:
                               "give one of them")
         spec, env = elastic.prepare(spec, cfg.max_ranks)
         os.environ.update(env)               # horovodrun passes it on to the ranks
-    argv = build_argv(spec, train_args)
+    if cfg.ps_join and not spec.ompi_server:
+        if args.print_argv or args.dry_run:
+            spec = dataclasses.replace(spec, ompi_server="file:OMPI_SERVER_URI_FILE")
+            print("harness launch: ps_join: an ompi-server is started first; its URI file "
+                  "replaces OMPI_SERVER_URI_FILE", file=sys.stderr)
+        else:
+            from launchers.runner import ompi_server
+
+            with ompi_server() as uri:
+                return _run(build_argv(dataclasses.replace(spec, ompi_server=uri), train_args),
+                            args)
+    return _run(build_argv(spec, train_args), args)
+
+
+def _run(argv: list[str], args: argparse.Namespace) -> int:
+    from launchers.runner import run
+
     if args.print_argv:
         sys.stdout.write("".join(a + "\0" for a in argv))
         return 0
@@ -81,3 +101,45 @@ def cmd_launch(args: argparse.Namespace) -> int:
         return 0
     print(f"harness launch: {shlex.join(argv)}", file=sys.stderr, flush=True)
     return run(argv)
+
+
+def add_join_parser(sub) -> None:
+    p = sub.add_parser("join", help="start a worker that joins a running parameter-server job "
+                       "(ps_join = true) in the place of one that failed",
+                       description="Start one worker under mpirun, connected to the job through "
+                       "the job's ompi-server; it takes the slot (data shard and clock) of a "
+                       "worker that failed and trains it to the end of the plan. Exit 2 when "
+                       "no slot is free.", allow_abbrev=False)
+    p.add_argument("run_dir", help="the running job's run folder (out_dir/run_name)")
+    p.add_argument("--hosts", default=None, help="where to start the worker (mpirun -H), e.g. "
+                   "node7:1 (default: here)")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds to wait for the job's servers (default: %(default)s)")
+    p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_join)
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from harness.ps import join
+
+    run_dir = Path(args.run_dir)
+    if args.timeout <= 0:
+        raise ConfigError(f"--timeout {args.timeout:g} must be more than 0 seconds")
+    if args.worker:                        # in the process mpirun started
+        return join.main(run_dir, args.timeout)
+    join.read_job(run_dir)                 # a bad folder fails here, before mpirun starts
+    uri = join.join_dir(run_dir) / "ompi-server.uri"
+    given = {"launcher": "mpirun", "np": 1, "python": sys.executable,
+             "ompi_server": f"file:{uri.resolve()}"}
+    if args.hosts:
+        given["hosts"] = args.hosts
+    spec = LaunchSpec.with_defaults(**given)
+    from launchers.builders import mpirun_argv
+
+    argv = mpirun_argv(spec, [spec.python, "-m", "harness", "join", "--worker", "--timeout",
+                              f"{args.timeout:g}", str(run_dir.resolve())])
+    args.print_argv = False
+    return _run(argv, args)

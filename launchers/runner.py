@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from harness.errors import LaunchError
 
@@ -54,3 +58,38 @@ def run(argv: list[str], env: Mapping[str, str] | None = None, cwd: str | None =
     finally:
         for signum, prev in previous.items():
             signal.signal(signum, prev)
+
+
+@contextmanager
+def ompi_server(timeout: float = 20.0) -> Iterator[str]:
+    """An Open MPI ``ompi-server`` for the length of a job, which connects it with the jobs
+    that join it (MPI connect/accept across mpiruns); yields ``file:URI_FILE`` for
+    ``mpirun --ompi-server``."""
+    folder = Path(tempfile.mkdtemp(prefix="harness-ompi-server-"))
+    uri = folder / "uri"
+    try:
+        proc = subprocess.Popen(["ompi-server", "--no-daemonize", "-r", str(uri)],
+                                env=launch_environment(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    except FileNotFoundError:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise LaunchError("'ompi-server' is not on PATH: it comes with Open MPI (the "
+                          "openmpi-bin package); ps_join needs it") from None
+    try:
+        deadline = time.monotonic() + timeout
+        while not (uri.exists() and uri.read_text().strip()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                err = proc.stderr.read() if proc.poll() is not None and proc.stderr else ""
+                why = err.strip() or f"no URI after {timeout:g}s"
+                raise LaunchError(f"ompi-server did not start ({why}): check the Open MPI "
+                                  "installation")
+            time.sleep(0.05)
+        yield f"file:{uri}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(folder, ignore_errors=True)

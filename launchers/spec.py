@@ -71,6 +71,9 @@ class LaunchSpec:
     map_by: str | None = _opt(None, "process mapping (slot, node, socket, ...)", MPI)
     export: list = _opt([], "environment variables to pass to every rank (mpirun -x, "
                         "srun/sbatch --export)", MPI + SLURM)
+    ompi_server: str | None = _opt(None, "(Open MPI) the ompi-server that connects this job "
+                                   "with others, file:URI_FILE (a ps_join run: started for "
+                                   "you)", MPI)
     allow_run_as_root: bool = _opt(False, "(Open MPI) allow running as root", MPI)
     oversubscribe: bool = _opt(False, "(Open MPI) allow more ranks than cores", MPI)
     nodes: int | None = _opt(None, "nodes (sbatch default: 1, or np / ntasks_per_node)", SLURM,
@@ -110,6 +113,9 @@ class LaunchSpec:
 
     def __post_init__(self) -> None:
         validate_fields(self)
+        if self.ompi_server and self.mpi_flavour == "mpich":
+            raise ConfigError("--ompi-server is Open MPI's: drop it, or use mpi_flavour "
+                              "openmpi")
         if self.hosts and self.hostfile:
             raise ConfigError("give hosts or hostfile, not both")
         if self.launcher == "local" and self.np != 1:

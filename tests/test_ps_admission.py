@@ -80,8 +80,9 @@ def serve(tmp_path, script, **cfg) -> tuple[Server, FakeComm, np.ndarray]:
     """Serve the script to its end with one server (the whole vector) and workers 1 and 2."""
     config = RunConfig(mode="async", momentum=0.0, weight_decay=0.0, **cfg)
     comm = FakeComm([m for part in script for m in part])
-    plan = SimpleNamespace(shards=[(0, 0, N)], worker_ranks=[W1, W2],
-                           schedule=lambda clock: LR, ckpt_dir=tmp_path / "ckpt", ckpt_every=0)
+    plan = SimpleNamespace(shards=[(0, 0, N)], worker_ranks=[W1, W2], world_size=3, params=N,
+                           run_dir=tmp_path, schedule=lambda clock: LR,
+                           ckpt_dir=tmp_path / "ckpt", ckpt_every=0)
     ctx = SimpleNamespace(cfg=config, stop=SimpleNamespace(requested=False), ckpt_meta={},
                           on_eval=lambda *a: None)
     log = SimpleNamespace(info=print, warning=print, error=print)

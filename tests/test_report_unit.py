@@ -374,6 +374,16 @@ def test_parameter_server_table_comes_from_the_summary(tmp_path, no_figures):
         "p99 (ms)": f"{s['push_pull_latency_p99_s'] * 1000:.2f}", "failed workers": "none"}
 
 
+def test_a_worker_that_joined_is_listed_under_the_parameter_server_table(tmp_path, no_figures):
+    joined = {"4": {"slot": 2, "from_clock": 9, "at_version": 31, "host": "node7", "clock": 132,
+                    "state": "done"}}
+    folder = write_run(tmp_path / "ps", start(0, workers=2, mode="async", summary={
+        **PS_SUMMARY, "joined_workers": joined}))
+    text = (build_report([folder], tmp_path / "out")).read_text()
+    assert ("- ps: worker 4 joined from node7 at update 31 in the place of slot 2 (from clock "
+            "9); it ended at clock 132, done") in text
+
+
 def test_parameter_server_latency_not_measured_shows_as_n_a(tmp_path, no_figures):
     folder = write_run(tmp_path / "ps", start(0, workers=2, mode="async", summary={
         **PS_SUMMARY, "push_pull_latency_p50_s": None, "push_pull_latency_p99_s": None}))

@@ -34,6 +34,7 @@ from harness.logging import get_logger
 from harness.metrics import MetricsWriter
 from harness.tb import open_writer
 from harness.preemption import EXIT_PREEMPTED, StopFlag, Watchdog
+from harness.ps.join import ompi_server_uri, write_job
 from harness.ps.plan import PSContext, PSPlan
 from harness.task import Task
 
@@ -59,6 +60,10 @@ def run(cfg: RunConfig, launcher_world: World, log, task: Task, data: Dataset,
                           f"are ranks {S}..{size - 1}")
     run_dir = run_dir_of(cfg, size, own_task_name(cfg, task, own))
     PSPlan.of(cfg, data, 1, size, run_dir)           # the schedule fits: fails on every rank
+    if cfg.ps_join and ompi_server_uri() is None:
+        raise ConfigError("ps_join = true needs an ompi-server that the job and its joiners "
+                          "share: launch with `harness launch --launcher mpirun ...` (it starts "
+                          "one), or mpirun --ompi-server file:URI_FILE")
     stop = StopFlag().install()
     identity = checkpoint_identity(cfg, task, data)
     ctx = PSContext(cfg, data, stop, {**identity, "mode": "async", "ps_servers": S,
@@ -68,7 +73,7 @@ def run(cfg: RunConfig, launcher_world: World, log, task: Task, data: Dataset,
     watchdog = Watchdog(rank, cfg.stall_timeout_s, log).start()
     try:
         if rank < S:
-            return _serve(ctx, task, run_dir, comm, MPI, rank, watchdog, log)
+            return _serve(ctx, task, run_dir, comm, MPI, rank, watchdog, log, own)
         return _work(ctx, task, run_dir, comm, MPI, rank, watchdog, log, launcher_world)
     finally:
         watchdog.stop()
@@ -162,7 +167,7 @@ def _wait_for_everyone(comm, watchdog) -> None:
 
 
 def _serve(ctx: PSContext, task: Task, run_dir: Path, comm, MPI, rank: int, watchdog,
-           log) -> int:
+           log, own: bool = False) -> int:
     from harness.ps.server import Server
 
     cfg, ckpt_dir = ctx.cfg, run_dir / "checkpoints"
@@ -213,6 +218,11 @@ def _serve(ctx: PSContext, task: Task, run_dir: Path, comm, MPI, rank: int, watc
         if resume:
             log.info(f"resuming from {resume['path']} at version {resume['version']}; worker "
                      f"clocks {resume['clocks'] or resume['clock']} of {total}")
+        if cfg.ps_join:
+            write_job(run_dir, cfg.to_dict(), size, cfg.ps_servers, own_task_name(cfg, task, own),
+                      own and cfg.task is None, ompi_server_uri() or "")
+            log.info(f"workers may join: `harness join {run_dir}` takes the place of a worker "
+                     "that failed")
     target = Target()
 
     def on_eval(value: float, wall: float, version: int) -> None:
@@ -221,6 +231,16 @@ def _serve(ctx: PSContext, task: Task, run_dir: Path, comm, MPI, rank: int, watc
 
     ctx.on_eval = on_eval
     server = Server(comm, MPI, ctx, plan, rank, shard, metrics, watchdog, log, resume)
+    code = _serve_to_end(server, ctx, task, comm, watchdog, log, plan, metrics, target, total,
+                         rank)
+    watchdog.tick(phase="disconnecting the workers that joined")
+    server.close_links()        # not after an error: the launcher stops everyone then
+    return code
+
+
+def _serve_to_end(server, ctx: PSContext, task: Task, comm, watchdog, log, plan: PSPlan,
+                  metrics, target: Target, total: int, rank: int) -> int:
+    cfg = ctx.cfg
     report = server.serve()
     if server.preempted:
         server.end_preempted()

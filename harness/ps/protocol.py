@@ -18,6 +18,11 @@ exactly the same pushes of every worker (a consistent cut) and checkpoints its s
 worker's clock. A worker that finished or failed and then gets a stop request sends
 ``STOP_REQUEST``; every worker that waits for ``FINAL_HDR`` answers it with ``BYE`` to every
 server, so no message is left unreceived when the job ends.
+
+Joining (``ps_join``, see ``join``). A push flagged :data:`JOIN` carries a join request's number
+in ``aux``; each server connects to the joiner for it, server 0 sends the decision
+(:data:`ADMIT_FIELDS`, tag ``ADMIT``) and the joiner sends it on to every server. A joined
+worker then speaks the same messages over its intercommunicator with each server (rank 0 there).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 
 # tags
 HDR, GRAD, REASON, PARAMS_HDR, PARAMS, FINAL_HDR, FINAL = 11, 12, 13, 21, 22, 31, 32
+ADMIT = 41            # join handshake: server 0's decision, then the joiner's claim to each
 
 # header kinds
 PULL, PUSH, DONE, LEAVE, EVAL, STOPPED, STOP_REQUEST, BYE = 1, 2, 3, 4, 5, 6, 7, 8
@@ -44,9 +50,15 @@ REPLY_FIELDS = ("version", "clock", "flags", "aux")
 R_VERSION, R_CLOCK, R_FLAGS, R_AUX = range(len(REPLY_FIELDS))
 REPLY_LEN = len(REPLY_FIELDS)
 
+# join handshake: server 0 -> joiner, and joiner -> every server (slot -1: refused)
+ADMIT_FIELDS = ("slot", "id", "world_size", "params")
+A_SLOT, A_ID, A_WORLD, A_PARAMS = range(len(ADMIT_FIELDS))
+ADMIT_LEN = len(ADMIT_FIELDS)
+
 # flags (header and reply)
 STOP = 1              # push: this worker has a stop request
 SKIPPED = 2           # push: the gradient was not finite and is not applied
+JOIN = 4              # push: a worker asks to join (``aux``: its request number, see ``join``)
 FLAG_STOP = 1.0       # reply: the job is being preempted, stop after this clock
 
 # FINAL_HDR's first field

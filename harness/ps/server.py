@@ -18,8 +18,9 @@ worker from its own clock and does exactly the planned work.
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -43,6 +44,15 @@ class WorkerState:
     state: str = ACTIVE            # active, done (reached the plan), stopped (preempted), left
     last_seen: float = field(default_factory=time.monotonic)
     left_reason: str | None = None
+    #: the worker slot (a launched worker's rank) whose data and clock this worker trains: its
+    #: own rank, or, for a worker that joined, the slot of the failed worker it replaces
+    slot: int = -1
+    #: a joined worker that stopped answering (killed, node gone): nothing more is sent to it
+    lost: bool = False
+
+    def __post_init__(self) -> None:
+        if self.slot < 0:
+            self.slot = self.rank
 
     @property
     def active(self) -> bool:
@@ -82,6 +92,7 @@ class Server:
         self.samples = 0
         self.repeated = 0                        # pushes this server had already applied
         self.failed_before: dict[str, str] = {}  # workers that failed in earlier segments
+        self.joined_before: dict[str, dict] = {}  # workers that joined in earlier segments
         # throughput windows of earlier segments (a resumed run reports over all of them)
         self.prev = {"window_s": 0.0, "samples": 0, "updates": 0, "wall_s": 0.0}
         self.t0 = time.perf_counter()
@@ -106,19 +117,40 @@ class Server:
                                    stats.get("staleness_histogram", {}).items()})
             self.max_lead = int(stats.get("max_clock_lead", 0))
             self.failed_before = dict(stats.get("failed_workers", {}))
+            self.joined_before = dict(stats.get("joined_workers", {}))
             self.latencies = [float(v) for v in resume.get("latencies", ())]
             self.step_times = [float(v) for v in resume.get("step_times", ())]
         self._last_ckpt = self._position_key()
         self.MPI = MPI
+        #: workers that joined the running job: id -> (their intercommunicator, 0); the
+        #: launched workers talk over ``comm`` with their ranks
+        self.links: dict[int, tuple] = {}
+        self.inbox = Inbox(comm, MPI, self.links, self._check_joined)
+        self.heartbeats: dict[int, tuple[str | None, float]] = {}
+        self.joined: dict[str, dict] = {}
+        self.lost_links: list = []
+        self.join_requests: set[int] = set()     # the requests this server has answered
+        self.world_size = plan.world_size
+        self.run_dir = plan.run_dir
+        self.params_total = plan.params
+
+    # --- messaging: a worker's id names its link ---
+    def _send(self, rank: int, buf, tag: int) -> None:
+        comm, dest = self.links.get(rank, (self.comm, rank))
+        comm.Send(buf, dest=dest, tag=tag)
+
+    def _recv(self, rank: int, buf, tag: int) -> None:
+        comm, source = self.links.get(rank, (self.comm, rank))
+        comm.Recv(buf, source=source, tag=tag)
 
     # --- main loop ---
     def serve(self) -> dict:
         hdr = np.empty(P.HEADER_LEN, np.float64)
-        status = self.MPI.Status()
         while any(w.active for w in self.workers.values()):
             self.watchdog.describe = self._describe_wait
-            self.comm.Recv(hdr, source=self.MPI.ANY_SOURCE, tag=P.HDR, status=status)
-            src = status.Get_source()
+            src = self.inbox.recv(hdr)
+            if src < 0:                         # a joined worker was lost: look again
+                continue
             self.watchdog.tick(self.version, "serving")
             w = self.workers[src]
             w.last_seen = time.monotonic()
@@ -133,13 +165,15 @@ class Server:
                 self._reply_or_defer(src)       # ssp: a resumed worker may be ahead too
             elif kind == P.PUSH:
                 if self.codec is None:
-                    self.comm.Recv(self.grad_bufs[src], source=src, tag=P.GRAD)
+                    self._recv(src, self.grad_bufs[src], P.GRAD)
                 else:
-                    self.comm.Recv(self.push_bufs[src], source=src, tag=P.GRAD)
+                    self._recv(src, self.push_bufs[src], P.GRAD)
                     self.grad_bufs[src][...] = self.codec.decode(self.push_bufs[src])
                 if P.has(hdr[P.FLAGS], P.STOP):
                     self._begin_stop(f"worker rank {src} got a stop signal")
                 self._on_push(w, hdr)
+                if P.has(hdr[P.FLAGS], P.JOIN):
+                    self._admit(int(hdr[P.AUX]))
             elif kind == P.EVAL:
                 self._on_eval(hdr)
             elif kind == P.DONE:
@@ -283,9 +317,9 @@ class Server:
         clocks = [w.clock for w in self.workers.values() if w.active]
         if clocks and not self.stopping:    # a worker told to stop computes nothing more
             self.max_lead = max(self.max_lead, self.workers[rank].clock - min(clocks))
-        self.comm.Send(P.reply(self.version, self.workers[rank].clock, self.stopping),
-                       dest=rank, tag=P.PARAMS_HDR)
-        self.comm.Send(self.params, dest=rank, tag=P.PARAMS)
+        self._send(rank, P.reply(self.version, self.workers[rank].clock, self.stopping),
+                   P.PARAMS_HDR)
+        self._send(rank, self.params, P.PARAMS)
 
     def _on_eval(self, hdr: np.ndarray) -> P.EvalReport:
         ev = P.decode_eval(hdr)
@@ -301,7 +335,7 @@ class Server:
     def _on_leave(self, w: WorkerState, hdr: np.ndarray) -> None:
         n = int(hdr[P.AUX])
         buf = np.empty(n, np.uint8)
-        self.comm.Recv(buf, source=w.rank, tag=P.REASON)
+        self._recv(w.rank, buf, P.REASON)
         w.state, w.left_reason = LEFT, buf.tobytes().decode(errors="replace")
         left = sum(x.active for x in self.workers.values())
         if self.cfg.ps_on_worker_failure == "abort":
@@ -338,7 +372,11 @@ class Server:
             self._checkpoint()
 
     def clocks(self) -> dict[str, int]:
-        return {str(r): w.clock for r, w in sorted(self.workers.items())}
+        """Each worker slot's clock: a joined worker's is its slot's (it continues it)."""
+        out: dict[str, int] = {}
+        for w in sorted(self.workers.values(), key=lambda w: w.rank):
+            out[str(w.slot)] = max(out.get(str(w.slot), 0), w.clock)
+        return out
 
     def _checkpoint(self, final: bool = False) -> None:
         """Write this shard with the position of every worker: the version (updates applied),
@@ -346,13 +384,14 @@ class Server:
         staleness bookkeeping travel with it so a resumed run reports over all segments."""
         if self._position_key() == self._last_ckpt and self.ckpt_dir_has_any() and not final:
             return
-        clock = min((w.clock for w in self.workers.values()), default=0)
+        clock = min(self.clocks().values(), default=0)
         window, samples, updates = self._window()
         stats = {"wall_s": self._wall(), "window_s": self.prev["window_s"] + window,
                  "samples": self.prev["samples"] + samples,
                  "updates": self.prev["updates"] + updates,
                  "staleness_histogram": {str(k): v for k, v in sorted(self.staleness.items())},
-                 "max_clock_lead": self.max_lead, "failed_workers": self.failed_workers()}
+                 "max_clock_lead": self.max_lead, "failed_workers": self.failed_workers(),
+                 "joined_workers": self.joined_report()}
         meta = {**self.ctx.ckpt_meta, "shard": [self.index, self.start, self.stop],
                 "position": {"step": self.version, "clock": clock, "clocks": self.clocks(),
                              "samples": self.samples, "opt_steps": self.opt.steps,
@@ -368,10 +407,114 @@ class Server:
     def ckpt_dir_has_any(self) -> bool:
         return bool(ckpt_io.latest_paths(self.ckpt_dir, f"ps-server{self.index}"))
 
+    # --- workers that join the running job (ps_join) ---
+    def _admit(self, n: int) -> None:
+        """A worker asked to join (its request ``n`` came flagged in a push, which every server
+        gets): connect to it. Server 0 gives it the slot of a worker that failed (its data
+        shard and clock) and an id, or refuses it (slot -1) when every slot is training; the
+        joiner tells every server what server 0 said."""
+        from harness.ps import join as J
+
+        if n in self.join_requests:
+            return
+        self.join_requests.add(n)
+        req = J.read_request(self.run_dir, n)
+        if req is None:             # withdrawn: the joiner gave up before this server saw it
+            return
+        self.watchdog.describe = None
+        self.watchdog.tick(phase=f"connecting to a worker that asks to join (request {n}, pid "
+                                 f"{req.pid} on {req.host}; if it died, this stall is why)")
+        ic = self.MPI.COMM_SELF.Connect(req.ports[self.index])
+        if self.index == 0:
+            slot = self._free_slot()
+            wid = self.world_size + len(self.joined) if slot >= 0 else -1
+            ic.Send(np.array([slot, wid, self.world_size, self.params_total], np.float64),
+                    dest=0, tag=P.ADMIT)
+        claim = np.empty(P.ADMIT_LEN, np.float64)
+        ic.Recv(claim, source=0, tag=P.ADMIT)
+        self.watchdog.tick(phase="serving")
+        slot, wid = int(claim[P.A_SLOT]), int(claim[P.A_ID])
+        if slot < 0:
+            ic.Disconnect()
+            if self.index == 0:
+                self.log.warning(f"a worker asked to join (request {n} from {req.host}) but "
+                                 "every worker slot is training: refused")
+            return
+        clock = self.clocks()[str(slot)]
+        self.workers[wid] = WorkerState(wid, clock=clock, slot=slot)
+        self.links[wid] = (ic, 0)
+        self.heartbeats.pop(wid, None)
+        self.grad_bufs[wid] = np.empty_like(self.params)
+        if self.codec is not None:
+            self.push_bufs[wid] = np.empty(self.codec.nbytes, np.uint8)
+        self.joined[str(wid)] = {"slot": slot, "from_clock": clock, "at_version": self.version,
+                                 "host": req.host}
+        if self.metrics is not None:
+            self.log.info(f"worker {wid} joined from {req.host}: it continues worker slot "
+                          f"{slot} (which failed) from clock {clock}")
+            self.metrics.write("join", step=self.version, worker=wid, slot=slot, clock=clock,
+                               host=req.host, wall_s=self._wall())
+
+    def _check_joined(self) -> bool:
+        """About once a second while joined workers are connected: one whose heartbeat file has
+        not changed for :data:`LOST_AFTER_S` is lost (MPI does not tell this job when a process
+        of another job dies). Its slot is free again; True when one was lost."""
+        from harness.ps import join as J
+
+        now, lost = time.monotonic(), False
+        for wid in list(self.links):
+            beat = J.read_heartbeat(self.run_dir, wid)
+            seen, since = self.heartbeats.get(wid, (None, now))
+            if wid not in self.heartbeats or beat != seen:
+                self.heartbeats[wid] = (beat, now)
+            elif now - since > LOST_AFTER_S and not self.workers[wid].lost:
+                self._lose(wid)
+                lost = True
+        return lost
+
+    def _lose(self, wid: int) -> None:
+        w = self.workers[wid]
+        w.state, w.lost = LEFT, True
+        w.left_reason = (f"joined worker {wid} stopped answering (no heartbeat for "
+                         f"{LOST_AFTER_S:g}s: killed, or its node is gone)")
+        self.inbox.drop(wid)
+        # its intercommunicator is left open: disconnecting would wait for the dead process
+        self.lost_links.append(self.links.pop(wid)[0])
+        if self.index == 0:
+            left = sum(x.active for x in self.workers.values())
+            self.log.error(f"{w.left_reason} at clock {w.clock}; continuing with {left} "
+                           f"worker(s); slot {w.slot} is free for another joiner")
+        self._release()
+
+    def _free_slot(self) -> int:
+        """The lowest worker slot whose latest worker failed, or -1."""
+        latest: dict[int, WorkerState] = {}
+        for w in sorted(self.workers.values(), key=lambda w: w.rank):
+            latest[w.slot] = w
+        return next((s for s, w in sorted(latest.items()) if w.state == LEFT), -1)
+
+    def joined_report(self) -> dict[str, dict]:
+        """The workers that joined, this segment's after earlier segments' (a resumed run's
+        ids start again after the job's ranks: an earlier one keeps its key, suffixed)."""
+        out = dict(self.joined_before)
+        for k, v in self.joined.items():
+            key = k if k not in out else f"{k}@{v['at_version']}"
+            out[key] = {**v, "clock": self.workers[int(k)].clock,
+                        "state": self.workers[int(k)].state}
+        return out
+
+    def close_links(self) -> None:
+        """At the very end: cancel the posted receives and disconnect every joined worker (each
+        disconnects from the servers in order, so this cannot deadlock)."""
+        self.inbox.close()
+        for wid in sorted(self.links):
+            self.links[wid][0].Disconnect()
+        self.links.clear()
+
     # --- the end of a run ---
     def _waiting(self) -> list[int]:
         """Workers that wait for FINAL_HDR: those that finished and those that failed."""
-        return sorted(r for r, w in self.workers.items() if w.state in (DONE, LEFT))
+        return sorted(r for r, w in self.workers.items() if w.state in (DONE, LEFT) and not w.lost)
 
     def _drain_byes(self, ranks) -> None:
         """Every worker that waited for FINAL_HDR answers with BYE (after any STOP_REQUEST it
@@ -379,9 +522,8 @@ class Server:
         hdr = np.empty(P.HEADER_LEN, np.float64)
         for r in ranks:
             self.watchdog.tick(phase=f"waiting for worker rank {r} to sign off")
-            while True:
-                self.comm.Recv(hdr, source=r, tag=P.HDR)
-                if int(hdr[P.KIND]) == P.BYE:
+            while not self.workers[r].lost:
+                if self.inbox.recv(hdr, r) >= 0 and int(hdr[P.KIND]) == P.BYE:
                     break
 
     def end_preempted(self) -> None:
@@ -390,7 +532,7 @@ class Server:
         waiting = self._waiting()
         if self.index == 0:
             for r in waiting:
-                self.comm.Send(P.final(P.FINAL_PREEMPTED, self.version), dest=r, tag=P.FINAL_HDR)
+                self._send(r, P.final(P.FINAL_PREEMPTED, self.version), P.FINAL_HDR)
         self._drain_byes(waiting)
 
     def finish(self) -> dict | None:
@@ -402,25 +544,27 @@ class Server:
         if self.index == 0:
             for r in done:
                 what = P.FINAL_EVALUATE if r == evaluator else P.FINAL_DONE
-                self.comm.Send(P.final(what, self.version), dest=r, tag=P.FINAL_HDR)
+                self._send(r, P.final(what, self.version), P.FINAL_HDR)
         self._drain_byes(done)
         if evaluator is None:
             return None
-        self.comm.Send(self.params, dest=evaluator, tag=P.FINAL)
+        self._send(evaluator, self.params, P.FINAL)
         if self.index != 0:
             return None
         hdr = np.empty(P.HEADER_LEN, np.float64)
         self.watchdog.tick(phase="waiting for the final evaluation")
-        self.comm.Recv(hdr, source=evaluator, tag=P.HDR)
+        while self.inbox.recv(hdr, evaluator) < 0:
+            if self.workers[evaluator].lost:
+                return None
         ev = self._on_eval(hdr)
         return {"eval_loss": ev.loss, **self._metric("eval_", ev.metric), "epoch": ev.epoch}
 
     def release_left_workers(self) -> None:
         """After the results are written (server 0): workers that failed may exit now."""
-        left = sorted(r for r, w in self.workers.items() if w.state == LEFT)
+        left = sorted(r for r, w in self.workers.items() if w.state == LEFT and not w.lost)
         if self.index == 0:
             for r in left:
-                self.comm.Send(P.final(P.FINAL_RELEASE, self.version), dest=r, tag=P.FINAL_HDR)
+                self._send(r, P.final(P.FINAL_RELEASE, self.version), P.FINAL_HDR)
         self._drain_byes(left)
 
     # --- results ---
@@ -463,4 +607,77 @@ class Server:
             "step_time_p99_s": percentile(self.step_times, 99),
             "worker_clocks": self.clocks(),
             "failed_workers": self.failed_workers(),
+            **({"joined_workers": self.joined_report()} if self.cfg.ps_join else {}),
         }
+
+
+LOST_AFTER_S = 15.0     # a joined worker whose heartbeat stands still this long is lost
+
+
+class Inbox:
+    """Headers (tag ``HDR``) from every worker. Without joined workers: one blocking receive
+    from any rank of ``comm``. With them: a receive posted on ``comm`` and on each joined
+    worker's intercommunicator, and whichever completes first (tested in a loop that calls
+    ``check`` about once a second: True there means a joined worker was lost, and ``recv``
+    returns -1); a header from another worker than the one waited for is kept, in arrival
+    order, for a later call."""
+
+    def __init__(self, comm, MPI, links: dict[int, tuple],
+                 check: Callable[[], bool] = lambda: False) -> None:
+        self.comm, self.MPI, self.links, self.check = comm, MPI, links, check
+        self.status = MPI.Status()
+        self.posted: dict[int | None, tuple] = {}   # None: comm (any rank); else a worker id
+        self.kept: deque[tuple[int, np.ndarray]] = deque()
+        self.next_check = 0.0
+
+    def recv(self, hdr: np.ndarray, source: int | None = None) -> int:
+        """Fill ``hdr`` with the next header (from ``source``, or anyone); returns the sender."""
+        for i, (src, data) in enumerate(self.kept):
+            if source is None or src == source:
+                del self.kept[i]
+                hdr[...] = data
+                return src
+        if not self.links and not self.posted:
+            self.comm.Recv(hdr, source=self.MPI.ANY_SOURCE if source is None else source,
+                           tag=P.HDR, status=self.status)
+            return self.status.Get_source()
+        while True:
+            for key in [None, *self.links]:
+                if key not in self.posted:
+                    buf = np.empty(P.HEADER_LEN, np.float64)
+                    comm, src = (self.comm, self.MPI.ANY_SOURCE) if key is None \
+                        else self.links[key]
+                    self.posted[key] = (comm.Irecv(buf, source=src, tag=P.HDR), buf)
+            keys = list(self.posted)
+            reqs = [self.posted[k][0] for k in keys]
+            while True:
+                if time.monotonic() >= self.next_check:     # busy or idle, once a second
+                    self.next_check = time.monotonic() + 1.0
+                    if self.check():
+                        return -1
+                done, flag = self.MPI.Request.Testany(reqs, self.status)
+                if flag:
+                    break
+                time.sleep(0.0001)
+            key = keys[done]
+            buf = self.posted.pop(key)[1]
+            src = self.status.Get_source() if key is None else key
+            if source is None or src == source:
+                hdr[...] = buf
+                return src
+            self.kept.append((src, buf))
+
+    def drop(self, key: int) -> None:
+        """Forget a lost worker: cancel its posted receive and what was kept from it."""
+        if key in self.posted:
+            req = self.posted.pop(key)[0]
+            req.Cancel()
+            req.Wait()
+        self.kept = deque((src, data) for src, data in self.kept if src != key)
+
+    def close(self) -> None:
+        """Cancel the receives still posted (the job has ended: nothing more is sent)."""
+        for req, _ in self.posted.values():
+            req.Cancel()
+            req.Wait()
+        self.posted.clear()

@@ -21,12 +21,21 @@ from harness.driver import eval_record, eval_sums
 
 class Worker:
     def __init__(self, comm, MPI, ctx, plan: PSPlan, backend: Backend, sharder: Sharder,
-                 index: int, log, watchdog) -> None:
+                 index: int, log, watchdog, links: list[tuple] | None = None,
+                 rank: int | None = None) -> None:
         self.comm, self.MPI, self.ctx, self.backend = comm, MPI, ctx, backend
         self.cfg, self.log, self.watchdog = ctx.cfg, log, watchdog
         self.shards = plan.shards             # (server rank, start, stop)
         self.sharder, self.total_steps, self.index = sharder, plan.total_steps, index
-        self.rank = comm.Get_rank()
+        #: (communicator, rank) of each shard's server: ``comm`` and the server's rank for a
+        #: launched worker; a joined worker's own intercommunicator with each server
+        self.links = links or [(comm, server) for server, _, _ in self.shards]
+        self.rank = comm.Get_rank() if rank is None else rank
+        self.relay = None
+        if self.cfg.ps_join:
+            from harness.ps.join import Relay
+
+            self.relay = Relay(plan.run_dir)
         self.flat = np.empty(plan.params, np.float32)
         self.version = 0
         self.clock = 0                        # steps of this worker applied on every server
@@ -37,11 +46,11 @@ class Worker:
     # --- messaging ---
     def _isend_all(self, hdr: np.ndarray, grad: np.ndarray | None) -> list:
         reqs = []
-        for i, (server, a, b) in enumerate(self.shards):
-            reqs.append(self.comm.Isend(hdr, dest=server, tag=P.HDR))
+        for i, ((comm, server), (_, a, b)) in enumerate(zip(self.links, self.shards)):
+            reqs.append(comm.Isend(hdr, dest=server, tag=P.HDR))
             if grad is not None:
-                reqs.append(self.comm.Isend(self._payload(i, grad[a:b], hdr), dest=server,
-                                            tag=P.GRAD))
+                reqs.append(comm.Isend(self._payload(i, grad[a:b], hdr), dest=server,
+                                       tag=P.GRAD))
         return reqs
 
     def _payload(self, i: int, shard: np.ndarray, hdr: np.ndarray) -> np.ndarray:
@@ -64,26 +73,27 @@ class Worker:
         server that answers while this worker still sends to another server must never wait
         on it (two servers and two workers would otherwise deadlock)."""
         reqs, replies = [], []
-        for server, a, b in self.shards:
+        for (comm, server), (_, a, b) in zip(self.links, self.shards):
             replies.append(np.empty(P.REPLY_LEN, np.float64))
-            reqs.append(self.comm.Irecv(replies[-1], source=server, tag=P.PARAMS_HDR))
-            reqs.append(self.comm.Irecv(self.flat[a:b], source=server, tag=P.PARAMS))
+            reqs.append(comm.Irecv(replies[-1], source=server, tag=P.PARAMS_HDR))
+            reqs.append(comm.Irecv(self.flat[a:b], source=server, tag=P.PARAMS))
         self.MPI.Request.Waitall(reqs + self._isend_all(hdr, grad))
         return np.stack(replies)
 
     def _leave(self, reason: str) -> None:
         blob = np.frombuffer(reason.encode()[:4000], np.uint8).copy()
         hdr = P.header(P.LEAVE, aux=len(blob))
-        for server, _, _ in self.shards:
-            self.comm.Send(hdr, dest=server, tag=P.HDR)
-            self.comm.Send(blob, dest=server, tag=P.REASON)
+        for comm, server in self.links:
+            comm.Send(hdr, dest=server, tag=P.HDR)
+            comm.Send(blob, dest=server, tag=P.REASON)
 
     def _wait_final(self) -> float:
         """Wait for server 0's word on the end of the run (this worker finished or failed), then
         sign off with BYE to every server. A stop request that reaches this worker meanwhile is
         passed on to every server (STOP_REQUEST), which preempts the workers still training."""
         what = np.empty(P.REPLY_LEN, np.float64)
-        req = self.comm.Irecv(what, source=self.shards[0][0], tag=P.FINAL_HDR)
+        comm, server = self.links[0]
+        req = comm.Irecv(what, source=server, tag=P.FINAL_HDR)
         forwarded = False
         while not req.Test():
             if self.ctx.stop.requested and not forwarded:
@@ -163,11 +173,14 @@ class Worker:
             compute = time.perf_counter() - t0
             if self.ctx.stop.requested:       # a signal here: the servers stop everyone
                 flags |= P.STOP
+            join = self.relay.poll() if self.relay is not None else 0
+            if join:                          # a worker asks to join: every server hears it
+                flags |= P.JOIN
             hdr = P.header(P.PUSH, clock=self.clock, version_used=self.version, samples=len(y),
                            loss=res.loss,
                            correct=res.metrics[self.ctx.metric] if self.ctx.metric else 0.0,
                            compute_s=compute,
-                           latency_s=latency, epoch=epoch + 1, flags=flags)
+                           latency_s=latency, epoch=epoch + 1, aux=join, flags=flags)
             t1 = time.perf_counter()
             replies = self._exchange(hdr, grad)
             latency = time.perf_counter() - t1
@@ -187,7 +200,8 @@ class Worker:
         self.watchdog.tick(phase="evaluating")
         loss, acc, n = self.evaluate()
         hdr = P.eval_header(P.EvalReport(self.clock, loss, acc, n, epoch, self.rank))
-        self.comm.Send(hdr, dest=self.shards[0][0], tag=P.HDR)
+        comm, server = self.links[0]
+        comm.Send(hdr, dest=server, tag=P.HDR)
 
     def _final(self) -> float:
         """Server 0 says whether this worker evaluates the final parameters (or that the job is
@@ -195,7 +209,8 @@ class Worker:
         what = self._wait_final()
         if what != P.FINAL_EVALUATE:
             return what
-        reqs = [self.comm.Irecv(self.flat[a:b], source=s, tag=P.FINAL) for s, a, b in self.shards]
+        reqs = [comm.Irecv(self.flat[a:b], source=s, tag=P.FINAL)
+                for (comm, s), (_, a, b) in zip(self.links, self.shards)]
         self.MPI.Request.Waitall(reqs)
         self.backend.set_flat_params(self.flat)
         epochs = math.ceil(self.clock / self.sharder.steps_per_epoch)
