@@ -16,6 +16,9 @@
 * ``reset``: an elastic run changed its world size (``old_size``, ``new_size``, ``reason``: rank
   lost, hosts added or removed), at ``step``, the step training goes on from (after a lost
   rank, the last commit: ``steps_redone`` steps are trained again).
+* ``join``: a worker joined a parameter-server job (``ps_join``): its id (``worker``), the
+  ``slot`` of the failed worker it replaces, the slot's ``clock`` it continues from, its
+  ``host``, at ``step`` (the server's version).
 * ``summary``: percentiles and rates computed from the step records above, nothing estimated:
   a value that was not measured is ``null``. The parameter server's counters (updates/s,
   push/pull latency, staleness histogram) are in it too.

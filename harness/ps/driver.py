@@ -34,7 +34,7 @@ from harness.logging import get_logger
 from harness.metrics import MetricsWriter
 from harness.tb import open_writer
 from harness.preemption import EXIT_PREEMPTED, StopFlag, Watchdog
-from harness.ps.join import ompi_server_uri, write_job
+from harness.ps.join import Relay, ompi_server_uri, write_job
 from harness.ps.plan import PSContext, PSPlan
 from harness.task import Task
 
@@ -329,7 +329,8 @@ def _work(ctx: PSContext, task: Task, run_dir: Path, comm, MPI, rank: int, watch
     plan = PSPlan.of(cfg, ctx.data, flat.size, comm.Get_size(), run_dir)
     sharder = Sharder(len(ctx.data.train), plan.per_rank, index, plan.workers, cfg.seed,
                       cfg.shuffle)
-    worker = Worker(comm, MPI, ctx, plan, backend, sharder, index, log, watchdog)
+    worker = Worker(comm, MPI, ctx, plan, backend, sharder, index, log, watchdog,
+                    relay=Relay(run_dir) if cfg.ps_join else None)
     t0 = time.perf_counter()
     outcome = worker.run()
     if outcome == "done" and index == 0:

@@ -286,7 +286,7 @@ def main(run_dir: Path, timeout: float) -> int:
         sharder = Sharder(len(data.train), plan.per_rank, index, plan.workers, cfg.seed,
                           cfg.shuffle)
         worker = Worker(MPI.COMM_SELF, MPI, ctx, plan, backend, sharder, index, log, watchdog,
-                        links=links, rank=wid)
+                        links=links, rank=wid, relay=Relay(run_dir))
         outcome = worker.run()
         log.info(f"worker {wid}: {outcome} at clock {worker.clock} of {plan.total_steps}")
         return EXIT_PREEMPTED if outcome in ("stopped", "preempted") else 0

@@ -22,7 +22,7 @@ from harness.driver import eval_record, eval_sums
 class Worker:
     def __init__(self, comm, MPI, ctx, plan: PSPlan, backend: Backend, sharder: Sharder,
                  index: int, log, watchdog, links: list[tuple] | None = None,
-                 rank: int | None = None) -> None:
+                 rank: int | None = None, relay=None) -> None:
         self.comm, self.MPI, self.ctx, self.backend = comm, MPI, ctx, backend
         self.cfg, self.log, self.watchdog = ctx.cfg, log, watchdog
         self.shards = plan.shards             # (server rank, start, stop)
@@ -31,11 +31,8 @@ class Worker:
         #: launched worker; a joined worker's own intercommunicator with each server
         self.links = links or [(comm, server) for server, _, _ in self.shards]
         self.rank = comm.Get_rank() if rank is None else rank
-        self.relay = None
-        if self.cfg.ps_join:
-            from harness.ps.join import Relay
-
-            self.relay = Relay(plan.run_dir)
+        #: ps_join: the join requests this worker passes on to the servers (join.Relay)
+        self.relay = relay
         self.flat = np.empty(plan.params, np.float32)
         self.version = 0
         self.clock = 0                        # steps of this worker applied on every server
