@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import shlex
 import sys
@@ -78,9 +79,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
         os.environ.update(env)               # horovodrun passes it on to the ranks
     if cfg.ps_join and not spec.ompi_server:
         if args.print_argv or args.dry_run:
-            spec = dataclasses.replace(spec, ompi_server="file:OMPI_SERVER_URI_FILE")
-            print("harness launch: ps_join: an ompi-server is started first; its URI file "
-                  "replaces OMPI_SERVER_URI_FILE", file=sys.stderr)
+            spec = dataclasses.replace(spec, ompi_server="OMPI_SERVER_URI")
+            print("harness launch: ps_join: an ompi-server is started first; its address "
+                  "replaces OMPI_SERVER_URI", file=sys.stderr)
         else:
             from launchers.runner import ompi_server
 
@@ -126,8 +127,9 @@ def cmd_join(args: argparse.Namespace) -> int:
     from harness.ps import join
 
     run_dir = Path(args.run_dir)
-    if args.timeout <= 0:
-        raise ConfigError(f"--timeout {args.timeout:g} must be more than 0 seconds")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise ConfigError(f"--timeout {args.timeout:g} must be a number of seconds above 0, "
+                          "e.g. --timeout 120")
     if args.worker:                        # in the process mpirun started
         return join.main(run_dir, args.timeout)
     join.read_job(run_dir)                 # a bad folder fails here, before mpirun starts

@@ -63,14 +63,18 @@ def run(argv: list[str], env: Mapping[str, str] | None = None, cwd: str | None =
 @contextmanager
 def ompi_server(timeout: float = 20.0) -> Iterator[str]:
     """An Open MPI ``ompi-server`` for the length of a job, which connects it with the jobs
-    that join it (MPI connect/accept across mpiruns); yields ``file:URI_FILE`` for
-    ``mpirun --ompi-server``."""
+    that join it (MPI connect/accept across mpiruns); yields its URI for ``mpirun
+    --ompi-server`` (the address itself, not a file: ranks on other nodes read it too). It runs
+    in a session of its own, so a Ctrl-C to the terminal reaches the job (which checkpoints)
+    but not the server it still talks through."""
     folder = Path(tempfile.mkdtemp(prefix="harness-ompi-server-"))
     uri = folder / "uri"
+    err_path = folder / "stderr"
     try:
-        proc = subprocess.Popen(["ompi-server", "--no-daemonize", "-r", str(uri)],
-                                env=launch_environment(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+        with err_path.open("w") as err_file:
+            proc = subprocess.Popen(["ompi-server", "--no-daemonize", "-r", str(uri)],
+                                    env=launch_environment(), stdout=subprocess.DEVNULL,
+                                    stderr=err_file, start_new_session=True)
     except FileNotFoundError:
         shutil.rmtree(folder, ignore_errors=True)
         raise LaunchError("'ompi-server' is not on PATH: it comes with Open MPI (the "
@@ -79,12 +83,12 @@ def ompi_server(timeout: float = 20.0) -> Iterator[str]:
         deadline = time.monotonic() + timeout
         while not (uri.exists() and uri.read_text().strip()):
             if proc.poll() is not None or time.monotonic() > deadline:
-                err = proc.stderr.read() if proc.poll() is not None and proc.stderr else ""
+                err = err_path.read_text(errors="replace")[-500:]
                 why = err.strip() or f"no URI after {timeout:g}s"
                 raise LaunchError(f"ompi-server did not start ({why}): check the Open MPI "
                                   "installation")
             time.sleep(0.05)
-        yield f"file:{uri}"
+        yield uri.read_text().strip()
     finally:
         proc.terminate()
         try:

@@ -72,8 +72,8 @@ class LaunchSpec:
     export: list = _opt([], "environment variables to pass to every rank (mpirun -x, "
                         "srun/sbatch --export)", MPI + SLURM)
     ompi_server: str | None = _opt(None, "(Open MPI) the ompi-server that connects this job "
-                                   "with others, file:URI_FILE (a ps_join run: started for "
-                                   "you)", MPI)
+                                   "with others: its URI, or file:URI_FILE (a ps_join run: "
+                                   "started for you)", MPI)
     allow_run_as_root: bool = _opt(False, "(Open MPI) allow running as root", MPI)
     oversubscribe: bool = _opt(False, "(Open MPI) allow more ranks than cores", MPI)
     nodes: int | None = _opt(None, "nodes (sbatch default: 1, or np / ntasks_per_node)", SLURM,

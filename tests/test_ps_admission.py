@@ -76,12 +76,12 @@ def done(rank):
     return [(rank, P.HDR, P.header(P.DONE))]
 
 
-def serve(tmp_path, script, **cfg) -> tuple[Server, FakeComm, np.ndarray]:
-    """Serve the script to its end with one server (the whole vector) and workers 1 and 2."""
+def make_server(tmp_path, script, **cfg) -> tuple[Server, FakeComm, np.ndarray]:
+    """One server (the whole vector) for workers 1 and 2, with the script to serve."""
     config = RunConfig(mode="async", momentum=0.0, weight_decay=0.0, **cfg)
     comm = FakeComm([m for part in script for m in part])
     plan = SimpleNamespace(shards=[(0, 0, N)], worker_ranks=[W1, W2], world_size=3, params=N,
-                           run_dir=tmp_path, schedule=lambda clock: LR,
+                           run_dir=tmp_path, total_steps=100, schedule=lambda clock: LR,
                            ckpt_dir=tmp_path / "ckpt", ckpt_every=0)
     ctx = SimpleNamespace(cfg=config, stop=SimpleNamespace(requested=False), ckpt_meta={},
                           on_eval=lambda *a: None)
@@ -89,9 +89,38 @@ def serve(tmp_path, script, **cfg) -> tuple[Server, FakeComm, np.ndarray]:
     watchdog = SimpleNamespace(tick=lambda *a, **k: None, describe=None)
     start = np.zeros(N, np.float32)
     server = Server(comm, FakeMPI, ctx, plan, 0, start.copy(), None, watchdog, log)
+    return server, comm, start
+
+
+def serve(tmp_path, script, **cfg) -> tuple[Server, FakeComm, np.ndarray]:
+    """Serve the script to its end with one server (the whole vector) and workers 1 and 2."""
+    server, comm, start = make_server(tmp_path, script, **cfg)
     server.serve()
     assert not comm.script, "the server stopped before the script's end"
     return server, comm, start
+
+
+def test_a_joined_worker_that_is_lost_is_never_answered_and_frees_its_slot(tmp_path):
+    """ssp holds back a joined worker (id 3, in failed worker 2's slot); its heartbeat stops:
+    it leaves the hold list and nothing more is sent to it (its link is gone), and its slot is
+    free for the next joiner from its clock."""
+    from harness.ps.server import LEFT, WorkerState
+
+    server, comm, _ = make_server(tmp_path, [], ps_consistency="ssp", ps_staleness=0)
+    joined = FakeComm([])
+    server.workers[W2].state = LEFT
+    server.workers[3] = WorkerState(3, clock=5, slot=W2)
+    server.links[3], server.request_of[3] = (joined, 0), 1
+    server.workers[W1].clock = 2
+    server.deferred = [3]                         # 3 is ahead of the slowest (worker 1)
+    assert server._free_slot() == -1              # slot 2 is taken by the joined worker
+    server._lose(3)
+    server.workers[W1].clock = 5
+    server._release()                             # would answer 3 now, were it still there
+    assert comm.sent == [] and joined.sent == [] and server.deferred == []
+    assert server.workers[3].state == LEFT and "stopped answering" in \
+        server.failed_workers()["3"]
+    assert server._free_slot() == W2 and server.clocks()[str(W2)] == 5
 
 
 def replies(comm: FakeComm) -> list[tuple[int, int, int, np.ndarray]]:

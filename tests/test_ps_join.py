@@ -34,21 +34,28 @@ def test_ps_join_is_refused_where_it_cannot_work(tmp_path):
     assert list(tmp_path.iterdir()) == []                   # nothing written
     p = run(launch("mpirun", 3, "--mode", "async", "--ps-join", "--model", "mlp", "--out-dir",
                    tmp_path, extra=("--dry-run",)))
-    assert p.returncode == 0 and "--ompi-server file:OMPI_SERVER_URI_FILE" in p.stdout, p.stdout
+    assert p.returncode == 0 and "--ompi-server OMPI_SERVER_URI" in p.stdout, p.stdout
 
 
 def test_the_relay_flags_each_live_request_once(tmp_path, monkeypatch):
+    """A request is passed on once its heartbeat has been seen to change: a joiner that died
+    before it was answered (its heartbeat stands still, or never started) is never flagged."""
     monkeypatch.setattr(J, "POLL_S", 0.0)
     J.join_dir(tmp_path).mkdir()
     relay = J.Relay(tmp_path)
     assert relay.poll() == 0
     first = J.open_request(tmp_path, ["port-a"], timeout=60)
     second = J.open_request(tmp_path, ["port-b"], timeout=60)
-    assert (first.id, second.id) == (1, 2)
+    dead = J.open_request(tmp_path, ["port-c"], timeout=60)
+    assert (first.id, second.id, dead.id) == (1, 2, 3)
     assert J.read_request(tmp_path, 1).ports == ["port-a"]
+    beats = {n: J.Heartbeat(tmp_path, n) for n in (1, 2, 3)}
+    for b in beats.values():
+        b._beat()
+    assert relay.poll() == 0                      # not seen to change yet
+    for n in (1, 2):                              # request 3's joiner died: no new beat
+        beats[n]._beat()
     assert [relay.poll(), relay.poll(), relay.poll()] == [1, 2, 0]
-    expired = J.open_request(tmp_path, ["port-c"], timeout=-1)      # its joiner gave up
-    assert J.read_request(tmp_path, expired.id) is None and relay.poll() == 0
     J.withdraw(tmp_path, 2)
     assert J.read_request(tmp_path, 2) is None
     assert J.open_request(tmp_path, ["port-d"], timeout=60).id == 4     # numbers are not reused
@@ -88,7 +95,7 @@ def test_a_worker_joins_in_the_place_of_one_that_failed(fw, servers, consistency
     joiner is then SIGKILLed: the servers see its heartbeat stop, go on, and a third joiner
     takes the slot from where the killed one left it. Worker S is slowed down so the job is
     still running when the joiners arrive."""
-    epochs = 12 if kill else 6
+    epochs = 12 if kill else 9       # long enough for two TensorFlow joiners to start
     total = epochs * SPE
     failing, slow = servers + 1, servers
     log = tmp_path / "job.log"
@@ -117,7 +124,7 @@ def test_a_worker_joins_in_the_place_of_one_that_failed(fw, servers, consistency
         joiner = join(run_dir, f"kill@{servers + 2}:40" if kill else "")
         _wait_for(log, "joined from", job)
         second = run(harness("join", run_dir, "--timeout", "60"), timeout=120)
-        assert second.returncode == 2 and "every worker slot" in second.stdout + second.stderr, \
+        assert second.returncode == 2 and "no worker slot" in second.stdout + second.stderr, \
             second.stdout + second.stderr
         if kill:
             joiner.communicate(timeout=60)

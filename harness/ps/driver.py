@@ -15,6 +15,7 @@ own clock, so it ends with exactly the planned updates and samples.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def run(cfg: RunConfig, launcher_world: World, log, task: Task, data: Dataset,
                           f"are ranks {S}..{size - 1}")
     run_dir = run_dir_of(cfg, size, own_task_name(cfg, task, own))
     PSPlan.of(cfg, data, 1, size, run_dir)           # the schedule fits: fails on every rank
-    if cfg.ps_join and ompi_server_uri() is None:
+    if cfg.ps_join and not os.environ.get("OMPI_MCA_pmix_server_uri"):
         raise ConfigError("ps_join = true needs an ompi-server that the job and its joiners "
                           "share: launch with `harness launch --launcher mpirun ...` (it starts "
                           "one), or mpirun --ompi-server file:URI_FILE")
@@ -219,8 +220,9 @@ def _serve(ctx: PSContext, task: Task, run_dir: Path, comm, MPI, rank: int, watc
             log.info(f"resuming from {resume['path']} at version {resume['version']}; worker "
                      f"clocks {resume['clocks'] or resume['clock']} of {total}")
         if cfg.ps_join:
-            write_job(run_dir, cfg.to_dict(), size, cfg.ps_servers, own_task_name(cfg, task, own),
-                      own and cfg.task is None, ompi_server_uri() or "")
+            write_job(run_dir, cfg.to_dict(), size, cfg.ps_servers, plan.params,
+                      own_task_name(cfg, task, own), own and cfg.task is None,
+                      ompi_server_uri() or "")
             log.info(f"workers may join: `harness join {run_dir}` takes the place of a worker "
                      "that failed")
     target = Target()

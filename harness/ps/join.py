@@ -8,20 +8,24 @@ How it joins, in ``RUN_DIR/ps-join/``:
 
 1. Server 0 writes ``job.json`` (the run's config and world) and ``ompi-server.uri`` when the
    job starts.
-2. The joiner opens one MPI port per server and writes them in ``request-<n>.json``.
-3. Each training worker looks for requests every :data:`POLL_S` seconds and flags the first
-   one it sees in its next push. Every server gets that push (so no server can have ended),
-   and connects to the joiner's port for it; the joiner accepts them in server order.
+2. The joiner opens one MPI port per server, writes them in ``request-<n>.json`` and rewrites
+   ``alive-<n>`` every second from then on (its heartbeat).
+3. Each training worker looks for requests every :data:`POLL_S` seconds and flags, in its next
+   push, the first one whose heartbeat it has seen change (a joiner that died before it was
+   answered is never flagged). Server 0 orders every other server to connect to the joiner's
+   port for it, then connects itself: all servers take joiners in server 0's order, and the
+   joiner accepts them in server order, so two joiners cannot deadlock.
 4. Server 0 chooses the slot: the lowest one whose worker failed (``ps_on_worker_failure =
    continue``). The joiner takes that worker's data shard and continues from its clock, so the
    planned work of the run is done in full. With no failed slot, it is refused (exit 2).
-5. The joiner tells every server its slot and id, then trains like any worker. It also writes
-   ``alive-<id>`` every second: MPI does not tell the job when a process of another job dies,
-   so a server that sees the heartbeat stand still for ``LOST_AFTER_S`` (server.py) counts the
-   joiner as lost, goes on without it and frees its slot again.
+5. The joiner tells every server its slot and id, then trains like any worker. MPI does not
+   tell the job when a process of another job dies, so a server that sees the joiner's
+   heartbeat stand still for ``LOST_AFTER_S`` (server.py) counts it as lost, goes on without it
+   and frees its slot again.
 
-A joiner that dies between writing its request and the servers' connection stalls them until
-``stall_timeout_s`` (MPI cannot cancel a connect); the watchdog's report names the request.
+A joiner that dies in the second or so between a worker seeing its heartbeat and the servers'
+connection stalls them until ``stall_timeout_s`` (MPI cannot cancel a connect); the watchdog's
+report names the request.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ def ompi_server_uri() -> str | None:
     return given
 
 
-def write_job(run_dir: Path, cfg_dict: dict, world_size: int, servers: int,
+def write_job(run_dir: Path, cfg_dict: dict, world_size: int, servers: int, params: int,
               own_task: str | None, in_process_task: bool, uri: str) -> None:
     """Server 0, at the start of a ps_join run: what a joiner needs to find and join it."""
     from harness.driver import write_json_atomic
@@ -71,7 +75,8 @@ def write_job(run_dir: Path, cfg_dict: dict, world_size: int, servers: int,
     tmp.write_text(uri + "\n")
     os.replace(tmp, d / "ompi-server.uri")
     write_json_atomic(d / "job.json", {"config": cfg_dict, "world_size": world_size,
-                                       "servers": servers, "own_task": own_task,
+                                       "servers": servers, "params": params,
+                                       "own_task": own_task,
                                        "in_process_task": in_process_task,
                                        "host": socket.gethostname(), "pid": os.getpid()})
 
@@ -132,21 +137,22 @@ def withdraw(run_dir: Path, n: int) -> None:
 
 
 def read_request(run_dir: Path, n: int) -> Request | None:
-    """Request ``n``, or None when it is gone or its joiner has given up."""
+    """Request ``n``, or None when it is gone (withdrawn)."""
     try:
-        req = Request(**json.loads(request_path(run_dir, n).read_text()))
+        return Request(**json.loads(request_path(run_dir, n).read_text()))
     except (OSError, ValueError, TypeError):
         return None
-    return req if req.deadline > time.time() else None
 
 
 class Relay:
     """A training worker's look at the join requests: every :data:`POLL_S` seconds, the first
-    live request it has not flagged yet (its number), else 0."""
+    request it has not flagged yet whose heartbeat it has seen change (its number), else 0.
+    Liveness is judged by this worker's own clock, never by another host's time stamps."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir, self.dir = run_dir, join_dir(run_dir)
         self.flagged: set[int] = set()
+        self.beats: dict[int, str | None] = {}
         self.next = 0.0
 
     def poll(self) -> int:
@@ -163,32 +169,36 @@ class Relay:
             if not name.startswith("request-") or not stem.isdigit():
                 continue
             n = int(stem)
-            if n not in self.flagged and read_request(self.run_dir, n) is not None:
+            if n in self.flagged:
+                continue
+            beat, before = read_heartbeat(self.run_dir, n), self.beats.get(n)
+            self.beats[n] = beat
+            if beat is not None and before is not None and beat != before:
                 self.flagged.add(n)
                 return n
         return 0
 
 
-def heartbeat_path(run_dir: Path, wid: int) -> Path:
-    return join_dir(run_dir) / f"alive-{wid}"
+def heartbeat_path(run_dir: Path, n: int) -> Path:
+    return join_dir(run_dir) / f"alive-{n}"
 
 
-def read_heartbeat(run_dir: Path, wid: int) -> str | None:
-    """The joined worker's heartbeat count (its content changes every second), or None."""
+def read_heartbeat(run_dir: Path, n: int) -> str | None:
+    """The heartbeat count of request ``n``'s joiner (it changes every second), or None."""
     try:
-        return heartbeat_path(run_dir, wid).read_text()
+        return heartbeat_path(run_dir, n).read_text()
     except OSError:
         return None
 
 
 class Heartbeat:
-    """A joined worker's heartbeat: a counter rewritten every second (read by content, not
-    by time stamp: clocks and attribute caches of a shared file system may disagree)."""
+    """A joiner's heartbeat: a counter rewritten every second (read by content, not by time
+    stamp: clocks and attribute caches of a shared file system may disagree)."""
 
-    def __init__(self, run_dir: Path, wid: int) -> None:
+    def __init__(self, run_dir: Path, n: int) -> None:
         import threading
 
-        self.path, self.count = heartbeat_path(run_dir, wid), 0
+        self.path, self.count = heartbeat_path(run_dir, n), 0
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name="harness-heartbeat", daemon=True)
 
@@ -238,18 +248,25 @@ def main(run_dir: Path, timeout: float) -> int:
     cfg = RunConfig.from_dict(job["config"], f"{run_dir}/{JOIN_DIR}/job.json")
     log = get_logger(0)
     task, data = load_task_data(cfg)
+    world_size, params, S = int(job["world_size"]), int(job["params"]), int(job["servers"])
+    # everything that can fail here fails before the job hears of this worker
+    plan = PSPlan.of(cfg, data, params, world_size, run_dir)
+    backend = create(cfg, World(world_size, world_size, 0, 1, "join"), "local")
+    backend.setup(task, *data.train.batch(slice(0, plan.per_rank)), cfg.lr)
+    if backend.layout.total != params:
+        raise ConfigError(f"the task's model has {backend.layout.total:,} parameters, the "
+                          f"running job's has {params:,}: join with the job's own code")
     apply_mpi_environment(cfg)
     MPI = mpi()
     if ompi_server_uri() is None:
         raise ConfigError("harness join must run under mpirun --ompi-server (the job's): run "
                           f"`harness join {run_dir}`, which starts it")
-    S = int(job["servers"])
     ports = [MPI.Open_port() for _ in range(S)]
     req = open_request(run_dir, ports, timeout)
-    stop = StopFlag().install()
-    watchdog = Watchdog(int(job["world_size"]), cfg.stall_timeout_s, log)
+    heartbeat = Heartbeat(run_dir, req.id).start()     # a worker passes on a live request only
+    watchdog = Watchdog(world_size, cfg.stall_timeout_s, log)
     links: list[tuple] = []
-    heartbeat: Heartbeat | None = None
+    stop = None
     try:
         # the servers connect once a training worker has passed the request on
         t0 = time.monotonic()
@@ -257,18 +274,19 @@ def main(run_dir: Path, timeout: float) -> int:
                  f"servers (at most {timeout:g}s)")
         admit = np.empty(P.ADMIT_LEN, np.float64)
         for k, port in enumerate(ports):
-            links.append((_accept(MPI, port, t0 + timeout, run_dir, req.id, k), 0))
+            # once server 0 has connected, every other server has been ordered to: no timeout
+            links.append((_accept(MPI, port, t0 + timeout if k == 0 else None, run_dir, req.id,
+                                  k), 0))
             if k == 0:
                 links[0][0].Recv(admit, source=0, tag=P.ADMIT)
             links[k][0].Send(admit, dest=0, tag=P.ADMIT)
         withdraw(run_dir, req.id)
         slot, wid = int(admit[P.A_SLOT]), int(admit[P.A_ID])
-        world_size, params = int(admit[P.A_WORLD]), int(admit[P.A_PARAMS])
         if slot < 0:
-            raise ConfigError(f"every worker slot of the run in {run_dir} is training: a worker "
-                              "can join in the place of one that failed (ps_on_worker_failure "
-                              "= 'continue')")
-        heartbeat = Heartbeat(run_dir, wid).start()
+            raise ConfigError(f"no worker slot of the run in {run_dir} is free: a worker can "
+                              "join in the place of one that failed (ps_on_worker_failure = "
+                              "'continue')")
+        stop = StopFlag().install()          # a stop signal from now on preempts the job
         watchdog.rank = wid
         watchdog.start()
         log = get_logger(wid, verbose_all_ranks=True)       # its lines name its id
@@ -276,13 +294,7 @@ def main(run_dir: Path, timeout: float) -> int:
         ctx = PSContext(cfg, data, stop, {},
                         metric="acc" if "acc" in task.metrics else next(iter(task.metrics), None),
                         tokens_per_sample=task.tokens_per_sample)
-        plan = PSPlan.of(cfg, data, params, world_size, run_dir)
         index = slot - cfg.ps_servers
-        backend = create(cfg, World(wid, world_size, 0, 1, "join"), "local")
-        backend.setup(task, *data.train.batch(slice(0, plan.per_rank)), cfg.lr)
-        if backend.layout.total != params:
-            raise ConfigError(f"the task's model has {backend.layout.total:,} parameters, the "
-                              f"running job's has {params:,}: join with the same code")
         sharder = Sharder(len(data.train), plan.per_rank, index, plan.workers, cfg.seed,
                           cfg.shuffle)
         worker = Worker(MPI.COMM_SELF, MPI, ctx, plan, backend, sharder, index, log, watchdog,
@@ -295,18 +307,21 @@ def main(run_dir: Path, timeout: float) -> int:
         watchdog.tick(phase="disconnecting from the servers")
         for comm, _ in links:
             comm.Disconnect()
-        if heartbeat is not None:
-            heartbeat.stop()
+        heartbeat.stop()
         for port in ports:
             MPI.Close_port(port)
         watchdog.stop()
-        stop.uninstall()
+        if stop is not None:
+            stop.uninstall()
 
 
-def _accept(MPI, port: str, deadline: float, run_dir: Path, n: int, k: int):
-    """Server ``k``'s connection; after ``deadline``, the request is withdrawn and the joiner
-    ends (a server already connecting still gets through: the accept waits for it)."""
+def _accept(MPI, port: str, deadline: float | None, run_dir: Path, n: int, k: int):
+    """Server ``k``'s connection; after ``deadline`` (None: none), the request is withdrawn and
+    the joiner ends (a server already connecting still gets through: the accept waits)."""
     import threading
+
+    if deadline is None:
+        return MPI.COMM_SELF.Accept(port)
 
     def give_up() -> None:
         withdraw(run_dir, n)

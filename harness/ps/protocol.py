@@ -20,9 +20,11 @@ worker's clock. A worker that finished or failed and then gets a stop request se
 server, so no message is left unreceived when the job ends.
 
 Joining (``ps_join``, see ``join``). A push flagged :data:`JOIN` carries a join request's number
-in ``aux``; each server connects to the joiner for it, server 0 sends the decision
-(:data:`ADMIT_FIELDS`, tag ``ADMIT``) and the joiner sends it on to every server. A joined
-worker then speaks the same messages over its intercommunicator with each server (rank 0 there).
+in ``aux``. Server 0 acts on it: it orders every other server to connect to the joiner
+(:data:`JOIN_ORDER`, so all servers take joiners in server 0's order), connects itself, sends
+the decision (:data:`ADMIT_FIELDS`, tag ``ADMIT``), and the joiner sends it on to every
+server. A joined worker then speaks the same messages over its intercommunicator with each
+server (rank 0 there).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ ADMIT = 41            # join handshake: server 0's decision, then the joiner's c
 
 # header kinds
 PULL, PUSH, DONE, LEAVE, EVAL, STOPPED, STOP_REQUEST, BYE = 1, 2, 3, 4, 5, 6, 7, 8
+# server 0 -> server k: connect to a joiner (``aux``: its request, then its port for server k
+# as UTF-8 bytes of ``samples`` length, tag ``REASON``)
+JOIN_ORDER = 9
 
 # worker -> server header fields
 HEADER_FIELDS = ("kind", "clock", "version_used", "samples", "loss", "correct", "compute_s",

@@ -130,12 +130,16 @@ class Server:
         self.joined: dict[str, dict] = {}
         self.lost_links: list = []
         self.join_requests: set[int] = set()     # the requests this server has answered
-        self.world_size = plan.world_size
+        self.world_size, self.servers = plan.world_size, len(plan.shards)
+        self.total_steps = plan.total_steps
+        self.request_of: dict[int, int] = {}     # a joined worker's request (its heartbeat)
         self.run_dir = plan.run_dir
         self.params_total = plan.params
 
     # --- messaging: a worker's id names its link ---
     def _send(self, rank: int, buf, tag: int) -> None:
+        if self.workers[rank].lost:             # a joined worker that stopped answering
+            return
         comm, dest = self.links.get(rank, (self.comm, rank))
         comm.Send(buf, dest=dest, tag=tag)
 
@@ -150,6 +154,9 @@ class Server:
             self.watchdog.describe = self._describe_wait
             src = self.inbox.recv(hdr)
             if src < 0:                         # a joined worker was lost: look again
+                continue
+            if src < self.servers:              # server 0 orders a join (ps_join)
+                self._on_join_order(hdr)
                 continue
             self.watchdog.tick(self.version, "serving")
             w = self.workers[src]
@@ -172,8 +179,8 @@ class Server:
                 if P.has(hdr[P.FLAGS], P.STOP):
                     self._begin_stop(f"worker rank {src} got a stop signal")
                 self._on_push(w, hdr)
-                if P.has(hdr[P.FLAGS], P.JOIN):
-                    self._admit(int(hdr[P.AUX]))
+                if P.has(hdr[P.FLAGS], P.JOIN) and self.index == 0:
+                    self._on_join_flag(int(hdr[P.AUX]))
             elif kind == P.EVAL:
                 self._on_eval(hdr)
             elif kind == P.DONE:
@@ -408,26 +415,43 @@ class Server:
         return bool(ckpt_io.latest_paths(self.ckpt_dir, f"ps-server{self.index}"))
 
     # --- workers that join the running job (ps_join) ---
-    def _admit(self, n: int) -> None:
-        """A worker asked to join (its request ``n`` came flagged in a push, which every server
-        gets): connect to it. Server 0 gives it the slot of a worker that failed (its data
-        shard and clock) and an id, or refuses it (slot -1) when every slot is training; the
-        joiner tells every server what server 0 said."""
+    def _on_join_flag(self, n: int) -> None:
+        """Server 0: a push passed on join request ``n``. It orders every other server to
+        connect to the joiner, then connects itself: every server takes joiners in this one
+        order (each joiner accepts its servers in server order), so two joiners cannot
+        deadlock."""
         from harness.ps import join as J
 
         if n in self.join_requests:
             return
         self.join_requests.add(n)
         req = J.read_request(self.run_dir, n)
-        if req is None:             # withdrawn: the joiner gave up before this server saw it
+        if req is None:             # withdrawn: the joiner gave up
             return
+        for k in range(1, self.servers):
+            port = np.frombuffer(req.ports[k].encode(), np.uint8).copy()
+            self.comm.Send(P.header(P.JOIN_ORDER, samples=port.size, aux=n), dest=k, tag=P.HDR)
+            self.comm.Send(port, dest=k, tag=P.REASON)
+        self._connect(n, req.ports[0], req.host, req.pid)
+
+    def _on_join_order(self, hdr: np.ndarray) -> None:
+        port = np.empty(int(hdr[P.SAMPLES]), np.uint8)
+        self.comm.Recv(port, source=0, tag=P.REASON)
+        self._connect(int(hdr[P.AUX]), port.tobytes().decode(), "", 0)
+
+    def _connect(self, n: int, port: str, host: str, pid: int) -> None:
+        """Connect to the joiner of request ``n``. Server 0 gives it the slot of a worker that
+        failed (its data shard and clock) and an id, or refuses it (slot -1) when no slot is
+        free; the joiner tells every server what server 0 said."""
         self.watchdog.describe = None
-        self.watchdog.tick(phase=f"connecting to a worker that asks to join (request {n}, pid "
-                                 f"{req.pid} on {req.host}; if it died, this stall is why)")
-        ic = self.MPI.COMM_SELF.Connect(req.ports[self.index])
+        self.watchdog.tick(phase=f"connecting to a worker that asks to join (request {n}"
+                                 + (f", pid {pid} on {host}" if host else "")
+                                 + "; if it died, this stall is why)")
+        ic = self.MPI.COMM_SELF.Connect(port)
         if self.index == 0:
             slot = self._free_slot()
-            wid = self.world_size + len(self.joined) if slot >= 0 else -1
+            wid = self.world_size + len(self.joined_before) + len(self.joined) \
+                if slot >= 0 else -1
             ic.Send(np.array([slot, wid, self.world_size, self.params_total], np.float64),
                     dest=0, tag=P.ADMIT)
         claim = np.empty(P.ADMIT_LEN, np.float64)
@@ -435,25 +459,25 @@ class Server:
         self.watchdog.tick(phase="serving")
         slot, wid = int(claim[P.A_SLOT]), int(claim[P.A_ID])
         if slot < 0:
-            ic.Disconnect()
+            ic.Disconnect()         # every server refuses in server 0's order: no cycle
             if self.index == 0:
-                self.log.warning(f"a worker asked to join (request {n} from {req.host}) but "
-                                 "every worker slot is training: refused")
+                self.log.warning(f"a worker asked to join (request {n} from {host}) but no "
+                                 "worker slot is free (none failed): refused")
             return
         clock = self.clocks()[str(slot)]
         self.workers[wid] = WorkerState(wid, clock=clock, slot=slot)
         self.links[wid] = (ic, 0)
-        self.heartbeats.pop(wid, None)
+        self.request_of[wid] = n
         self.grad_bufs[wid] = np.empty_like(self.params)
         if self.codec is not None:
             self.push_bufs[wid] = np.empty(self.codec.nbytes, np.uint8)
         self.joined[str(wid)] = {"slot": slot, "from_clock": clock, "at_version": self.version,
-                                 "host": req.host}
+                                 "host": host}
         if self.metrics is not None:
-            self.log.info(f"worker {wid} joined from {req.host}: it continues worker slot "
+            self.log.info(f"worker {wid} joined from {host}: it continues worker slot "
                           f"{slot} (which failed) from clock {clock}")
             self.metrics.write("join", step=self.version, worker=wid, slot=slot, clock=clock,
-                               host=req.host, wall_s=self._wall())
+                               host=host, wall_s=self._wall())
 
     def _check_joined(self) -> bool:
         """About once a second while joined workers are connected: one whose heartbeat file has
@@ -463,7 +487,7 @@ class Server:
 
         now, lost = time.monotonic(), False
         for wid in list(self.links):
-            beat = J.read_heartbeat(self.run_dir, wid)
+            beat = J.read_heartbeat(self.run_dir, self.request_of[wid])
             seen, since = self.heartbeats.get(wid, (None, now))
             if wid not in self.heartbeats or beat != seen:
                 self.heartbeats[wid] = (beat, now)
@@ -474,24 +498,30 @@ class Server:
 
     def _lose(self, wid: int) -> None:
         w = self.workers[wid]
-        w.state, w.lost = LEFT, True
-        w.left_reason = (f"joined worker {wid} stopped answering (no heartbeat for "
-                         f"{LOST_AFTER_S:g}s: killed, or its node is gone)")
+        w.lost = True
+        if w.state != DONE:                     # a finished one keeps its results
+            w.state = LEFT
+            w.left_reason = (f"joined worker {wid} stopped answering (no heartbeat for "
+                             f"{LOST_AFTER_S:g}s: killed, or its node is gone)")
+        self.deferred = [r for r in self.deferred if r != wid]      # nothing is sent to it
+        self.pending.pop(wid, None)
         self.inbox.drop(wid)
         # its intercommunicator is left open: disconnecting would wait for the dead process
         self.lost_links.append(self.links.pop(wid)[0])
-        if self.index == 0:
+        if self.index == 0 and w.left_reason:
             left = sum(x.active for x in self.workers.values())
             self.log.error(f"{w.left_reason} at clock {w.clock}; continuing with {left} "
                            f"worker(s); slot {w.slot} is free for another joiner")
         self._release()
 
     def _free_slot(self) -> int:
-        """The lowest worker slot whose latest worker failed, or -1."""
+        """The lowest worker slot whose latest worker failed before the end of the plan, or
+        -1."""
         latest: dict[int, WorkerState] = {}
         for w in sorted(self.workers.values(), key=lambda w: w.rank):
             latest[w.slot] = w
-        return next((s for s, w in sorted(latest.items()) if w.state == LEFT), -1)
+        return next((s for s, w in sorted(latest.items())
+                     if w.state == LEFT and w.clock < self.total_steps), -1)
 
     def joined_report(self) -> dict[str, dict]:
         """The workers that joined, this segment's after earlier segments' (a resumed run's
@@ -539,7 +569,7 @@ class Server:
         """After the last worker is done: the lowest-ranked worker that finished evaluates the
         final parameters (every server computes the same choice). Server 0 tells each finished
         worker whether it evaluates and returns the evaluation it reports."""
-        done = sorted(r for r, w in self.workers.items() if w.state == DONE)
+        done = sorted(r for r, w in self.workers.items() if w.state == DONE and not w.lost)
         evaluator = done[0] if done else None
         if self.index == 0:
             for r in done:
