@@ -26,7 +26,7 @@ JOBS := mpi or slurm or slow
 
 # The unit tier: every test that needs no MPI, Horovod, SLURM, GPU, nor a torch/TensorFlow
 # process that builds or trains a model (markers in pyproject.toml). Two test processes
-# (pytest-xdist): about 45 s on 2 cores; it passes on a machine without Horovod or MPI (one check
+# (pytest-xdist): about a minute on 2 cores; it passes on a machine without Horovod or MPI (one check
 # of horovodrun's own parser skips).
 UNIT := not mpi and not slurm and not gpu and not slow and not framework
 test-unit: bootstrap
