@@ -22,13 +22,13 @@ class Progress:
 
     def update(self, step: int, loss: float, metrics: dict[str, float],
                samples_per_s: float) -> None:
-        if not self.enabled:
-            return
+        if not self.enabled or (self._bar is None and step % self.every and step != self.total):
+            return                  # nothing shown at this step: nothing formatted either
         shown = "".join(f" {m} {v:.3f}" for m, v in metrics.items())
         status = f"loss {loss:.4f}{shown} {samples_per_s:,.0f} samples/s"
         if self._bar is not None:
             self._bar.update(self._task, completed=step, status=status)
-        elif step % self.every == 0 or step == self.total:
+        else:
             self.log.info(f"step {step}/{self.total} {status}")
 
     def epoch(self, epoch: int, rec: dict[str, Any]) -> None:
