@@ -1,7 +1,8 @@
 """The default gradient exchange of each framework against mpi4py, 4-64 MiB on shared memory:
 ``mpi4py``, the harness's PyTorch flat exchange and its TensorFlow flat exchange, each group in
 its own ``mpirun -np 2 --bind-to core`` job (bench/allreduce_worker.py), the three groups
-interleaved over ``rounds`` rounds; the busbw ratio to mpi4py is taken per round.
+interleaved over ``launches`` rounds (``--launches``, default 3); the busbw ratio to mpi4py is
+taken per round.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ SIZES = [4 << 20, 16 << 20, 64 << 20]
 GROUPS = ("mpi", "harness-flat", "harness-tf-flat")
 
 
-def run(quick: bool = False, out=None, rounds: int = 3) -> list[dict]:
-    sizes, iters, rounds = ([1 << 20], 5, 1) if quick else (SIZES, 50, rounds)
+def run(quick: bool = False, out=None, launches: int = 3) -> list[dict]:
+    sizes, iters, rounds = ([1 << 20], 5, 1) if quick else (SIZES, 50, launches)
     ratios: dict[tuple[str, int], list[float]] = {}
     for i in range(rounds):
         ref: dict[int, float] = {}

@@ -57,8 +57,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes: check that it runs")
     p.add_argument("--out", help="also append the JSON lines to this file")
     p.add_argument("--launches", type=int, metavar="N",
-                   help="launches per variant (main_job, overhead, peers: default 3; "
-                        "compression: default 1)")
+                   help="launches per variant (main_job, overhead, peers, allreduce_flat: "
+                        "default 3; compression: default 1)")
     p.add_argument("--models", metavar="A,B",
                    help="models to time, comma-separated (peers: default resnet20,cnn; the "
                         "gpt: --models gpt)")
