@@ -22,6 +22,27 @@ def test_digits_is_bundled_and_split():
     assert d.num_classes == 10
 
 
+def test_digits_read_from_the_csv_equal_scikit_learns_and_load_without_importing_it():
+    """The bundled CSV is read directly (scikit-learn's import cost every rank 2.3 s); the
+    arrays are scikit-learn's own, bit for bit, in the split every earlier run used."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    d, ref = load_dataset("digits", (8, 8, 1), 10), load_digits()
+    x = (ref.images.astype(np.float32) / 16.0)[..., None]
+    order = np.random.default_rng(20240601).permutation(len(x))
+    np.testing.assert_array_equal(d.x_test, x[order[:360]])
+    np.testing.assert_array_equal(d.x_train, x[order[360:]])
+    np.testing.assert_array_equal(d.y_train, ref.target[order[360:]])
+    assert d.y_train.dtype == np.int64
+    code = ("import sys; from harness.data import load_dataset; "
+            "load_dataset('digits', (8, 8, 1), 10); print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_uncompressed_npz_is_memory_mapped(tmp_path):
     a = arrays()
     np.savez(tmp_path / "d.npz", **a)

@@ -78,6 +78,7 @@ def test_real_doctor_reports_the_build():
     assert "Horovod 0.28.1 with PyTorch: controllers MPI, GLOO" in p.stdout
     assert "Horovod 0.28.1 with TensorFlow: controllers MPI, GLOO" in p.stdout
     assert "all required components usable" in p.stdout
+    assert "mpi4py and Horovod share /" in p.stdout       # one libmpi, resolved on both sides
 
 
 def test_doctor_detects_a_missing_framework(tmp_path):

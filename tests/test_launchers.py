@@ -286,3 +286,26 @@ def test_runner_forwards_a_stop_signal_and_keeps_the_callers_handler(tmp_path):
     finally:
         signal.signal(signal.SIGUSR1, before)
     assert heard == [signal.SIGUSR1]
+
+
+def test_horovodrun_asks_how_horovod_was_built_once_and_of_the_torch_extension_first(
+        monkeypatch):
+    """Our patch 0010: one forked process answers every build flag horovodrun asks about (it
+    used to fork one per flag, each importing TensorFlow first)."""
+    util = pytest.importorskip("horovod.common.util")
+    asked = []
+
+    def check(ext, fn, desc, verbose):
+        asked.append(ext)
+        return None if ext == "torch" else {"mpi_built": True, "gloo_built": False,
+                                            "nccl_built": 0, "ddl_built": 0, "ccl_built": 0}
+
+    monkeypatch.setattr(util, "_check_extension_lambda", check)
+    cache = next(c.cell_contents for c in util._built_flags.__closure__
+                 if isinstance(c.cell_contents, dict))          # Horovod's _cache of answers
+    cache.clear()
+    try:
+        assert (util.mpi_built(), util.gloo_built(), util.nccl_built()) == (True, False, 0)
+    finally:
+        cache.clear()                                # no made-up answer outlives the test
+    assert asked == ["torch", "tensorflow"]        # torch first; a failed import tries the next

@@ -147,12 +147,6 @@ def test_worker_exception_aborts_when_configured(results):
     assert "worker rank 1 failed" in p.stderr and "aborting the job" in p.stderr
 
 
-def test_zero_workers_is_refused(results):
-    p = ps(2, "--framework", "torch", "--mode", "async", "--ps-servers", "2", "--out-dir",
-           results, check=False)
-    assert p.returncode != 0 and "leaves no worker" in p.stderr
-
-
 # --- preemption and resume (issue 12, item 10) -------------------------------------------------
 # A resumed asynchronous run owes exactly the planned work: every worker ends at the planned
 # number of steps, each of its steps applied once on every server (so updates and samples over

@@ -17,7 +17,10 @@ from conftest import checkpoint_weights, harness, latest_checkpoint, launch, nee
     needs_mpi, read_jsonl, run
 from harness import checkpoint as ck
 
-pytestmark = [needs_horovod, needs_mpi, pytest.mark.mpi]
+pytestmark = [needs_horovod, needs_mpi]
+#: the tests that launch several ranks; the others are one process each (make test's first
+#: part runs them beside each other)
+job, one_process = pytest.mark.mpi, pytest.mark.framework
 
 BATCH, SPE = 16, 5
 
@@ -49,6 +52,7 @@ def assert_same_weights(a_dir, b_dir, atol: float = 1e-6) -> None:
         np.testing.assert_allclose(a[k], b[k], rtol=0, atol=atol, err_msg=k)
 
 
+@job
 def test_flat_exchange_resumes_in_sync_after_a_crash(results):
     """Item 1: a restored optimizer used to take the gradients out of the flat buffer on the
     ranks that broadcast_optimizer_state initialised, so they trained on stale gradients."""
@@ -67,6 +71,7 @@ def test_flat_exchange_resumes_in_sync_after_a_crash(results):
     assert_same_weights(results / "fc", results / "ref")
 
 
+@job
 def test_ranks_that_drift_apart_fail_the_run(results):
     """Item 2: one rank's weights nudged once; the run must fail and say by how much."""
     p = run(launch("mpirun", 2, *args_for(2, "--out-dir", results, "--run-name", "drift",
@@ -86,6 +91,7 @@ def preempt(world: int, args: list, step: int) -> None:
     assert p.returncode == 75, p.stderr[-3000:]
 
 
+@job
 def test_other_world_size_on_resume_is_refused_when_the_plan_changes(results):
     """Item 4: per-rank batch at np=2 -> np=1 halves the global batch (the position in the
     data no longer maps): refused before anything is written, exit 2, one line."""
@@ -106,6 +112,7 @@ def test_other_world_size_on_resume_is_refused_when_the_plan_changes(results):
         p.stderr[-3000:]
 
 
+@job
 def test_other_world_size_on_resume_continues_when_the_plan_is_the_same(results):
     """Item 4: a requeue onto an allocation of another size goes on exactly when the global
     batch and the learning-rate schedule do not depend on the number of ranks."""
@@ -122,6 +129,7 @@ def test_other_world_size_on_resume_continues_when_the_plan_is_the_same(results)
     assert_same_weights(results / "m", results / "ref", atol=1e-5)    # np=1 x 2B == np=2 x B
 
 
+@one_process
 def test_other_optimizer_on_resume_is_refused_before_anything_is_written(results):
     """Item 5: it crashed with KeyError after config.json and metrics.jsonl were written."""
     g = ["--allreduce", "local", "--out-dir", results, "--run-name", "o"]
@@ -134,6 +142,7 @@ def test_other_optimizer_on_resume_is_refused_before_anything_is_written(results
     assert files_of(results / "o") == before
 
 
+@one_process
 def test_finished_run_is_left_as_it_is(results):
     """Item 8: the same command again used to overwrite summary.json with 0 samples/s."""
     a = args_for(1, "--allreduce", "local", "--out-dir", results, "--run-name", "f")
@@ -149,6 +158,7 @@ def test_finished_run_is_left_as_it_is(results):
     assert json.loads((results / "f" / "summary.json").read_text())["steps"] == 4 * SPE
 
 
+@one_process
 def test_resume_path_gives_way_to_the_run_folders_newer_checkpoint(results):
     """Item 9: a requeued `--resume PATH` job went back to PATH and lost its progress."""
     local = ["--allreduce", "local", "--out-dir", results]
@@ -163,6 +173,7 @@ def test_resume_path_gives_way_to_the_run_folders_newer_checkpoint(results):
     assert steps == list(range(SPE + 1, 3 * SPE + 1))     # each step once: nothing redone
 
 
+@one_process
 def test_requeued_job_continues_its_own_run_despite_resume_never(results):
     """A requeued SLURM job (SLURM_RESTART_COUNT > 0) reruns its command line: with
     resume = 'never' it used to refuse its own checkpoints and fail the requeue."""

@@ -25,7 +25,11 @@ import pytest
 from conftest import checkpoint_weights, harness, latest_checkpoint, launch, needs_horovod, \
     needs_mpi, read_jsonl, run
 
-pytestmark = [needs_horovod, needs_mpi, pytest.mark.mpi, pytest.mark.slow]
+pytestmark = [needs_horovod, needs_mpi]
+#: a cell of 2 ranks is a multi-rank job; a cell of 1 rank is one process, which the test run
+#: runs beside another (make test's first part)
+JOB = [pytest.mark.mpi, pytest.mark.slow]
+ONE_PROCESS = [pytest.mark.framework]
 
 FACTORS = {
     "framework": ["torch", "tensorflow"],
@@ -189,7 +193,9 @@ def epoch_records(run_dir) -> dict[int, dict]:
     return {r["epoch"]: r for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "epoch"}
 
 
-@pytest.mark.parametrize("cell", CELLS, ids=cell_id)
+@pytest.mark.parametrize("cell", [pytest.param(c, id=cell_id(c),
+                                              marks=JOB if c["world"] == 2 else ONE_PROCESS)
+                                  for c in CELLS])
 def test_preempted_and_resumed_run_equals_the_uninterrupted_one(cell, results):
     ref = start(cell, train_args(cell, results, "ref"))
     assert ref.returncode == 0, ref.stderr[-4000:]

@@ -69,9 +69,7 @@ def test_a_tensor_waiting_on_a_late_rank_does_not_sleep_out_a_cycle():
 
 @needs_mpi
 def test_mpi4py_runs_on_the_same_mpi_as_horovod():
-    p = run(harness("doctor", "--json"), timeout=300, check=True)
-    facts = json.loads(p.stdout)["facts"]
-    assert facts["mpi4py_libmpi"] and facts["mpi4py_libmpi"] == facts["horovod_libmpi"]
+    # that both load one libmpi is harness doctor's (test_doctor.py); here: they run on it.
     # Every rank's sum is gathered and printed by rank 0 alone: mpirun forwards each rank's
     # stdout in chunks, so two ranks printing at once may interleave mid-line.
     code = ("from mpi4py import MPI; import numpy as np; c = MPI.COMM_WORLD;"
