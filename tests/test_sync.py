@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import (FRAMEWORKS, PY, REPO, checkpoint_weights, harness, json_line,
+from conftest import (FRAMEWORKS, PY, REPO, checkpoint_weights, json_line,
                       latest_checkpoint, launch, needs_horovod, needs_mpi, read_jsonl, run,
                       summary)
 from harness.config import RunConfig
