@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -60,13 +61,22 @@ def run(argv: list[str], env: Mapping[str, str] | None = None, cwd: str | None =
             signal.signal(signum, prev)
 
 
+def _ends_with_its_parent() -> None:
+    """In a child, before it runs: SIGTERM to it when its parent dies (Linux), so a launcher
+    that is SIGKILLed leaves no server of its own running. Elsewhere nothing."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)          # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 @contextmanager
 def ompi_server(timeout: float = 20.0) -> Iterator[str]:
     """An Open MPI ``ompi-server`` for the length of a job, which connects it with the jobs
     that join it (MPI connect/accept across mpiruns); yields its URI for ``mpirun
     --ompi-server`` (the address itself, not a file: ranks on other nodes read it too). It runs
     in a session of its own, so a Ctrl-C to the terminal reaches the job (which checkpoints)
-    but not the server it still talks through."""
+    but not the server it still talks through; it ends with the launcher, however that ends."""
     folder = Path(tempfile.mkdtemp(prefix="harness-ompi-server-"))
     uri = folder / "uri"
     err_path = folder / "stderr"
@@ -74,7 +84,8 @@ def ompi_server(timeout: float = 20.0) -> Iterator[str]:
         with err_path.open("w") as err_file:
             proc = subprocess.Popen(["ompi-server", "--no-daemonize", "-r", str(uri)],
                                     env=launch_environment(), stdout=subprocess.DEVNULL,
-                                    stderr=err_file, start_new_session=True)
+                                    stderr=err_file, start_new_session=True,
+                                    preexec_fn=_ends_with_its_parent)
     except FileNotFoundError:
         shutil.rmtree(folder, ignore_errors=True)
         raise LaunchError("'ompi-server' is not on PATH: it comes with Open MPI (the "

@@ -71,6 +71,35 @@ def test_ps_join_needs_the_ompi_server(tmp_path):
     assert p.returncode == 2 and "needs an ompi-server" in p.stderr, p.stderr[-2000:]
 
 
+@needs_mpi
+@pytest.mark.mpi
+def test_the_ompi_server_ends_with_a_launcher_that_is_killed():
+    """harness launch starts the ompi-server in a session of its own (a Ctrl-C is not for it);
+    SIGKILLed, the launcher cannot stop it, so the server ends with its parent."""
+    code = ("import sys, time; from launchers.runner import ompi_server\n"
+            "with ompi_server() as uri:\n    print(uri, flush=True); time.sleep(120)")
+    launcher = subprocess.Popen([PY, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert launcher.stdout.readline().strip()              # the server is up
+        children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text()
+        server = int(children.split()[0])
+        assert "ompi-server" in Path(f"/proc/{server}/cmdline").read_text()
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{server}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+            try:
+                os.waitpid(server, os.WNOHANG)               # (not ours: nothing to reap)
+            except ChildProcessError:
+                pass
+        status = Path(f"/proc/{server}/status")
+        assert not status.exists() or "zombie" in status.read_text(), "ompi-server left running"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+
+
 def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
