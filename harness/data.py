@@ -257,8 +257,11 @@ def _digits_table() -> np.ndarray:
     for root in (spec.submodule_search_locations or []) if spec else []:
         path = Path(root) / "datasets" / "data" / "digits.csv.gz"
         if path.is_file():
-            with gzip.open(path, "rt") as f:
-                return np.loadtxt(f, delimiter=",")
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                table = np.loadtxt(f, delimiter=",")
+            if table.shape == (1797, 65):
+                return table
+            break                              # not the file it was: ask scikit-learn
     from sklearn.datasets import load_digits
 
     d = load_digits()

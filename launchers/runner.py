@@ -12,7 +12,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from harness.errors import LaunchError
 
@@ -61,13 +61,22 @@ def run(argv: list[str], env: Mapping[str, str] | None = None, cwd: str | None =
             signal.signal(signum, prev)
 
 
-def _ends_with_its_parent() -> None:
-    """In a child, before it runs: SIGTERM to it when its parent dies (Linux), so a launcher
-    that is SIGKILLed leaves no server of its own running. Elsewhere nothing."""
+def _ends_with_its_parent() -> Callable[[], None] | None:
+    """What a child runs before it starts, so that it gets SIGTERM when the thread that started
+    it ends (Linux ``PR_SET_PDEATHSIG``): a launcher that is SIGKILLed leaves no server of its
+    own running. Resolved here, in the parent: the child only makes the call (no loader work
+    between fork and exec). None where there is no ``prctl``."""
     try:
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)          # PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+    parent = os.getpid()
+
+    def child() -> None:
+        prctl(1, signal.SIGTERM)                       # PR_SET_PDEATHSIG
+        if os.getppid() != parent:                     # the parent died before that call
+            os.kill(os.getpid(), signal.SIGTERM)
+    return child
 
 
 @contextmanager
@@ -76,7 +85,8 @@ def ompi_server(timeout: float = 20.0) -> Iterator[str]:
     that join it (MPI connect/accept across mpiruns); yields its URI for ``mpirun
     --ompi-server`` (the address itself, not a file: ranks on other nodes read it too). It runs
     in a session of its own, so a Ctrl-C to the terminal reaches the job (which checkpoints)
-    but not the server it still talks through; it ends with the launcher, however that ends."""
+    but not the server it still talks through; it ends with the launcher's thread that
+    started it, however that ends."""
     folder = Path(tempfile.mkdtemp(prefix="harness-ompi-server-"))
     uri = folder / "uri"
     err_path = folder / "stderr"
@@ -85,7 +95,7 @@ def ompi_server(timeout: float = 20.0) -> Iterator[str]:
             proc = subprocess.Popen(["ompi-server", "--no-daemonize", "-r", str(uri)],
                                     env=launch_environment(), stdout=subprocess.DEVNULL,
                                     stderr=err_file, start_new_session=True,
-                                    preexec_fn=_ends_with_its_parent)
+                                    preexec_fn=_ends_with_its_parent())
     except FileNotFoundError:
         shutil.rmtree(folder, ignore_errors=True)
         raise LaunchError("'ompi-server' is not on PATH: it comes with Open MPI (the "

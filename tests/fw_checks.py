@@ -123,6 +123,32 @@ def check_backend(fw: str) -> dict:
     w1, w2 = b.get_weights(), b2.get_weights()
     out["optimizer_state_round_trip"] = r1.loss == r2.loss and all(
         np.array_equal(w1[k], w2[k]) for k in w1)
+    if fw == "torch":
+        # a checkpoint from before the fused kernels (fused: None) resumes fused, as this run
+        # chose, with Adam's step count where a fused step wants it
+        b4, _, _ = _backend(fw, model="cnn", optimizer="adam")
+        b4.train_step(x, y)
+        arrays, meta = b4.get_optimizer_state()
+        for g in meta["param_groups"]:
+            g["fused"] = None
+        b5, _, _ = _backend(fw, model="cnn", optimizer="adam")
+        b5.set_optimizer_state(arrays, json.loads(json.dumps(meta)))
+        group, p0 = b5.optimizer.param_groups[0], b5.params[0]
+        out["restored_optimizer_stays_fused"] = group["fused"] is True and \
+            b5.optimizer.state[p0]["step"].device == p0.device
+        b5.train_step(x, y)
+        import types
+
+        import torch
+
+        from harness.backends.horovod_torch import TorchBackend
+
+        def fused(model):
+            return TorchBackend._fused(types.SimpleNamespace(
+                model=model, params=list(model.parameters())))
+        out["sparse_gradients_keep_the_unfused_kernels"] = \
+            fused(torch.nn.Embedding(10, 4, sparse=True)) is None and \
+            fused(torch.nn.Embedding(10, 4)) is True
     flat = b.get_flat_params()
     b2.set_flat_params(flat * 0 + 1)
     b2.set_flat_params(flat)

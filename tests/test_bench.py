@@ -10,7 +10,6 @@ import pytest
 from bench.slowlink import available
 from conftest import harness, needs_horovod, needs_mpi, run
 
-pytestmark = [needs_horovod, needs_mpi]
 
 EXPECTED = {"allreduce": {"allreduce", "allreduce_ratio"},
             "allreduce_target": {"allreduce_target_environment", "allreduce_target_sample",
@@ -36,6 +35,8 @@ def test_bench_options_are_checked_before_anything_is_written(args, message, tmp
     assert not out.exists()
 
 
+@needs_horovod
+@needs_mpi
 @pytest.mark.mpi
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_benchmark_runs(name, tmp_path):

@@ -1,5 +1,7 @@
 """Datasets, npz loading (memory-mapped when uncompressed) and rank sharding."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -36,11 +38,25 @@ def test_digits_read_from_the_csv_equal_scikit_learns_and_load_without_importing
     np.testing.assert_array_equal(d.x_test, x[order[:360]])
     np.testing.assert_array_equal(d.x_train, x[order[360:]])
     np.testing.assert_array_equal(d.y_train, ref.target[order[360:]])
+    np.testing.assert_array_equal(d.y_test, ref.target[order[:360]])
     assert d.y_train.dtype == np.int64
     code = ("import sys; from harness.data import load_dataset; "
             "load_dataset('digits', (8, 8, 1), 10); print('sklearn' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False"
+
+
+def test_digits_come_from_scikit_learns_loader_where_its_file_is_not_found(monkeypatch):
+    import importlib.util
+
+    from harness.data import _digits_table
+
+    found = _digits_table()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "sklearn" else real(name, *a))
+    np.testing.assert_array_equal(_digits_table(), found)
 
 
 def test_uncompressed_npz_is_memory_mapped(tmp_path):

@@ -27,6 +27,7 @@ class Counting(dict):
 def test_a_line_every_log_every_steps_and_at_the_end_and_nothing_formatted_between():
     log = Lines()
     p = Progress(True, 25, log, 10)
+    Counting.reads = 0
     metrics = Counting(acc=0.5)
     for step in range(1, 26):
         p.update(step, 1.0 / step, metrics, 1234.0)

@@ -96,13 +96,20 @@ class TorchBackend(Backend):
         # PyTorch's fused kernels where every parameter allows them: one pass over all the
         # parameters instead of a few tensor ops per parameter (the main job's cnn: the SGD
         # step 0.31 -> 0.21 ms; docs/benchmarks.md), the same update to rounding
-        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
-                    for p in self.params) or None
+        fused = self._fused()
         if c.optimizer == "sgd":
             return torch.optim.SGD(self.params, lr=lr, momentum=c.momentum,
                                    weight_decay=c.weight_decay, fused=fused)
         return torch.optim.Adam(self.params, lr=lr, weight_decay=c.weight_decay, eps=1e-8,
                                 fused=fused)
+
+    def _fused(self) -> bool | None:
+        """Fused kernels (True), or torch's default (None) where a parameter is not floating
+        point, lives on another device, or gets sparse gradients, which they do not take."""
+        sparse = any(getattr(m, "sparse", False) is True for m in self.model.modules())
+        ok = not sparse and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
+                                for p in self.params)
+        return True if ok else None
 
     def wrap_optimizer(self, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
         return opt
@@ -260,7 +267,15 @@ class TorchBackend(Backend):
         for key, val in meta.get("scalars", {}).items():
             idx, name = key.split("/", 1)
             state.setdefault(int(idx), {})[name] = val
-        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        # the implementation is this run's choice, not the checkpoint's (one written before
+        # fused kernels, or on another device): torch takes it from the loaded groups, and a
+        # fused optimizer keeps its step count on the parameters' device
+        groups = [dict(g) for g in meta["param_groups"]]
+        for g, now in zip(groups, self.optimizer.param_groups):
+            for key in ("fused", "foreach"):
+                if key in now:
+                    g[key] = now[key]
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
 
     # --- flat vectors (parameter server) ---
     def compute_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[StepResult, np.ndarray]:

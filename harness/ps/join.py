@@ -94,8 +94,7 @@ def read_job(run_dir: Path) -> dict:
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path} cannot be read ({e}): is {str(run_dir)!r} a ps_join run "
                           "folder?") from None
-    if (Path(run_dir) / "summary.json").exists() and \
-            (Path(run_dir) / "summary.json").stat().st_mtime >= path.stat().st_mtime:
+    if finished(run_dir):
         raise ConfigError(f"the run in {str(run_dir)!r} has finished (summary.json is written): "
                           "there is no job to join")
     return job
@@ -315,30 +314,45 @@ def main(run_dir: Path, timeout: float) -> int:
             stop.uninstall()
 
 
+def finished(run_dir: Path) -> bool:
+    """The job has written its summary since it wrote job.json: it has ended."""
+    summary, job = Path(run_dir) / "summary.json", join_dir(run_dir) / "job.json"
+    try:
+        return summary.stat().st_mtime >= job.stat().st_mtime
+    except FileNotFoundError:
+        return False
+
+
 def _accept(MPI, port: str, deadline: float | None, run_dir: Path, n: int, k: int):
-    """Server ``k``'s connection; after ``deadline`` (None: none), the request is withdrawn and
-    the joiner ends (a server already connecting still gets through: the accept waits)."""
+    """Server ``k``'s connection; after ``deadline`` (None: none), or once the job has
+    finished, the request is withdrawn and the joiner ends (a server already connecting still
+    gets through: the accept waits)."""
     import threading
 
     if deadline is None:
         return MPI.COMM_SELF.Accept(port)
 
-    def give_up() -> None:
+    def give_up(why: str, code: int) -> None:
         withdraw(run_dir, n)
         time.sleep(2.0)             # a server that read the request just before still connects
         if not done.is_set():
-            msg = (f"harness join: no answer from server {k} of the run in {run_dir} within "
-                   "the timeout: is the job running with ps_join = true, and is a worker "
-                   "still training to pass the request on?")
-            print(msg, flush=True)
-            os._exit(1)
+            print(f"harness join: {why}", flush=True)
+            os._exit(code)
+
+    def watch() -> None:
+        while not done.wait(0.5):
+            if finished(run_dir):
+                give_up(f"the run in {run_dir} finished while this worker waited to join: "
+                        "there is no job to join", 2)
+            elif time.monotonic() >= deadline:
+                give_up(f"no answer from server {k} of the run in {run_dir} within the "
+                        "timeout: is the job running with ps_join = true, and is a worker "
+                        "still training to pass the request on?", 1)
 
     done = threading.Event()
-    timer = threading.Timer(max(deadline - time.monotonic(), 0.0), give_up)
-    timer.daemon = True
-    timer.start()
+    watcher = threading.Thread(target=watch, name="harness-join-wait", daemon=True)
+    watcher.start()
     try:
         return MPI.COMM_SELF.Accept(port)
     finally:
         done.set()
-        timer.cancel()
