@@ -37,6 +37,34 @@ def test_ps_join_is_refused_where_it_cannot_work(tmp_path):
     assert p.returncode == 0 and "--ompi-server OMPI_SERVER_URI" in p.stdout, p.stdout
 
 
+def test_a_joiner_whose_run_finishes_while_it_waits_stops_with_one_line(tmp_path):
+    """The job writes its summary while a joiner waits for server 0 (a MPI accept that
+    nothing will answer): the joiner withdraws its request and exits 2, long before its
+    timeout."""
+    code = f"""
+import threading, time
+from pathlib import Path
+from harness.ps import join as J
+run = Path({str(tmp_path)!r})
+J.join_dir(run).mkdir()
+(J.join_dir(run) / "job.json").write_text("{{}}")
+req = J.open_request(run, ["port"], timeout=60)
+class Blocking:
+    class COMM_SELF:
+        @staticmethod
+        def Accept(port):
+            time.sleep(120)
+threading.Timer(1.0, lambda: (run / "summary.json").write_text("{{}}")).start()
+J._accept(Blocking, "port", time.monotonic() + 60, run, req.id, 0)
+"""
+    start = time.monotonic()
+    p = subprocess.run([PY, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "finished while this worker waited to join" in p.stdout, p.stdout
+    assert time.monotonic() - start < 20
+    assert J.read_request(tmp_path, 1) is None                 # withdrawn
+
+
 def test_the_relay_flags_each_live_request_once(tmp_path, monkeypatch):
     """A request is passed on once its heartbeat has been seen to change: a joiner that died
     before it was answered (its heartbeat stands still, or never started) is never flagged."""
