@@ -146,7 +146,7 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 12
 @pytest.mark.mpi
 @pytest.mark.slow
 @pytest.mark.parametrize("fw, servers, consistency, factor, kill", [
-    ("torch", 1, "async", 150, True), ("tensorflow", 2, "ssp", 100, False)])
+    ("torch", 1, "async", 150, True), ("tensorflow", 2, "ssp", 40, False)])
 def test_a_worker_joins_in_the_place_of_one_that_failed(fw, servers, consistency, factor, kill,
                                                         results, tmp_path):
     """Worker rank S+1 raises at clock 10; a worker started with `harness join` takes its slot
