@@ -4,9 +4,11 @@
 it reaches that global step: ``raise`` (a Python exception), ``exit`` (exit code 13 without
 cleanup), ``kill`` (SIGKILL to itself), ``hang`` (sleep forever), ``nan``/``inf`` (its batch
 becomes NaN/Inf, so loss and gradients do), ``desync`` (its weights are nudged, as a silently
-broken exchange would leave them), or ``sigterm``/``sigusr1`` (that signal to itself, as a
-scheduler would send before preempting the job).
-``rank`` may be ``*`` for every rank. Unset, it costs one dictionary lookup per step.
+broken exchange would leave them), ``sigterm``/``sigusr1`` (that signal to itself, as a
+scheduler would send before preempting the job), or ``slow`` (from that step on, the rank sleeps
+``SLOW_S`` before each step until the file named by ``HARNESS_FAULT_RELEASE`` exists: a straggler
+that keeps a job running, still stepping, for as long as a test or drill needs it).
+``rank`` may be ``*`` for every rank. Unset, it costs an attribute test and one dictionary lookup per step.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import numpy as np
 
 from harness.errors import ConfigError
 
-KINDS = ("raise", "exit", "kill", "hang", "nan", "inf", "desync", "sigterm", "sigusr1")
+KINDS = ("raise", "exit", "kill", "hang", "nan", "inf", "desync", "sigterm", "sigusr1", "slow")
+SLOW_S = 0.25          # a ``slow`` rank's wait before each step
 
 
 @dataclass(frozen=True)
@@ -51,10 +54,19 @@ class FaultInjector:
         spec = os.environ.get("HARNESS_FAULT") if spec is None else spec
         self.rank = rank
         self.desync = desync          # callable that nudges this rank's weights
-        self.by_step = {f.step: f for f in parse(spec) if f.rank in (None, rank)}
+        faults = [f for f in parse(spec) if f.rank in (None, rank)]
+        self.by_step = {f.step: f for f in faults if f.kind != "slow"}
+        #: ``slow``: the step it starts at (None: not slowed), and the file that ends it
+        self.slow_from = min((f.step for f in faults if f.kind == "slow"), default=None)
+        self.release = os.environ.get("HARNESS_FAULT_RELEASE")
 
     def before_step(self, step: int, x: np.ndarray) -> np.ndarray:
         """Called with the global step about to run (1-based) and this rank's batch."""
+        if self.slow_from is not None and step >= self.slow_from:
+            if self.release and os.path.exists(self.release):
+                self.slow_from = None                   # released: full speed from here on
+            else:
+                time.sleep(SLOW_S)
         fault = self.by_step.get(step)
         if fault is None:
             return x

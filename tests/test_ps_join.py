@@ -131,10 +131,11 @@ def test_the_ompi_server_ends_with_a_launcher_that_is_killed():
             os.kill(server, signal.SIGKILL)              # a failed check leaves nothing behind
 
 
-def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 120,
+              count: int = 1) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if path.exists() and text in path.read_text(errors="replace"):
+        if path.exists() and path.read_text(errors="replace").count(text) >= count:
             return
         if proc.poll() is not None:
             break
@@ -145,29 +146,30 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 12
 @needs_mpi
 @pytest.mark.mpi
 @pytest.mark.slow
-@pytest.mark.parametrize("fw, servers, consistency, factor, kill", [
-    ("torch", 1, "async", 150, True), ("tensorflow", 2, "ssp", 40, False)])
-def test_a_worker_joins_in_the_place_of_one_that_failed(fw, servers, consistency, factor, kill,
+@pytest.mark.parametrize("fw, servers, consistency, kill", [
+    ("torch", 1, "async", True), ("tensorflow", 2, "ssp", False)])
+def test_a_worker_joins_in_the_place_of_one_that_failed(fw, servers, consistency, kill,
                                                         results, tmp_path):
     """Worker rank S+1 raises at clock 10; a worker started with `harness join` takes its slot
     and clock, so the run applies exactly the planned pushes (every slot's clocks 1..total
     once) and finishes; a second joiner finds no free slot (exit 2). With ``kill``, the first
     joiner is then SIGKILLed: the servers see its heartbeat stop, go on, and a third joiner
-    takes the slot from where the killed one left it. Worker S is slowed down so the job is
-    still running when the joiners arrive."""
-    epochs = 12 if kill else 9       # with the straggler, long enough for two joiners to ask
+    takes the slot from where the killed one left it. Worker S crawls (a ``slow`` fault, 0.25 s
+    a step over 880 steps) until the test has seen every join: the job is still running, and
+    still passing requests on, whatever the joiners' start-up takes."""
+    epochs = 40
     total = epochs * SPE
     failing, slow = servers + 1, servers
-    log = tmp_path / "job.log"
+    log, release = tmp_path / "job.log", tmp_path / "release"
     job = subprocess.Popen(
         [str(a) for a in launch("mpirun", servers + 2, "--framework", fw, "--mode", "async",
                                 "--ps-consistency", consistency, "--ps-servers", servers,
                                 "--model", "mlp", "--epochs", epochs, "--ps-join",
-                                "--threads-per-rank", "1", "--straggler-rank", slow,
-                                "--straggler-factor", factor, "--out-dir", results,
+                                "--threads-per-rank", "1", "--out-dir", results,
                                 "--run-name", "joined")],
         stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
-        env={**os.environ, "HARNESS_FAULT": f"raise@{failing}:10"}, text=True)
+        env={**os.environ, "HARNESS_FAULT": f"raise@{failing}:10,slow@{slow}:1",
+             "HARNESS_FAULT_RELEASE": str(release)}, text=True)
     run_dir = results / "joined"
     joiners: list[subprocess.Popen] = []
 
@@ -190,6 +192,8 @@ def test_a_worker_joins_in_the_place_of_one_that_failed(fw, servers, consistency
             joiner.communicate(timeout=60)
             _wait_for(log, "stopped answering (no heartbeat", job)
             joiner = join(run_dir)
+            _wait_for(log, "joined from", job, count=2)
+        release.touch()                                      # worker S: full speed again
         out, _ = joiner.communicate(timeout=240)
         assert joiner.returncode == 0, out[-4000:]
         assert job.wait(timeout=240) == 0, log.read_text()[-4000:]
@@ -237,14 +241,15 @@ def test_a_job_with_a_joined_worker_is_preempted_and_resumes_by_slot(results, tm
     """The joined worker gets SIGTERM at its clock 30: every rank of both jobs checkpoints and
     exits 75, the checkpoint keeps the clocks by slot, and the same launch command (no joiner)
     finishes every slot's planned steps with exactly the planned updates."""
-    epochs, total = 4, 4 * SPE
+    epochs = 16                      # worker 1 crawls (0.25 s a step) until the preemption
+    total = epochs * SPE
     args = launch("mpirun", 3, "--framework", "torch", "--mode", "async", "--model", "mlp",
-                  "--epochs", epochs, "--ps-join", "--threads-per-rank", "1", "--straggler-rank",
-                  1, "--straggler-factor", "150", "--out-dir", results, "--run-name", "pre")
+                  "--epochs", epochs, "--ps-join", "--threads-per-rank", "1", "--out-dir",
+                  results, "--run-name", "pre")
     log = tmp_path / "job.log"
     job = subprocess.Popen([str(a) for a in args], stdout=log.open("w"),
                            stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
-                           env={**os.environ, "HARNESS_FAULT": "raise@2:10"}, text=True)
+                           env={**os.environ, "HARNESS_FAULT": "raise@2:10,slow@1:1"}, text=True)
     run_dir = results / "pre"
     try:
         _wait_for(log, "worker rank 2 failed at clock 9", job)

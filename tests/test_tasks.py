@@ -202,6 +202,26 @@ def test_nan_faults_need_inputs_that_can_hold_nan():
         FaultInjector(0, spec="nan@0:1").before_step(1, np.zeros((2, 3), np.int64))
 
 
+def test_a_slow_fault_waits_before_each_step_from_its_step_until_released(tmp_path, monkeypatch):
+    from harness import faults
+
+    naps = []
+    monkeypatch.setattr(faults.time, "sleep", naps.append)
+    monkeypatch.setenv("HARNESS_FAULT_RELEASE", str(tmp_path / "go"))
+    slow = faults.FaultInjector(1, spec="slow@1:3,raise@1:9")
+    other = faults.FaultInjector(0, spec="slow@1:3")
+    for step in range(1, 6):
+        slow.before_step(step, np.zeros(2))
+        other.before_step(step, np.zeros(2))
+    assert naps == [faults.SLOW_S] * 3                   # rank 1, steps 3, 4, 5
+    (tmp_path / "go").touch()
+    for step in range(6, 9):
+        slow.before_step(step, np.zeros(2))
+    assert len(naps) == 3
+    with pytest.raises(RuntimeError, match="raises at step 9"):   # other faults still fire
+        slow.before_step(9, np.zeros(2))
+
+
 # --- the examples, as documented --------------------------------------------------------------
 
 def epoch_losses(run_dir: Path) -> list[float]:
