@@ -40,14 +40,31 @@ def test_the_filter_catches_native_writes_to_fd_2_and_replays_the_rest(capfd):
 IMPORT = "from harness.backends.horovod_tf import import_keras; import_keras('keras3')"
 
 
+def test_hidden_modules_cannot_be_imported_within_and_can_after():
+    from harness.backends.horovod_tf import hidden_modules
+
+    assert "colorsys" not in sys.modules
+    with hidden_modules(["colorsys", "json"]):
+        with pytest.raises(ImportError):
+            import colorsys  # noqa: F401
+        import json                                       # already imported: not hidden
+        assert json.dumps(1) == "1"
+    import colorsys
+    assert colorsys.rgb_to_hsv(0, 0, 0) == (0, 0, 0)
+
+
 @pytest.mark.skipif(not have("tensorflow"), reason="TensorFlow is not installed")
 @pytest.mark.framework
 def test_importing_tensorflow_prints_no_start_up_notices_unless_the_user_asks():
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}   # the default
-    p = subprocess.run([PY, "-c", IMPORT], capture_output=True, text=True, timeout=120, env=env,
+    # ... and Keras loaded without scikit-learn and matplotlib, which stay importable after
+    code = (IMPORT + "; import sys; print('sklearn' in sys.modules, 'matplotlib' in sys.modules)"
+            "; import sklearn, matplotlib.pyplot; print('importable')")
+    p = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=120, env=env,
                        cwd=REPO)
     assert p.returncode == 0, p.stderr
     assert "oneDNN" not in p.stderr and "absl" not in p.stderr, p.stderr
+    assert p.stdout.split() == ["False", "False", "importable"], p.stdout
     p = run([PY, "-c", IMPORT], timeout=120, check=True, env={"TF_CPP_MIN_LOG_LEVEL": "0"})
     assert "oneDNN custom operations are on" in p.stderr, p.stderr     # the user's level
 

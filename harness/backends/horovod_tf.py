@@ -9,9 +9,9 @@ underlying ``tf.Variable`` of each (``v.value``).
 from __future__ import annotations
 
 import contextlib
-
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -28,12 +28,36 @@ from harness.task import Task, TaskError
 _KERAS: Any = None          # the Keras module this process's backend chose
 
 
+#: What Keras imports at start-up when it is installed, for features a training rank does not
+#: use: scikit-learn for its estimator wrappers (``keras.wrappers``) and matplotlib for its
+#: image gallery (``keras.visualization``). Together 1.4 s of each TensorFlow rank's start-up.
+OPTIONAL_AT_IMPORT = ("sklearn", "matplotlib")
+
+
+@contextlib.contextmanager
+def hidden_modules(names):
+    """Within: ``import NAME`` raises ImportError for each of ``names`` not yet imported, as
+    for a package that is not installed. After: importable again, as usual."""
+    hidden = [n for n in names if n not in sys.modules]
+    for n in hidden:
+        sys.modules[n] = None                      # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for n in hidden:
+            if n in sys.modules and sys.modules[n] is None:
+                del sys.modules[n]
+
+
 def import_keras(flavour: str):
-    """(tensorflow, keras module) for ``keras3`` or ``legacy`` (tf_keras, Keras 2)."""
+    """(tensorflow, keras module) for ``keras3`` or ``legacy`` (tf_keras, Keras 2). Keras
+    loads without scikit-learn and matplotlib (OPTIONAL_AT_IMPORT); the process can import
+    them later, but Keras' scikit-learn wrappers and image gallery then say they are missing."""
     global _KERAS
     if flavour == "legacy":
         os.environ["TF_USE_LEGACY_KERAS"] = "1"
-    with native_log_filter():                  # TensorFlow's start-up notices (harness.quiet)
+    # TensorFlow's start-up notices are filtered (harness.quiet)
+    with native_log_filter(), hidden_modules(OPTIONAL_AT_IMPORT):
         import tensorflow as tf
 
         if flavour == "legacy":
