@@ -8,7 +8,8 @@ broken exchange would leave them), ``sigterm``/``sigusr1`` (that signal to itsel
 scheduler would send before preempting the job), or ``slow`` (from that step on, the rank sleeps
 ``SLOW_S`` before each step until the file named by ``HARNESS_FAULT_RELEASE`` exists: a straggler
 that keeps a job running, still stepping, for as long as a test or drill needs it).
-``rank`` may be ``*`` for every rank. Unset, it costs an attribute test and one dictionary lookup per step.
+``rank`` may be ``*`` for every rank. Unset, it costs an attribute test and one dictionary
+lookup per step.
 """
 
 from __future__ import annotations
