@@ -40,17 +40,20 @@ def test_the_filter_catches_native_writes_to_fd_2_and_replays_the_rest(capfd):
 IMPORT = "from harness.backends.horovod_tf import import_keras; import_keras('keras3')"
 
 
-def test_hidden_modules_cannot_be_imported_within_and_can_after():
+def test_hidden_modules_cannot_be_imported_within_and_can_after(tmp_path, monkeypatch):
     from harness.backends.horovod_tf import hidden_modules
 
-    assert "colorsys" not in sys.modules
-    with hidden_modules(["colorsys", "json"]):
+    (tmp_path / "hidden_probe.py").write_text("VALUE = 7\n")   # a module nothing imported
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "hidden_probe", raising=False)
+    with hidden_modules(["hidden_probe", "json"]):
         with pytest.raises(ImportError):
-            import colorsys  # noqa: F401
+            import hidden_probe  # noqa: F401
         import json                                       # already imported: not hidden
         assert json.dumps(1) == "1"
-    import colorsys
-    assert colorsys.rgb_to_hsv(0, 0, 0) == (0, 0, 0)
+    import hidden_probe
+    assert hidden_probe.VALUE == 7
+    sys.modules.pop("hidden_probe")
 
 
 @pytest.mark.skipif(not have("tensorflow"), reason="TensorFlow is not installed")
