@@ -6,8 +6,11 @@ cleanup), ``kill`` (SIGKILL to itself), ``hang`` (sleep forever), ``nan``/``inf`
 becomes NaN/Inf, so loss and gradients do), ``desync`` (its weights are nudged, as a silently
 broken exchange would leave them), ``sigterm``/``sigusr1`` (that signal to itself, as a
 scheduler would send before preempting the job), or ``slow`` (from that step on, the rank sleeps
-``SLOW_S`` before each step until the file named by ``HARNESS_FAULT_RELEASE`` exists: a straggler
-that keeps a job running, still stepping, for as long as a test or drill needs it).
+``SLOW_S`` before each step until the file named by ``HARNESS_FAULT_RELEASE`` exists, a path the
+rank can see; unset, for the rest of the run; several ``slow`` entries for a rank: the earliest
+step counts). A slow worker is a straggler that keeps a job running, still stepping, for as long
+as a test or drill needs it; on a parameter server (whose "step" is its version) every update
+waits, which slows the whole job.
 ``rank`` may be ``*`` for every rank. Unset, it costs an attribute test and one dictionary
 lookup per step.
 """

@@ -36,7 +36,7 @@ launch_ranks() {   # launch_ranks NTASKS -- harness train arguments...
     local per_node=${SLURM_NTASKS_PER_NODE:-$(( (ntasks + SLURM_JOB_NUM_NODES - 1) / SLURM_JOB_NUM_NODES ))}
     per_node=${per_node%%(*}
     opts+=(--map-by "ppr:${per_node}:node" --bind-to none
-           --export PATH,LD_LIBRARY_PATH,PYTHONPATH,NCCL_DEBUG,HARNESS_FAULT)
+           --export PATH,LD_LIBRARY_PATH,PYTHONPATH,NCCL_DEBUG,HARNESS_FAULT,HARNESS_FAULT_RELEASE)
   else
     opts+=(--distribution block)
     # Slurm >= 22.05: srun no longer inherits --cpus-per-task from the allocation

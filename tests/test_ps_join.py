@@ -155,12 +155,14 @@ def test_a_worker_joins_in_the_place_of_one_that_failed(fw, servers, consistency
     once) and finishes; a second joiner finds no free slot (exit 2). With ``kill``, the first
     joiner is then SIGKILLed: the servers see its heartbeat stop, go on, and a third joiner
     takes the slot from where the killed one left it. Worker S crawls (a ``slow`` fault, 0.25 s
-    a step over 880 steps) until the test has seen every join: the job is still running, and
-    still passing requests on, whatever the joiners' start-up takes."""
+    a step, 220 s for its 880 steps) until the test has seen every join, so the job is still
+    running, and still passing requests on, while the joiners start; the first joiner crawls
+    too until the second is refused, so its slot is not free again before that."""
     epochs = 40
     total = epochs * SPE
     failing, slow = servers + 1, servers
     log, release = tmp_path / "job.log", tmp_path / "release"
+    first_release = tmp_path / "release-first-joiner"
     job = subprocess.Popen(
         [str(a) for a in launch("mpirun", servers + 2, "--framework", fw, "--mode", "async",
                                 "--ps-consistency", consistency, "--ps-servers", servers,
@@ -173,21 +175,25 @@ def test_a_worker_joins_in_the_place_of_one_that_failed(fw, servers, consistency
     run_dir = results / "joined"
     joiners: list[subprocess.Popen] = []
 
-    def join(run_dir: Path, fault: str = "") -> subprocess.Popen:
+    def join(run_dir: Path, fault: str = "", release: Path | None = None) -> subprocess.Popen:
         joiners.append(subprocess.Popen(
             [PY, "-m", "harness", "join", run_dir, "--timeout", "90"], stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True,
-            env={**os.environ, "HARNESS_FAULT": fault}))
+            env={**os.environ, "HARNESS_FAULT": fault,
+                 "HARNESS_FAULT_RELEASE": str(release or "")}))
         return joiners[-1]
 
     try:
         _wait_for(log, f"worker rank {failing} failed at clock 9", job)
-        # with kill, the first joiner (id S+2) SIGKILLs itself before its clock 40
-        joiner = join(run_dir, f"kill@{servers + 2}:40" if kill else "")
+        # the first joiner (id S+2) crawls until released (390 steps to its kill: 97 s at the
+        # least); with kill, it then SIGKILLs itself before its clock 400
+        joiner = join(run_dir, f"slow@{servers + 2}:1" + (f",kill@{servers + 2}:400" if kill
+                                                          else ""), first_release)
         _wait_for(log, "joined from", job)
         second = run(harness("join", run_dir, "--timeout", "60"), timeout=120)
         assert second.returncode == 2 and "no worker slot" in second.stdout + second.stderr, \
             second.stdout + second.stderr
+        first_release.touch()
         if kill:
             joiner.communicate(timeout=60)
             _wait_for(log, "stopped answering (no heartbeat", job)
@@ -210,7 +216,7 @@ def test_a_worker_joins_in_the_place_of_one_that_failed(fw, servers, consistency
         info = s["joined_workers"].pop(str(first))
         assert info["state"] == "left" and "stopped answering" in s["failed_workers"][str(first)]
         cut = info["clock"]
-        assert cut == 39 and sorted(r["clock"] for r in steps if r["worker"] == first) == \
+        assert cut == 399 and sorted(r["clock"] for r in steps if r["worker"] == first) == \
             list(range(10, cut + 1))
     else:
         wid, cut = servers + 2, 9                      # the first id after the job's ranks
@@ -241,7 +247,7 @@ def test_a_job_with_a_joined_worker_is_preempted_and_resumes_by_slot(results, tm
     """The joined worker gets SIGTERM at its clock 30: every rank of both jobs checkpoints and
     exits 75, the checkpoint keeps the clocks by slot, and the same launch command (no joiner)
     finishes every slot's planned steps with exactly the planned updates."""
-    epochs = 16                      # worker 1 crawls (0.25 s a step) until the preemption
+    epochs = 40                      # worker 1 crawls (0.25 s a step) until the preemption
     total = epochs * SPE
     args = launch("mpirun", 3, "--framework", "torch", "--mode", "async", "--model", "mlp",
                   "--epochs", epochs, "--ps-join", "--threads-per-rank", "1", "--out-dir",

@@ -256,7 +256,7 @@ def test_mpirun_line_of_the_batch_scripts_is_the_builders(fake):
     (call,) = fake.calls("mpirun")
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
     exports = [a for v in ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "NCCL_DEBUG",
-                           "HARNESS_FAULT") for a in ("-x", v)]
+                           "HARNESS_FAULT", "HARNESS_FAULT_RELEASE") for a in ("-x", v)]
     # inside an allocation mpirun takes its slots from SLURM: never --oversubscribe
     assert call["argv"] == [
         "-np", "6", *root, "--bind-to", "none", "--map-by", "ppr:3:node", *exports,
