@@ -220,6 +220,7 @@ def test_a_slow_fault_waits_before_each_step_from_its_step_until_released(tmp_pa
     assert len(naps) == 3
     with pytest.raises(RuntimeError, match="raises at step 9"):   # other faults still fire
         slow.before_step(9, np.zeros(2))
+    monkeypatch.delenv("HARNESS_FAULT_RELEASE")                  # unset: slow to the end
     both = faults.FaultInjector(1, spec="slow@1:3,nan@1:3")      # the same step: both act
     assert np.isnan(both.before_step(3, np.zeros(2))).all() and len(naps) == 4
 
