@@ -30,7 +30,8 @@ _KERAS: Any = None          # the Keras module this process's backend chose
 
 #: What Keras imports at start-up when it is installed, for features a training rank does not
 #: use: scikit-learn for its estimator wrappers (``keras.wrappers``) and matplotlib for its
-#: image gallery (``keras.visualization``). Together 1.4 s of each TensorFlow rank's start-up,
+#: image gallery (``keras.visualization``). Together about 1.4 s of a TensorFlow rank's start-up
+#: (one-off timing of `import tensorflow`, 4.5 s -> 3.1 s),
 #: saved where the harness imports Keras first (not a task module that imports it at its top).
 OPTIONAL_AT_IMPORT = ("sklearn", "matplotlib")
 
