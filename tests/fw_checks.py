@@ -228,6 +228,37 @@ def check_horovod(fw: str) -> dict:
     return out
 
 
+def check_broadcast_state(fw: str, gradient_path: str) -> dict:
+    """Under mpirun -np 2: the backend's broadcast_state gives every rank rank 0's weights and
+    optimizer state. The ranks first take a different local step each (no exchange), so both
+    differ, as after a resume where rank 0 alone restored them; returns whether rank 1's state
+    differed from rank 0's before and equals it after."""
+    from harness.env import detect_world
+
+    cfg = RunConfig(framework=fw, model="cnn", optimizer="adam", seed=0)
+    task, data = load_task_data(cfg)
+    b = create(cfg, detect_world(), gradient_path)
+    world = b.init_distributed()
+    b.setup(task, data.x_train[:2], data.y_train[:2], cfg.lr)
+    lo = 16 * world.rank
+    b.local_step(data.x_train[lo:lo + 16], data.y_train[lo:lo + 16])
+
+    def digest() -> list[float]:
+        arrays = [*b.get_weights().values(), *b.get_optimizer_state()[0].values()]
+        return [float(np.sum(np.abs(np.asarray(a, np.float64)))) for a in arrays]
+
+    before = digest()
+    b.broadcast_state(resumed=True)
+    after = digest()
+    gathered = b.allreduce_host(np.array([*before, *after]) * (world.rank == 0), "sum")
+    n = len(before)
+    out = {"rank": world.rank, "size": world.size, "arrays": n,
+           "differed_before": not np.array_equal(gathered[:n], before),
+           "equal_after": bool(np.array_equal(gathered[n:], after))}
+    b.shutdown()
+    return out
+
+
 def check_serial_sgd(fw: str, out_path: str, steps: str, *flags: str) -> dict:
     """The reference for a one-worker parameter-server run: the same gradients and the servers'
     SGD applied in one process, in order."""
@@ -392,7 +423,7 @@ def check_compressed_training(fw: str, out_dir: str, methods: str) -> dict:
 CHECKS = {"compress": check_compress, "compressed_training": check_compressed_training,
           "models": check_models, "forward": check_forward, "backend": check_backend,
           "fidelity": check_fidelity, "gpt_fidelity": check_gpt_fidelity,
-          "horovod": check_horovod,
+          "horovod": check_horovod, "broadcast_state": check_broadcast_state,
           "serial_sgd": check_serial_sgd, "late_rank": check_late_rank}
 
 if __name__ == "__main__":

@@ -56,6 +56,20 @@ def test_horovod_allreduce_two_ranks(fw):
         assert out["zero_grad_set_to_none"]
 
 
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+@pytest.mark.parametrize("path", ["horovod", "mpi"])
+def test_broadcast_state_gives_every_rank_rank_0s_weights_and_optimizer_state(fw, path):
+    spec = LaunchSpec(launcher="mpirun", np=2, allow_run_as_root=os.geteuid() == 0)
+    argv = mpirun_argv(spec, [PY, REPO / "tests" / "fw_checks.py", fw, "broadcast_state", path])
+    p = run(argv, timeout=180, check=True)
+    lines = [json.loads(line[line.index("{"):]) for line in p.stdout.splitlines()
+             if '"equal_after"' in line]
+    rank1 = next(o for o in lines if o["rank"] == 1)
+    assert rank1["size"] == 2 and rank1["arrays"] > 10        # weights and Adam's moments
+    assert rank1["differed_before"]
+    assert rank1["equal_after"]
+
+
 def test_a_tensor_waiting_on_a_late_rank_does_not_sleep_out_a_cycle():
     """Patch 0007: with an enqueue waking Horovod's thread and a 50 ms cycle, rank 0's thread
     negotiates again at once while its tensor waits on rank 1, instead of sleeping 50 ms after

@@ -477,8 +477,11 @@ KERAS_TOKENS = TOKENS + '''
 
 
     def loss(out, y):
-        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=tf.cast(y, tf.int64), logits=out))
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(y, tf.int64),
+                                                            logits=out)
+        if tf.reduce_any(tf.math.is_nan(ce)):     # Python's if on a tensor: needs autograph
+            ce = tf.zeros_like(ce)
+        return tf.reduce_mean(ce)
 
 
     def token_acc(out, y):

@@ -198,14 +198,23 @@ class TFBackend(Backend):
                 task, self.model, c.seed, {n: tuple(v.shape) for n, v in self.variables.items()}))
         self.opt = make_optimizer(keras, c, lr)
         self.opt.build(self.trainable)
+        # the task's own functions, with autograph (tf.function's default) inside the graphs
+        self._user_fns = (tf.function(task.loss), [tf.function(fn) for fn in task.metrics.values()])
         x_spec = tf.TensorSpec([None, *x.shape[1:]], tf.as_dtype(x.dtype))
         y_spec = tf.TensorSpec([None, *y.shape[1:]], tf.as_dtype(y.dtype))
-        self._train_fn = tf.function(self._train_step_graph, input_signature=[x_spec, y_spec])
-        self._grad_fn = tf.function(self._local_gradients, input_signature=[x_spec, y_spec])
-        self._eval_fn = tf.function(self._eval_graph, input_signature=[x_spec, y_spec])
-        self._apply_fn = tf.function(self._apply_flat)
-        self._local_fn = tf.function(self._local_step_graph, input_signature=[x_spec, y_spec])
+        self._train_fn = self._graph(self._train_step_graph, [x_spec, y_spec])
+        self._grad_fn = self._graph(self._local_gradients, [x_spec, y_spec])
+        self._eval_fn = self._graph(self._eval_graph, [x_spec, y_spec])
+        self._apply_fn = self._graph(self._apply_flat)
+        self._local_fn = self._graph(self._local_step_graph, [x_spec, y_spec])
         self._make_compressor()                # its state variables exist before tracing
+
+    def _graph(self, fn, input_signature=None):
+        """``fn`` as a TensorFlow graph function, traced without autograph: the harness's own
+        graph code has no Python control flow on tensors, and converting it cost each process
+        about 0.7 s before its first step. The task's loss and metrics are still converted
+        (``_user_fns``), so a user's ``if`` on a tensor works as it does in ``tf.function``."""
+        return self.tf.function(fn, input_signature=input_signature, autograph=False)
 
     def _check_task(self, x: np.ndarray, y: np.ndarray) -> None:
         """The model, loss and metrics fit together on the sample batch (else a TaskError)."""
@@ -231,9 +240,10 @@ class TFBackend(Backend):
         """The batch mean loss and each metric summed over the batch."""
         tf = self.tf
         out = self.model(x, training=training)
-        loss = tf.cast(self.task.loss(out, y), tf.float32)
+        loss_fn, metric_fns = self._user_fns
+        loss = tf.cast(loss_fn(out, y), tf.float32)
         n = tf.cast(tf.shape(x)[0], tf.float32)
-        sums = [tf.cast(fn(out, y), tf.float32) * n for fn in self.task.metrics.values()]
+        sums = [tf.cast(fn(out, y), tf.float32) * n for fn in metric_fns]
         return loss, tf.stack(sums) if sums else tf.zeros([0])
 
     def _local_gradients(self, x, y, scale: float = 1.0):
@@ -516,13 +526,17 @@ class HorovodTFBackend(HorovodComm, TFBackend):
     def resize(self, share: float) -> None:
         self.share = share
         # the step's graph holds the old size and share: trace it anew
-        self._train_fn = self.tf.function(self._train_step_graph,
-                                          input_signature=self._train_fn.input_signature)
+        self._train_fn = self._graph(self._train_step_graph, self._train_fn.input_signature)
 
     def broadcast_state(self, resumed: bool = False) -> None:
         variables = tf_variables(self.model.variables) + \
             tf_variables(optimizer_variables(self.opt))
-        self.hvd.broadcast_variables(variables, root_rank=0)
+        # in a graph of our own: Horovod's eager path wraps the same ops in a tf.function
+        # with autograph, which converted its broadcast once per variable
+        def broadcast():
+            self.hvd.broadcast_variables(variables, root_rank=0)
+
+        self._graph(broadcast)()
 
 
 class MPITFBackend(MPIComm, TFBackend):
