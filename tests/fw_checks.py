@@ -230,9 +230,9 @@ def check_horovod(fw: str) -> dict:
 
 def check_broadcast_state(fw: str, gradient_path: str) -> dict:
     """Under mpirun -np 2: the backend's broadcast_state gives every rank rank 0's weights and
-    optimizer state. The ranks first take a different local step each (no exchange), so both
-    differ, as after a resume where rank 0 alone restored them; returns whether rank 1's state
-    differed from rank 0's before and equals it after."""
+    optimizer state. Rank r first takes r + 1 local steps (no exchange), so weights, moments and
+    step counters all differ, as after a resume where rank 0 alone restored them. Returns, on
+    rank 1, the arrays that differed from rank 0's before and those that still differ after."""
     from harness.env import detect_world
 
     cfg = RunConfig(framework=fw, model="cnn", optimizer="adam", seed=0)
@@ -240,23 +240,33 @@ def check_broadcast_state(fw: str, gradient_path: str) -> dict:
     b = create(cfg, detect_world(), gradient_path)
     world = b.init_distributed()
     b.setup(task, data.x_train[:2], data.y_train[:2], cfg.lr)
-    lo = 16 * world.rank
-    b.local_step(data.x_train[lo:lo + 16], data.y_train[lo:lo + 16])
+    for step in range(world.rank + 1):
+        lo = 16 * (2 * step + world.rank)
+        b.local_step(data.x_train[lo:lo + 16], data.y_train[lo:lo + 16])
 
-    def digest() -> list[float]:
-        arrays = [*b.get_weights().values(), *b.get_optimizer_state()[0].values()]
-        return [float(np.sum(np.abs(np.asarray(a, np.float64)))) for a in arrays]
+    def state() -> dict[str, np.ndarray]:
+        arrays, meta = b.get_optimizer_state()
+        names = meta.get("names") or list(arrays)          # Keras: the variables' paths
+        return {**{f"weights/{k}": v for k, v in b.get_weights().items()},
+                **{f"optimizer/{n}": arrays[k] for n, k in zip(names, arrays)}}
 
-    before = digest()
+    def differing(mine: dict[str, np.ndarray]) -> list[str]:
+        """The names whose array is not rank 0's (rank 0's arrays reach every rank as a sum
+        of its own and zeros)."""
+        out = []
+        for name, a in mine.items():
+            a = np.asarray(a, np.float64)
+            root = b.allreduce_host(a.reshape(-1) * (world.rank == 0), "sum")
+            if not np.array_equal(root, a.reshape(-1)):
+                out.append(name)
+        return out
+
+    before = differing(state())
     b.broadcast_state(resumed=True)
-    after = digest()
-    gathered = b.allreduce_host(np.array([*before, *after]) * (world.rank == 0), "sum")
-    n = len(before)
-    out = {"rank": world.rank, "size": world.size, "arrays": n,
-           "differed_before": not np.array_equal(gathered[:n], before),
-           "equal_after": bool(np.array_equal(gathered[n:], after))}
+    after = differing(state())
     b.shutdown()
-    return out
+    return {"rank": world.rank, "size": world.size, "differed_before": before,
+            "differ_after": after}
 
 
 def check_serial_sgd(fw: str, out_path: str, steps: str, *flags: str) -> dict:

@@ -471,9 +471,14 @@ KERAS_TOKENS = TOKENS + '''
     import tensorflow as tf
 
 
+    built = []
+
+
     def model():
         inputs = keras.Input(shape=(T,), dtype="int64")
-        return keras.Model(inputs, keras.layers.Dense(V)(keras.layers.Embedding(V, 32)(inputs)))
+        dense = keras.layers.Dense(V, activity_regularizer=keras.regularizers.L2(1e-6))
+        built.append(keras.Model(inputs, dense(keras.layers.Embedding(V, 32)(inputs))))
+        return built[-1]
 
 
     def loss(out, y):
@@ -481,7 +486,8 @@ KERAS_TOKENS = TOKENS + '''
                                                             logits=out)
         if tf.reduce_any(tf.math.is_nan(ce)):     # Python's if on a tensor: needs autograph
             ce = tf.zeros_like(ce)
-        return tf.reduce_mean(ce)
+        # the model's penalty from this call: a tensor of the graph that calls the loss
+        return tf.reduce_mean(ce) + sum(built[-1].losses)
 
 
     def token_acc(out, y):

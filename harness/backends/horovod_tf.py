@@ -198,8 +198,6 @@ class TFBackend(Backend):
                 task, self.model, c.seed, {n: tuple(v.shape) for n, v in self.variables.items()}))
         self.opt = make_optimizer(keras, c, lr)
         self.opt.build(self.trainable)
-        # the task's own functions, with autograph (tf.function's default) inside the graphs
-        self._user_fns = (tf.function(task.loss), [tf.function(fn) for fn in task.metrics.values()])
         x_spec = tf.TensorSpec([None, *x.shape[1:]], tf.as_dtype(x.dtype))
         y_spec = tf.TensorSpec([None, *y.shape[1:]], tf.as_dtype(y.dtype))
         self._train_fn = self._graph(self._train_step_graph, [x_spec, y_spec])
@@ -213,7 +211,8 @@ class TFBackend(Backend):
         """``fn`` as a TensorFlow graph function, traced without autograph: the harness's own
         graph code has no Python control flow on tensors, and converting it cost each process
         about 0.7 s before its first step. The task's loss and metrics are still converted
-        (``_user_fns``), so a user's ``if`` on a tensor works as it does in ``tf.function``."""
+        (``_loss``), so a user's ``if`` on a tensor works in the step loop as in ``tf.function``
+        (Keras 3's ``model.fit``, ``tf_loop = 'fit'``, converts none of them)."""
         return self.tf.function(fn, input_signature=input_signature, autograph=False)
 
     def _check_task(self, x: np.ndarray, y: np.ndarray) -> None:
@@ -237,13 +236,15 @@ class TFBackend(Backend):
             raise error from e
 
     def _loss(self, x, y, training: bool = True):
-        """The batch mean loss and each metric summed over the batch."""
+        """The batch mean loss and each metric summed over the batch. The task's functions
+        run as functions of their own with autograph (tf.function's default), made anew in each
+        graph: one traced once would hold that graph's tensors (e.g. ``model.losses``)."""
         tf = self.tf
         out = self.model(x, training=training)
-        loss_fn, metric_fns = self._user_fns
-        loss = tf.cast(loss_fn(out, y), tf.float32)
+        loss = tf.cast(tf.function(self.task.loss)(out, y), tf.float32)
         n = tf.cast(tf.shape(x)[0], tf.float32)
-        sums = [tf.cast(fn(out, y), tf.float32) * n for fn in metric_fns]
+        sums = [tf.cast(tf.function(fn)(out, y), tf.float32) * n
+                for fn in self.task.metrics.values()]
         return loss, tf.stack(sums) if sums else tf.zeros([0])
 
     def _local_gradients(self, x, y, scale: float = 1.0):
