@@ -13,20 +13,16 @@ compare:
 		--out-dir $(OUT)
 	ln -sfn $(notdir $(OUT)) results/latest
 
-# Tests: unit, per-framework, multi-process (horovodrun, mpirun) and a local SLURM cluster, in
-# three parts: the single-process tiers in two test processes; the jobs of several ranks two at
-# a time, each test file in one process (its module fixtures run once); then, one at a time, the
-# jobs that assert on time or wait on timeouts (marker `alone`) and the SLURM cluster's. Every
-# part runs; any failing fails.
+# Tests: unit, per-framework, multi-process (horovodrun, mpirun) and a local SLURM cluster. The
+# single-process tiers run in two test processes; the jobs of several ranks one at a time (two
+# at once would share 2 cores between 4-6 ranks). Both parts run; either failing fails.
 test:
 	scripts/bootstrap.sh --with-slurm
 	$(PY) -m pytest -n 2 -m "not ($(JOBS))"; a=$$?; \
-	$(PY) -m pytest -n 2 --dist loadfile -m "($(JOBS)) and not ($(ALONE))"; b=$$?; \
-	$(PY) -m pytest -m "($(JOBS)) and ($(ALONE))"; c=$$?; \
-	[ $$a -eq 0 ] && [ $$b -eq 0 ] && [ $$c -eq 0 ]
+	$(PY) -m pytest -m "$(JOBS)"; b=$$?; \
+	[ $$a -eq 0 ] && [ $$b -eq 0 ]
 
 JOBS := mpi or slurm or slow
-ALONE := alone or slurm
 
 # The unit tier: every test that needs no MPI, Horovod, SLURM, GPU, nor a torch/TensorFlow
 # process that builds or trains a model (markers in pyproject.toml). Two test processes

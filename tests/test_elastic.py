@@ -24,8 +24,6 @@ G32 = ("--global-batch-size", "32")        # the counter task's lr is 32
 #: Gloo's wait for a peer that will never answer (Horovod's default is 30 s): a survivor
 #: blocked on the lost rank's data notices within this
 FAST_FAIL = {"HOROVOD_GLOO_TIMEOUT_SECONDS": "10"}
-#: the elastic jobs wait on Gloo's and the discovery's timeouts: no other job at once
-pytestmark = pytest.mark.alone
 
 
 def elastic_launch(np_: int, hosts_file: Path, *train_args, extra: tuple = ()) -> list[str]:

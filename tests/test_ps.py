@@ -11,7 +11,7 @@ from conftest import (FRAMEWORKS, checkpoint_weights, fw_check, latest_checkpoin
                       needs_horovod, needs_mpi, read_jsonl, run, summary)
 from harness import checkpoint as ck
 
-pytestmark = [needs_mpi, pytest.mark.mpi, pytest.mark.alone]   # kill timing, heartbeats
+pytestmark = [needs_mpi, pytest.mark.mpi]
 
 EXACT = ["--model", "mlp", "--mode", "async", "--threads-per-rank", "1", "--max-steps", "25",
          "--eval-every", "0", "--lr", "0.05", "--momentum", "0.9", "--weight-decay", "0.0001"]

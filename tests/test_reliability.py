@@ -21,8 +21,6 @@ from harness.config import RunConfig
 from harness.data import load_dataset
 from harness.preemption import EXIT_STALLED
 
-#: stall watchdogs and time limits: no other job at once
-pytestmark = pytest.mark.alone
 
 def multiprocess(test):
     """A job of several ranks under horovodrun or mpirun (left out of `make test-unit`)."""

@@ -13,7 +13,7 @@ import pytest
 from bench.slowlink import SlowLink, available
 from conftest import PY, REPO, needs_horovod, needs_mpi, summary
 
-pytestmark = [needs_horovod, needs_mpi, pytest.mark.mpi, pytest.mark.slow, pytest.mark.alone,
+pytestmark = [needs_horovod, needs_mpi, pytest.mark.mpi, pytest.mark.slow,
               pytest.mark.skipif(available() is not None, reason=str(available()))]
 
 

@@ -18,7 +18,7 @@ from launchers.builders import mpirun_argv
 from models import get_spec
 from launchers.spec import LaunchSpec
 
-pytestmark = [needs_horovod, pytest.mark.mpi, pytest.mark.alone]   # wait and step timings
+pytestmark = [needs_horovod, pytest.mark.mpi]
 
 RANKS, BATCH, EPOCHS = 2, 32, 4          # the digits runs below
 DIGITS = ["--model", "cnn", "--dataset", "digits", "--epochs", EPOCHS, "--batch-size", BATCH,

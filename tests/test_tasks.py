@@ -337,7 +337,6 @@ def test_a_users_task_trains_on_the_mpi_fallback_and_the_parameter_server(result
 
 @needs_mpi
 @pytest.mark.mpi
-@pytest.mark.alone                     # a stall timeout of 4 s
 @pytest.mark.parametrize("fault, flags, expect", [
     ("nan@1:4", ["--nan-policy", "skip"], "skipped"),
     ("desync@1:6", [], "ranks ended with different weights"),
