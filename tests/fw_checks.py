@@ -265,6 +265,8 @@ def check_broadcast_state(fw: str, gradient_path: str) -> dict:
     b.broadcast_state(resumed=True)
     after = differing(state())
     b.shutdown()
+    if world.rank != 1:      # one line: mpirun may interleave two ranks' output mid-line
+        sys.stdout = open(os.devnull, "w")
     return {"rank": world.rank, "size": world.size, "differed_before": before,
             "differ_after": after}
 

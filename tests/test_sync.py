@@ -62,10 +62,9 @@ def test_broadcast_state_gives_every_rank_rank_0s_weights_and_optimizer_state(fw
     spec = LaunchSpec(launcher="mpirun", np=2, allow_run_as_root=os.geteuid() == 0)
     argv = mpirun_argv(spec, [PY, REPO / "tests" / "fw_checks.py", fw, "broadcast_state", path])
     p = run(argv, timeout=180, check=True)
-    lines = [json.loads(line[line.index("{"):]) for line in p.stdout.splitlines()
-             if '"differ_after"' in line]
-    rank1 = next(o for o in lines if o["rank"] == 1)
+    rank1 = json_line(p.stdout, "differ_after")         # rank 1's alone
     before = rank1["differed_before"]
+    assert rank1["rank"] == 1
     assert rank1["size"] == 2 and len(before) > 10, rank1     # weights and Adam's moments
     assert any(n.startswith("weights/") for n in before), before
     counter = "iteration" if fw == "tensorflow" else "/step"     # Adam's bias correction
