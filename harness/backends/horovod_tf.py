@@ -209,8 +209,8 @@ class TFBackend(Backend):
 
     def _graph(self, fn, input_signature=None):
         """``fn`` as a TensorFlow graph function, traced without autograph: the harness's own
-        graph code has no Python control flow on tensors, and converting it cost each process
-        about 0.7 s before its first step. The task's loss and metrics are still converted
+        graph code has no Python control flow on tensors, and converting it was most of each
+        process's first step. The task's loss and metrics are still converted
         (``_loss``), so a user's ``if`` on a tensor works in the step loop as in ``tf.function``
         (Keras 3's ``model.fit``, ``tf_loop = 'fit'``, converts none of them)."""
         return self.tf.function(fn, input_signature=input_signature, autograph=False)
@@ -533,7 +533,7 @@ class HorovodTFBackend(HorovodComm, TFBackend):
         variables = tf_variables(self.model.variables) + \
             tf_variables(optimizer_variables(self.opt))
         # in a graph of our own: Horovod's eager path wraps the same ops in a tf.function
-        # with autograph, which converted its broadcast once per variable
+        # with autograph, which ran every variable's broadcast through autograph's wrapper
         def broadcast():
             self.hvd.broadcast_variables(variables, root_rank=0)
 
