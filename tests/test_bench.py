@@ -19,7 +19,8 @@ EXPECTED = {"allreduce": {"allreduce", "allreduce_ratio"},
             "peers": {"peer_pair", "peers"},
             "main_job": {"main_job_run", "main_job", "idle_cycle_pair", "idle_cycle"},
             "allreduce_flat": {"allreduce_flat_sample", "allreduce_flat"},
-            "compression": {"compression_run", "compression_row"}}
+            "compression": {"compression_run", "compression_row"},
+            "threads": {"threads_pair", "threads"}}
 
 
 @pytest.mark.parametrize("args, message", [
@@ -89,4 +90,18 @@ def check_allreduce_target(records: list[dict]) -> None:
     assert all(e["git_commit"] and e["git_head"] for e in env)
 
 
-RAW_CHECKS = {"overhead": check_overhead, "allreduce_target": check_allreduce_target}
+def check_threads(records: list[dict]) -> None:
+    """Each round runs the 1-rank job at one thread, then at every core the harness gives it,
+    and the ceiling is the all-cores step over the 1-thread step of the same round."""
+    pairs = [r for r in records if r["kind"] == "threads_pair"]
+    row = [r for r in records if r["kind"] == "threads"][0]
+    cores = row["cores"]
+    assert [p["threads_per_rank"] for p in pairs] == [1, cores] * row["launches"]
+    assert all(p["step_time_p50_s"] >= p["compute_s"] > 0 for p in pairs)
+    ratio = pairs[1]["step_time_p50_s"] / pairs[0]["step_time_p50_s"]
+    assert row["e2_ceiling"]["median"] == pytest.approx(ratio)
+    assert row[f"step_time_p50_s_{cores}_threads"] == pairs[1]["step_time_p50_s"]
+
+
+RAW_CHECKS = {"overhead": check_overhead, "allreduce_target": check_allreduce_target,
+              "threads": check_threads}
