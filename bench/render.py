@@ -194,6 +194,21 @@ def main_job_tables(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def threads_table(rows: list[dict]) -> str:
+    """``harness bench threads``: the main job's 1-rank step at one thread and at every core,
+    and the ceiling that puts on E(2) (the all-cores step over the 1-thread step)."""
+    sel = [r for r in rows if r["kind"] == "threads"]
+    cores = sel[0]["cores"]
+    out = [f"| framework | 1-rank step p50, 1 thread (ms) | {cores} threads (ms) "
+           "| ceiling median | min | max | launches |", "|---|---|---|---|---|---|---|"]
+    for r in sel:
+        q = r["e2_ceiling"]
+        out.append(f"| {r['framework']} | {r['step_time_p50_s_1_thread'] * 1e3:.2f} "
+                   f"| {r[f'step_time_p50_s_{cores}_threads'] * 1e3:.2f} | {q['median']:.3f} "
+                   f"| {q['min']:.3f} | {q['max']:.3f} | {r['launches']} |")
+    return "\n".join(out)
+
+
 def compression_table(rows: list[dict]) -> str:
     """``harness bench compression``: each method against dense on the slow link (medians).
     "samples/s" is the global batch over the median step; "wall" the training wall time,
@@ -269,6 +284,8 @@ def main(paths: list[str]) -> str:
         parts += [allreduce_flat_table(rows), ""]
     if any(r["kind"] == "main_job" for r in rows):
         parts += [main_job_tables(rows), ""]
+    if any(r["kind"] == "threads" for r in rows):
+        parts += [threads_table(rows), ""]
     if any(r["kind"] == "compression_row" for r in rows):
         parts += [compression_table(rows), ""]
     return "\n".join(parts)

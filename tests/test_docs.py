@@ -55,3 +55,25 @@ def test_the_metrics_record_kinds_documented_are_the_ones_written():
         written |= set(re.findall(r"\bmetrics\.write\(\s*\"(\w+)\"", p.read_text()))
     assert documented == written, (f"documented, never written: {documented - written}; "
                                    f"written, not documented: {written - documented}")
+
+
+# the raw records whose tables docs/benchmarks.md quotes as its current ones (the other files in
+# docs/bench-data are earlier runs that its prose cites by figure)
+QUOTED_RECORDS = ("allreduce", "allreduce_target", "overhead", "overhead_1ad7a8a", "scaling",
+                  "async_sync", "fusion", "main_job", "main_job_patch0007", "allreduce_flat",
+                  "peers", "compression", "threads")
+
+
+def test_the_benchmark_tables_are_the_ones_their_raw_records_render():
+    """docs/benchmarks.md says every table is ``python -m bench.render`` of its raw records:
+    each row rendered from those files is in the document, word for word."""
+    from bench.render import main as render
+
+    doc = (REPO / "docs" / "benchmarks.md").read_text()
+    missing = []
+    for name in QUOTED_RECORDS:
+        rows = [line for line in render([str(REPO / "docs" / "bench-data" / f"{name}.jsonl")])
+                .splitlines() if line.startswith("| ")]
+        assert rows, name
+        missing += [f"{name}.jsonl: {row}" for row in rows if row not in doc]
+    assert not missing, "\n".join(missing)
