@@ -13,7 +13,8 @@ from pathlib import Path
 def _records(paths: list[str]) -> list[dict]:
     out = []
     for p in paths:
-        out += [json.loads(line) for line in Path(p).read_text().splitlines() if line.strip()]
+        out += [r for r in (json.loads(line) for line in Path(p).read_text().splitlines()
+                            if line.strip()) if "kind" in r]   # wake_ab.jsonl: A/B pairs only
     return out
 
 
