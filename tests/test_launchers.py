@@ -1,6 +1,7 @@
 """Launcher builders: exact argv lists (values with spaces and quotes stay single elements)."""
 
 import dataclasses
+import json
 import os
 import shlex
 import typing
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY, REPO, harness, run
+from conftest import PY, REPO, harness, needs_horovod, run
 from harness.config import RunConfig, parse_train_args
 from harness.errors import ConfigError
 from launchers import LaunchSpec, build_argv
@@ -289,10 +290,11 @@ def test_runner_forwards_a_stop_signal_and_keeps_the_callers_handler(tmp_path):
 
 
 def test_horovodrun_asks_how_horovod_was_built_once_and_of_the_torch_extension_first(
-        monkeypatch):
+        monkeypatch, tmp_path):
     """Our patch 0010: one forked process answers every build flag horovodrun asks about (it
     used to fork one per flag, each importing TensorFlow first)."""
     util = pytest.importorskip("horovod.common.util")
+    monkeypatch.setenv("HOROVOD_CACHE_DIR", str(tmp_path))     # no answer kept from a run before
     asked = []
 
     def check(ext, fn, desc, verbose):
@@ -309,3 +311,95 @@ def test_horovodrun_asks_how_horovod_was_built_once_and_of_the_torch_extension_f
     finally:
         cache.clear()                                # no made-up answer outlives the test
     assert asked == ["torch", "tensorflow"]        # torch first; a failed import tries the next
+
+
+def _forget_built_flags(util) -> None:
+    """Empty Horovod's in-memory ``_cache`` of the build flags (the disk is what is tested)."""
+    next(c.cell_contents for c in util._built_flags.__closure__
+         if isinstance(c.cell_contents, dict)).clear()
+
+
+def test_horovodrun_keeps_the_build_flags_per_build_and_asks_again_when_it_must(
+        monkeypatch, tmp_path):
+    """Our patch 0011: the flags are compiled into the extensions, so the answer is kept on disk
+    per build and the next horovodrun does not import a framework to ask again; a verbose check,
+    a changed build or an unreadable file asks again."""
+    util = pytest.importorskip("horovod.common.util")
+    monkeypatch.setenv("HOROVOD_CACHE_DIR", str(tmp_path))
+    flags = {"mpi_built": True, "gloo_built": True, "nccl_built": 0, "ddl_built": False,
+             "ccl_built": False}
+    asked = []
+
+    def check(ext, fn, desc, verbose):
+        asked.append(ext)
+        return dict(flags)
+
+    monkeypatch.setattr(util, "_check_extension_lambda", check)
+    monkeypatch.setattr(util, "_built_flags_key", lambda: "build-a")
+    kept = tmp_path / "built-flags-build-a.json"
+    try:
+        _forget_built_flags(util)
+        assert util.mpi_built() is True and asked == ["torch"]
+        assert json.loads(kept.read_text()) == flags
+        assert [p.name for p in tmp_path.iterdir()] == [kept.name]     # no temporary file left
+
+        _forget_built_flags(util)                   # a new horovodrun process, the same build
+        assert (util.mpi_built(), util.gloo_built()) == (True, True) and asked == ["torch"]
+
+        _forget_built_flags(util)
+        assert util.mpi_built(verbose=True) and asked == ["torch"] * 2   # --verbose asks
+
+        monkeypatch.setattr(util, "_built_flags_key", lambda: "build-b")  # rebuilt
+        _forget_built_flags(util)
+        assert util.gloo_built() and asked == ["torch"] * 3
+        assert (tmp_path / "built-flags-build-b.json").exists()
+
+        for bad in ("{not json", '{"mpi_built": true}', "[]"):
+            kept.write_text(bad)
+            monkeypatch.setattr(util, "_built_flags_key", lambda: "build-a")
+            _forget_built_flags(util)
+            n = len(asked)
+            assert util.mpi_built() is True and len(asked) == n + 1, bad
+            assert json.loads(kept.read_text()) == flags               # and it is written again
+
+        monkeypatch.setenv("HOROVOD_CACHE_DIR", str(tmp_path / "file" / "below"))
+        (tmp_path / "file").write_text("")          # a folder that cannot be made: asks, no error
+        _forget_built_flags(util)
+        assert util.mpi_built() is True
+    finally:
+        _forget_built_flags(util)
+
+
+def test_the_build_key_changes_with_the_extension_libraries(tmp_path):
+    util = pytest.importorskip("horovod.common.util")
+    assert util._built_flags_key(str(tmp_path)) is None           # no extension library
+    (tmp_path / "torch").mkdir()
+    lib = tmp_path / "torch" / "mpi_lib_v2.so"
+    lib.write_bytes(b"x" * 10)
+    os.utime(lib, ns=(1_000_000_000, 1_000_000_000))
+    first = util._built_flags_key(str(tmp_path))
+    assert first and util._built_flags_key(str(tmp_path)) == first
+    os.utime(lib, ns=(2_000_000_000, 2_000_000_000))               # reinstalled
+    assert util._built_flags_key(str(tmp_path)) != first
+    (tmp_path / "tensorflow").mkdir()
+    (tmp_path / "tensorflow" / "mpi_lib.so").write_bytes(b"y")
+    assert util._built_flags_key(str(tmp_path)) not in (first, None)
+
+
+@pytest.mark.mpi
+@needs_horovod
+def test_a_real_horovodrun_reads_the_kept_build_flags(tmp_path):
+    """End to end: horovodrun writes the build's flags on its first launch, and the next launch
+    goes by them (a file saying Horovod has neither MPI nor Gloo stops it), so it did not
+    import a framework to ask."""
+    env = {"HOROVOD_CACHE_DIR": str(tmp_path)}
+    hvdrun = str(Path(PY).parent / "horovodrun")
+    first = run([hvdrun, "-np", "1", "true"], env=env, timeout=120)
+    assert first.returncode == 0, first.stderr[-2000:]
+    [kept] = tmp_path.glob("built-flags-*.json")
+    flags = json.loads(kept.read_text())
+    assert flags["mpi_built"] and flags["gloo_built"]
+    kept.write_text(json.dumps({**flags, "mpi_built": False, "gloo_built": False}))
+    second = run([hvdrun, "-np", "1", "true"], env=env, timeout=120)
+    assert second.returncode != 0
+    assert "Neither MPI nor Gloo" in second.stdout + second.stderr, second.stderr[-2000:]
