@@ -160,8 +160,9 @@ fi
 # horovodrun asks how Horovod was built before every launch; our patch 0011 keeps the answer per
 # build (~/.cache/horovod), so ask once here rather than in the first launch (seconds: it imports
 # torch). A no-op when the answer is kept.
-"$VENV/bin/python" -c "from horovod.common.util import mpi_built; mpi_built()" 2>/dev/null \
-  || log "warning: could not ask Horovod how it was built; horovodrun will ask"
+"$VENV/bin/python" -c "import sys; from horovod.common.util import mpi_built
+sys.exit(mpi_built() is None)" \
+  || log "warning: could not learn how Horovod was built (no extension imports); horovodrun will ask at every launch"
 
 # --- 5. this project, editable --------------------------------------------------------------
 if [ "$(cat "$VENV/.project" 2>/dev/null)" != "$ROOT" ] || [ ! -x "$VENV/bin/harness" ]; then

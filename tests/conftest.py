@@ -63,10 +63,19 @@ def launch(launcher: str, np_: int, *train_args, extra: tuple = ()) -> list[str]
 
 def json_line(output: str, key: str) -> dict:
     """The JSON object on the first output line mentioning ``key`` (launcher prefixes dropped)."""
+    decoder = json.JSONDecoder()
     for line in output.splitlines():
-        if f'"{key}"' in line and "{" in line:
-            obj, _ = json.JSONDecoder().raw_decode(line[line.index("{"):])
-            return obj
+        if f'"{key}"' not in line:
+            continue
+        # mpirun may join two ranks' lines into one ('{"rank": 1}[1,0]<stdout>:{"key": ...}'):
+        # the object that holds the key, wherever it starts
+        for start in (i for i, c in enumerate(line) if c == "{"):
+            try:
+                obj, _ = decoder.raw_decode(line[start:])
+            except ValueError:
+                continue
+            if isinstance(obj, dict) and key in obj:
+                return obj
     raise AssertionError(f"no JSON line with {key!r} in:\n{output[-3000:]}")
 
 
