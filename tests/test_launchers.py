@@ -403,3 +403,14 @@ def test_a_real_horovodrun_reads_the_kept_build_flags(tmp_path):
     second = run([hvdrun, "-np", "1", "true"], env=env, timeout=120)
     assert second.returncode != 0
     assert "Neither MPI nor Gloo" in second.stdout + second.stderr, second.stderr[-2000:]
+
+
+def test_json_line_finds_the_object_with_its_key_where_mpirun_joined_two_ranks_lines():
+    """ci53 failed on this: rank 1's line and rank 0's arrived as one, and the helper that the
+    multi-rank tests read their results with decoded rank 1's object."""
+    from conftest import json_line
+    joined = '[1,1]<stdout>:{"rank": 1}[1,0]<stdout>:{"compressed_training": {"acc": 0.97}}'
+    assert json_line("start\n" + joined + "\n", "compressed_training") == \
+        {"compressed_training": {"acc": 0.97}}
+    with pytest.raises(AssertionError, match="no JSON line"):
+        json_line('{"rank": 1} mentions "compressed_training" only as text', "compressed_training")
