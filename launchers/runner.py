@@ -30,10 +30,47 @@ def launch_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
     return full_env
 
 
+#: shells a launcher runs itself through: horovodrun execs ``/bin/sh -c "mpirun ..."``
+SHELLS = ("sh", "dash", "bash")
+#: Open MPI's launcher binaries (what ``mpirun`` resolves to): on SIGTERM they kill the job after
+#: a few seconds, but they relay SIGUSR1 to the ranks and then report the ranks' exit code
+OPEN_MPI_LAUNCHERS = ("orterun", "prterun")
+
+
+def _proc_text(pid: int, name: str) -> str:
+    try:
+        return (Path("/proc") / str(pid) / name).read_text().strip()
+    except OSError:
+        return ""
+
+
+def signal_targets(pid: int, signum: int) -> list[tuple[int, int]]:
+    """Where a stop signal for the launcher process ``pid`` goes, as (pid, signal) pairs.
+
+    A shell's child is the launcher (horovodrun's ``sh -c mpirun``): signalled in the shell's
+    stead, so that the shell waits for it and returns its exit code, instead of dying and
+    leaving the job running. Open MPI's mpirun gets SIGUSR1 for a SIGTERM: the ranks hear a
+    stop request either way (checkpoint, exit 75), but mpirun relays SIGUSR1 and waits for
+    them, where on SIGTERM it would kill them a few seconds later and exit 1."""
+    targets = [pid]
+    if _proc_text(pid, "comm") in SHELLS:
+        children = _proc_text(pid, f"task/{pid}/children").split()
+        targets = [int(c) for c in children] or targets
+    out = []
+    for t in targets:
+        try:
+            exe = Path(os.readlink(f"/proc/{t}/exe")).name
+        except OSError:
+            exe = ""
+        graceful = signum == signal.SIGTERM and exe in OPEN_MPI_LAUNCHERS
+        out.append((t, signal.SIGUSR1 if graceful else signum))
+    return out
+
+
 def run(argv: list[str], env: Mapping[str, str] | None = None, cwd: str | None = None) -> int:
     """Run ``argv`` (never through a shell). Stop signals sent to us reach the launcher, which
-    relays them to the ranks, and then the handler that was installed before (if any); the
-    launcher's exit code is returned."""
+    relays them to the ranks (``signal_targets``), and then the handler that was installed
+    before (if any); the launcher's exit code is returned."""
     full_env = launch_environment(env)
     try:
         proc = subprocess.Popen(argv, env=full_env, cwd=cwd)
@@ -44,10 +81,11 @@ def run(argv: list[str], env: Mapping[str, str] | None = None, cwd: str | None =
     previous: dict[int, Any] = {}
 
     def forward(signum, frame):
-        try:
-            proc.send_signal(signum)
-        except ProcessLookupError:
-            pass
+        for pid, sig in signal_targets(proc.pid, signum):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
         before = previous.get(signum)
         if callable(before) and before is not signal.default_int_handler:
             before(signum, frame)  # e.g. compare's stop flag: it must not start the next run

@@ -144,6 +144,8 @@ def _other_value(f):
     if f.metadata.get("choices"):
         default = f.default
         return next(c for c in f.metadata["choices"] if c != default)
+    if f.name == "hosts":
+        return "x:1"                                   # HOST:SLOTS (launchers/spec.py)
     typ = typing.get_type_hints(LaunchSpec)[f.name]
     base = [t for t in typing.get_args(typ) if t is not type(None)] or [typ]
     return {bool: True, int: 2, float: 1.5, list: ["PATH"], str: "x"}[base[0]]
@@ -287,6 +289,32 @@ def test_runner_forwards_a_stop_signal_and_keeps_the_callers_handler(tmp_path):
     finally:
         signal.signal(signal.SIGUSR1, before)
     assert heard == [signal.SIGUSR1]
+
+
+def test_a_stop_signal_reaches_the_launcher_a_shell_runs_and_open_mpi_hears_sigusr1(tmp_path):
+    """horovodrun execs ``/bin/sh -c "mpirun ..."``: a SIGTERM must reach mpirun, not the shell
+    (which would die and leave the job running), and Open MPI's mpirun gets SIGUSR1, which it
+    relays to the ranks without killing them. Here a copy of ``sleep`` named like Open MPI's
+    launcher stands in for mpirun: it dies of SIGUSR1, and the shell, still alive, reports
+    that (128 + 10), so the code of the launcher under the shell comes back."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    fake = tmp_path / "orterun"
+    shutil.copy(shutil.which("sleep"), fake)
+    script = tmp_path / "go.py"
+    script.write_text(
+        "import os, signal, sys, threading, time\n"
+        "from launchers.runner import run\n"
+        "def later():\n"
+        "    time.sleep(1.5)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "threading.Thread(target=later, daemon=True).start()\n"
+        f"sys.exit(run(['sh', '-c', '{fake} 30; exit $?']))\n")
+    p = subprocess.run([sys.executable, script], timeout=60, capture_output=True, text=True)
+    assert p.returncode == 128 + signal.SIGUSR1, (p.returncode, p.stderr[-2000:])
 
 
 def test_horovodrun_asks_how_horovod_was_built_once_and_of_the_torch_extension_first(

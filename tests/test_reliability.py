@@ -125,6 +125,37 @@ def test_signal_checkpoints_and_resume_is_exact(results):
         np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-6, err_msg=k)
 
 
+@multiprocess
+@pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])
+def test_sigterm_to_the_launch_command_checkpoints_and_leaves_no_process(results, launcher):
+    """A scheduler's SIGTERM to `harness launch` itself (not to a rank): the ranks checkpoint,
+    the command exits 75 once they have, and no mpirun or rank is left running. (horovodrun
+    runs mpirun under a shell, which used to take the signal and die, leaving the job.)"""
+    import signal
+
+    name = f"term-{launcher}"
+    log = results / f"{name}.log"
+    with log.open("w") as out:
+        job = subprocess.Popen(launch(launcher, 2, "--framework", "torch", "--model", "mlp",
+                                      "--epochs", 500, "--agree-every", 5, "--out-dir", results,
+                                      "--run-name", name), stdout=out, stderr=out, text=True)
+        deadline = time.monotonic() + 90
+        while "step loop" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1)
+        job.send_signal(signal.SIGTERM)
+        code = job.wait(timeout=90)
+    text, left = log.read_text(), leftover_ranks(f"run-name {name}")
+    if left:                                      # not to slow down the tests after this one
+        subprocess.run(["pkill", "-KILL", "-f", f"run-name {name}"])
+    assert code == EXIT_PREEMPTED, f"exit {code}\n{text[-3000:]}"
+    assert "stop requested" in text, text[-3000:]
+    step = ck.load_latest(results / name / "checkpoints").step
+    kinds = [r["kind"] for r in read_jsonl(results / name / "metrics.jsonl")]
+    assert kinds.count("preempted") == 1 and step > 0
+    assert not left, left
+
+
 KILL_DURING_WRITE = """
 import os, signal, sys
 import numpy as np
