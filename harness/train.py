@@ -10,7 +10,7 @@ import os
 from harness import checkpoint as ckpt_io
 from harness import compress
 from harness.compress import EF_METHODS
-from harness.backends.base import Backend, create, resolve_gradient_path
+from harness.backends.base import RNG_ROWS, Backend, create, resolve_gradient_path
 from harness.config import RunConfig
 from harness.data import Dataset
 from harness.elastic import RunFinished, refuse_elastic_start, train_elastic
@@ -79,9 +79,12 @@ def load_into_backend(backend: Backend, ckpt: ckpt_io.Checkpoint) -> None:
         backend.set_weights(ckpt.weights)
         if ckpt.optimizer:
             backend.set_optimizer_state(ckpt.optimizer, ckpt.meta["optimizer"])
-        if compression_settings(ckpt.meta.get("config", {})) == \
-                compression_settings(backend.cfg.to_dict()):
-            backend.set_exchange_state(ckpt.exchange)       # else it starts afresh (warned)
+        same = compression_settings(ckpt.meta.get("config", {})) == \
+            compression_settings(backend.cfg.to_dict())
+        # the compression state of other settings starts afresh (warned); the random
+        # generators' states are restored whatever the compression
+        backend.set_exchange_state(ckpt.exchange if same else
+                                   {k: v for k, v in ckpt.exchange.items() if k == RNG_ROWS})
     except CheckpointError:
         raise
     except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:

@@ -516,3 +516,93 @@ def test_a_sequence_task_trains_on_token_ids_with_its_own_metric_names(tmp_path,
     steps = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "step"]
     assert steps[-1]["token_acc"] > steps[0]["token_acc"]
     assert "token_acc" in p.stderr                  # rank 0's progress names the metric
+
+
+# --- exact resume of a model that draws random numbers (dropout) -------------------------------
+
+NOISY = '''
+    import os
+    import random
+
+    import numpy as np
+    import harness
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(96, 8)).astype(np.float32)
+    y = (x @ rng.normal(size=8) / np.sqrt(8)).astype(np.float32)
+    data = harness.Data(train=(x[:80], y[:80]), test=(x[80:], y[80:]))
+
+
+    RANK = int(os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
+
+
+    def jitter():
+        """A task's own noise from NumPy's and Python's global generators (augmentation, say);
+        each rank draws a different number of values, so the ranks' generators part ways."""
+        return 1.0 + np.random.normal(0, 0.1, RANK + 1).sum() + random.gauss(0, 0.1)
+'''
+TORCH_DROPOUT = NOISY + '''
+    import torch
+    from torch import nn
+
+
+    def model():
+        return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 1))
+
+
+    def loss(out, y):
+        return nn.functional.mse_loss(out[:, 0], y) * jitter()
+
+
+    task = harness.Task(framework="torch", name="dropout", model=model, loss=loss, data=data)
+'''
+KERAS_DROPOUT = NOISY + '''
+    import keras
+    import tensorflow as tf
+
+
+    def model():
+        return keras.Sequential([keras.Input((8,)), keras.layers.Dense(32, activation="relu"),
+                                 keras.layers.Dropout(0.5), keras.layers.Dense(1)])
+
+
+    def loss(out, y):
+        return tf.reduce_mean(tf.square(out[:, 0] - y))
+
+
+    task = harness.Task(framework="tensorflow", name="dropout", model=model, loss=loss,
+                        data=data)
+'''
+
+
+def preempt_and_resume(tmp_path, body: str, launcher: list, flags: list, stop: str) -> None:
+    """A run stopped at a checkpoint (SIGTERM at ``stop``) and resumed ends with the weights
+    of one that ran through: every random draw after the resume is the one it would have been."""
+    task = write(tmp_path, "noisy.py", body)
+    common = [*flags, "--task", f"{task}:task", "--epochs", 4, "--batch-size", 8, "--lr", 0.01,
+              "--agree-every", 1, "--log-every", 1000, "--out-dir", tmp_path / "out"]
+    run([*launcher, *common, "--run-name", "ref"], timeout=300, check=True)
+    cut = run([*launcher, *common, "--run-name", "cut"], timeout=300,
+              env={"HARNESS_FAULT": f"sigterm@{stop}"})
+    assert cut.returncode == 75, cut.stderr[-3000:]
+    assert "ckpt-000000013" in "".join(p.name for p in (tmp_path / "out" / "cut" /
+                                                        "checkpoints").iterdir())
+    run([*launcher, *common, "--run-name", "cut"], timeout=300, check=True)
+    a = checkpoint_weights(latest_checkpoint(tmp_path / "out" / "ref"))
+    b = checkpoint_weights(latest_checkpoint(tmp_path / "out" / "cut"))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.framework
+@pytest.mark.parametrize("body", [TORCH_DROPOUT, KERAS_DROPOUT], ids=["torch", "tensorflow"])
+def test_a_task_with_dropout_resumes_exactly(tmp_path, body):
+    preempt_and_resume(tmp_path, body, harness("train"), ["--allreduce", "local"], "0:13")
+
+
+@needs_mpi
+@pytest.mark.mpi
+def test_each_rank_resumes_its_own_random_draws(tmp_path):
+    """Two ranks (the mpi4py path): each rank's generators are checkpointed in its own row."""
+    preempt_and_resume(tmp_path, TORCH_DROPOUT, launch("mpirun", 2), ["--allreduce", "mpi"],
+                       "1:13")

@@ -30,6 +30,9 @@ from harness.task import Task
 
 #: checkpoint exchange-state prefix of each rank's optimizer arrays (local SGD)
 OPTIMIZER_ROWS = "opt/"
+#: checkpoint exchange-state key of each rank's random generators (dropout masks, a task's own
+#: augmentation), one row of bytes per rank
+RNG_ROWS = "rng"
 
 # (framework, gradient path) -> "module:Class"
 IMPLEMENTATIONS = {
@@ -175,6 +178,10 @@ class Backend(ABC):
         ...) and, under local SGD, the optimizer's (``opt/<name>``); a collective: every rank
         calls it at the same checkpoint."""
         out = {} if self.compressor is None else self.compressor.state_arrays()
+        rng = self._rng_bytes()
+        n = self.allreduce_host(np.array([rng.size, -rng.size], np.float64), "max")
+        if n[0] == -n[1]:             # the same layout on every rank (always, in practice)
+            out[RNG_ROWS] = self._allgather_host(rng)
         if self._optimizer_per_rank():
             arrays, _ = self.get_optimizer_state()
             # PyTorch makes a rank's optimizer state at its first update: a rank that skipped
@@ -200,10 +207,61 @@ class Backend(ABC):
         rank 0's restored state; returns what started afresh (absent, or saved by another
         number of ranks)."""
         saved, self._restored_exchange = self._restored_exchange, None
+        self._restore_rng_row(saved)
         fresh = [] if self.compressor is None else self.compressor.restore(saved, self.world.rank)
         if self._optimizer_per_rank():
             fresh += self._restore_optimizer_rows(saved)
         return fresh
+
+    # --- random generators: a resumed run draws what the uninterrupted run drew ---
+    def rng_parts(self) -> dict[str, np.ndarray]:
+        """This rank's random generators' states: NumPy's and Python's global ones (a task's
+        own augmentation), and the framework's (backends add theirs: dropout masks)."""
+        import random
+
+        version, mt, gauss = random.getstate()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        return {"python": np.array([version, *mt], np.int64),
+                "python_gauss": np.array([np.nan if gauss is None else gauss]),
+                "numpy": np.asarray(keys, np.uint32),
+                "numpy_pos": np.array([pos, has_gauss], np.int64),
+                "numpy_gauss": np.array([cached], np.float64)}
+
+    def set_rng_parts(self, parts: dict[str, np.ndarray]) -> None:
+        import random
+
+        gauss = float(parts["python_gauss"][0])
+        py = [int(v) for v in parts["python"]]
+        random.setstate((py[0], tuple(py[1:]), None if np.isnan(gauss) else gauss))
+        pos, has_gauss = (int(v) for v in parts["numpy_pos"])
+        np.random.set_state(("MT19937", parts["numpy"], pos, has_gauss,
+                             float(parts["numpy_gauss"][0])))
+
+    def _rng_bytes(self) -> np.ndarray:
+        parts = self.rng_parts()
+        return np.concatenate([np.frombuffer(np.ascontiguousarray(parts[k]).tobytes(), np.uint8)
+                               for k in sorted(parts)]) if parts else np.zeros(0, np.uint8)
+
+    def _restore_rng_row(self, saved: dict[str, np.ndarray] | None) -> None:
+        """A collective: each rank takes its row of the checkpoint's generator states, when the
+        checkpoint has one per rank in this process's layout (another world size or framework
+        build keeps the seeded generators)."""
+        mine = self.rng_parts()
+        layout = [(k, mine[k].dtype, mine[k].shape) for k in sorted(mine)]
+        width = sum(np.ascontiguousarray(mine[k]).nbytes for k in mine)
+        got = None if saved is None else saved.get(RNG_ROWS)
+        ok = self.world.rank == 0 and got is not None and \
+            got.shape == (self.world.size, width) and got.dtype == np.uint8
+        if self.allreduce_host(np.array([1.0 if ok else 0.0]), "max")[0] == 0:
+            return
+        stacked = got if self.world.rank == 0 else np.empty((self.world.size, width), np.uint8)
+        row = self._broadcast_host(np.ascontiguousarray(stacked))[self.world.rank]
+        parts, at = {}, 0
+        for key, dtype, shape in layout:
+            size = int(np.prod(shape)) * dtype.itemsize
+            parts[key] = np.frombuffer(row[at:at + size].tobytes(), dtype).reshape(shape)
+            at += size
+        self.set_rng_parts(parts)
 
     def _optimizer_per_rank(self) -> bool:
         """Local SGD: each rank's optimizer state is its own (checkpointed per rank)."""

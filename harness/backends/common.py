@@ -256,3 +256,13 @@ def check_scalar(task: Task, what: str, shape: tuple, n: int) -> None:
     if tuple(shape) != ():
         raise TaskError(f"task {task.name!r}: {what} returned shape {tuple(shape)} for a batch "
                         f"of {n}, not a scalar: return the batch mean (e.g. .mean())")
+
+
+def seed_generators(seed: int) -> None:
+    """Python's and NumPy's global generators from the run's seed, as
+    ``keras.utils.set_random_seed`` seeds them for TensorFlow runs: a task's own draws from
+    them (augmentation, noise) are the same each run, and a resume restores where they were."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)

@@ -362,6 +362,24 @@ class TFBackend(Backend):
             v.assign(np.asarray(weights[n], v.dtype.name if hasattr(v.dtype, "name")
                                 else v.dtype))
 
+    def _seed_states(self) -> list:
+        """Keras 3's seed generators' states (dropout layers' and others'): model variables
+        that are not weights, updated by every training step's draws."""
+        weights = {id(v) for v in self.model.weights}
+        return [v for v in self.model.variables if id(v) not in weights
+                and "seed_generator" in (getattr(v, "path", None) or v.name)]
+
+    def rng_parts(self) -> dict[str, np.ndarray]:
+        parts = super().rng_parts()
+        for i, v in enumerate(self._seed_states()):
+            parts[f"keras_seed_{i:04d}"] = np.array(v.numpy())
+        return parts
+
+    def set_rng_parts(self, parts: dict[str, np.ndarray]) -> None:
+        super().set_rng_parts(parts)
+        for i, v in enumerate(self._seed_states()):
+            v.assign(parts[f"keras_seed_{i:04d}"])
+
     def get_optimizer_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         variables = optimizer_variables(self.opt)
         arrays = {f"{i:04d}": np.array(v.numpy()) for i, v in enumerate(variables)}

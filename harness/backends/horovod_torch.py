@@ -17,7 +17,7 @@ import torch
 from harness.backends.base import Backend, BackendInfo, StepResult
 from harness.backends.comm import HorovodComm, LocalComm, MPIComm
 from harness.backends.common import (FlatLayout, check_scalar, check_weight_names,
-                                     initial_canonical_weights, misfit)
+                                     initial_canonical_weights, misfit, seed_generators)
 from harness.env import World
 from harness.task import Task, TaskError
 
@@ -45,7 +45,8 @@ class TorchBackend(Backend):
             torch.cuda.set_device(self.world.gpu(torch.cuda.device_count()))
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.task = task
-        torch.manual_seed(self.cfg.seed)       # the user's own initialisation, the same each run
+        seed_generators(self.cfg.seed)         # the user's own initialisation, the same each run
+        torch.manual_seed(self.cfg.seed)
         model = task.model()
         if not isinstance(model, torch.nn.Module):
             raise TaskError(f"task {task.name!r}: model() returned {type(model).__name__}, not a "
@@ -243,6 +244,18 @@ class TorchBackend(Backend):
                            "weights")
         for k, t in self._state.items():
             t.copy_(torch.from_numpy(np.ascontiguousarray(weights[k])))
+
+    def rng_parts(self) -> dict[str, np.ndarray]:
+        parts = {**super().rng_parts(), "torch": torch.get_rng_state().numpy().copy()}
+        if self.device.type == "cuda":
+            parts["torch_cuda"] = torch.cuda.get_rng_state(self.device).numpy().copy()
+        return parts
+
+    def set_rng_parts(self, parts: dict[str, np.ndarray]) -> None:
+        super().set_rng_parts(parts)
+        torch.set_rng_state(torch.from_numpy(parts["torch"].copy()))
+        if "torch_cuda" in parts:
+            torch.cuda.set_rng_state(torch.from_numpy(parts["torch_cuda"].copy()), self.device)
 
     def get_optimizer_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         sd = self.optimizer.state_dict()
