@@ -28,6 +28,11 @@ def rank_hint() -> str:
     return "0"
 
 
+def script_name() -> str:
+    """How the user started this script, for its ``--help`` (``python my_script.py``)."""
+    return f"python {Path(sys.argv[0]).name}" if sys.argv and sys.argv[0] else "harness.run"
+
+
 def guarded(fn: Callable[[], int], distributed: bool) -> int:
     """Run ``fn``: a HarnessError prints one line naming the rank; any other error (the user's
     code, or ours) prints its traceback and the rank. A distributed rank that fails exits at
@@ -79,7 +84,10 @@ def run(task: Any, config: Any = None, argv: list[str] | None = None, **override
                                f"{type(config).__name__}; give a TOML path, a dict or a "
                                "RunConfig")
         if argv:
-            ns = train_parser().parse_args(argv)
+            try:
+                ns = train_parser(prog=script_name()).parse_args(argv)
+            except SystemExit as e:        # --help: printed
+                return int(e.code or 0)
             values.update(read_toml(ns.config) if ns.config else {})
             values.update(overrides_from_namespace(ns))
         values.update(overrides)
@@ -87,3 +95,21 @@ def run(task: Any, config: Any = None, argv: list[str] | None = None, **override
         return train_run(cfg, resolved)
 
     return guarded(go, distributed=detect_world().size > 1)
+
+
+def probe_task(framework: str, train_args: list[str]) -> int:
+    """In a process of its own (``harness compare``'s check, harness/task.py): load the task
+    of ``train_args`` for ``framework`` as its run would (the user's module and task function
+    run; no model is built). Exit 0, else the error's exit code (one line for a HarnessError,
+    the traceback for the user's own code)."""
+    def go() -> int:
+        from harness.config import overrides_from_namespace, read_toml, train_parser
+        from harness.task import configure
+
+        ns = train_parser().parse_args([*train_args, "--framework", framework])
+        values = {**(read_toml(ns.config) if ns.config else {}), **overrides_from_namespace(ns)}
+        configure(None, values, values["task"])
+        return 0
+
+    return guarded(go, distributed=False)
+

@@ -18,7 +18,7 @@ import argparse
 import sys
 
 from harness.api import guarded
-from harness.config import RunConfig, overrides_from_namespace, train_parser
+from harness.config import HarnessParser, RunConfig, overrides_from_namespace, train_parser
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -53,7 +53,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="harness", description=__doc__,
+    parser = HarnessParser(prog="harness", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -87,7 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:        # an unknown flag of the command: its own parser names the closest one
+        commands = next(a for a in parser._actions
+                        if isinstance(a, argparse._SubParsersAction)).choices
+        commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     # a rank of a job (train, or the worker `harness join` starts) exits at once on an error
     distributed = getattr(args, "distributed", False) or getattr(args, "worker", False)
     return guarded(lambda: args.func(args), distributed)

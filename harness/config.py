@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import sys
 import tomllib
 import types
 import typing
@@ -54,7 +55,8 @@ class RunConfig:
                         "pysource (gpt: bytes of the Python standard library's own source)",
                         ("digits", "synthetic", "npz", "pysource"))
     data_path: str | None = _opt(None, "npz file with x_train, y_train, x_test, y_test "
-                                 "(dataset = npz)")
+                                 "(dataset = npz); with a task, for a task function f(cfg) "
+                                 "that reads cfg.data_path")
     synthetic_samples: int = _opt(2048, "training samples of the synthetic dataset", minimum=1)
     # --- the gpt language model (docs/gpt.md) ---
     gpt_layers: int = _opt(2, "gpt: transformer blocks", minimum=1)
@@ -210,10 +212,14 @@ class RunConfig:
                                           self.task.rpartition(":")[2]):  # PATH.py:NAME
             raise ConfigError(f"task = {self.task!r} must be PATH.py:NAME or "
                               "package.module:NAME, e.g. examples/torch_own_model.py:task")
+        if self.run_name is not None and not _plain_folder_name(self.run_name):
+            raise ConfigError(f"run_name = {self.run_name!r} must be one plain folder name "
+                              "(no '/', not '.' or '..'; it is made inside out_dir), e.g. "
+                              "run_name = 'baseline'; set out_dir for where runs go")
         if self.dataset == "npz" and not self.data_path:
             raise ConfigError("dataset = 'npz' needs data_path: set data_path = "
                               "'/path/to/data.npz' (arrays x_train, y_train, x_test, y_test)")
-        if self.dataset != "npz" and self.data_path:
+        if self.dataset != "npz" and self.data_path and self.task is None:
             raise ConfigError(f"data_path = {self.data_path!r} is only read when dataset = 'npz' "
                               f"(dataset is {self.dataset!r}): drop data_path or set "
                               "dataset = 'npz'")
@@ -414,6 +420,13 @@ class RunConfig:
         return cls(**values)
 
 
+def _plain_folder_name(name: str) -> bool:
+    """One path component that names a new folder inside out_dir: nothing that climbs out of
+    it (``..``, ``/``), names out_dir itself (``.``, empty) or cannot be a file name (NUL)."""
+    return bool(name.strip()) and name not in (".", "..") and \
+        not any(c in name for c in ("/", "\\", "\0"))
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
     """Read a flat TOML run config; tables are rejected with the key to move."""
     p = Path(path)
@@ -542,14 +555,39 @@ def overrides_from_namespace(ns: argparse.Namespace) -> dict[str, Any]:
     return fields_from_namespace(RunConfig, ns)
 
 
+def flag_error(parser: argparse.ArgumentParser, message: str) -> str:
+    """argparse's ``message`` about a flag of ``parser`` with its fix: the closest flag to an
+    unknown one, else where the flags are listed."""
+    if message.startswith("unrecognized arguments:"):
+        flags = [s for s in parser._option_string_actions if s.startswith("--")]
+        for token in message.partition(":")[2].split():
+            close = difflib.get_close_matches(token.partition("=")[0], flags, n=1) \
+                if token.startswith("-") else []
+            if close:
+                return f"{message}: did you mean {close[0]}? (`{parser.prog} --help` lists " \
+                       "the flags)"
+    return f"{message}: `{parser.prog} --help` lists the flags and their values"
+
+
+class HarnessParser(argparse.ArgumentParser):
+    """A parser whose errors are one line with the fix (argparse prints its usage first)."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {flag_error(self, message)}", file=sys.stderr)
+        sys.exit(2)
+
+
 class _RaisingParser(argparse.ArgumentParser):
     def error(self, message: str):   # argparse would print usage and exit 2
-        raise ConfigError(f"train arguments: {message}")
+        raise ConfigError(f"train arguments: {flag_error(self, message)}")
 
 
-def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """``harness train``'s arguments: --config plus one flag per RunConfig field."""
-    parser = parser or _RaisingParser(prog="harness train", add_help=False)
+def train_parser(parser: argparse.ArgumentParser | None = None,
+                 prog: str = "harness train") -> argparse.ArgumentParser:
+    """``harness train``'s arguments: --config plus one flag per RunConfig field. Made here
+    (``parser`` None), it raises ConfigError on a bad flag; ``prog`` other than harness train
+    (a user's script) also answers ``--help``."""
+    parser = parser or _RaisingParser(prog=prog, add_help=prog != "harness train")
     # no abbreviations: horovodrun hands the program's flags to its own argparse first, where
     # --stall would abbreviate two of its options and fail after the check here had passed
     parser.allow_abbrev = False

@@ -246,6 +246,10 @@ def configure(obj: Any, values: dict[str, Any], label: str,
     another (an error)."""
     from harness.config import RunConfig
 
+    if obj is not None and values.get("task"):
+        raise ConfigError(f"task = {values['task']!r} (--task, or the config's task key) names "
+                          f"a task for `harness train`, but {label} trains the task it is "
+                          "given: drop it")
     # options of one framework are checked once the task's framework is known (a task label,
     # even a placeholder, defers that check)
     first = RunConfig.from_dict({**values, "task": values.get("task") or PENDING}, source)
@@ -266,3 +270,43 @@ def check_framework(task: Task, cfg: "RunConfig", framework_given: bool) -> "Run
         cfg = cfg.replace(framework=task.framework)
     cfg.check_framework_options()
     return cfg
+
+
+# --- can each framework of a comparison run the task? ---------------------------------------
+
+_PROBE = ("import sys; from harness.api import probe_task; "
+          "sys.exit(probe_task(sys.argv[1], sys.argv[2:]))")
+
+
+def check_frameworks(train_args: list[str], frameworks: list[str]) -> None:
+    """Before a comparison starts its first run: every framework in ``frameworks`` can load
+    the task (each in its own process: a task module may import its framework, and no process
+    imports both). Raises ConfigError with the fix, or TaskError after the user's traceback."""
+    import subprocess
+
+    from harness.config import parse_train_args
+
+    label = parse_train_args(train_args).task or ""
+    where, _ = split_label(label)
+    if (where.endswith(".py") or "/" in where) and not Path(where).is_file():
+        _import(where, label)             # its one-line error, without starting a process
+    probes = {fw: subprocess.Popen([sys.executable, "-c", _PROBE, fw, *train_args], text=True,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+              for fw in frameworks}       # side by side: each mostly imports
+    failed = {fw: p.communicate()[1] for fw, p in probes.items()}
+    failed = {fw: err for fw, err in failed.items() if probes[fw].returncode}
+    loaded = [fw for fw in frameworks if fw not in failed]
+    for fw, err in failed.items():
+        said = [line.partition("): ")[2] for line in err.splitlines()
+                if line.startswith("harness: error")]
+        if said and not loaded:       # as `harness train` says it (a bad label, file, ...)
+            raise ConfigError(said[-1])
+        if said:                      # the task has no version of this framework
+            raise ConfigError(f"--frameworks {','.join(frameworks)}: the {fw} runs cannot "
+                              f"train this task ({said[-1].partition(': ')[0]}): compare "
+                              f"--frameworks {','.join(loaded)}, or give harness.Tasks with "
+                              f"a {fw} version too")
+        sys.stderr.write(err)
+        raise TaskError(f"loading the task for the {fw} runs failed (the traceback above is "
+                        "from your code): fix it, then start the comparison again")
+

@@ -210,8 +210,10 @@ def _run(cfg: RunConfig, backend: Backend, world: World, log, stop: StopFlag, ta
             " the gradient exchange did not keep them in sync, so these results are not those "
             f"of data-parallel training (summary in {run_dir / 'summary.json'})")
     if world.rank == 0:
-        log.info(f"done: {summary['steps']} steps, {final_metrics(summary)}, "
-                 f"{summary['samples_per_s_total'] or 0:,.0f} samples/s total; results in "
-                 f"{run_dir}")
+        rate = summary["samples_per_s_total"]
+        speed = f"{rate:,.0f} samples/s total" if rate else \
+            "samples/s not measured (no steps timed after the warm-up steps)"
+        log.info(f"done: {summary['steps']} steps, {final_metrics(summary)}, {speed}; "
+                 f"results in {run_dir}")
     backend.shutdown()
     return 0

@@ -65,6 +65,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if cfg.elastic:
         args.elastic = True
     spec = spec_from_args(args)
+    spec.check_local_files()
     if spec.elastic:
         from launchers import elastic
 

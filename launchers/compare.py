@@ -142,6 +142,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ConfigError("--resume continues a comparison: give its --out-dir")
     jobs = plan(train_args, frameworks, nps, modes, args.launcher, out_dir, sys.executable,
                 resume=args.resume, compressions=args.compression)
+    if parse_train_args(train_args).task:       # each framework can load it, before any run
+        from harness.task import check_frameworks
+
+        check_frameworks(train_args, frameworks)
     existing = [j.name for j in jobs if (out_dir / j.name).exists()]
     if existing and not args.dry_run and not args.resume:
         raise ConfigError(f"{out_dir} already holds runs {', '.join(existing)}: choose a new "

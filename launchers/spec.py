@@ -118,6 +118,8 @@ class LaunchSpec:
                               "openmpi")
         if self.hosts and self.hostfile:
             raise ConfigError("give hosts or hostfile, not both")
+        if self.hosts:
+            self._check_hosts(self.hosts)
         if self.launcher == "local" and self.np != 1:
             raise ConfigError(f"launcher 'local' runs one process, but np = {self.np}: use "
                               "horovodrun or mpirun for several ranks")
@@ -153,6 +155,34 @@ class LaunchSpec:
         if self.nodes and self.nodes > self.np:
             raise ConfigError(f"nodes = {self.nodes} is more than the np = {self.np} ranks: ask "
                               f"for at most {self.np} nodes, or more ranks")
+
+    def _check_hosts(self, hosts: str) -> None:
+        """``host:slots,...`` (mpirun also takes a bare host: one slot), slots at least 1."""
+        for item in hosts.split(","):
+            host, sep, slots = item.strip().partition(":")
+            bare_ok = self.launcher != "horovodrun"
+            if host and ((not sep and bare_ok) or (slots.isdigit() and int(slots) >= 1)):
+                continue
+            form = "HOST:SLOTS" if not bare_ok else "HOST or HOST:SLOTS"
+            raise ConfigError(f"hosts = {hosts!r}: {item.strip()!r} is not {form} with at "
+                              "least 1 slot: write e.g. node1:2,node2:2")
+
+    def check_local_files(self) -> None:
+        """What must exist on this machine before a launcher starts: the hostfile, and the
+        interpreter of a launcher that starts its ranks from here (SLURM's run on its nodes)."""
+        import shutil
+        from pathlib import Path
+
+        if self.hostfile and not Path(self.hostfile).is_file():
+            raise ConfigError(f"hostfile {self.hostfile!r} does not exist: give the path of a "
+                              "file with one 'host slots=N' line per host, or use --hosts")
+        if self.launcher in SLURM:
+            return
+        found = shutil.which(self.python)
+        if found is None:
+            raise ConfigError(f"python {self.python!r} is not an executable on this machine: "
+                              "give the interpreter of the harness's virtualenv (the default "
+                              "is the one running this command)")
 
     def _refuse_options_of_other_launchers(self) -> None:
         """An option the chosen launcher does not read would be dropped without a word."""

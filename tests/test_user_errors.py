@@ -1,0 +1,184 @@
+"""What a new user gets wrong, as they would type it: one line naming the bad value and the fix,
+exit 2, nothing written; and what they ask for (``--help``) answered. Each case was found by
+trying the harness as a new user (none of them imports a framework).
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from conftest import PY, REPO, harness, run
+from harness.checkpoint import Checkpoint, save
+from harness.config import RunConfig
+from harness.errors import CheckpointError, ConfigError
+
+NO_FRAMEWORK_TASK = '''
+    import sys
+    import numpy as np
+    import harness
+
+    x = np.zeros((8, 3), np.float32)
+    data = harness.Data(train=(x, np.zeros(8, np.float32)), test=(x, np.zeros(8, np.float32)))
+    task = harness.Task(framework="torch", name="mine", model=lambda: None,
+                        loss=lambda out, y: out, data=data)
+    keras_only = harness.Tasks(tensorflow=harness.Task(framework="tensorflow", name="k",
+                               model=lambda: None, loss=lambda out, y: out, data=data))
+
+    if __name__ == "__main__":
+        sys.exit(harness.run(task, argv=sys.argv[1:]))
+'''
+
+
+def one_line(p, where: str = "stderr") -> str:
+    text = getattr(p, where)
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert p.returncode == 2 and len(lines) == 1, (p.returncode, text[-3000:])
+    return lines[0]
+
+
+@pytest.fixture
+def task_file(tmp_path):
+    path = tmp_path / "my_task.py"
+    path.write_text(textwrap.dedent(NO_FRAMEWORK_TASK))
+    return path
+
+
+# --- run_name is one folder inside out_dir ---------------------------------------------------
+
+@pytest.mark.parametrize("name", ["../../escaped", "/tmp/abs", ".", "..", "a/b", ""])
+def test_a_run_name_that_is_not_one_folder_name_is_refused(name):
+    with pytest.raises(ConfigError, match="must be one plain folder name"):
+        RunConfig(run_name=name)
+
+
+def test_a_run_name_that_climbs_out_of_out_dir_writes_nothing(tmp_path):
+    out = tmp_path / "inner" / "results"
+    p = run(harness("train", "--out-dir", out, "--run-name", "../../escaped"), timeout=60)
+    assert "run_name = '../../escaped' must be one plain folder name" in one_line(p)
+    assert not any(tmp_path.rglob("*")), list(tmp_path.rglob("*"))
+
+
+def test_ordinary_run_names_are_kept():
+    for name in ("baseline", "torch-cnn-np2", "run.v2", "a b"):
+        assert RunConfig(run_name=name).run_name == name
+
+
+# --- flags of the command line -----------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "--lr", "abc"], "harness train: error: argument --lr: invalid float value: 'abc'"),
+    (["train", "--lrr", "0.1"], "unrecognized arguments: --lrr 0.1: did you mean --lr?"),
+    (["train", "--epoch", "3"], "did you mean --epochs?"),
+    (["launch", "--np", "two"], "argument -np/--np: invalid int value: 'two'"),
+    (["compare", "--launchr", "mpirun"], "unrecognized arguments"),
+])
+def test_a_bad_flag_is_one_line_with_the_fix(tmp_path, argv, expected):
+    p = run(harness(*argv), timeout=60, cwd=tmp_path)
+    line = one_line(p)
+    assert expected in line and "--help" in line, line
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_bad_flag_after_launch_dashes_names_the_closest_flag():
+    p = run(harness("launch", "--dry-run", "--", "--epoch", "3"), timeout=60)
+    assert "did you mean --epochs?" in one_line(p)
+
+
+# --- a user's own script: harness.run(task, argv) ---------------------------------------------
+
+def test_a_users_script_answers_help(task_file):
+    p = run([PY, task_file, "--help"], timeout=60)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.startswith(f"usage: python {task_file.name}") and "--epochs" in p.stdout
+
+
+def test_a_users_script_refuses_a_task_of_harness_train(task_file, tmp_path):
+    out = tmp_path / "out"
+    p = run([PY, task_file, "--task", "other.py:task", "--out-dir", out], timeout=60)
+    line = one_line(p)
+    assert "task = 'other.py:task' (--task, or the config's task key)" in line, line
+    assert "harness.run(task) trains the task it is given: drop it" in line
+    assert not out.exists()
+
+
+# --- compare: every framework can train the task, before the first run -----------------------
+
+def test_compare_refuses_a_task_of_one_framework_before_any_run(task_file, tmp_path):
+    out = tmp_path / "cmp"
+    p = run(harness("compare", "--np", "1", "--out-dir", out, "--",
+                    "--task", f"{task_file}:task"), timeout=120)
+    line = one_line(p)
+    assert "--frameworks torch,tensorflow: the tensorflow runs cannot train this task " \
+           "(task 'mine' is a torch task, but framework = 'tensorflow'): compare " \
+           "--frameworks torch" in line, line
+    assert not out.exists()
+
+
+def test_compare_names_the_framework_a_tasks_pair_lacks(task_file, tmp_path):
+    p = run(harness("compare", "--np", "1", "--out-dir", tmp_path / "cmp", "--",
+                    "--task", f"{task_file}:keras_only"), timeout=120)
+    assert "the torch runs cannot train this task (this task has no torch version (it has " \
+           "tensorflow))" in one_line(p)
+
+
+def test_compare_reports_a_bad_task_label_as_train_would(tmp_path):
+    p = run(harness("compare", "--np", "1", "--out-dir", tmp_path / "cmp", "--",
+                    "--task", f"{tmp_path}/missing.py:task"), timeout=120)
+    assert "does not exist: give PATH.py:NAME" in one_line(p)
+
+
+# --- launcher options that name files and hosts -------------------------------------------------
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--launcher", "mpirun", "--hostfile", "no/such/hostfile"],
+     "hostfile 'no/such/hostfile' does not exist"),
+    (["--launcher", "horovodrun", "--python", "/no/such/python"],
+     "python '/no/such/python' is not an executable on this machine"),
+    (["--launcher", "mpirun", "--hosts", "node1:0"], "'node1:0' is not HOST or HOST:SLOTS"),
+    (["--launcher", "horovodrun", "--hosts", "node1"], "'node1' is not HOST:SLOTS"),
+    (["--launcher", "mpirun", "--hosts", "a:2,:1"], "':1' is not HOST or HOST:SLOTS"),
+])
+def test_launcher_files_and_hosts_are_checked_before_anything_starts(tmp_path, flags, expected):
+    p = run(harness("launch", *flags, "-np", "2", "--", "--out-dir", tmp_path / "out"),
+            timeout=60)
+    assert expected in one_line(p)
+    assert not (tmp_path / "out").exists()
+
+
+# --- messages that said the wrong thing ---------------------------------------------------------
+
+def test_a_folder_given_as_the_checkpoint_to_resume_is_not_called_corrupt(tmp_path):
+    import numpy as np
+
+    run_dir = tmp_path / "run"
+    path = save(run_dir / "checkpoints", Checkpoint({"position": {"step": 7}},
+                                                    {"w": np.zeros(2, np.float32)}))
+    from harness.checkpoint import load
+
+    for folder in (run_dir, run_dir / "checkpoints"):
+        with pytest.raises(CheckpointError) as e:
+            load(folder)
+        assert "is a folder: give one checkpoint file, e.g. " + str(path) in str(e.value)
+        assert "corrupt" not in str(e.value)
+
+
+def test_a_task_may_be_given_data_path_for_its_own_task_function():
+    cfg = RunConfig(task="my.py:task", data_path="/data/mine.npz")
+    assert cfg.data_path == "/data/mine.npz"
+    with pytest.raises(ConfigError, match="is only read when dataset = 'npz'"):
+        RunConfig(data_path="/data/mine.npz")
+
+
+@pytest.mark.framework
+def test_the_readme_torch_snippet_runs_as_written(tmp_path):
+    """The README's PyTorch snippet is a whole script: copied into a file, it trains."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("```python\nimport sys")
+    script = tmp_path / "mine.py"
+    script.write_text(readme[start + len("```python\n"): readme.index("```", start + 10)])
+    p = run([PY, script, "--epochs", "1", "--allreduce", "local", "--out-dir", tmp_path / "out"],
+            timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (tmp_path / "out" / "torch-diabetes_mlp-sync-np1" / "summary.json").is_file()
