@@ -11,8 +11,9 @@ runs, and the report says that the initial weights differ.
     harness compare --np 1,2 --out-dir results/compare-own -- \\
         --task examples/compare_own_model.py:task
 
-Frameworks are imported inside the functions: ``harness compare`` reads this file in a process
-that must import neither, and each run imports only its own.
+Frameworks are imported inside the functions: every process that reads this file (each run,
+and ``harness compare``'s check, before the first run, that each framework can load the task)
+imports only its own.
 """
 
 import sys
