@@ -524,6 +524,8 @@ def train_fit(ctx: RunContext, backend: FitBackend, pos: Position,
     run.announce("model.fit")
     run.watchdog.start()
     backend.broadcast_state(resumed=resumed)      # its optimizer was built in setup
+    if resumed:
+        backend.restore_exchange()                 # each rank's own random generators
 
     def before_step() -> None:
         faults.before_step(pos.step + 1, np.zeros(1))

@@ -595,9 +595,12 @@ def preempt_and_resume(tmp_path, body: str, launcher: list, flags: list, stop: s
 
 
 @pytest.mark.framework
-@pytest.mark.parametrize("body", [TORCH_DROPOUT, KERAS_DROPOUT], ids=["torch", "tensorflow"])
-def test_a_task_with_dropout_resumes_exactly(tmp_path, body):
-    preempt_and_resume(tmp_path, body, harness("train"), ["--allreduce", "local"], "0:13")
+@pytest.mark.parametrize("body, flags", [
+    (TORCH_DROPOUT, ["--allreduce", "local"]), (KERAS_DROPOUT, ["--allreduce", "local"]),
+    pytest.param(KERAS_DROPOUT, ["--tf-loop", "fit"], marks=needs_horovod)],
+    ids=["torch", "tensorflow", "tensorflow-fit"])
+def test_a_task_with_dropout_resumes_exactly(tmp_path, body, flags):
+    preempt_and_resume(tmp_path, body, harness("train"), flags, "0:13")
 
 
 @needs_mpi
