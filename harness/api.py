@@ -103,12 +103,18 @@ def probe_task(framework: str, train_args: list[str]) -> int:
     run; no model is built). Exit 0, else the error's exit code (one line for a HarnessError,
     the traceback for the user's own code)."""
     def go() -> int:
+        import json
+
         from harness.config import overrides_from_namespace, read_toml, train_parser
-        from harness.task import configure
+        from harness.task import FrameworkMismatch, configure
 
         ns = train_parser().parse_args([*train_args, "--framework", framework])
         values = {**(read_toml(ns.config) if ns.config else {}), **overrides_from_namespace(ns)}
-        configure(None, values, values["task"])
+        try:
+            configure(None, values, values["task"])
+        except FrameworkMismatch as e:           # compare says it with its own fix
+            print(json.dumps({"mismatch": e.reason, "have": e.have}), flush=True)
+            return 2
         return 0
 
     return guarded(go, distributed=False)

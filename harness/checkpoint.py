@@ -103,8 +103,9 @@ def latest_paths(directory: Path, prefix: str = "ckpt") -> list[Path]:
 def load(path: Path) -> Checkpoint:
     """Read one checkpoint file; CheckpointError if it is not a complete harness checkpoint."""
     if path.is_dir():
-        inside = latest_paths(path) or latest_paths(path / "checkpoints")
-        example = str(inside[0]) if inside else f"{path}/checkpoints/ckpt-000000100.npz"
+        inside = sorted((int(m["step"]), p) for d in (path, path / "checkpoints") if d.is_dir()
+                        for p in d.iterdir() if (m := _NAME.match(p.name)))
+        example = str(inside[-1][1]) if inside else f"{path}/checkpoints/ckpt-000000100.npz"
         raise CheckpointError(f"checkpoint {str(path)!r} is a folder: give one checkpoint file, "
                               f"e.g. {example} (resume = 'auto' continues the run folder's own)")
     try:

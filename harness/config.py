@@ -560,9 +560,15 @@ def flag_error(parser: argparse.ArgumentParser, message: str) -> str:
     unknown one, else where the flags are listed."""
     if message.startswith("unrecognized arguments:"):
         flags = [s for s in parser._option_string_actions if s.startswith("--")]
+        # launch and compare pass `harness train` flags on after `--`
+        passes_on = any(a.dest == "train_args" for a in parser._actions)
+        train_flags = train_parser()._option_string_actions if passes_on else {}
         for token in message.partition(":")[2].split():
-            close = difflib.get_close_matches(token.partition("=")[0], flags, n=1) \
-                if token.startswith("-") else []
+            name = token.partition("=")[0]
+            if name in train_flags:
+                return f"{message}: {name} is a `harness train` flag: put it after `--` " \
+                       f"({parser.prog} [its own flags] -- {name} ...)"
+            close = difflib.get_close_matches(name, flags, n=1) if token.startswith("-") else []
             if close:
                 return f"{message}: did you mean {close[0]}? (`{parser.prog} --help` lists " \
                        "the flags)"

@@ -147,6 +147,16 @@ def save_checkpoint(ctx: RunContext, pos: Position, wall_s: float,
     return path
 
 
+def warn_fresh(ctx: RunContext, fresh: list[str]) -> None:
+    """Rank 0 says which per-rank state a resume could not restore (Backend.restore_exchange)."""
+    if fresh and ctx.world.rank == 0:
+        ctx.log.warning(f"the checkpoint has no per-rank state ({', '.join(fresh)}) for "
+                        f"{ctx.world.size} ranks (saved by another number of ranks, with other "
+                        "compression or local SGD settings, on another device, or by an older "
+                        "harness): it starts afresh (the optimizer's from rank 0's), so this "
+                        "resume is not exact")
+
+
 def step_batch(cfg: RunConfig, world_size: int) -> int:
     """Samples one rank consumes per harness step. The step loop folds
     backward_passes_per_step micro-batches into one step; model.fit steps per micro-batch and
@@ -444,13 +454,9 @@ def train_steps(ctx: RunContext, pos: Position, resumed: bool, elastic: Segment 
     if elastic is None and (not backend.broadcast_after_first_step or resumed or first_local):
         backend.broadcast_state(resumed=resumed)
     if resumed and elastic is None:
-        fresh = backend.restore_exchange()     # each rank's own error-feedback residual
+        fresh = backend.restore_exchange()     # each rank's own residual, generators, ...
         backend.set_lr(run.lr)   # the restored optimizer state holds the last step's (Keras)
-        if fresh and world.rank == 0:
-            ctx.log.warning(f"the checkpoint has no per-rank state ({', '.join(fresh)}) for "
-                            f"{world.size} ranks (saved by another number of ranks, compression "
-                            "or local SGD setting): it starts afresh (the optimizer's from rank "
-                            "0's), so this resume is not exact")
+        warn_fresh(ctx, fresh)
     tail = 0.0
     try:
         if pos.step_in_epoch >= run.spe:      # resumed from a stop on an epoch's last step
@@ -525,7 +531,7 @@ def train_fit(ctx: RunContext, backend: FitBackend, pos: Position,
     run.watchdog.start()
     backend.broadcast_state(resumed=resumed)      # its optimizer was built in setup
     if resumed:
-        backend.restore_exchange()                 # each rank's own random generators
+        warn_fresh(ctx, backend.restore_exchange())   # each rank's own random generators
 
     def before_step() -> None:
         faults.before_step(pos.step + 1, np.zeros(1))

@@ -56,6 +56,15 @@ class TaskError(HarnessError):
     """A task that cannot be loaded or does not fit its model, loss and data."""
 
 
+class FrameworkMismatch(ConfigError):
+    """The task has no version of the run's framework: ``reason`` says why (no fix), ``have``
+    lists the frameworks it has."""
+
+    def __init__(self, message: str, reason: str, have: list[str]) -> None:
+        super().__init__(message)
+        self.reason, self.have = reason, have
+
+
 @dataclass(frozen=True)
 class Canonical:
     """An optional shared weight layout, so that two frameworks' versions of one model start
@@ -165,9 +174,10 @@ class Tasks:
         task = getattr(self, framework, None)
         if task is None:
             have = [fw for fw in FRAMEWORKS if getattr(self, fw) is not None]
-            raise ConfigError(f"this task has no {framework} version (it has "
-                              f"{', '.join(have) or 'none'}): set framework = {have[0]!r}"
-                              if have else "Tasks() holds no task")
+            if not have:
+                raise ConfigError("Tasks() holds no task: give Tasks(torch=..., tensorflow=...)")
+            reason = f"this task has no {framework} version (it has {', '.join(have)})"
+            raise FrameworkMismatch(f"{reason}: set framework = {have[0]!r}", reason, have)
         return task
 
 
@@ -255,18 +265,24 @@ def configure(obj: Any, values: dict[str, Any], label: str,
     first = RunConfig.from_dict({**values, "task": values.get("task") or PENDING}, source)
     task = load_task(label, first) if obj is None else resolve(obj, first, label)
     given = "framework" in values
-    final = {"framework": task.framework, **task.defaults, **values}
+    # validated as a task's config (a task object's too: e.g. data_path for its function)
+    final = {"framework": task.framework, **task.defaults, **values,
+             "task": values.get("task") or PENDING}
     cfg = RunConfig.from_dict(final, f"{source} or task defaults" if task.defaults else source)
-    return check_framework(task, cfg, given), task
+    cfg = check_framework(task, cfg, given)
+    if obj is not None:
+        cfg.task = None            # no label to record: the script's own task object ran
+    return cfg, task
 
 
 def check_framework(task: Task, cfg: "RunConfig", framework_given: bool) -> "RunConfig":
     """The run's config with the task's framework; an explicit other framework is refused."""
     if task.framework != cfg.framework:
         if framework_given:
-            raise ConfigError(f"task {task.name!r} is a {task.framework} task, but framework = "
-                              f"{cfg.framework!r}: drop --framework or set it to "
-                              f"{task.framework!r}")
+            reason = f"task {task.name!r} is a {task.framework} task"
+            raise FrameworkMismatch(f"{reason}, but framework = {cfg.framework!r}: drop "
+                                    f"--framework or set it to {task.framework!r}", reason,
+                                    [task.framework])
         cfg = cfg.replace(framework=task.framework)
     cfg.check_framework_options()
     return cfg
@@ -282,6 +298,7 @@ def check_frameworks(train_args: list[str], frameworks: list[str]) -> None:
     """Before a comparison starts its first run: every framework in ``frameworks`` can load
     the task (each in its own process: a task module may import its framework, and no process
     imports both). Raises ConfigError with the fix, or TaskError after the user's traceback."""
+    import json
     import subprocess
 
     from harness.config import parse_train_args
@@ -291,22 +308,35 @@ def check_frameworks(train_args: list[str], frameworks: list[str]) -> None:
     if (where.endswith(".py") or "/" in where) and not Path(where).is_file():
         _import(where, label)             # its one-line error, without starting a process
     probes = {fw: subprocess.Popen([sys.executable, "-c", _PROBE, fw, *train_args], text=True,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
               for fw in frameworks}       # side by side: each mostly imports
-    failed = {fw: p.communicate()[1] for fw, p in probes.items()}
-    failed = {fw: err for fw, err in failed.items() if probes[fw].returncode}
-    loaded = [fw for fw in frameworks if fw not in failed]
-    for fw, err in failed.items():
-        said = [line.partition("): ")[2] for line in err.splitlines()
-                if line.startswith("harness: error")]
-        if said and not loaded:       # as `harness train` says it (a bad label, file, ...)
-            raise ConfigError(said[-1])
-        if said:                      # the task has no version of this framework
-            raise ConfigError(f"--frameworks {','.join(frameworks)}: the {fw} runs cannot "
-                              f"train this task ({said[-1].partition(': ')[0]}): compare "
-                              f"--frameworks {','.join(loaded)}, or give harness.Tasks with "
-                              f"a {fw} version too")
-        sys.stderr.write(err)
-        raise TaskError(f"loading the task for the {fw} runs failed (the traceback above is "
-                        "from your code): fix it, then start the comparison again")
-
+    said = {fw: p.communicate() for fw, p in probes.items()}
+    loaded = [fw for fw in frameworks if probes[fw].returncode == 0]
+    listed = f"--frameworks {','.join(frameworks)}"
+    for fw in frameworks:
+        code = probes[fw].returncode
+        if code == 0:
+            continue
+        out, err = said[fw]
+        mismatch = next((json.loads(line) for line in out.splitlines()
+                         if line.startswith('{"mismatch"')), None)
+        if mismatch and loaded:
+            raise ConfigError(f"{listed}: the {fw} runs cannot train this task "
+                              f"({mismatch['mismatch']}): compare --frameworks "
+                              f"{','.join(loaded)}, or give harness.Tasks with a {fw} version "
+                              "too")
+        if mismatch:
+            raise ConfigError(f"{listed}: this task has no version for them "
+                              f"({mismatch['mismatch']}): use --frameworks "
+                              f"{','.join(mismatch['have'])}")
+        errors = [line.partition("): ")[2] for line in err.splitlines()
+                  if line.startswith("harness: error")]
+        if errors:                 # a bad label, file or option: as `harness train` says it
+            raise ConfigError(errors[-1] if not loaded else f"the {fw} runs: {errors[-1]}")
+        if "Traceback" in err:
+            sys.stderr.write(err)
+            raise TaskError(f"loading the task for the {fw} runs failed (the traceback above "
+                            "is from your code): fix it, then start the comparison again")
+        raise TaskError(f"checking that the {fw} runs can load the task ended with exit code "
+                        f"{code} and no message: run `harness train --task {label} "
+                        f"--framework {fw}` to see why")

@@ -60,12 +60,13 @@ def check_resume_fits(ckpt: ckpt_io.Checkpoint, cfg: RunConfig, world: World, pl
                 "schedule does not depend on the number of ranks")
         per_rank = [what for what, on in [
             ("error-feedback residual", cfg.compression in EF_METHODS and cfg.error_feedback),
-            ("optimizer state (local SGD)", cfg.local_sgd_period)] if on]
+            ("optimizer state (local SGD)", cfg.local_sgd_period),
+            ("random generators (dropout, a task's own draws: from the run's seed)", True)]
+            if on]
         log.warning(f"checkpoint {ckpt.path} was written by {old_size} rank(s), this run "
                     f"has {world.size}: the global batch ({plan.global_batch}) and learning-rate "
-                    "schedule are unchanged, so training continues "
-                    + (f"where it stopped, but each rank's own {' and '.join(per_rank)} starts "
-                       "afresh" if per_rank else "exactly where it stopped"))
+                    f"schedule are unchanged, so training continues where it stopped, but each "
+                    f"rank's own {' and '.join(per_rank)} start afresh")
 
 
 def compression_settings(config: dict) -> tuple:

@@ -65,7 +65,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if cfg.elastic:
         args.elastic = True
     spec = spec_from_args(args)
-    spec.check_local_files()
+    if not (args.dry_run or args.print_argv):   # a printed command may be for another machine
+        spec.check_local_files()
     if spec.elastic:
         from launchers import elastic
 

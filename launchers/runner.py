@@ -44,14 +44,18 @@ def _proc_text(pid: int, name: str) -> str:
         return ""
 
 
-def signal_targets(pid: int, signum: int) -> list[tuple[int, int]]:
+def signal_targets(pid: int, signum: int, again: bool = False) -> list[tuple[int, int]]:
     """Where a stop signal for the launcher process ``pid`` goes, as (pid, signal) pairs.
 
     A shell's child is the launcher (horovodrun's ``sh -c mpirun``): signalled in the shell's
     stead, so that the shell waits for it and returns its exit code, instead of dying and
     leaving the job running. Open MPI's mpirun gets SIGUSR1 for a SIGTERM: the ranks hear a
     stop request either way (checkpoint, exit 75), but mpirun relays SIGUSR1 and waits for
-    them, where on SIGTERM it would kill them a few seconds later and exit 1."""
+    them, where on SIGTERM it would kill them a few seconds later and exit 1. A SIGTERM
+    ``again`` stays SIGTERM: ranks that did not stop on the first are ended.
+
+    (A shell that has not started its launcher yet, a moment at start-up, gets the signal
+    itself.)"""
     targets = [pid]
     if _proc_text(pid, "comm") in SHELLS:
         children = _proc_text(pid, f"task/{pid}/children").split()
@@ -62,7 +66,7 @@ def signal_targets(pid: int, signum: int) -> list[tuple[int, int]]:
             exe = Path(os.readlink(f"/proc/{t}/exe")).name
         except OSError:
             exe = ""
-        graceful = signum == signal.SIGTERM and exe in OPEN_MPI_LAUNCHERS
+        graceful = signum == signal.SIGTERM and exe in OPEN_MPI_LAUNCHERS and not again
         out.append((t, signal.SIGUSR1 if graceful else signum))
     return out
 
@@ -79,9 +83,12 @@ def run(argv: list[str], env: Mapping[str, str] | None = None, cwd: str | None =
                           "`module load openmpi`; horovodrun comes with scripts/bootstrap.sh), "
                           "or pick another --launcher") from None
     previous: dict[int, Any] = {}
+    heard: list[int] = []
 
     def forward(signum, frame):
-        for pid, sig in signal_targets(proc.pid, signum):
+        again = signum in heard
+        heard.append(signum)
+        for pid, sig in signal_targets(proc.pid, signum, again):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:

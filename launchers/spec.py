@@ -118,8 +118,6 @@ class LaunchSpec:
                               "openmpi")
         if self.hosts and self.hostfile:
             raise ConfigError("give hosts or hostfile, not both")
-        if self.hosts:
-            self._check_hosts(self.hosts)
         if self.launcher == "local" and self.np != 1:
             raise ConfigError(f"launcher 'local' runs one process, but np = {self.np}: use "
                               "horovodrun or mpirun for several ranks")
@@ -127,6 +125,8 @@ class LaunchSpec:
             raise ConfigError(f"{self.launcher} takes its hosts from SLURM: drop hosts/hostfile "
                               "and use nodes/ntasks_per_node")
         self._refuse_options_of_other_launchers()
+        if self.hosts:
+            self._check_hosts(self.hosts)
         if self.nodes and self.ntasks_per_node and self.nodes * self.ntasks_per_node != self.np:
             raise ConfigError(f"np = {self.np} but nodes x ntasks_per_node = "
                               f"{self.nodes} x {self.ntasks_per_node} = "
@@ -158,14 +158,17 @@ class LaunchSpec:
 
     def _check_hosts(self, hosts: str) -> None:
         """``host:slots,...`` (mpirun also takes a bare host: one slot), slots at least 1."""
+        if any(c.isspace() for c in hosts):
+            raise ConfigError(f"hosts = {hosts!r} holds spaces, which the launcher would keep "
+                              "in the host names: write e.g. node1:2,node2:2")
         for item in hosts.split(","):
-            host, sep, slots = item.strip().partition(":")
+            host, sep, slots = item.partition(":")
             bare_ok = self.launcher != "horovodrun"
             if host and ((not sep and bare_ok) or (slots.isdigit() and int(slots) >= 1)):
                 continue
             form = "HOST:SLOTS" if not bare_ok else "HOST or HOST:SLOTS"
-            raise ConfigError(f"hosts = {hosts!r}: {item.strip()!r} is not {form} with at "
-                              "least 1 slot: write e.g. node1:2,node2:2")
+            raise ConfigError(f"hosts = {hosts!r}: {item!r} is not {form} with at least 1 "
+                              "slot: write e.g. node1:2,node2:2")
 
     def check_local_files(self) -> None:
         """What must exist on this machine before a launcher starts: the hostfile, and the
@@ -174,12 +177,12 @@ class LaunchSpec:
         from pathlib import Path
 
         if self.hostfile and not Path(self.hostfile).is_file():
-            raise ConfigError(f"hostfile {self.hostfile!r} does not exist: give the path of a "
-                              "file with one 'host slots=N' line per host, or use --hosts")
+            what = "is a folder" if Path(self.hostfile).is_dir() else "does not exist"
+            raise ConfigError(f"hostfile {self.hostfile!r} {what}: give the path of a file "
+                              "with one 'host slots=N' line per host, or use --hosts")
         if self.launcher in SLURM:
             return
-        found = shutil.which(self.python)
-        if found is None:
+        if shutil.which(self.python) is None:
             raise ConfigError(f"python {self.python!r} is not an executable on this machine: "
                               "give the interpreter of the harness's virtualenv (the default "
                               "is the one running this command)")

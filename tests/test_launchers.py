@@ -317,6 +317,33 @@ def test_a_stop_signal_reaches_the_launcher_a_shell_runs_and_open_mpi_hears_sigu
     assert p.returncode == 128 + signal.SIGUSR1, (p.returncode, p.stderr[-2000:])
 
 
+def test_a_second_sigterm_is_passed_on_as_sigterm(tmp_path):
+    """Ranks that did not stop on the first SIGTERM (sent on as SIGUSR1) are ended by the next:
+    a stand-in for Open MPI's mpirun that ignores SIGUSR1 dies of the second SIGTERM, and the
+    shell reports that (128 + 15)."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    fake = tmp_path / "orterun"
+    shutil.copy(shutil.which("bash"), fake)
+    script = tmp_path / "go.py"
+    script.write_text(
+        "import os, signal, sys, threading, time\n"
+        "from launchers.runner import run\n"
+        "def later():\n"
+        "    for _ in range(2):\n"
+        "        time.sleep(1.5)\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "threading.Thread(target=later, daemon=True).start()\n"
+        f"sys.exit(run(['sh', '-c', '{fake} -c \\'trap \"\" USR1; "
+        "sleep 29.5 >/dev/null 2>&1 & wait\\'; exit $?']))\n")
+    p = subprocess.run([sys.executable, script], timeout=20, capture_output=True, text=True)
+    subprocess.run(["pkill", "-f", "^sleep 29.5$"])            # what the stand-in left
+    assert p.returncode == 128 + signal.SIGTERM, (p.returncode, p.stderr[-2000:])
+
+
 def test_horovodrun_asks_how_horovod_was_built_once_and_of_the_torch_extension_first(
         monkeypatch, tmp_path):
     """Our patch 0010: one forked process answers every build flag horovodrun asks about (it

@@ -23,8 +23,10 @@ NO_FRAMEWORK_TASK = '''
     data = harness.Data(train=(x, np.zeros(8, np.float32)), test=(x, np.zeros(8, np.float32)))
     task = harness.Task(framework="torch", name="mine", model=lambda: None,
                         loss=lambda out, y: out, data=data)
-    keras_only = harness.Tasks(tensorflow=harness.Task(framework="tensorflow", name="k",
-                               model=lambda: None, loss=lambda out, y: out, data=data))
+    keras = harness.Task(framework="tensorflow", name="k", model=lambda: None,
+                         loss=lambda out, y: out, data=data)
+    keras_only = harness.Tasks(tensorflow=keras)
+    pair = harness.Tasks(torch=task, tensorflow=keras)
 
     if __name__ == "__main__":
         sys.exit(harness.run(task, argv=sys.argv[1:]))
@@ -72,12 +74,17 @@ def test_ordinary_run_names_are_kept():
     (["train", "--lrr", "0.1"], "unrecognized arguments: --lrr 0.1: did you mean --lr?"),
     (["train", "--epoch", "3"], "did you mean --epochs?"),
     (["launch", "--np", "two"], "argument -np/--np: invalid int value: 'two'"),
-    (["compare", "--launchr", "mpirun"], "unrecognized arguments"),
+    (["compare", "--launchr", "mpirun"], "did you mean --launcher?"),
+    (["train", "--hepl"], "did you mean --help?"),
+    # `harness train` flags before `--`: where they go, not a launcher flag that looks alike
+    (["launch", "-np", "2", "--epochs", "3"],
+     "--epochs is a `harness train` flag: put it after `--` (harness launch"),
+    (["compare", "--lr", "0.1"], "--lr is a `harness train` flag: put it after `--`"),
 ])
 def test_a_bad_flag_is_one_line_with_the_fix(tmp_path, argv, expected):
     p = run(harness(*argv), timeout=60, cwd=tmp_path)
     line = one_line(p)
-    assert expected in line and "--help" in line, line
+    assert expected in line and ("--help" in line or "after `--`" in line), line
     assert not any(tmp_path.iterdir())
 
 
@@ -111,8 +118,8 @@ def test_compare_refuses_a_task_of_one_framework_before_any_run(task_file, tmp_p
                     "--task", f"{task_file}:task"), timeout=120)
     line = one_line(p)
     assert "--frameworks torch,tensorflow: the tensorflow runs cannot train this task " \
-           "(task 'mine' is a torch task, but framework = 'tensorflow'): compare " \
-           "--frameworks torch" in line, line
+           "(task 'mine' is a torch task): compare --frameworks torch, or give harness.Tasks " \
+           "with a tensorflow version too" in line, line
     assert not out.exists()
 
 
@@ -121,6 +128,19 @@ def test_compare_names_the_framework_a_tasks_pair_lacks(task_file, tmp_path):
                     "--task", f"{task_file}:keras_only"), timeout=120)
     assert "the torch runs cannot train this task (this task has no torch version (it has " \
            "tensorflow))" in one_line(p)
+
+
+def test_compare_of_frameworks_a_task_lacks_names_the_ones_it_has(task_file, tmp_path):
+    p = run(harness("compare", "--frameworks", "tensorflow", "--np", "1", "--out-dir",
+                    tmp_path / "cmp", "--", "--task", f"{task_file}:task"), timeout=120)
+    assert "--frameworks tensorflow: this task has no version for them (task 'mine' is a " \
+           "torch task): use --frameworks torch" in one_line(p)
+
+
+def test_compare_passes_on_an_option_one_framework_refuses(task_file, tmp_path):
+    p = run(harness("compare", "--np", "1", "--out-dir", tmp_path / "cmp", "--",
+                    "--task", f"{task_file}:pair", "--tf-loop", "fit"), timeout=120)
+    assert "the torch runs: tf_loop = 'fit' needs framework = 'tensorflow'" in one_line(p)
 
 
 def test_compare_reports_a_bad_task_label_as_train_would(tmp_path):
@@ -139,12 +159,22 @@ def test_compare_reports_a_bad_task_label_as_train_would(tmp_path):
     (["--launcher", "mpirun", "--hosts", "node1:0"], "'node1:0' is not HOST or HOST:SLOTS"),
     (["--launcher", "horovodrun", "--hosts", "node1"], "'node1' is not HOST:SLOTS"),
     (["--launcher", "mpirun", "--hosts", "a:2,:1"], "':1' is not HOST or HOST:SLOTS"),
+    (["--launcher", "mpirun", "--hosts", "a:2, b:2"], "holds spaces"),
+    (["--launcher", "srun", "--hosts", "n1:0"], "srun takes its hosts from SLURM"),
+    (["--launcher", "mpirun", "--hostfile", "."], "hostfile '.' is a folder"),
 ])
 def test_launcher_files_and_hosts_are_checked_before_anything_starts(tmp_path, flags, expected):
     p = run(harness("launch", *flags, "-np", "2", "--", "--out-dir", tmp_path / "out"),
             timeout=60)
     assert expected in one_line(p)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_printed_command_may_name_files_of_another_machine(tmp_path):
+    p = run(harness("launch", "--launcher", "mpirun", "--hostfile", "/cluster/hosts",
+                    "--python", "/cluster/venv/bin/python", "--dry-run", "--", "--out-dir",
+                    tmp_path / "out"), timeout=60)
+    assert p.returncode == 0 and "--hostfile /cluster/hosts" in p.stdout, p.stderr
 
 
 # --- messages that said the wrong thing ---------------------------------------------------------
@@ -157,6 +187,10 @@ def test_a_folder_given_as_the_checkpoint_to_resume_is_not_called_corrupt(tmp_pa
                                                     {"w": np.zeros(2, np.float32)}))
     from harness.checkpoint import load
 
+    ps = save(run_dir / "ps", Checkpoint({"position": {"step": 9}},
+                                         {"w": np.zeros(2, np.float32)}), prefix="ps-server0")
+    with pytest.raises(CheckpointError, match=f"e.g. {ps}"):
+        load(run_dir / "ps")
     for folder in (run_dir, run_dir / "checkpoints"):
         with pytest.raises(CheckpointError) as e:
             load(folder)
@@ -165,8 +199,18 @@ def test_a_folder_given_as_the_checkpoint_to_resume_is_not_called_corrupt(tmp_pa
 
 
 def test_a_task_may_be_given_data_path_for_its_own_task_function():
+    import numpy as np
+
+    from harness import Data, Task
+    from harness.task import configure
+
     cfg = RunConfig(task="my.py:task", data_path="/data/mine.npz")
     assert cfg.data_path == "/data/mine.npz"
+    x = np.zeros((4, 2), np.float32)
+    mine = Task(framework="torch", model=lambda: None, loss=lambda o, y: o,
+                data=Data(train=(x, x[:, 0]), test=(x, x[:, 0])))
+    cfg, _ = configure(mine, {"data_path": "/data/mine.npz"}, "harness.run(task)")  # a script's
+    assert cfg.data_path == "/data/mine.npz" and cfg.task is None
     with pytest.raises(ConfigError, match="is only read when dataset = 'npz'"):
         RunConfig(data_path="/data/mine.npz")
 

@@ -207,8 +207,8 @@ class Backend(ABC):
         rank 0's restored state; returns what started afresh (absent, or saved by another
         number of ranks)."""
         saved, self._restored_exchange = self._restored_exchange, None
-        self._restore_rng_row(saved)
-        fresh = [] if self.compressor is None else self.compressor.restore(saved, self.world.rank)
+        fresh = self._restore_rng_row(saved)
+        fresh += [] if self.compressor is None else self.compressor.restore(saved, self.world.rank)
         if self._optimizer_per_rank():
             fresh += self._restore_optimizer_rows(saved)
         return fresh
@@ -242,18 +242,23 @@ class Backend(ABC):
         return np.concatenate([np.frombuffer(np.ascontiguousarray(parts[k]).tobytes(), np.uint8)
                                for k in sorted(parts)]) if parts else np.zeros(0, np.uint8)
 
-    def _restore_rng_row(self, saved: dict[str, np.ndarray] | None) -> None:
+    def _restore_rng_row(self, saved: dict[str, np.ndarray] | None) -> list[str]:
         """A collective: each rank takes its row of the checkpoint's generator states, when the
-        checkpoint has one per rank in this process's layout (another world size or framework
-        build keeps the seeded generators)."""
+        checkpoint has one per rank in this process's layout; else (another world size, an
+        older checkpoint, another device or framework build) the seeded generators go on and
+        ``["random generators"]`` is returned."""
         mine = self.rng_parts()
         layout = [(k, mine[k].dtype, mine[k].shape) for k in sorted(mine)]
         width = sum(np.ascontiguousarray(mine[k]).nbytes for k in mine)
         got = None if saved is None else saved.get(RNG_ROWS)
         ok = self.world.rank == 0 and got is not None and \
             got.shape == (self.world.size, width) and got.dtype == np.uint8
-        if self.allreduce_host(np.array([1.0 if ok else 0.0]), "max")[0] == 0:
-            return
+        resized = self.world.rank == 0 and got is not None and got.shape[0] != self.world.size
+        # every rank's layout is rank 0's, or no rank takes a row (the broadcast's sizes match)
+        agreed = self.allreduce_host(np.array([ok, width, -width, resized], np.float64), "max")
+        if agreed[0] == 0 or agreed[1] != -agreed[2]:
+            # another world size is reported where the run resumes (harness/train.py)
+            return [] if agreed[3] else ["random generators"]
         stacked = got if self.world.rank == 0 else np.empty((self.world.size, width), np.uint8)
         row = self._broadcast_host(np.ascontiguousarray(stacked))[self.world.rank]
         parts, at = {}, 0
@@ -262,6 +267,7 @@ class Backend(ABC):
             parts[key] = np.frombuffer(row[at:at + size].tobytes(), dtype).reshape(shape)
             at += size
         self.set_rng_parts(parts)
+        return []
 
     def _optimizer_per_rank(self) -> bool:
         """Local SGD: each rank's optimizer state is its own (checkpointed per rank)."""
