@@ -167,6 +167,7 @@ def test_a_worker_joins_in_the_place_of_one_that_failed(fw, servers, consistency
         [str(a) for a in launch("mpirun", servers + 2, "--framework", fw, "--mode", "async",
                                 "--ps-consistency", consistency, "--ps-servers", servers,
                                 "--model", "mlp", "--epochs", epochs, "--ps-join",
+                                "--ps-join-lost-after-s", 6,
                                 "--threads-per-rank", "1", "--out-dir", results,
                                 "--run-name", "joined")],
         stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
@@ -214,7 +215,8 @@ def test_a_worker_joins_in_the_place_of_one_that_failed(fw, servers, consistency
         # the killed joiner: listed as failed, from clock 9 to where it was killed
         first, wid = servers + 2, servers + 3
         info = s["joined_workers"].pop(str(first))
-        assert info["state"] == "left" and "stopped answering" in s["failed_workers"][str(first)]
+        assert info["state"] == "left" and "stopped answering (no heartbeat for 6s" in \
+            s["failed_workers"][str(first)]
         cut = info["clock"]
         assert cut == 399 and sorted(r["clock"] for r in steps if r["worker"] == first) == \
             list(range(10, cut + 1))

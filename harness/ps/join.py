@@ -20,8 +20,8 @@ How it joins, in ``RUN_DIR/ps-join/``:
    planned work of the run is done in full. With no failed slot, it is refused (exit 2).
 5. The joiner tells every server its slot and id, then trains like any worker. MPI does not
    tell the job when a process of another job dies, so a server that sees the joiner's
-   heartbeat stand still for ``LOST_AFTER_S`` (server.py) counts it as lost, goes on without it
-   and frees its slot again.
+   heartbeat stand still for ``ps_join_lost_after_s`` seconds counts it as lost, goes on
+   without it and frees its slot again.
 
 A joiner that dies in the second or so between a worker seeing its heartbeat and the servers'
 connection stalls them until ``stall_timeout_s`` (MPI cannot cancel a connect); the watchdog's

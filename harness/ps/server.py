@@ -481,7 +481,7 @@ class Server:
 
     def _check_joined(self) -> bool:
         """About once a second while joined workers are connected: one whose heartbeat file has
-        not changed for :data:`LOST_AFTER_S` is lost (MPI does not tell this job when a process
+        not changed for ``ps_join_lost_after_s`` is lost (MPI does not tell this job when a process
         of another job dies). Its slot is free again; True when one was lost."""
         from harness.ps import join as J
 
@@ -491,7 +491,7 @@ class Server:
             seen, since = self.heartbeats.get(wid, (None, now))
             if wid not in self.heartbeats or beat != seen:
                 self.heartbeats[wid] = (beat, now)
-            elif now - since > LOST_AFTER_S and not self.workers[wid].lost:
+            elif now - since > self.cfg.ps_join_lost_after_s and not self.workers[wid].lost:
                 self._lose(wid)
                 lost = True
         return lost
@@ -502,7 +502,8 @@ class Server:
         if w.state != DONE:                     # a finished one keeps its results
             w.state = LEFT
             w.left_reason = (f"joined worker {wid} stopped answering (no heartbeat for "
-                             f"{LOST_AFTER_S:g}s: killed, or its node is gone)")
+                             f"{self.cfg.ps_join_lost_after_s:g}s: killed, or its node is "
+                             "gone)")
         self.deferred = [r for r in self.deferred if r != wid]      # nothing is sent to it
         self.pending.pop(wid, None)
         self.inbox.drop(wid)
@@ -639,9 +640,6 @@ class Server:
             "failed_workers": self.failed_workers(),
             **({"joined_workers": self.joined_report()} if self.cfg.ps_join else {}),
         }
-
-
-LOST_AFTER_S = 15.0     # a joined worker whose heartbeat stands still this long is lost
 
 
 class Inbox:
