@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+from pathlib import Path
 
 from bench.common import emit, env_record
 from harness.errors import ConfigError
@@ -18,6 +19,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     names = tuple(b for b in BENCHES if b != "compression") if args.name == "all" \
         else (args.name,)
     runs = [importlib.import_module(f"bench.{name}").run for name in names]
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        raise ConfigError(f"--out {args.out!r}: its folder does not exist: create it or give "
+                          "a file in an existing folder (the records are appended to it)")
+    if args.out and Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out!r} is a folder: give a .jsonl file to append to")
     extra = {}
     if args.launches is not None:
         if args.launches < 1:

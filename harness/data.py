@@ -379,11 +379,16 @@ def _mmap_member(path: Path, zf: zipfile.ZipFile, member: str) -> np.ndarray | N
                      order="F" if fortran else "C")
 
 
+def check_npz_path(path: str | Path) -> None:
+    """The npz file exists (checked before a launcher starts ranks, and by each rank)."""
+    if not Path(path).is_file():
+        raise DataError(f"data_path {str(path)!r} does not exist: point data_path at an .npz "
+                        f"file with arrays {', '.join(ARRAYS)}")
+
+
 def load_npz(path: str | Path) -> Dataset:
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"data_path {str(p)!r} does not exist: point data_path at an .npz file "
-                        f"with arrays {', '.join(ARRAYS)}")
+    check_npz_path(p)
     try:
         zf = zipfile.ZipFile(p)
     except zipfile.BadZipFile:

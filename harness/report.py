@@ -798,6 +798,9 @@ def build_report(paths: list[Path], out_dir: Path, commands: list[str] | None = 
                  show: bool = True) -> Path:
     if not paths:
         raise ConfigError("no result folders given: pass results/<run> folders")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {str(out_dir)!r} is a file: give a folder (report.md and "
+                          "figures/ are written into it)")
     seen: dict[Path, Path] = {}
     for p in map(Path, paths):
         if p.resolve() in seen:

@@ -212,6 +212,15 @@ def _import(where: str, label: str):
     return importlib.import_module(where)
 
 
+def check_task_file(label: str) -> None:
+    """A task label's file exists (a launcher checks it before it starts any rank): its
+    one-line error, without importing anything."""
+    where, _ = split_label(label)
+    if (where.endswith(".py") or "/" in where or where.startswith(".")) and \
+            not Path(where).is_file():
+        _import(where, label)
+
+
 def split_label(label: str) -> tuple[str, str]:
     where, sep, name = label.rpartition(":")
     if not sep or not where or not name:
@@ -224,7 +233,9 @@ def load_task(label: str, cfg: "RunConfig") -> Task:
     """The task ``PATH.py:NAME`` or ``package.module:NAME`` for ``cfg.framework``.
 
     ``NAME`` may be a :class:`Task`, a :class:`Tasks` pair, or a function ``f(cfg)`` returning
-    either (for tasks that read the run config, as the built-in models do)."""
+    either (for tasks that read the run config, as the built-in models do). ``cfg`` holds the
+    config file's and the flags' values: the defaults of the task it returns are not in it
+    yet (they apply to the run after, where the config and flags leave a key unset)."""
     where, name = split_label(label)
     with native_log_filter():      # a task module that imports TensorFlow: its notices
         module = _import(where, label)
@@ -304,9 +315,7 @@ def check_frameworks(train_args: list[str], frameworks: list[str]) -> None:
     from harness.config import parse_train_args
 
     label = parse_train_args(train_args).task or ""
-    where, _ = split_label(label)
-    if (where.endswith(".py") or "/" in where) and not Path(where).is_file():
-        _import(where, label)             # its one-line error, without starting a process
+    check_task_file(label)
     probes = {fw: subprocess.Popen([sys.executable, "-c", _PROBE, fw, *train_args], text=True,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
               for fw in frameworks}       # side by side: each mostly imports

@@ -67,6 +67,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     if not (args.dry_run or args.print_argv):   # a printed command may be for another machine
         spec.check_local_files()
+        check_run_files(cfg)
     if spec.elastic:
         from launchers import elastic
 
@@ -91,6 +92,18 @@ def cmd_launch(args: argparse.Namespace) -> int:
                 return _run(build_argv(dataclasses.replace(spec, ompi_server=uri), train_args),
                             args)
     return _run(build_argv(spec, train_args), args)
+
+
+def check_run_files(cfg) -> None:
+    """What the ranks would each fail on at once: the task file and the npz data exist."""
+    if cfg.task:
+        from harness.task import check_task_file
+
+        check_task_file(cfg.task)
+    if cfg.dataset == "npz" and cfg.data_path:
+        from harness.data import check_npz_path
+
+        check_npz_path(cfg.data_path)
 
 
 def _run(argv: list[str], args: argparse.Namespace) -> int:

@@ -90,7 +90,8 @@ def test_compression_is_an_axis_with_its_setting_per_run(tmp_path):
     ("topk:2", "compression_ratio = 2.0 is out of range"),
     ("topk,topk", "lists topk twice"),
     ("local", "local SGD takes its period"),
-    ("local:x", "--local-sgd-period: invalid int value: 'x'"),
+    ("local:x", "local SGD takes its period, a whole number of steps of at least 1"),
+    ("local:0", "local SGD takes its period, a whole number of steps of at least 1"),
 ])
 def test_a_bad_compression_axis_is_one_line_before_any_run(tmp_path, value, message):
     with pytest.raises(ConfigError, match=message):

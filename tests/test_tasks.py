@@ -403,6 +403,8 @@ FITS = {"model": "return torch.nn.Linear(5, 1)", "loss": "return ((out[:, 0] - y
     ("samples differ", {"train": "Mixed()"}, "data train[9] has x of shape (6,), sample 0 of (5,)"),
     ("not a module", {"model": "return 'a model'"},
      "task 'bad': model() returned str, not a torch.nn.Module"),
+    ("loss a Python number", {"loss": "return torch.nn.functional.mse_loss(out[:, 0], y).item()"},
+     "task 'bad': loss(model(x), y) returned float"),
 ])
 def test_a_task_that_does_not_fit_is_one_line_and_nothing_is_written(tmp_path, case, change,
                                                                        expected):

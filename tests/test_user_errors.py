@@ -226,3 +226,52 @@ def test_the_readme_torch_snippet_runs_as_written(tmp_path):
             timeout=180)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (tmp_path / "out" / "torch-diabetes_mlp-sync-np1" / "summary.json").is_file()
+
+
+# --- found by a second new-user hunt ----------------------------------------------------------
+
+@pytest.mark.parametrize("train, expected", [
+    (["--task", "nope.py:task"], "task file 'nope.py' (from --task nope.py:task) does not exist"),
+    (["--dataset", "npz", "--data-path", "nope.npz"], "data_path 'nope.npz' does not exist"),
+])
+def test_launch_checks_the_task_file_and_data_before_any_rank_starts(tmp_path, train, expected):
+    p = run(harness("launch", "--launcher", "mpirun", "-np", "2", "--", *train, "--out-dir",
+                    tmp_path / "out"), timeout=60, cwd=tmp_path)
+    assert expected in one_line(p)                 # one line: no rank (and no mpirun banner)
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_out_that_is_a_file_is_refused_before_anything_is_printed(tmp_path):
+    afile = tmp_path / "afile.txt"
+    afile.write_text("mine")
+    p = run(harness("report", tmp_path, "--out", afile), timeout=60)
+    assert "--out '" + str(afile) + "' is a file: give a folder" in one_line(p)
+    assert not p.stdout and afile.read_text() == "mine"
+
+
+@pytest.mark.parametrize("out, expected", [("nosuch/b.jsonl", "its folder does not exist"),
+                                           (".", "is a folder")])
+def test_bench_out_is_checked_before_a_benchmark_starts(tmp_path, out, expected):
+    p = run(harness("bench", "allreduce", "--quick", "--out", out), timeout=60, cwd=tmp_path)
+    assert expected in one_line(p) and not p.stdout
+
+
+def test_compare_refuses_local_sgd_of_period_zero(tmp_path):
+    p = run(harness("compare", "--compression", "local:0", "--dry-run", "--out-dir",
+                    tmp_path / "cmp"), timeout=60)
+    assert "--compression 'local:0': local SGD takes its period" in one_line(p)
+
+
+def test_resume_of_a_word_or_a_file_that_is_not_a_checkpoint_says_what_resume_takes(tmp_path):
+    from harness.checkpoint import load
+
+    with pytest.raises(CheckpointError, match="resume is 'auto', 'never' or the path"):
+        load(tmp_path / "AUTO")
+    config = tmp_path / "config.json"
+    config.write_text("{}")
+    with pytest.raises(CheckpointError, match="is not a checkpoint: give a checkpoint file"):
+        load(config)
+    truncated = tmp_path / "ckpt-000000003.npz"
+    truncated.write_bytes(b"PK\x03\x04 cut")
+    with pytest.raises(CheckpointError, match="is corrupt or truncated"):
+        load(truncated)

@@ -251,6 +251,15 @@ def initial_canonical_weights(task: Task, model, seed: int,
     return weights
 
 
+def check_loss_tensor(task: Task, loss: object, is_tensor: bool, kind: str) -> None:
+    """The loss is the framework's tensor: a Python or NumPy number has no gradient."""
+    if not is_tensor:
+        raise TaskError(f"task {task.name!r}: loss(model(x), y) returned "
+                        f"{type(loss).__name__} {loss!r:.40}, not a {kind}: return the "
+                        "framework's tensor (.item(), float() or .numpy() cut it off from the "
+                        "gradient)")
+
+
 def check_scalar(task: Task, what: str, shape: tuple, n: int) -> None:
     """The loss and each metric give one number per batch (its mean)."""
     if tuple(shape) != ():

@@ -19,8 +19,8 @@ import numpy as np
 
 from harness.backends.base import Backend, BackendInfo, StepResult
 from harness.backends.comm import HorovodComm, LocalComm, MPIComm
-from harness.backends.common import (FlatLayout, check_scalar, check_weight_names,
-                                     initial_canonical_weights, misfit)
+from harness.backends.common import (FlatLayout, check_loss_tensor, check_scalar,
+                                     check_weight_names, initial_canonical_weights, misfit)
 from harness.env import World
 from harness.quiet import native_log_filter
 from harness.task import Task, TaskError
@@ -221,7 +221,9 @@ class TFBackend(Backend):
         try:
             out = self.model(x, training=False)
             what = "loss(model(x), y)"
-            check_scalar(task, what, tuple(task.loss(out, y).shape), len(x))
+            loss = task.loss(out, y)
+            check_loss_tensor(task, loss, bool(self.tf.is_tensor(loss)), "tf.Tensor")
+            check_scalar(task, what, tuple(loss.shape), len(x))
             for name, fn in task.metrics.items():
                 what = f"metric {name!r}"
                 check_scalar(task, what, tuple(self.tf.convert_to_tensor(fn(out, y)).shape),

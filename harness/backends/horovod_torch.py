@@ -16,8 +16,9 @@ import torch
 
 from harness.backends.base import Backend, BackendInfo, StepResult
 from harness.backends.comm import HorovodComm, LocalComm, MPIComm
-from harness.backends.common import (FlatLayout, check_scalar, check_weight_names,
-                                     initial_canonical_weights, misfit, seed_generators)
+from harness.backends.common import (FlatLayout, check_loss_tensor, check_scalar,
+                                     check_weight_names, initial_canonical_weights, misfit,
+                                     seed_generators)
 from harness.env import World
 from harness.task import Task, TaskError
 
@@ -77,7 +78,9 @@ class TorchBackend(Backend):
             what = "model(x)"
             out = self.model(xb)
             what = "loss(model(x), y)"
-            check_scalar(task, "loss(model(x), y)", tuple(task.loss(out, yb).shape), len(x))
+            loss = task.loss(out, yb)
+            check_loss_tensor(task, loss, isinstance(loss, torch.Tensor), "torch.Tensor")
+            check_scalar(task, "loss(model(x), y)", tuple(loss.shape), len(x))
             for name, fn in task.metrics.items():
                 what = f"metric {name!r}"
                 check_scalar(task, what, tuple(torch.as_tensor(fn(out, yb)).shape), len(x))
