@@ -291,57 +291,52 @@ def test_runner_forwards_a_stop_signal_and_keeps_the_callers_handler(tmp_path):
     assert heard == [signal.SIGUSR1]
 
 
+def sigterms_to_a_runner(tmp_path, binary: str, command: str, times: int) -> int:
+    """The exit code of launchers.runner.run(['sh', '-c', COMMAND]) in a process of its own
+    that gets ``times`` SIGTERMs, 1.5 s apart; ORTERUN in COMMAND is a copy of ``binary``
+    named like Open MPI's launcher."""
+    import shutil
+    import subprocess
+    import sys
+
+    fake = tmp_path / "orterun"
+    shutil.copy(shutil.which(binary), fake)
+    script = tmp_path / "go.py"
+    script.write_text(
+        "import os, signal, sys, threading, time\n"
+        "from launchers.runner import run\n"
+        "def later():\n"
+        f"    for _ in range({times}):\n"
+        "        time.sleep(1.5)\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "threading.Thread(target=later, daemon=True).start()\n"
+        f"sys.exit(run(['sh', '-c', {command.replace('ORTERUN', str(fake))!r}]))\n")
+    return subprocess.run([sys.executable, script], timeout=20, capture_output=True).returncode
+
+
 def test_a_stop_signal_reaches_the_launcher_a_shell_runs_and_open_mpi_hears_sigusr1(tmp_path):
     """horovodrun execs ``/bin/sh -c "mpirun ..."``: a SIGTERM must reach mpirun, not the shell
     (which would die and leave the job running), and Open MPI's mpirun gets SIGUSR1, which it
     relays to the ranks without killing them. Here a copy of ``sleep`` named like Open MPI's
     launcher stands in for mpirun: it dies of SIGUSR1, and the shell, still alive, reports
     that (128 + 10), so the code of the launcher under the shell comes back."""
-    import shutil
     import signal
-    import subprocess
-    import sys
 
-    fake = tmp_path / "orterun"
-    shutil.copy(shutil.which("sleep"), fake)
-    script = tmp_path / "go.py"
-    script.write_text(
-        "import os, signal, sys, threading, time\n"
-        "from launchers.runner import run\n"
-        "def later():\n"
-        "    time.sleep(1.5)\n"
-        "    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "threading.Thread(target=later, daemon=True).start()\n"
-        f"sys.exit(run(['sh', '-c', '{fake} 30; exit $?']))\n")
-    p = subprocess.run([sys.executable, script], timeout=60, capture_output=True, text=True)
-    assert p.returncode == 128 + signal.SIGUSR1, (p.returncode, p.stderr[-2000:])
+    code = sigterms_to_a_runner(tmp_path, "sleep", "ORTERUN 30; exit $?", 1)
+    assert code == 128 + signal.SIGUSR1
 
 
 def test_a_second_sigterm_is_passed_on_as_sigterm(tmp_path):
     """Ranks that did not stop on the first SIGTERM (sent on as SIGUSR1) are ended by the next:
     a stand-in for Open MPI's mpirun that ignores SIGUSR1 dies of the second SIGTERM, and the
     shell reports that (128 + 15)."""
-    import shutil
     import signal
     import subprocess
-    import sys
 
-    fake = tmp_path / "orterun"
-    shutil.copy(shutil.which("bash"), fake)
-    script = tmp_path / "go.py"
-    script.write_text(
-        "import os, signal, sys, threading, time\n"
-        "from launchers.runner import run\n"
-        "def later():\n"
-        "    for _ in range(2):\n"
-        "        time.sleep(1.5)\n"
-        "        os.kill(os.getpid(), signal.SIGTERM)\n"
-        "threading.Thread(target=later, daemon=True).start()\n"
-        f"sys.exit(run(['sh', '-c', '{fake} -c \\'trap \"\" USR1; "
-        "sleep 29.5 >/dev/null 2>&1 & wait\\'; exit $?']))\n")
-    p = subprocess.run([sys.executable, script], timeout=20, capture_output=True, text=True)
+    code = sigterms_to_a_runner(tmp_path, "bash", "ORTERUN -c 'trap \"\" USR1; sleep 29.5 "
+                                ">/dev/null 2>&1 & wait'; exit $?", 2)
     subprocess.run(["pkill", "-f", "^sleep 29.5$"])            # what the stand-in left
-    assert p.returncode == 128 + signal.SIGTERM, (p.returncode, p.stderr[-2000:])
+    assert code == 128 + signal.SIGTERM
 
 
 def test_horovodrun_asks_how_horovod_was_built_once_and_of_the_torch_extension_first(
