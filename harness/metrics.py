@@ -119,7 +119,8 @@ class MetricsWriter:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl; a torn last line (killed writer) is ignored."""
+    """All records of a metrics.jsonl; a torn last line (killed writer) is ignored, and so is a
+    line that is JSON but not a record (an object with a kind)."""
     out = []
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -127,9 +128,11 @@ def read_records(path: Path) -> list[dict[str, Any]]:
             if not line:
                 continue
             try:
-                out.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(record, dict) and "kind" in record:
+                out.append(record)
     return out
 
 

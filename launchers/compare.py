@@ -103,13 +103,24 @@ def plan(train_args: list[str], frameworks: list[str], nps: list[int], modes: li
 
     cfg = parse_train_args(train_args)
     jobs: list[Job] = []
+    planned: dict[tuple, str] = {}      # what each run trains with -> its --compression item
     for mode, fw, n, (suffix, flags) in itertools.product(
             modes, frameworks, nps, compression_settings(compressions)):
         ranks = n + (cfg.ps_servers if mode == "async" else 0)
         name = (f"{fw}-{mode}-np{n}" if mode == "sync" else f"{fw}-ps-{n}w") + suffix
         args = [*train_args, *flags, "--framework", fw, "--mode", mode, "--out-dir",
                 str(out_dir), "--run-name", name, "--resume", "auto" if resume else "never"]
-        parse_train_args(args)           # each combination is valid (one-line error)
+        run_cfg = parse_train_args(args)       # each combination is valid (one-line error)
+        same = (mode, fw, n, run_cfg.compression, run_cfg.local_sgd_period,
+                run_cfg.local_sgd_start_epoch,
+                run_cfg.compression_ratio if run_cfg.compression in ("topk", "randomk") else None,
+                run_cfg.powersgd_rank if run_cfg.compression == "powersgd" else None)
+        item = suffix.lstrip("-").replace("-", ":") or "the config's own"
+        if same in planned and planned[same] != item:
+            raise ConfigError(f"--compression: {planned[same]} and {item} are the same "
+                              "setting (a method without a value takes the config's), which "
+                              "would train the same run twice: list it once")
+        planned[same] = item
         use = launcher if mode == "sync" or launcher == "srun" else "mpirun"
         spec = LaunchSpec.with_defaults(launcher=use, np=ranks, python=python)
         if any(j.name == name for j in jobs):

@@ -89,6 +89,7 @@ def test_compression_is_an_axis_with_its_setting_per_run(tmp_path):
     ("zip", "'zip' is not one of"), ("int8:4", "only topk/randomk"),
     ("topk:2", "compression_ratio = 2.0 is out of range"),
     ("topk,topk", "lists topk twice"),
+    ("topk,topk:0.01", "topk and topk:0.01 are the same setting"),
     ("local", "local SGD takes its period"),
     ("local:x", "local SGD takes its period, a whole number of steps of at least 1"),
     ("local:0", "local SGD takes its period, a whole number of steps of at least 1"),

@@ -575,3 +575,12 @@ def test_a_language_model_report_shows_perplexity_and_tokens(tmp_path):
     wider[0] = {**wider[0], "config": {**wider[0]["config"], "gpt_dim": 128}}
     report = build_report([folder, write_run(tmp_path / "w", wider)], tmp_path / "out2")
     assert "gpt_dim differs between runs: 128, 64" in report.read_text()
+
+
+def test_lines_of_metrics_jsonl_that_are_not_records_are_skipped(tmp_path, no_figures):
+    """A line that is JSON but not a record (a list, a number, an object without a kind) is
+    skipped like a torn line, instead of crashing the report."""
+    folder = write_run(tmp_path / "r", start(0, epochs=1, summary={"final_eval_acc": 0.9}))
+    with (folder / "metrics.jsonl").open("a") as f:
+        f.write("[1, 2]\n7\n{\"no\": \"kind\"}\n")
+    assert table(build_report([folder], tmp_path / "out"))["r"]["final acc"] == "0.9000"
