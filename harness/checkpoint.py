@@ -108,7 +108,7 @@ def load(path: Path) -> Checkpoint:
         example = str(inside[-1][1]) if inside else f"{path}/checkpoints/ckpt-000000100.npz"
         raise CheckpointError(f"checkpoint {str(path)!r} is a folder: give one checkpoint file, "
                               f"e.g. {example} (resume = 'auto' continues the run folder's own)")
-    if path.is_file() and not _NAME.match(path.name) and not zipfile.is_zipfile(path):
+    if path.is_file() and path.suffix != ".npz" and not zipfile.is_zipfile(path):
         raise CheckpointError(f"{str(path)!r} is not a checkpoint: give a checkpoint file the "
                               "harness wrote (<run>/checkpoints/ckpt-<step>.npz)")
     try:
@@ -123,8 +123,7 @@ def load(path: Path) -> Checkpoint:
     except CheckpointError:
         raise
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist: resume is 'auto', "
-                              "'never' or the path of a checkpoint file") from None
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist") from None
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error,
             json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: "

@@ -181,7 +181,7 @@ class RunConfig:
     ps_join_lost_after_s: float = _opt(15.0, "ps_join: seconds a joined worker's heartbeat (a "
                                        "file it rewrites every second) may stand still before "
                                        "the servers count it lost and free its slot",
-                                       minimum=2.0)
+                                       minimum=5.0)
     straggler_rank: int | None = _opt(None, "make this rank slow, for experiments", minimum=0)
     straggler_factor: float = _opt(2.0, "the straggler's step time as a multiple of its "
                                    "compute time", minimum=1.0)

@@ -144,6 +144,10 @@ def find_resume_checkpoint(cfg: RunConfig, ckpt_dir: Path, log, prefix: str = "c
     own = ckpt_io.load_latest(ckpt_dir, prefix, warn=log.warning) if existing else None
     if cfg.resume == "auto":
         return own
+    if given is None and not Path(cfg.resume).exists():
+        raise CheckpointError(f"resume = {cfg.resume!r} is not 'auto', 'never' or an existing "
+                              "checkpoint file: give one of them (a file such as "
+                              "<run>/checkpoints/ckpt-<step>.npz)")
     chosen = ckpt_io.load(given or Path(cfg.resume))
     if own is not None and own.path != chosen.path and \
             own.meta.get("saved_at", 0) > chosen.meta.get("saved_at", 0):

@@ -67,7 +67,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     if not (args.dry_run or args.print_argv):   # a printed command may be for another machine
         spec.check_local_files()
-        check_run_files(cfg)
+        if spec.runs_here():
+            check_run_files(cfg)
     if spec.elastic:
         from launchers import elastic
 
@@ -95,12 +96,13 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def check_run_files(cfg) -> None:
-    """What the ranks would each fail on at once: the task file and the npz data exist."""
+    """What the ranks (on this machine) would each fail on at once: the task file and the
+    built-in models' npz data exist (a task's data_path is its own function's to read)."""
     if cfg.task:
         from harness.task import check_task_file
 
         check_task_file(cfg.task)
-    if cfg.dataset == "npz" and cfg.data_path:
+    elif cfg.dataset == "npz" and cfg.data_path:
         from harness.data import check_npz_path
 
         check_npz_path(cfg.data_path)

@@ -67,7 +67,7 @@ def compression_settings(value: str | None) -> list[tuple[str, list[str]]]:
         method, _, setting = item.partition(":")
         if method == "local":
             period, _, start = setting.partition(":")
-            if not (period.isdigit() and int(period) >= 1):
+            if not (period.isdecimal() and period.isascii() and int(period) >= 1):
                 raise ConfigError(f"--compression {item!r}: local SGD takes its period, a "
                                   "whole number of steps of at least 1, e.g. local:8 (and "
                                   "local:16:2 for 2 dense epochs first)")

@@ -170,6 +170,16 @@ class LaunchSpec:
             raise ConfigError(f"hosts = {hosts!r}: {item!r} is not {form} with at least 1 "
                               "slot: write e.g. node1:2,node2:2")
 
+    def runs_here(self) -> bool:
+        """Every rank starts on this machine: no SLURM, and no host but this one."""
+        import socket
+
+        if self.launcher in SLURM or self.hostfile:
+            return False
+        here = {"localhost", "127.0.0.1", socket.gethostname(), socket.getfqdn()}
+        return all(item.partition(":")[0] in here for item in (self.hosts or "").split(",")
+                   if item)
+
     def check_local_files(self) -> None:
         """What must exist on this machine before a launcher starts: the hostfile, and the
         interpreter of a launcher that starts its ranks from here (SLURM's run on its nodes)."""

@@ -291,11 +291,12 @@ def test_runner_forwards_a_stop_signal_and_keeps_the_callers_handler(tmp_path):
     assert heard == [signal.SIGUSR1]
 
 
-def sigterms_to_a_runner(tmp_path, binary: str, command: str, times: int) -> int:
-    """The exit code of launchers.runner.run(['sh', '-c', COMMAND]) in a process of its own
-    that gets ``times`` SIGTERMs, 1.5 s apart; ORTERUN in COMMAND is a copy of ``binary``
-    named like Open MPI's launcher."""
+def sigterms_to_a_runner(tmp_path, binary: str, command: str, times: int) -> tuple[int, str]:
+    """The exit code and stderr of launchers.runner.run(['sh', '-c', COMMAND]) in a process of
+    its own that gets ``times`` SIGTERMs, 1.5 s apart; ORTERUN in COMMAND is a copy of
+    ``binary`` named like Open MPI's launcher. What it started is ended, whatever happens."""
     import shutil
+    import signal
     import subprocess
     import sys
 
@@ -311,7 +312,16 @@ def sigterms_to_a_runner(tmp_path, binary: str, command: str, times: int) -> int
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
         "threading.Thread(target=later, daemon=True).start()\n"
         f"sys.exit(run(['sh', '-c', {command.replace('ORTERUN', str(fake))!r}]))\n")
-    return subprocess.run([sys.executable, script], timeout=20, capture_output=True).returncode
+    p = subprocess.Popen([sys.executable, script], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = p.communicate(timeout=60)
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)       # the stand-in and what it started
+        except ProcessLookupError:
+            pass
+    return p.returncode, err[-2000:]
 
 
 def test_a_stop_signal_reaches_the_launcher_a_shell_runs_and_open_mpi_hears_sigusr1(tmp_path):
@@ -322,8 +332,8 @@ def test_a_stop_signal_reaches_the_launcher_a_shell_runs_and_open_mpi_hears_sigu
     that (128 + 10), so the code of the launcher under the shell comes back."""
     import signal
 
-    code = sigterms_to_a_runner(tmp_path, "sleep", "ORTERUN 30; exit $?", 1)
-    assert code == 128 + signal.SIGUSR1
+    code, err = sigterms_to_a_runner(tmp_path, "sleep", "ORTERUN 30; exit $?", 1)
+    assert code == 128 + signal.SIGUSR1, (code, err)
 
 
 def test_a_second_sigterm_is_passed_on_as_sigterm(tmp_path):
@@ -331,12 +341,10 @@ def test_a_second_sigterm_is_passed_on_as_sigterm(tmp_path):
     a stand-in for Open MPI's mpirun that ignores SIGUSR1 dies of the second SIGTERM, and the
     shell reports that (128 + 15)."""
     import signal
-    import subprocess
 
-    code = sigterms_to_a_runner(tmp_path, "bash", "ORTERUN -c 'trap \"\" USR1; sleep 29.5 "
-                                ">/dev/null 2>&1 & wait'; exit $?", 2)
-    subprocess.run(["pkill", "-f", "^sleep 29.5$"])            # what the stand-in left
-    assert code == 128 + signal.SIGTERM
+    code, err = sigterms_to_a_runner(tmp_path, "bash", "ORTERUN -c 'trap \"\" USR1; sleep 29.5 "
+                                     ">/dev/null 2>&1 & wait'; exit $?", 2)
+    assert code == 128 + signal.SIGTERM, (code, err)
 
 
 def test_horovodrun_asks_how_horovod_was_built_once_and_of_the_torch_extension_first(

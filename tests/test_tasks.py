@@ -614,3 +614,24 @@ def test_each_rank_resumes_its_own_random_draws(tmp_path):
     """Two ranks (Horovod's gather and broadcast of the rows): each rank's generators are
     checkpointed in its own row, and each draws a different number of values."""
     preempt_and_resume(tmp_path, TORCH_DROPOUT, launch("mpirun", 2), [], "1:13")
+
+
+@pytest.mark.framework
+def test_a_keras_task_whose_loss_is_a_numpy_number_is_one_line(tmp_path):
+    task = write(tmp_path, "numpy_loss.py", NOISY + '''
+    import keras
+    import tensorflow as tf
+
+
+    def model():
+        return keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])
+
+
+    task = harness.Task(framework="tensorflow", name="np_loss", model=model, data=data,
+                        loss=lambda out, y: tf.reduce_mean(tf.square(out[:, 0] - y)).numpy())
+''')
+    out = tmp_path / "out"
+    p = run(harness("train", "--task", f"{task}:task", "--allreduce", "local", "--out-dir", out),
+            timeout=120)
+    assert "task 'np_loss': loss(model(x), y) returned float32" in one_error_line(p)
+    assert "not a tf.Tensor" in p.stderr and not out.exists()

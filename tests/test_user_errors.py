@@ -241,6 +241,22 @@ def test_launch_checks_the_task_file_and_data_before_any_rank_starts(tmp_path, t
     assert not (tmp_path / "out").exists()
 
 
+def test_files_the_ranks_read_elsewhere_are_not_checked_here(tmp_path):
+    """SLURM ranks (and ranks on other hosts) read their own file systems; a task's data_path
+    is its function's to read."""
+    from launchers.cli import check_run_files
+    from launchers.spec import LaunchSpec
+
+    assert LaunchSpec.with_defaults(launcher="mpirun", np=2).runs_here()
+    assert LaunchSpec.with_defaults(launcher="mpirun", np=2, hosts="localhost:2").runs_here()
+    for given in ({"launcher": "sbatch"}, {"launcher": "srun"},
+                  {"launcher": "mpirun", "hosts": "node7:2"},
+                  {"launcher": "horovodrun", "hostfile": "hosts"}):
+        assert not LaunchSpec.with_defaults(np=2, **given).runs_here(), given
+
+    check_run_files(RunConfig(task="pkg.mod:task", dataset="npz", data_path="/not/here"))
+
+
 def test_report_out_that_is_a_file_is_refused_before_anything_is_printed(tmp_path):
     afile = tmp_path / "afile.txt"
     afile.write_text("mine")
@@ -263,10 +279,15 @@ def test_compare_refuses_local_sgd_of_period_zero(tmp_path):
 
 
 def test_resume_of_a_word_or_a_file_that_is_not_a_checkpoint_says_what_resume_takes(tmp_path):
-    from harness.checkpoint import load
+    import logging
 
-    with pytest.raises(CheckpointError, match="resume is 'auto', 'never' or the path"):
-        load(tmp_path / "AUTO")
+    from harness.checkpoint import load
+    from harness.driver import find_resume_checkpoint
+
+    with pytest.raises(CheckpointError, match="resume = 'AUTO' is not 'auto', 'never' or an "
+                                              "existing checkpoint file"):
+        find_resume_checkpoint(RunConfig(resume="AUTO"), tmp_path / "checkpoints",
+                               logging.getLogger("test"))
     config = tmp_path / "config.json"
     config.write_text("{}")
     with pytest.raises(CheckpointError, match="is not a checkpoint: give a checkpoint file"):

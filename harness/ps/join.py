@@ -213,7 +213,7 @@ class Heartbeat:
             tmp.write_text(str(self.count))
             os.replace(tmp, self.path)
         except OSError:
-            pass                     # a missed beat; the server allows many
+            pass                     # a missed beat; ps_join_lost_after_s (>= 5 s) allows some
 
     def _run(self) -> None:
         while not self.done.wait(1.0):
