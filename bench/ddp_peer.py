@@ -76,6 +76,10 @@ def main() -> None:
                           "samples_per_s": (steps - warmup) * batch * size / seconds,
                           "threads_per_rank": threads, "backend": dist.get_backend(),
                           "torch": torch.__version__}), flush=True)
+    # every rank done with its collectives before gloo is torn down: a rank that tears down
+    # while the other is still in its last allreduce aborts ("terminate called without an
+    # active exception", seen once in a clean-clone run)
+    dist.barrier()
     dist.destroy_process_group()
 
 
