@@ -307,14 +307,17 @@ _PROBE = ("import sys; from harness.api import probe_task; "
 
 def check_frameworks(train_args: list[str], frameworks: list[str]) -> None:
     """Before a comparison starts its first run: every framework in ``frameworks`` can load
-    the task (each in its own process: a task module may import its framework, and no process
-    imports both). Raises ConfigError with the fix, or TaskError after the user's traceback."""
+    the run's task, if it has one (each in its own process: a task module may import its
+    framework, and no process imports both). Raises ConfigError with the fix, or TaskError
+    after the user's traceback."""
     import json
     import subprocess
 
     from harness.config import parse_train_args
 
-    label = parse_train_args(train_args).task or ""
+    label = parse_train_args(train_args).task
+    if label is None:                 # a built-in model: both frameworks have it
+        return
     check_task_file(label)
     probes = {fw: subprocess.Popen([sys.executable, "-c", _PROBE, fw, *train_args], text=True,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)

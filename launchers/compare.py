@@ -154,7 +154,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ConfigError("--resume continues a comparison: give its --out-dir")
     jobs = plan(train_args, frameworks, nps, modes, args.launcher, out_dir, sys.executable,
                 resume=args.resume, compressions=args.compression)
-    if parse_train_args(train_args).task and not args.dry_run:   # before any run starts
+    if not args.dry_run:             # a task: each framework can load it, before any run
         from harness.task import check_frameworks
 
         check_frameworks(train_args, frameworks)

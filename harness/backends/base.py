@@ -240,7 +240,7 @@ class Backend(ABC):
     def _rng_bytes(self) -> np.ndarray:
         parts = self.rng_parts()
         return np.concatenate([np.frombuffer(np.ascontiguousarray(parts[k]).tobytes(), np.uint8)
-                               for k in sorted(parts)]) if parts else np.zeros(0, np.uint8)
+                               for k in sorted(parts)])
 
     def _restore_rng_row(self, saved: dict[str, np.ndarray] | None) -> list[str]:
         """A collective: each rank takes its row of the checkpoint's generator states, when the
