@@ -46,7 +46,7 @@ class RunConfig:
     # --- what to train ---
     task: str | None = _opt(None, "your own task, PATH.py:NAME or package.module:NAME (a "
                             "harness.Task: model, loss, metrics, data); replaces model and "
-                            "dataset")
+                            "dataset (a task function f(cfg) may read them)")
     framework: str = _opt("torch", "deep learning framework (a task of one framework sets it)",
                           ("torch", "tensorflow"))
     model: str = _opt("mlp", "model name (see `harness models`)",
@@ -447,6 +447,12 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         if isinstance(value, dict):
             raise ConfigError(f"config file {str(p)!r}: [{key}] is a table, but run configs "
                               "are flat: write its keys at the top level")
+    source = f"config file {str(p)!r}"
+    check_known_keys(RunConfig, data, source, "harness train --help")
+    try:                           # each value on its own: the file is named with its error
+        check_values(RunConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     return data
 
 
@@ -458,6 +464,14 @@ def check_known_keys(cls: type, values: dict[str, Any], source: str, help_cmd: s
             hint = f" Did you mean {close[0]!r}?" if close else \
                 f" Run `{help_cmd}` for the valid keys."
             raise ConfigError(f"unknown key {key!r} in {source}.{hint}")
+
+
+def check_values(cls: type, values: dict[str, Any]) -> None:
+    """Type-check and range-check each of ``values`` (known keys of ``cls``) on its own; what
+    depends on several keys is checked when the dataclass is built."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        _check_range(fields[key], _coerce(cls, fields[key], value))
 
 
 def validate_fields(obj: Any) -> None:

@@ -92,6 +92,24 @@ def test_toml_errors(tmp_path):
         RunConfig.load(table)
 
 
+@pytest.mark.parametrize("text, expected", [
+    ('epochs = "ten"\n', "epochs = 'ten' has the wrong type: expected int, got str"),
+    ("lr = -1\n", "lr = -1.0 is out of range: it must be greater than 0.0"),
+    ('model = "vgg"\n', "model = 'vgg' is not one of"),
+])
+def test_a_bad_value_in_a_toml_file_names_the_file(tmp_path, text, expected):
+    """Before: the error named the key and value but not the file they came from."""
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        RunConfig.load(path)
+    assert str(e.value).startswith(f"config file {str(path)!r}: {expected}")
+    typo = tmp_path / "typo.toml"
+    typo.write_text("epochz = 3\n")
+    with pytest.raises(ConfigError, match=f"unknown key 'epochz' in config file '{typo}'"):
+        RunConfig.load(typo)
+
+
 def test_cli_overrides_toml(tmp_path):
     f = tmp_path / "run.toml"
     f.write_text('model = "cnn"\nlr = 0.2\nepochs = 3\n')
