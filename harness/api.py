@@ -33,20 +33,24 @@ def script_name() -> str:
     return f"python {Path(sys.argv[0]).name}" if sys.argv and sys.argv[0] else "harness.run"
 
 
-def guarded(fn: Callable[[], int], distributed: bool) -> int:
-    """Run ``fn``: a HarnessError prints one line naming the rank; any other error (the user's
-    code, or ours) prints its traceback and the rank. A distributed rank that fails exits at
-    once, skipping MPI/Horovod teardown, which would wait for peers that may be gone."""
+def guarded(fn: Callable[[], int], distributed: bool, is_rank: bool = True) -> int:
+    """Run ``fn``: a HarnessError prints one line, any other error (the user's code, or ours)
+    its traceback; both name the rank where ``fn`` runs as a rank of a job (training, a
+    parameter-server worker), not for the commands around it (report, compare). A distributed
+    rank that fails exits at once, skipping MPI/Horovod teardown, which would wait for peers
+    that may be gone."""
+    rank = rank_hint() if is_rank else None
     try:
         code = fn()
     except HarnessError as e:
-        print(f"harness: error (rank {rank_hint()}): {e}", file=sys.stderr, flush=True)
+        where = f" (rank {rank})" if rank else ""
+        print(f"harness: error{where}: {e}", file=sys.stderr, flush=True)
         code = e.exit_code
     except KeyboardInterrupt:
         print("harness: interrupted", file=sys.stderr, flush=True)
         code = 130
     except Exception:
-        print(f"harness: unexpected error on rank {rank_hint()}:", file=sys.stderr)
+        print(f"harness: unexpected error{f' on rank {rank}' if rank else ''}:", file=sys.stderr)
         traceback.print_exc()
         code = 1
     if distributed and code != 0:
@@ -117,5 +121,5 @@ def probe_task(framework: str, train_args: list[str]) -> int:
             return 2
         return 0
 
-    return guarded(go, distributed=False)
+    return guarded(go, distributed=False, is_rank=False)
 

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     # a rank of a job (train, or the worker `harness join` starts) exits at once on an error
     distributed = getattr(args, "distributed", False) or getattr(args, "worker", False)
-    return guarded(lambda: args.func(args), distributed)
+    return guarded(lambda: args.func(args), distributed, is_rank=distributed)
 
 
 if __name__ == "__main__":

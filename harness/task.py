@@ -236,6 +236,12 @@ def load_task(label: str, cfg: "RunConfig") -> Task:
     either (for tasks that read the run config, as the built-in models do). ``cfg`` holds the
     config file's and the flags' values: the defaults of the task it returns are not in it
     yet (they apply to the run after, where the config and flags leave a key unset)."""
+    return resolve(task_object(label), cfg, label)
+
+
+def task_object(label: str) -> Any:
+    """What the task label ``PATH.py:NAME`` or ``package.module:NAME`` names (its module
+    imported): a Task, a Tasks pair or a task function."""
     where, name = split_label(label)
     with native_log_filter():      # a task module that imports TensorFlow: its notices
         module = _import(where, label)
@@ -244,12 +250,16 @@ def load_task(label: str, cfg: "RunConfig") -> Task:
                  if isinstance(v, (Task, Tasks)) and not k.startswith("_")]
         raise TaskError(f"{where} does not define {name!r}: it defines "
                         f"{', '.join(found) or 'no Task'}; give one of them after the colon")
-    return resolve(getattr(module, name), cfg, label)
+    return getattr(module, name)
+
+
+def is_task_function(obj: Any) -> bool:
+    return not isinstance(obj, (Task, Tasks)) and callable(obj) and not inspect.isclass(obj)
 
 
 def resolve(obj: Any, cfg: "RunConfig", label: str) -> Task:
     """A Task for ``cfg.framework`` from a Task, a Tasks pair or a task function."""
-    if not isinstance(obj, (Task, Tasks)) and callable(obj) and not inspect.isclass(obj):
+    if is_task_function(obj):
         obj = obj(cfg)
     if isinstance(obj, Tasks):
         return obj.get(cfg.framework)
@@ -274,7 +284,10 @@ def configure(obj: Any, values: dict[str, Any], label: str,
     # options of one framework are checked once the task's framework is known (a task label,
     # even a placeholder, defers that check)
     first = RunConfig.from_dict({**values, "task": values.get("task") or PENDING}, source)
-    task = load_task(label, first) if obj is None else resolve(obj, first, label)
+    found = task_object(label) if obj is None else obj
+    task = resolve(found, first, label)
+    if not is_task_function(found):
+        check_builtin_keys(values, task)
     given = "framework" in values
     # validated as a task's config (a task object's too: e.g. data_path for its function)
     final = {"framework": task.framework, **task.defaults, **values,
@@ -284,6 +297,23 @@ def configure(obj: Any, values: dict[str, Any], label: str,
     if obj is not None:
         cfg.task = None            # no label to record: the script's own task object ran
     return cfg, task
+
+
+#: run-config keys only the built-in models and datasets read
+BUILTIN_KEYS = ("model", "dataset", "synthetic_samples", "text_tokens", "seq_len",
+                "gpt_layers", "gpt_dim", "gpt_heads")
+
+
+def check_builtin_keys(values: dict[str, Any], task: Task) -> None:
+    """A task object brings its own model and data: a key that picks a built-in one would be
+    silently unused (a task function may read it from its cfg)."""
+    unused = [k for k in BUILTIN_KEYS if k in values]
+    if unused:
+        keys = ", ".join(f"{k} = {values[k]!r}" for k in unused)
+        flags = ", ".join("--" + k.replace("_", "-") for k in unused)
+        raise ConfigError(f"{keys} would be unused: task {task.name!r} brings its own model "
+                          f"and data; drop them ({flags}, or their config keys), or define the "
+                          "task as a function f(cfg) that reads it")
 
 
 def check_framework(task: Task, cfg: "RunConfig", framework_given: bool) -> "RunConfig":
@@ -341,8 +371,8 @@ def check_frameworks(train_args: list[str], frameworks: list[str]) -> None:
             raise ConfigError(f"{listed}: this task has no version for them "
                               f"({mismatch['mismatch']}): use --frameworks "
                               f"{','.join(mismatch['have'])}")
-        errors = [line.partition("): ")[2] for line in err.splitlines()
-                  if line.startswith("harness: error")]
+        errors = [line.removeprefix("harness: error: ") for line in err.splitlines()
+                  if line.startswith("harness: error: ")]
         if errors:                 # a bad label, file or option: as `harness train` says it
             raise ConfigError(errors[-1] if not loaded else f"the {fw} runs: {errors[-1]}")
         if "Traceback" in err:

@@ -296,3 +296,47 @@ def test_resume_of_a_word_or_a_file_that_is_not_a_checkpoint_says_what_resume_ta
     truncated.write_bytes(b"PK\x03\x04 cut")
     with pytest.raises(CheckpointError, match="is corrupt or truncated"):
         load(truncated)
+
+
+# --- found by the second hunt, fixed later ----------------------------------------------------
+
+def test_a_built_in_models_keys_given_with_a_task_object_are_refused(task_file, tmp_path):
+    """Before: --model and --dataset with a task were silently unused (the run trained the task)."""
+    out = tmp_path / "out"
+    p = run(harness("train", "--task", f"{task_file}:task", "--model", "cnn", "--dataset",
+                    "synthetic", "--out-dir", out), timeout=60)
+    assert one_line(p) == (
+        "harness: error (rank 0): model = 'cnn', dataset = 'synthetic' would be unused: task "
+        "'mine' brings its own model and data; drop them (--model, --dataset, or their config "
+        "keys), or define the task as a function f(cfg) that reads it")
+    assert not out.exists()
+
+
+def test_a_task_function_may_read_a_built_in_key():
+    import numpy as np
+
+    from harness import Data, Task
+    from harness.task import configure
+
+    x = np.zeros((4, 2), np.float32)
+    data = Data(train=(x, x[:, 0]), test=(x, x[:, 0]))
+
+    def mine(cfg):
+        return Task(framework="torch", name=f"mine-{cfg.model}", model=lambda: None,
+                    loss=lambda o, y: o, data=data)
+
+    cfg, task = configure(mine, {"model": "cnn", "seq_len": 8}, "harness.run(task)")
+    assert task.name == "mine-cnn" and cfg.seq_len == 8
+    with pytest.raises(ConfigError, match=r"seq_len = 8 would be unused: task 'mine-mlp'"):
+        configure(mine(RunConfig()), {"seq_len": 8}, "harness.run(task)")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["report", "/no/such/run"], "harness: error: /no/such/run is not a result folder"),
+    (["compare", "--config", "/no/such.toml"],
+     "harness: error: config file '/no/such.toml' does not exist"),
+    (["launch", "-np", "2", "--hosts", "a", "--", "--epochs", "1"], "harness: error: hosts = 'a'"),
+])
+def test_commands_that_are_not_a_rank_do_not_name_one(argv, expected):
+    """Before: 'harness: error (rank 0): ...' from report, compare and launch, which are no rank."""
+    assert one_line(run(harness(*argv), timeout=60)).startswith(expected)
