@@ -89,7 +89,8 @@ class Task:
       seed first, and rank 0's weights are broadcast, so every rank starts equal).
     * ``loss(output, y)`` returns the batch's mean loss as a scalar tensor.
     * ``metrics``: ``{name: fn(output, y)}``, each a scalar batch mean (e.g. accuracy). A
-      metric named ``acc`` also drives ``target_accuracy`` and the accuracy columns.
+      metric named ``acc`` (a fraction in [0, 1]) also drives ``target_accuracy`` and the
+      accuracy columns.
     * ``data``: a :class:`harness.Data` (or a function returning one, called on each rank).
     * ``loss_name``: what the report calls the loss (``mse``, ``cross_entropy``, ...).
     * ``canonical``: optional :class:`Canonical` weight layout shared with another framework.

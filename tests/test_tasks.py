@@ -384,11 +384,11 @@ TORCH_TASK = '''
         {loss}
 
 
-    task = harness.Task(framework="torch", name="bad", model=model, loss=loss,
+    task = harness.Task(framework="torch", name="bad", model=model, loss=loss, metrics={metrics},
                         data=lambda: harness.Data(train={train}, test=(x, y)))
 '''
 FITS = {"model": "return torch.nn.Linear(5, 1)", "loss": "return ((out[:, 0] - y) ** 2).mean()",
-        "train": "(x, y)"}
+        "train": "(x, y)", "metrics": "{}"}
 
 
 @pytest.mark.framework
@@ -405,6 +405,8 @@ FITS = {"model": "return torch.nn.Linear(5, 1)", "loss": "return ((out[:, 0] - y
      "task 'bad': model() returned str, not a torch.nn.Module"),
     ("loss a Python number", {"loss": "return torch.nn.functional.mse_loss(out[:, 0], y).item()"},
      "task 'bad': loss(model(x), y) returned float"),
+    ("acc a count", {"metrics": "{'acc': lambda out, y: (out[:, 0] == out[:, 0]).sum()}"},
+     "task 'bad': metric 'acc' returned 32 for a batch of 32: acc is the fraction correct"),
 ])
 def test_a_task_that_does_not_fit_is_one_line_and_nothing_is_written(tmp_path, case, change,
                                                                        expected):

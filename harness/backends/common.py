@@ -11,7 +11,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -265,6 +265,18 @@ def check_scalar(task: Task, what: str, shape: tuple, n: int) -> None:
     if tuple(shape) != ():
         raise TaskError(f"task {task.name!r}: {what} returned shape {tuple(shape)} for a batch "
                         f"of {n}, not a scalar: return the batch mean (e.g. .mean())")
+
+
+def check_metric(task: Task, name: str, value: Any, n: int) -> None:
+    """A metric gives one number per batch (its mean); ``acc`` is a fraction, as
+    ``target_accuracy`` and the report's accuracy columns read it."""
+    what = f"metric {name!r}"
+    check_scalar(task, what, tuple(np.shape(value)), n)
+    if name == "acc" and not 0.0 <= float(value) <= 1.0:
+        raise TaskError(f"task {task.name!r}: {what} returned {float(value):.6g} for a batch of "
+                        f"{n}: acc is the fraction correct, in [0, 1] (target_accuracy and the "
+                        "report read it): return the batch mean, not a count or a percentage, "
+                        "or name the metric otherwise")
 
 
 def seed_generators(seed: int) -> None:

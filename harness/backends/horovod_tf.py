@@ -19,7 +19,7 @@ import numpy as np
 
 from harness.backends.base import Backend, BackendInfo, StepResult
 from harness.backends.comm import HorovodComm, LocalComm, MPIComm
-from harness.backends.common import (FlatLayout, check_loss_tensor, check_scalar,
+from harness.backends.common import (FlatLayout, check_loss_tensor, check_metric, check_scalar,
                                      check_weight_names, initial_canonical_weights, misfit)
 from harness.env import World
 from harness.quiet import native_log_filter
@@ -226,8 +226,7 @@ class TFBackend(Backend):
             check_scalar(task, what, tuple(loss.shape), len(x))
             for name, fn in task.metrics.items():
                 what = f"metric {name!r}"
-                check_scalar(task, what, tuple(self.tf.convert_to_tensor(fn(out, y)).shape),
-                             len(x))
+                check_metric(task, name, self.tf.convert_to_tensor(fn(out, y)).numpy(), len(x))
         except TaskError:
             raise
         except Exception as e:   # noqa: BLE001 - a misfit is one line; anything else is theirs

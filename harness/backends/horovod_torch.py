@@ -16,7 +16,7 @@ import torch
 
 from harness.backends.base import Backend, BackendInfo, StepResult
 from harness.backends.comm import HorovodComm, LocalComm, MPIComm
-from harness.backends.common import (FlatLayout, check_loss_tensor, check_scalar,
+from harness.backends.common import (FlatLayout, check_loss_tensor, check_metric, check_scalar,
                                      check_weight_names, initial_canonical_weights, misfit,
                                      seed_generators)
 from harness.env import World
@@ -83,7 +83,7 @@ class TorchBackend(Backend):
             check_scalar(task, "loss(model(x), y)", tuple(loss.shape), len(x))
             for name, fn in task.metrics.items():
                 what = f"metric {name!r}"
-                check_scalar(task, what, tuple(torch.as_tensor(fn(out, yb)).shape), len(x))
+                check_metric(task, name, torch.as_tensor(fn(out, yb)).cpu().numpy(), len(x))
         except TaskError:
             raise
         except Exception as e:   # noqa: BLE001 - a misfit is one line; anything else is theirs
