@@ -444,6 +444,64 @@ def test_the_build_key_changes_with_the_extension_libraries(tmp_path):
     assert util._built_flags_key(str(tmp_path)) not in (first, None)
 
 
+def test_the_build_key_is_the_same_through_a_symlinked_package(tmp_path):
+    """A virtualenv reached through a symlink (the repo's .venv) is the same build: before,
+    the key used the path Python found the package under, and each path kept a file."""
+    util = pytest.importorskip("horovod.common.util")
+    real = tmp_path / "real"
+    (real / "torch").mkdir(parents=True)
+    (real / "torch" / "mpi_lib_v2.so").write_bytes(b"x")
+    (tmp_path / "link").symlink_to(real)
+    assert util._built_flags_key(str(tmp_path / "link")) == util._built_flags_key(str(real))
+
+
+@pytest.mark.parametrize("env, kept", [
+    ({"HOROVOD_CACHE_DIR": "relative/cache"}, False),      # under the working directory: no
+    ({"HOME": "~nobody-here", "XDG_CACHE_HOME": ""}, False),   # a ~ that does not expand
+    ({"HOROVOD_BUILT_FLAGS_CACHE": "0"}, False),           # the off switch
+    ({"HOROVOD_BUILT_FLAGS_CACHE": "off"}, False),
+    ({"HOROVOD_BUILT_FLAGS_CACHE": "1"}, True),
+])
+def test_the_build_flags_are_kept_only_where_they_should_be(monkeypatch, tmp_path, env, kept):
+    util = pytest.importorskip("horovod.common.util")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOROVOD_CACHE_DIR", str(tmp_path / "cache"))
+    for name, value in env.items():
+        if value:
+            monkeypatch.setenv(name, value)
+        else:
+            monkeypatch.delenv(name, raising=False)
+    if "HOME" in env:
+        monkeypatch.delenv("HOROVOD_CACHE_DIR")
+    path = util._built_flags_cache_path("k")
+    assert (path is not None) == kept, path
+    assert path is None or os.path.isabs(path)
+
+
+def test_kept_build_flags_are_readable_by_all_and_old_builds_are_pruned(monkeypatch, tmp_path):
+    """A cache folder shared by several users serves them all (it was private to its writer);
+    files of builds no launch read for BUILT_FLAGS_KEEP_DAYS go (they piled up)."""
+    import stat
+    import time
+    util = pytest.importorskip("horovod.common.util")
+    flags = {name: False for name in util.BUILT_FLAGS}
+    old, recent = tmp_path / "built-flags-old.json", tmp_path / "built-flags-recent.json"
+    for path, days in ((old, util.BUILT_FLAGS_KEEP_DAYS + 1), (recent, 1)):
+        path.write_text(json.dumps(flags))
+        past = time.time() - days * 86400
+        os.utime(path, (past, past))
+    other = tmp_path / "notes.json"          # not a file of ours
+    other.write_text("{}")
+    os.utime(other, (0, 0))
+    assert util._read_built_flags(str(recent)) == flags          # a read keeps it fresh
+    assert time.time() - recent.stat().st_mtime < 60
+    new = tmp_path / "built-flags-new.json"
+    util._write_built_flags(str(new), flags)
+    assert stat.S_IMODE(new.stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "built-flags-new.json", "built-flags-recent.json", "notes.json"]
+
+
 @pytest.mark.mpi
 @needs_horovod
 def test_a_real_horovodrun_reads_the_kept_build_flags(tmp_path):
