@@ -123,6 +123,17 @@ def check_backend(fw: str) -> dict:
     w1, w2 = b.get_weights(), b2.get_weights()
     out["optimizer_state_round_trip"] = r1.loss == r2.loss and all(
         np.array_equal(w1[k], w2[k]) for k in w1)
+    if fw == "tensorflow":
+        # a checkpoint from before TorchSGD holds Keras' velocity, -lr x the buffer at a
+        # constant learning rate (here 0.05): it resumes as the buffer, with a warning
+        momentum = [i for i, n in enumerate(meta["names"]) if n.endswith("_momentum")]
+        old = {k: a * np.float32(-0.05) if int(k) in momentum else a for k, a in arrays.items()}
+        old_meta = {k: v for k, v in meta.items() if k != "momentum_buffer"}
+        b6, _, _ = _backend(fw, model="cnn", optimizer="sgd", momentum=0.9)
+        b6.set_optimizer_state(old, old_meta)
+        back, _ = b6.get_optimizer_state()
+        out["keras_velocity_resumes_as_the_buffer"] = bool(momentum) and all(
+            np.allclose(back[k], arrays[k], rtol=1e-6, atol=1e-9) for k in arrays)
     if fw == "torch":
         # a checkpoint from before the fused kernels (fused: None) resumes fused, as this run
         # chose, with Adam's step count where a fused step wants it
@@ -166,10 +177,13 @@ def check_backend(fw: str) -> dict:
 
 
 def check_fidelity(fw: str, out_path: str) -> dict:
-    """50 SGD steps of mlp from the seeded initial weights on fixed batches: the losses."""
+    """50 SGD steps of mlp from the seeded initial weights on fixed batches, the learning rate
+    warming up over the first 20 (as the harness's warm-up and its scaling with the world size
+    change it): the losses."""
     b, data, spec = _backend(fw, model="mlp", lr=0.05, momentum=0.9)
     losses = []
     for i in range(50):
+        b.set_lr(0.05 * min(1.0, (i + 1) / 20))
         j = (i * 32) % (len(data.x_train) - 32)
         losses.append(b.train_step(data.x_train[j:j + 32], data.y_train[j:j + 32]).loss)
     np.savez(out_path, **b.canonical_weights())

@@ -15,10 +15,12 @@ pytestmark = pytest.mark.framework
 
 
 def test_tensorflow_and_torch_give_the_same_losses(tmp_path):
+    """50 SGD steps with momentum while the learning rate warms up: 2.4e-7 apart at most. With
+    Keras' own SGD (a velocity of learning-rate-scaled gradients) they were 0.22 apart."""
     runs = {fw: fw_check(fw, "fidelity", tmp_path / f"{fw}.npz")["losses"] for fw in FRAMEWORKS}
     t, f = np.array(runs["torch"]), np.array(runs["tensorflow"])
     assert abs(t[0] - f[0]) <= 1e-5
-    assert np.abs(t - f).max() <= 1e-3
+    assert np.abs(t - f).max() <= 1e-5
     assert t[-1] < t[0] * 0.5                    # it did learn
 
 
