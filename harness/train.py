@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 from harness import checkpoint as ckpt_io
@@ -51,13 +52,18 @@ def check_resume_fits(ckpt: ckpt_io.Checkpoint, cfg: RunConfig, world: World, pl
             "position in the data is counted in global batches, so resume with the same global "
             f"batch (e.g. global_batch_size = {saved['global_batch']}) or in a fresh run_name")
     if old_size != world.size:
-        if (saved["lr_peak"], saved["warmup_steps"]) != (plan.lr_peak, plan.warmup_steps):
+        # the peak lr is lr x ranks for lr_scaling = 'linear': 0.05 x 3 is 0.15000000000000002,
+        # which a user's --lr 0.15 must match
+        if not math.isclose(saved["lr_peak"], plan.lr_peak, rel_tol=1e-9) or \
+                saved["warmup_steps"] != plan.warmup_steps:
             raise CheckpointError(
                 f"checkpoint {ckpt.path} was written by {old_size} rank(s) with peak lr "
-                f"{saved['lr_peak']:g}, this run has {world.size} rank(s) and peak lr "
-                f"{plan.lr_peak:g} (lr_scaling = {cfg.lr_scaling!r}): resume with "
-                f"{old_size} rank(s), or set lr_scaling = 'none' with global_batch_size so the "
-                "schedule does not depend on the number of ranks")
+                f"{saved['lr_peak']:.10g} and {saved['warmup_steps']} warm-up steps, this run "
+                f"has {world.size} rank(s), peak lr {plan.lr_peak:.10g} and "
+                f"{plan.warmup_steps} (lr_scaling = {cfg.lr_scaling!r}): resume with "
+                f"{old_size} rank(s), or keep the schedule at {world.size}: lr = "
+                f"{saved['lr_peak']:.10g}, lr_scaling = 'none', global_batch_size = "
+                f"{saved['global_batch']} and warmup_epochs as before")
         per_rank = [what for what, on in [
             ("error-feedback residual", cfg.compression in EF_METHODS and cfg.error_feedback),
             ("optimizer state (local SGD)", cfg.local_sgd_period),

@@ -98,3 +98,27 @@ def test_agreement_raises_the_error_where_it_happened_and_a_line_elsewhere():
         agree_on_start(lambda v: total, *contribs[0])
     with pytest.raises(CheckpointError, match="a parameter server could not start"):
         agree_on_start(lambda v: total, *contribs[1], who="a parameter server")
+
+
+def test_a_resume_at_another_world_size_keeps_a_scaled_lr_that_is_not_exact_in_binary():
+    """Found by a new-user hunt: 3 ranks at lr 0.05 (linear scaling) peak at 0.05 x 3 =
+    0.15000000000000002; resuming on 1 rank with lr = 0.15, lr_scaling = 'none' and the same
+    global batch, as the refusal said, was refused again ("peak lr 0.15, ... peak lr 0.15")."""
+    from harness.env import World
+    from harness.loop import Plan
+    from harness.train import check_resume_fits
+
+    def at(ranks: int, **kw):
+        cfg = RunConfig(global_batch_size=96, **kw)
+        return cfg, World(0, ranks, 0, ranks, "test"), Plan.of(cfg, ranks, 960)
+
+    cfg3, _, plan3 = at(3, lr=0.05)
+    assert plan3.lr_peak != 0.15
+    meta = {"plan": {"global_batch": plan3.global_batch, "lr_peak": plan3.lr_peak,
+                     "warmup_steps": plan3.warmup_steps}, "world_size": 3}
+    ckpt = ckpt_io.Checkpoint(meta, {"w": np.zeros(1)}, path=Path("ckpt-000000014.npz"))
+    check_resume_fits(ckpt, *at(1, lr=0.15, lr_scaling="none"), LOG)        # resumes
+    with pytest.raises(CheckpointError) as e:
+        check_resume_fits(ckpt, *at(1, lr=0.05), LOG)
+    assert "peak lr 0.15 and 0 warm-up steps, this run has 1 rank(s), peak lr 0.05" in str(e.value)
+    assert "lr = 0.15, lr_scaling = 'none', global_batch_size = 96" in str(e.value)
