@@ -239,6 +239,13 @@ class RunConfig:
         if self.tf_loop == "fit" and self.mode == "async":
             raise ConfigError("tf_loop = 'fit' runs in sync mode only: set mode = 'sync' or "
                               "tf_loop = 'custom'")
+        if self.tf_loop == "fit" and self.reduction == "adasum":
+            # Horovod's Keras DistributedOptimizer takes op = Average or Sum only; before this
+            # check it was simply not given the op, and trained with the average
+            raise ConfigError("reduction = 'adasum' is not available with tf_loop = 'fit': "
+                              "Horovod's Keras DistributedOptimizer reduces with Average or Sum "
+                              "only; set tf_loop = 'custom' (its step loop reduces with Adasum) "
+                              "or reduction = 'average'")
         if self.grad_exchange == "flat" and self.reduction == "adasum":
             raise ConfigError("reduction = 'adasum' combines gradients layer by layer; it needs "
                               "grad_exchange = 'optimizer' (or 'auto')")

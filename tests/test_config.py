@@ -30,6 +30,9 @@ def test_defaults_are_valid_and_round_trip():
     ({"lr": float("inf")}, "lr = inf is not a finite number"),
     ({"momentum": float("nan")}, "momentum = nan is not a finite number"),
     ({"grad_exchange": "flat", "reduction": "adasum"}, "it needs grad_exchange = 'optimizer'"),
+    # found by a new-user hunt: fit trained with the average, Adasum silently dropped
+    ({"framework": "tensorflow", "tf_loop": "fit", "reduction": "adasum"},
+     "reduction = 'adasum' is not available with tf_loop = 'fit'"),
     ({"reduction": "adasum", "nan_policy": "skip"},
      "nan_policy = 'skip' with reduction = 'adasum' is not possible in PyTorch"),
     ({"grad_exchange": "flat", "framework": "tensorflow", "tf_loop": "fit"},
