@@ -130,6 +130,8 @@ def find_resume_checkpoint(cfg: RunConfig, ckpt_dir: Path, log, prefix: str = "c
     PATH. A job SLURM requeued continues its own checkpoints even with ``resume = 'never'``.
     """
     existing = ckpt_io.latest_paths(ckpt_dir, prefix)
+    if not existing and cfg.resume in ("auto", "never"):
+        check_no_other_mode(ckpt_dir, prefix, cfg.mode)
     if cfg.resume == "never":
         if not existing:
             return None
@@ -155,6 +157,44 @@ def find_resume_checkpoint(cfg: RunConfig, ckpt_dir: Path, log, prefix: str = "c
                  f"than resume = {cfg.resume} (step {chosen.step}): continuing from it")
         return own
     return chosen
+
+
+#: settings a resume must keep, and why (the optimizer's hyperparameters: PyTorch's
+#: load_state_dict restores them with its state, so a new value was silently ignored there)
+RESUME_KEEPS = {
+    "momentum": "the optimizer state continues with the momentum it was written with",
+    "weight_decay": "the optimizer state continues with the weight decay it was written with",
+    "batch_size": "each worker's position is counted in its own batches",
+    "ps_consistency": "the servers' plan of updates depends on it",
+}
+
+
+def check_same_settings(ckpt: ckpt_io.Checkpoint, cfg: RunConfig, keys: tuple[str, ...]) -> None:
+    """Refuse a resume whose ``keys`` (of RESUME_KEEPS) differ from the checkpoint's config."""
+    saved = ckpt.meta.get("config") or {}
+    for key in keys:
+        if key not in saved:                   # a checkpoint from before the key existed
+            continue
+        old, new = saved[key], getattr(cfg, key)
+        same = math.isclose(old, new, rel_tol=1e-9) if isinstance(new, float) and \
+            isinstance(old, (int, float)) else old == new
+        if not same:
+            raise CheckpointError(f"checkpoint {ckpt.path} was written with {key} = {old!r}, "
+                                  f"this run has {key} = {new!r} ({RESUME_KEEPS[key]}): resume "
+                                  f"with {key} = {old!r}, or start in a fresh run_name/out_dir")
+
+
+def check_no_other_mode(ckpt_dir: Path, prefix: str, mode: str) -> None:
+    """A run folder holds one run: checkpoints of the other mode (a parameter server's
+    ``ps-server<k>-*`` beside a sync run's ``ckpt-*``) mean another run is there, which this
+    one would neither resume nor leave alone (it would start over and append to its
+    records)."""
+    other, was = ("ps-server0", "async") if prefix == "ckpt" else ("ckpt", "sync")
+    found = ckpt_io.latest_paths(ckpt_dir, other)
+    if found:
+        raise CheckpointError(f"{ckpt_dir.parent} holds checkpoints of a mode = {was!r} run "
+                              f"({found[0].name}), this run is mode = {mode!r}: resume it with "
+                              f"mode = {was!r}, or start in a fresh run_name/out_dir")
 
 
 def agree_on_start(reduce_sum: Callable[[np.ndarray], np.ndarray], error: HarnessError | None,

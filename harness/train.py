@@ -15,8 +15,9 @@ from harness.backends.base import RNG_ROWS, Backend, create, resolve_gradient_pa
 from harness.config import RunConfig
 from harness.data import Dataset
 from harness.elastic import RunFinished, refuse_elastic_start, train_elastic
-from harness.driver import (agree_on_start, check_layout, checkpoint_identity,
-                            find_resume_checkpoint, final_metrics, finish_record, finished,
+from harness.driver import (agree_on_start, check_layout, check_same_settings,
+                            checkpoint_identity, find_resume_checkpoint, final_metrics,
+                            finish_record, finished,
                             load_task_data, log_finished, model_record, own_task_name, run_dir_of,
                             start_record)
 from harness.env import World, check_runtime_world, detect_world
@@ -38,6 +39,8 @@ def check_resume_fits(ckpt: ckpt_io.Checkpoint, cfg: RunConfig, world: World, pl
         raise CheckpointError(f"checkpoint {ckpt.path} holds {saved_opt} optimizer state, but "
                               f"this run has optimizer = {cfg.optimizer!r}: resume with "
                               f"optimizer = {saved_opt!r}, or start in a fresh run_name/out_dir")
+    check_same_settings(ckpt, cfg, ("momentum", "weight_decay") if cfg.optimizer == "sgd"
+                        else ("weight_decay",))
     saved = ckpt.meta.get("plan")
     old_size = ckpt.meta.get("world_size")
     if saved is None:                     # written before plans were recorded

@@ -122,3 +122,42 @@ def test_a_resume_at_another_world_size_keeps_a_scaled_lr_that_is_not_exact_in_b
         check_resume_fits(ckpt, *at(1, lr=0.05), LOG)
     assert "peak lr 0.15 and 0 warm-up steps, this run has 1 rank(s), peak lr 0.05" in str(e.value)
     assert "lr = 0.15, lr_scaling = 'none', global_batch_size = 96" in str(e.value)
+
+
+def test_a_run_folder_of_the_other_mode_is_not_silently_started_over(tmp_path):
+    """Found by a new-user hunt: a parameter-server run in a folder with a sync run's
+    checkpoints (or the reverse) started from step 0 and appended to that run's records."""
+    sync_dir, ps_dir = tmp_path / "sync" / "checkpoints", tmp_path / "ps" / "checkpoints"
+    _save(sync_dir, 20)
+    _save(ps_dir, 11, prefix="ps-server0")
+    for resume in ("auto", "never"):
+        with pytest.raises(CheckpointError, match=r"holds checkpoints of a mode = 'sync' run "
+                           r"\(ckpt-000000020.npz\), this run is mode = 'async': resume it "
+                           "with mode = 'sync'"):
+            find_resume_checkpoint(RunConfig(resume=resume, mode="async"), sync_dir, LOG,
+                                   "ps-server0")
+        with pytest.raises(CheckpointError, match="holds checkpoints of a mode = 'async' run"):
+            find_resume_checkpoint(RunConfig(resume=resume), ps_dir, LOG)
+    assert find_resume_checkpoint(_cfg("auto"), sync_dir, LOG).step == 20     # its own mode
+
+
+@pytest.mark.parametrize("saved, run, key", [
+    ({"momentum": 0.9}, {"momentum": 0.0}, "momentum"),
+    ({"weight_decay": 0.0}, {"weight_decay": 0.05}, "weight_decay"),
+    ({"batch_size": 32}, {"batch_size": 64}, "batch_size"),
+    ({"ps_consistency": "async"}, {"ps_consistency": "bsp"}, "ps_consistency"),
+])
+def test_a_resume_keeps_the_optimizer_and_the_workers_batch(saved, run, key):
+    """Found by a new-user hunt: PyTorch kept the checkpoint's momentum and weight decay while
+    config.json recorded the new ones; a parameter server reread its workers' clocks in a new
+    batch size and skipped samples."""
+    from harness.driver import check_same_settings
+
+    ckpt = ckpt_io.Checkpoint({"config": saved}, {}, path=Path("ckpt-000000020.npz"))
+    check_same_settings(ckpt, RunConfig(**saved), (key,))
+    check_same_settings(ckpt_io.Checkpoint({"config": {}}, {}), RunConfig(**run), (key,))
+    with pytest.raises(CheckpointError, match=f"written with {key} = {saved[key]!r}, this run "
+                       f"has {key} = {run[key]!r} .*: resume with {key} = {saved[key]!r}"):
+        check_same_settings(ckpt, RunConfig(**run), (key,))
+    check_same_settings(ckpt_io.Checkpoint({"config": {"momentum": 0.1 + 0.2}}, {}),
+                        RunConfig(momentum=0.3), ("momentum",))      # float noise is the same

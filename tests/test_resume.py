@@ -140,6 +140,12 @@ def test_other_optimizer_on_resume_is_refused_before_anything_is_written(results
     assert "holds sgd optimizer state" in p.stderr and "optimizer = 'adam'" in p.stderr
     assert len(error_lines(p.stderr)) == 1 and "Traceback" not in p.stderr, p.stderr
     assert files_of(results / "o") == before
+    # found by a new-user hunt: PyTorch's restored optimizer kept momentum 0.9 while
+    # config.json said 0.0 (TensorFlow refused with "optimizer state has 8 variables")
+    p = run(harness("train", *args_for(1, *g, "--momentum", "0.0")))
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "written with momentum = 0.9, this run has momentum = 0.0" in p.stderr, p.stderr
+    assert len(error_lines(p.stderr)) == 1 and files_of(results / "o") == before
 
 
 @one_process

@@ -26,8 +26,9 @@ from harness.backends.common import apply_mpi_environment
 from harness.config import RunConfig
 from harness.backends.base import Backend
 from harness.data import Dataset, Sharder
-from harness.driver import (Target, agree_on_start, check_layout, checkpoint_identity,
-                            find_resume_checkpoint, final_metrics, finish_record, log_finished,
+from harness.driver import (Target, agree_on_start, check_layout, check_same_settings,
+                            checkpoint_identity, find_resume_checkpoint, final_metrics,
+                            finish_record, log_finished,
                             model_record, own_task_name, run_dir_of, start_record, track_target)
 from harness.env import World, check_runtime_world
 from harness.errors import CheckpointError, ConfigError, HarnessError, TrainingAborted
@@ -128,6 +129,8 @@ def _resume_state(cfg: RunConfig, ckpt_dir: Path, k: int, identity: dict, world_
             f"{world_size - cfg.ps_servers}: each server's shard and each worker's position are "
             "saved, so resume with the same ps_servers and number of ranks, or start in a fresh "
             "run_name/out_dir")
+    check_same_settings(ckpt, cfg, ("batch_size", "ps_consistency", "momentum",
+                                    "weight_decay"))
     pos = ckpt.meta["position"]
     return {"params": ckpt.weights["params"], "momentum": ckpt.optimizer["momentum"],
             "version": pos["step"], "clock": pos["clock"],
