@@ -62,9 +62,11 @@ def save(directory: Path, ckpt: Checkpoint, prefix: str = "ckpt", keep: int = 2)
     """Write atomically as ``<prefix>-<step>.npz``; keep the ``keep`` newest. Returns the path."""
     for name, arr in ckpt.weights.items():
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            prev = latest_paths(directory, prefix)
+            kept = f"the previous checkpoint, {prev[0].name}, is kept" if prev else \
+                "no checkpoint was written before it"
             raise TrainingAborted(f"refusing to checkpoint step {ckpt.step}: parameter "
-                                  f"{name!r} holds NaN/Inf values (the previous checkpoint is "
-                                  "kept)")
+                                  f"{name!r} holds NaN/Inf values ({kept})")
     directory.mkdir(parents=True, exist_ok=True)
     meta = dict(ckpt.meta, format_version=FORMAT_VERSION, saved_at=time.time())
     arrays: dict[str, np.ndarray] = {

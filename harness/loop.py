@@ -236,15 +236,23 @@ class TrainingRun:
         pos.step_in_epoch += 1
         pos.samples += self.sharder.global_batch
         self.watchdog.tick(pos.step, "training")
-        if not applied:
-            pos.skipped += 1
-            ctx.log.warning(f"step {pos.step}: non-finite gradients, update skipped "
-                            f"(nan_policy = skip; {pos.skipped} skipped so far)")
-        elif not math.isfinite(loss):
+        if not math.isfinite(loss) and (applied or cfg.nan_policy == "stop"):
             raise TrainingAborted(
                 f"non-finite loss ({loss}) at step {pos.step} (epoch {pos.epoch + 1}) on rank "
                 f"{ctx.world.rank}: lower lr, check the data, or set nan_policy = 'skip'. No "
                 "checkpoint was written after it.")
+        if not applied and cfg.nan_policy == "stop":
+            # the update was not applied; the loss can be finite where the gradients are not
+            # (TensorFlow's ReLU and max-pool turn a NaN input into numbers)
+            raise TrainingAborted(
+                f"non-finite gradients at step {pos.step} (epoch {pos.epoch + 1}; rank "
+                f"{ctx.world.rank}'s loss was {loss:g}; reduced over the ranks, so any rank's "
+                "batch may hold them): lower lr, check the data, or set nan_policy = 'skip'. "
+                "No checkpoint was written after it.")
+        if not applied:
+            pos.skipped += 1
+            ctx.log.warning(f"step {pos.step}: non-finite gradients, update skipped "
+                            f"(nan_policy = skip; {pos.skipped} skipped so far)")
         self.timer.add(step_time)
         if self.first_step_s is None:
             self.first_step_s = step_time

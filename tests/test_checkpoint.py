@@ -53,9 +53,12 @@ def test_nan_weights_are_never_saved(tmp_path):
     ck.save(tmp_path, make(10))
     bad = make(20)
     bad.weights["fc1.weight"][0, 0] = np.nan
-    with pytest.raises(TrainingAborted, match="NaN"):
+    with pytest.raises(TrainingAborted, match=r"NaN/Inf values \(the previous checkpoint, "
+                       r"ckpt-000000010.npz, is kept\)"):
         ck.save(tmp_path, bad)
     assert [p.name for p in ck.latest_paths(tmp_path)] == ["ckpt-000000010.npz"]
+    with pytest.raises(TrainingAborted, match=r"\(no checkpoint was written before it\)"):
+        ck.save(tmp_path / "fresh", bad)            # it claimed a previous one was kept
 
 
 def test_disk_full_keeps_previous_and_leaves_no_temp(tmp_path, monkeypatch):

@@ -251,12 +251,19 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(results):
 # --- numerical faults -------------------------------------------------------------------------
 
 @multiprocess
-def test_nan_stops_the_run_and_no_nan_checkpoint_is_written(results):
-    p = run(launch("mpirun", 2, *SHORT, "--out-dir", results, "--run-name", "nan"),
+@pytest.mark.parametrize("framework, says", [
+    ("torch", "non-finite loss (nan)"),
+    # found by a new-user hunt: TensorFlow's ReLU and max-pool turn the NaN batch into a
+    # finite loss, and its NaN gradients trained on until a checkpoint refused the weights
+    ("tensorflow", "non-finite gradients")])
+def test_nan_stops_the_run_and_no_nan_checkpoint_is_written(results, framework, says):
+    p = run(launch("mpirun", 2, *SHORT, "--framework", framework, "--out-dir", results,
+                   "--run-name", "nan"),
             env={"HARNESS_FAULT": f"nan@1:{FAULT_STEP}"}, timeout=120)
     out = p.stderr + p.stdout
     assert p.returncode == EXIT_ABORTED, f"exit {p.returncode}\n{out[-3000:]}"
-    assert f"non-finite loss (nan) at step {FAULT_STEP}" in out
+    assert f"{says} at step {FAULT_STEP}" in out, out[-3000:]
+    assert "refusing to checkpoint" not in out
     for path in (results / "nan" / "checkpoints").glob("ckpt-*.npz"):
         assert all(np.isfinite(v).all() for v in ck.load(path).weights.values())
     assert ck.load_latest(results / "nan" / "checkpoints").step == SPE2

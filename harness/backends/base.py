@@ -50,7 +50,7 @@ IMPLEMENTATIONS = {
 class StepResult:
     loss: float                    # mean loss of this rank's batch
     metrics: dict[str, float]      # each task metric summed over this rank's batch (mean x n)
-    applied: bool = True  # False when the step was skipped (non-finite gradients, nan_policy=skip)
+    applied: bool = True  # False when the update was not applied (non-finite gradients)
     #: seconds spent waiting for the reduced gradients once the local ones existed (host
     #: staging included), on this rank's own clock with no synchronisation added; None where
     #: the path cannot tell it from the backward pass (Horovod's gradient tape, model.fit).

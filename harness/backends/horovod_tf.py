@@ -305,16 +305,18 @@ class TFBackend(Backend):
         tf, wd = self.tf, self.cfg.weight_decay
         if wd:
             grads = [g + wd * v for g, v in zip(grads, self.tf_trainable)]
+        # whether the gradients are finite: the loss alone does not show it. nan_policy =
+        # skip applies none of a non-finite step; stop stops the run at it, before any
+        # checkpoint (a tf.cond around the update cost ~4% of a cnn step)
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
         if self.cfg.nan_policy == "skip":
-            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
-
             def apply():
                 self.opt.apply_gradients(zip(grads, self.trainable))
                 return tf.constant(True)
 
             return tf.cond(finite, apply, lambda: tf.constant(False))
         self.opt.apply_gradients(zip(grads, self.trainable))
-        return tf.constant(True)
+        return finite
 
     def _reduced_gradients(self, x, y):
         """(loss, metric sums, gradients, time the local gradients were ready or None); the

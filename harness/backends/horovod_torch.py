@@ -180,7 +180,7 @@ class TorchBackend(Backend):
     def exchange_and_step(self) -> bool:
         """Reduce gradients over ranks and apply them; False if the step was skipped. The
         wait for the reduced gradients runs under ``exchange_timer``."""
-        if self.cfg.nan_policy == "skip" and not self.grads_finite():
+        if not self.grads_finite():     # skipped, or (nan_policy = stop) the run stops
             return False
         self.optimizer.step()
         return True
@@ -412,7 +412,7 @@ class HorovodTorchBackend(HorovodComm, TorchBackend):
         opt: Any = self.optimizer                 # hvd.DistributedOptimizer
         with self.exchange_timer():
             opt.synchronize()                     # averaged gradients: the same on every rank
-        if self.cfg.nan_policy == "skip" and not self.grads_finite():
+        if not self.grads_finite():
             return False
         with opt.skip_synchronize():
             opt.step()
