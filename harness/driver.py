@@ -151,6 +151,7 @@ def find_resume_checkpoint(cfg: RunConfig, ckpt_dir: Path, log, prefix: str = "c
                               "checkpoint file: give one of them (a file such as "
                               "<run>/checkpoints/ckpt-<step>.npz)")
     chosen = ckpt_io.load(given or Path(cfg.resume))
+    check_same_settings(chosen, cfg, ("mode",))
     if own is not None and own.path != chosen.path and \
             own.meta.get("saved_at", 0) > chosen.meta.get("saved_at", 0):
         log.info(f"the run folder has a newer checkpoint ({own.path}, step {own.step}) "
@@ -166,6 +167,10 @@ RESUME_KEEPS = {
     "weight_decay": "the optimizer state continues with the weight decay it was written with",
     "batch_size": "each worker's position is counted in its own batches",
     "ps_consistency": "the servers' plan of updates depends on it",
+    "mode": "a parameter server's checkpoint holds its servers' shards, a sync run's the "
+            "whole model",
+    "seed": "the order of the data in the epoch it stopped in comes from the seed",
+    "shuffle": "the order of the data in the epoch it stopped in depends on it",
 }
 
 

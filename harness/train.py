@@ -39,8 +39,8 @@ def check_resume_fits(ckpt: ckpt_io.Checkpoint, cfg: RunConfig, world: World, pl
         raise CheckpointError(f"checkpoint {ckpt.path} holds {saved_opt} optimizer state, but "
                               f"this run has optimizer = {cfg.optimizer!r}: resume with "
                               f"optimizer = {saved_opt!r}, or start in a fresh run_name/out_dir")
-    check_same_settings(ckpt, cfg, ("momentum", "weight_decay") if cfg.optimizer == "sgd"
-                        else ("weight_decay",))
+    check_same_settings(ckpt, cfg, ("seed", "shuffle", "weight_decay",
+                                    *(("momentum",) if cfg.optimizer == "sgd" else ())))
     saved = ckpt.meta.get("plan")
     old_size = ckpt.meta.get("world_size")
     if saved is None:                     # written before plans were recorded

@@ -65,6 +65,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if cfg.elastic:
         args.elastic = True
     spec = spec_from_args(args)
+    if cfg.mode == "async":        # each rank would say it, inside mpirun's abort notice
+        from harness.ps.plan import check_ps_world
+
+        check_ps_world(cfg, spec.np)
     if not (args.dry_run or args.print_argv):   # a printed command may be for another machine
         spec.check_local_files()
         if spec.runs_here():

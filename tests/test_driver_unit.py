@@ -146,6 +146,8 @@ def test_a_run_folder_of_the_other_mode_is_not_silently_started_over(tmp_path):
     ({"weight_decay": 0.0}, {"weight_decay": 0.05}, "weight_decay"),
     ({"batch_size": 32}, {"batch_size": 64}, "batch_size"),
     ({"ps_consistency": "async"}, {"ps_consistency": "bsp"}, "ps_consistency"),
+    ({"seed": 0}, {"seed": 5}, "seed"),
+    ({"shuffle": True}, {"shuffle": False}, "shuffle"),
 ])
 def test_a_resume_keeps_the_optimizer_and_the_workers_batch(saved, run, key):
     """Found by a new-user hunt: PyTorch kept the checkpoint's momentum and weight decay while
@@ -161,3 +163,23 @@ def test_a_resume_keeps_the_optimizer_and_the_workers_batch(saved, run, key):
         check_same_settings(ckpt, RunConfig(**run), (key,))
     check_same_settings(ckpt_io.Checkpoint({"config": {"momentum": 0.1 + 0.2}}, {}),
                         RunConfig(momentum=0.3), ("momentum",))      # float noise is the same
+
+
+def test_a_checkpoint_of_the_other_mode_given_to_resume_says_so(tmp_path):
+    """Found by a new-user hunt: a sync checkpoint given to a parameter server ended in a
+    KeyError traceback (or "written by 1 server(s)"), a server's shard given to a sync run in
+    "resume with 3 rank(s)" and then "weights does not fit this model"."""
+    sync_ckpt = ckpt_io.save(tmp_path / "s", ckpt_io.Checkpoint(
+        {"position": {"step": 20}, "config": {"mode": "sync"}}, {"w": np.zeros(2)}))
+    ps_ckpt = ckpt_io.save(tmp_path / "p", ckpt_io.Checkpoint(
+        {"position": {"step": 11}, "config": {"mode": "async"}}, {"params": np.zeros(2)}),
+        prefix="ps-server0")
+    with pytest.raises(CheckpointError, match="written with mode = 'sync', this run has mode = "
+                       "'async' .*: resume with mode = 'sync'"):
+        find_resume_checkpoint(RunConfig(mode="async", resume=str(sync_ckpt)),
+                               tmp_path / "new", LOG, "ps-server0", sync_ckpt)
+    with pytest.raises(CheckpointError, match="written with mode = 'async', this run has mode "
+                       "= 'sync'"):
+        find_resume_checkpoint(RunConfig(resume=str(ps_ckpt)), tmp_path / "new", LOG)
+    assert find_resume_checkpoint(RunConfig(resume=str(sync_ckpt)), tmp_path / "new",
+                                  LOG).step == 20

@@ -340,3 +340,19 @@ def test_a_task_function_may_read_a_built_in_key():
 def test_commands_that_are_not_a_rank_do_not_name_one(argv, expected):
     """Before: 'harness: error (rank 0): ...' from report, compare and launch, which are no rank."""
     assert one_line(run(harness(*argv), timeout=60)).startswith(expected)
+
+
+@pytest.mark.parametrize("np_, servers, fix", [
+    ("3", "3", "launch at least 4 ranks (-np 4 or more) or lower ps_servers"),
+    ("1", "1", "launch at least 2 ranks (-np 2 or more)"),
+])
+def test_launch_refuses_a_parameter_server_job_without_workers_before_mpirun(tmp_path, np_,
+                                                                             servers, fix):
+    """Found by a third new-user hunt: every rank printed it, two of them glued on one line,
+    inside mpirun's abort notice; the fix it named said "lower ps_servers" at 1 and "at least
+    4 ranks (e.g. mpirun -np 5)"."""
+    p = run(harness("launch", "--launcher", "mpirun", "-np", np_, "--", "--mode", "async",
+                    "--ps-servers", servers, "--out-dir", tmp_path / "out"), timeout=60)
+    assert one_line(p) == (f"harness: error: ps_servers = {servers} leaves no worker in a job "
+                           f"of {np_} rank(s): {fix}")
+    assert not (tmp_path / "out").exists()

@@ -37,7 +37,7 @@ from harness.metrics import MetricsWriter
 from harness.tb import open_writer
 from harness.preemption import EXIT_PREEMPTED, StopFlag, Watchdog
 from harness.ps.join import Relay, ompi_server_uri, write_job
-from harness.ps.plan import PSContext, PSPlan
+from harness.ps.plan import PSContext, PSPlan, check_ps_world
 from harness.task import Task
 
 
@@ -53,10 +53,7 @@ def run(cfg: RunConfig, launcher_world: World, log, task: Task, data: Dataset,
         check_runtime_world(launcher_world, rank, size, "mpi4py")
     log = get_logger(rank)
     S = cfg.ps_servers
-    W = size - S
-    if W < 1:
-        raise ConfigError(f"ps_servers = {S} leaves no worker in a job of {size} rank(s): launch "
-                          f"at least {S + 1} ranks (e.g. mpirun -np {S + 2}) or lower ps_servers")
+    check_ps_world(cfg, size)
     if cfg.straggler_rank is not None and not S <= cfg.straggler_rank < size:
         raise ConfigError(f"straggler_rank = {cfg.straggler_rank} is not a worker rank: workers "
                           f"are ranks {S}..{size - 1}")
@@ -129,8 +126,8 @@ def _resume_state(cfg: RunConfig, ckpt_dir: Path, k: int, identity: dict, world_
             f"{world_size - cfg.ps_servers}: each server's shard and each worker's position are "
             "saved, so resume with the same ps_servers and number of ranks, or start in a fresh "
             "run_name/out_dir")
-    check_same_settings(ckpt, cfg, ("batch_size", "ps_consistency", "momentum",
-                                    "weight_decay"))
+    check_same_settings(ckpt, cfg, ("batch_size", "ps_consistency", "seed", "shuffle",
+                                    "momentum", "weight_decay"))
     pos = ckpt.meta["position"]
     return {"params": ckpt.weights["params"], "momentum": ckpt.optimizer["momentum"],
             "version": pos["step"], "clock": pos["clock"],

@@ -10,6 +10,7 @@ from typing import Any, Callable
 from harness.config import RunConfig
 from harness.data import Dataset, Sharder
 from harness.driver import LRSchedule
+from harness.errors import ConfigError
 from harness.preemption import StopFlag
 
 
@@ -75,3 +76,13 @@ class PSContext:
     #: a language model's tokens per sample (the records add perplexity and tokens/s), or 0
     tokens_per_sample: int = 0
     on_eval: Callable[[float, float, int], None] = lambda value, wall, version: None
+
+
+def check_ps_world(cfg: RunConfig, size: int) -> None:
+    """A parameter-server job of ``size`` ranks has a worker besides its ps_servers servers
+    (checked by ``harness launch`` before it starts anything, and by every rank)."""
+    S = cfg.ps_servers
+    if size - S < 1:
+        lower = " or lower ps_servers" if S > 1 else ""
+        raise ConfigError(f"ps_servers = {S} leaves no worker in a job of {size} rank(s): "
+                          f"launch at least {S + 1} ranks (-np {S + 1} or more){lower}")
