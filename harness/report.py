@@ -163,6 +163,10 @@ def check_comparable(runs: list[Run]) -> list[str]:
         values = {str(r.cfg.get(key)) for r in runs}
         if len(values) > 1:
             notes.append(f"{key} differs between runs: {', '.join(sorted(values))}")
+    for r in runs:
+        if r.run.get("fault"):
+            notes.append(f"{r.path} ran with an injected fault (HARNESS_FAULT="
+                         f"{r.run['fault']}): its numbers are a drill's")
     return notes
 
 
@@ -774,6 +778,8 @@ def render_markdown(runs: list[Run], notes: list[str], figs: list[Path], out_dir
                   f"- machine: {env['host']}, {env['cpu']} ({env['cpus']} CPUs); git "
                   f"{env.get('git_commit')}",
                   f"- settings: `{json.dumps(b.get('settings', {}), sort_keys=True)}`",
+                  *([f"- injected fault: `HARNESS_FAULT={r.run['fault']}`"]
+                    if r.run.get("fault") else []),
                   f"- rank 0 command: `{env['command']}`", ""]
     if commands:
         lines += ["## Launch commands", "", "```"] + commands + ["```", ""]

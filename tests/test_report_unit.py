@@ -584,3 +584,34 @@ def test_lines_of_metrics_jsonl_that_are_not_records_are_skipped(tmp_path, no_fi
     with (folder / "metrics.jsonl").open("a") as f:
         f.write("[1, 2]\n7\n{\"no\": \"kind\"}\n")
     assert table(build_report([folder], tmp_path / "out"))["r"]["final acc"] == "0.9000"
+
+
+def test_a_run_with_an_injected_fault_is_marked_in_the_report(tmp_path, no_figures, monkeypatch):
+    """Found by a new-user hunt: a drill's run (HARNESS_FAULT, e.g. a 0.25 s/step straggler)
+    sat in a report beside ordinary runs with nothing to say why it was 250x slower."""
+    from harness.driver import start_record
+    from harness.metrics import MetricsWriter
+
+    class Data:
+        def fingerprint(self):
+            return DATA
+
+    monkeypatch.setenv("HARNESS_FAULT", "slow@1:1")
+    folder = tmp_path / "drill"
+    folder.mkdir()
+    rec = start_record(folder, MetricsWriter(None), RunConfig(), {}, Data(), {"size": 1},
+                       {}, None)
+    assert rec["fault"] == "slow@1:1"
+    assert json.loads((folder / "config.json").read_text())["fault"] == "slow@1:1"
+    monkeypatch.delenv("HARNESS_FAULT")
+    assert "fault" not in start_record(folder, MetricsWriter(None), RunConfig(), {}, Data(),
+                                       {"size": 1}, {}, None)
+
+    drill = start(0, summary={})
+    drill[0]["fault"] = "slow@1:1"
+    report = build_report([write_run(tmp_path / "a", drill),
+                           write_run(tmp_path / "b", start(0, summary={}))],
+                          tmp_path / "rep", show=False)
+    md = report.read_text()
+    assert f"- {tmp_path / 'a'} ran with an injected fault (HARNESS_FAULT=slow@1:1)" in md
+    assert md.count("- injected fault: `HARNESS_FAULT=slow@1:1`") == 1
