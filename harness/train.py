@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -89,8 +90,22 @@ def load_into_backend(backend: Backend, ckpt: ckpt_io.Checkpoint) -> None:
         backend.set_weights(ckpt.weights)
         if ckpt.optimizer:
             backend.set_optimizer_state(ckpt.optimizer, ckpt.meta["optimizer"])
-        same = compression_settings(ckpt.meta.get("config", {})) == \
-            compression_settings(backend.cfg.to_dict())
+        saved = ckpt.meta.get("config", {})
+        same = compression_settings(saved) == compression_settings(backend.cfg.to_dict())
+        c = backend.cfg
+        keeps_state = bool(c.local_sgd_period) or c.compression in EF_METHODS and \
+            (c.error_feedback or c.compression == "powersgd")
+        dropped = sorted({"optimizer" if k.startswith("opt/") else k.split("/")[0]
+                          for k in ckpt.exchange if k != RNG_ROWS})
+        if not same and dropped and not keeps_state:
+            # where this run keeps per-rank state of its own, the backend warns that it finds
+            # none in the checkpoint (Backend.restore_exchange); here it keeps none
+            logging.getLogger("harness").warning(
+                f"checkpoint {ckpt.path} holds each rank's {', '.join(dropped)} state of "
+                f"compression = {saved.get('compression')!r} (local_sgd_period = "
+                f"{saved.get('local_sgd_period')}), which this run's settings do not use: it "
+                "is dropped (for error feedback: the gradient not sent yet), so this resume is "
+                "not exact")
         # the compression state of other settings starts afresh (warned); the random
         # generators' states are restored whatever the compression
         backend.set_exchange_state(ckpt.exchange if same else

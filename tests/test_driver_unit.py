@@ -183,3 +183,34 @@ def test_a_checkpoint_of_the_other_mode_given_to_resume_says_so(tmp_path):
         find_resume_checkpoint(RunConfig(resume=str(ps_ckpt)), tmp_path / "new", LOG)
     assert find_resume_checkpoint(RunConfig(resume=str(sync_ckpt)), tmp_path / "new",
                                   LOG).step == 20
+
+
+@pytest.mark.parametrize("now, warned", [
+    ({"compression": "none"}, True),                   # found by a new-user hunt: silent
+    ({"compression": "topk", "compression_ratio": 0.01}, False),      # the same: restored
+    ({"compression": "int8"}, False),      # the backend finds no residual of its own: it warns
+])
+def test_a_resume_that_drops_the_checkpoints_compression_state_says_so(caplog, now, warned):
+    from harness.train import load_into_backend
+
+    class Backend:
+        def __init__(self, cfg):
+            self.cfg, self.exchange = cfg, None
+
+        def set_weights(self, w):
+            pass
+
+        def set_exchange_state(self, state):
+            self.exchange = state
+
+    saved = RunConfig(compression="topk", compression_ratio=0.01).to_dict()
+    ckpt = ckpt_io.Checkpoint({"config": saved}, {"w": np.zeros(1)},
+                              exchange={"residual": np.zeros((2, 3)), "rng": np.zeros((2, 4))},
+                              path=Path("ckpt-000000007.npz"))
+    backend = Backend(RunConfig(**now))
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        load_into_backend(backend, ckpt)
+    said = "holds each rank's residual state of compression = 'topk'" in caplog.text
+    assert said == warned, caplog.text
+    assert "rng" in backend.exchange                  # restored whatever the compression
+    assert ("residual" in backend.exchange) == (now["compression"] == "topk")
