@@ -201,7 +201,10 @@ class Elastic:
         self.history["resets"].append(rec)
         ctx = self.ctx
         ctx.metrics.write("reset", **rec)       # rank 0's writer; the others' drop it
-        if ctx.world.rank == 0:
+        if ctx.world.rank == 0 and size < self.min_ranks:
+            ctx.log.warning(f"elastic reset ({reason}): {old} -> {size} rank(s), below "
+                            f"min_ranks = {self.min_ranks}: the job stops at step {pos.step}")
+        elif ctx.world.rank == 0:
             ctx.log.warning(f"elastic reset ({reason}): {old} -> {size} rank(s), training "
                             f"goes on from step {pos.step}"
                             + (f" (the last commit; {rec['steps_redone']} step(s) are redone)"

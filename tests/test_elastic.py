@@ -252,6 +252,9 @@ def test_fewer_ranks_than_min_ranks_stop_the_job_with_a_loadable_checkpoint(tmp_
     assert p.returncode == 1            # the rank's 3, as horovodrun reports a failed rank
     assert "1 rank(s) left, fewer than min_ranks = 2: the job stops at step 12" in p.stderr, \
         p.stderr[-5000:]
+    # found by a new-user hunt: the reset's warning said "training goes on" first
+    assert "2 -> 1 rank(s), below min_ranks = 2: the job stops at step 12" in p.stderr
+    assert "training goes on" not in p.stderr
     path = latest_checkpoint(tmp_path / "m")
     assert path.name == "ckpt-000000012.npz"
     # the last commit: epoch 1 (10 steps of 32 samples) and 2 steps of epoch 2
