@@ -164,6 +164,14 @@ def check_comparable(runs: list[Run]) -> list[str]:
         if len(values) > 1:
             notes.append(f"{key} differs between runs: {', '.join(sorted(values))}")
     for r in runs:
+        sizes = [seg.get("world_size") for seg in
+                 (r.summary.get("elastic") or {}).get("segments", [])]
+        if len(set(sizes)) > 1:
+            notes.append(f"{r.path} is an elastic run that trained at "
+                         f"{' -> '.join(map(str, sizes))} ranks: its row mixes them (workers: "
+                         f"its start's; samples/s total: the median step of every size; per "
+                         f"device: over the last size); the Elastic runs section gives each "
+                         f"size's own")
         if r.run.get("fault"):
             notes.append(f"{r.path} ran with an injected fault (HARNESS_FAULT="
                          f"{r.run['fault']}): its numbers are a drill's")

@@ -549,8 +549,12 @@ def test_an_elastic_run_is_reported_per_segment_of_constant_size(tmp_path, no_fi
     assert "| el | 3 | 0-19 | 0.0-1.9 | 960 | 320 |" in section
     assert "| el | 2 | 14-42 | 10.6-13.4 | 960 | 480 |" in section
     assert "- el: rank lost at 10.5 s: 3 -> 2 ranks, from step 14, 5 step(s) redone" in section
+    # found by a new-user hunt: the main table's row mixes the sizes without a word
+    assert f"- {folder} is an elastic run that trained at 3 -> 2 ranks: its row mixes them" \
+        in text
     plain = write_run(tmp_path / "plain", start(0, workers=2, summary={}))
-    assert "## Elastic runs" not in build_report([plain], tmp_path / "out2").read_text()
+    plain_text = build_report([plain], tmp_path / "out2").read_text()
+    assert "## Elastic runs" not in plain_text and "elastic run" not in plain_text
 
 
 def test_a_language_model_report_shows_perplexity_and_tokens(tmp_path):
