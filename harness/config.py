@@ -239,6 +239,11 @@ class RunConfig:
         if self.tf_loop == "fit" and self.mode == "async":
             raise ConfigError("tf_loop = 'fit' runs in sync mode only: set mode = 'sync' or "
                               "tf_loop = 'custom'")
+        if self.tf_loop == "fit" and self.nan_policy == "skip":
+            raise ConfigError("nan_policy = 'skip' is not possible with tf_loop = 'fit': "
+                              "Horovod's Keras optimizer applies the update inside model.fit, "
+                              "where the harness cannot skip it; set tf_loop = 'custom' or "
+                              "nan_policy = 'stop' (a non-finite loss stops the run)")
         if self.tf_loop == "fit" and self.reduction == "adasum":
             # Horovod's Keras DistributedOptimizer takes op = Average or Sum only; before this
             # check it was simply not given the op, and trained with the average

@@ -8,9 +8,10 @@ server's (``harness/ps``) both build on this module; it imports neither of them.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import math
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,7 +166,6 @@ def find_resume_checkpoint(cfg: RunConfig, ckpt_dir: Path, log, prefix: str = "c
 RESUME_KEEPS = {
     "momentum": "the optimizer state continues with the momentum it was written with",
     "weight_decay": "the optimizer state continues with the weight decay it was written with",
-    "batch_size": "each worker's position is counted in its own batches",
     "ps_consistency": "the servers' plan of updates depends on it",
     "mode": "a parameter server's checkpoint holds its servers' shards, a sync run's the "
             "whole model",
@@ -184,9 +184,32 @@ def check_same_settings(ckpt: ckpt_io.Checkpoint, cfg: RunConfig, keys: tuple[st
         same = math.isclose(old, new, rel_tol=1e-9) if isinstance(new, float) and \
             isinstance(old, (int, float)) else old == new
         if not same:
+            fresh = "drop resume (it names that checkpoint) to start afresh" \
+                if cfg.resume not in ("auto", "never") else \
+                "start in a fresh run_name/out_dir"
             raise CheckpointError(f"checkpoint {ckpt.path} was written with {key} = {old!r}, "
                                   f"this run has {key} = {new!r} ({RESUME_KEEPS[key]}): resume "
-                                  f"with {key} = {old!r}, or start in a fresh run_name/out_dir")
+                                  f"with {key} = {old!r}, or {fresh}")
+
+
+def check_worker_batch(ckpt: ckpt_io.Checkpoint, cfg: RunConfig, workers: int) -> None:
+    """A parameter server's workers count their position in batches: the samples a worker
+    takes per update (batch_size, or global_batch_size over the workers, times
+    backward_passes_per_step) must stay what the checkpoint's were."""
+    keys = ("batch_size", "global_batch_size", "backward_passes_per_step")
+    saved = ckpt.meta.get("config") or {}
+    if not all(k in saved for k in keys):
+        return
+    then = dataclasses.replace(cfg, **{k: saved[k] for k in keys})
+    old = then.per_rank_batch(workers) * then.backward_passes_per_step
+    new = cfg.per_rank_batch(workers) * cfg.backward_passes_per_step
+    if old != new:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} was written with {old} samples per worker and update "
+            f"({', '.join(f'{k} = {saved[k]}' for k in keys)}), this run has {new}: each "
+            f"worker's position is counted in its own batches; resume with "
+            f"{', '.join(f'{k} = {saved[k]}' for k in keys)}, or start in a fresh "
+            "run_name/out_dir")
 
 
 def check_no_other_mode(ckpt_dir: Path, prefix: str, mode: str) -> None:

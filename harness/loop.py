@@ -245,9 +245,9 @@ class TrainingRun:
             # the update was not applied; the loss can be finite where the gradients are not
             # (TensorFlow's ReLU and max-pool turn a NaN input into numbers)
             raise TrainingAborted(
-                f"non-finite gradients at step {pos.step} (epoch {pos.epoch + 1}; rank "
-                f"{ctx.world.rank}'s loss was {loss:g}; reduced over the ranks, so any rank's "
-                "batch may hold them): lower lr, check the data, or set nan_policy = 'skip'. "
+                f"non-finite gradients at step {pos.step} (epoch {pos.epoch + 1}) on rank "
+                f"{ctx.world.rank}, whose loss was {loss:g} (after an exchange any rank's batch "
+                "may have caused them): lower lr, check the data, or set nan_policy = 'skip'. "
                 "No checkpoint was written after it.")
         if not applied:
             pos.skipped += 1

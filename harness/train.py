@@ -58,13 +58,22 @@ def check_resume_fits(ckpt: ckpt_io.Checkpoint, cfg: RunConfig, world: World, pl
     if old_size != world.size:
         # the peak lr is lr x ranks for lr_scaling = 'linear': 0.05 x 3 is 0.15000000000000002,
         # which a user's --lr 0.15 must match
+        base = (ckpt.meta.get("config") or {}).get("lr")
+        if ckpt.step < saved["warmup_steps"] and base is not None and \
+                not math.isclose(base, cfg.lr, rel_tol=1e-9):
+            raise CheckpointError(
+                f"checkpoint {ckpt.path} stopped in the learning-rate warm-up (step "
+                f"{ckpt.step} of {saved['warmup_steps']}), which ramps from lr = {base:.10g} to "
+                f"the peak {saved['lr_peak']:.10g} set by its {old_size} rank(s); this run's "
+                f"ramp starts at lr = {cfg.lr:.10g}: resume with {old_size} rank(s) until the "
+                "warm-up is over")
         if not math.isclose(saved["lr_peak"], plan.lr_peak, rel_tol=1e-9) or \
                 saved["warmup_steps"] != plan.warmup_steps:
             raise CheckpointError(
                 f"checkpoint {ckpt.path} was written by {old_size} rank(s) with peak lr "
                 f"{saved['lr_peak']:.10g} and {saved['warmup_steps']} warm-up steps, this run "
                 f"has {world.size} rank(s), peak lr {plan.lr_peak:.10g} and "
-                f"{plan.warmup_steps} (lr_scaling = {cfg.lr_scaling!r}): resume with "
+                f"{plan.warmup_steps} warm-up steps (lr_scaling = {cfg.lr_scaling!r}): resume with "
                 f"{old_size} rank(s), or keep the schedule at {world.size}: lr = "
                 f"{saved['lr_peak']:.10g}, lr_scaling = 'none', global_batch_size = "
                 f"{saved['global_batch']} and warmup_epochs as before")
@@ -108,8 +117,15 @@ def load_into_backend(backend: Backend, ckpt: ckpt_io.Checkpoint) -> None:
                 "not exact")
         # the compression state of other settings starts afresh (warned); the random
         # generators' states are restored whatever the compression
-        backend.set_exchange_state(ckpt.exchange if same else
-                                   {k: v for k, v in ckpt.exchange.items() if k == RNG_ROWS})
+        opt_meta = ckpt.meta.get("optimizer", {})
+        velocity = c.framework == "tensorflow" and c.keras == "keras3" and \
+            c.optimizer == "sgd" and "momentum_buffer" not in opt_meta
+        # each rank's optimizer rows (local SGD) of a checkpoint from before TensorFlow's
+        # TorchSGD hold Keras' velocity, which only rank 0's state above is converted from:
+        # the ranks start from that one (warned by the backend)
+        backend.set_exchange_state({k: v for k, v in ckpt.exchange.items()
+                                    if k == RNG_ROWS or same and not
+                                    (velocity and k.startswith("opt/"))})
     except CheckpointError:
         raise
     except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:

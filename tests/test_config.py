@@ -33,6 +33,8 @@ def test_defaults_are_valid_and_round_trip():
     # found by a new-user hunt: fit trained with the average, Adasum silently dropped
     ({"framework": "tensorflow", "tf_loop": "fit", "reduction": "adasum"},
      "reduction = 'adasum' is not available with tf_loop = 'fit'"),
+    ({"framework": "tensorflow", "tf_loop": "fit", "nan_policy": "skip"},       # it did nothing
+     "nan_policy = 'skip' is not possible with tf_loop = 'fit'"),
     ({"reduction": "adasum", "nan_policy": "skip"},
      "nan_policy = 'skip' with reduction = 'adasum' is not possible in PyTorch"),
     ({"grad_exchange": "flat", "framework": "tensorflow", "tf_loop": "fit"},

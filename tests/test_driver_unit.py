@@ -115,7 +115,8 @@ def test_a_resume_at_another_world_size_keeps_a_scaled_lr_that_is_not_exact_in_b
     cfg3, _, plan3 = at(3, lr=0.05)
     assert plan3.lr_peak != 0.15
     meta = {"plan": {"global_batch": plan3.global_batch, "lr_peak": plan3.lr_peak,
-                     "warmup_steps": plan3.warmup_steps}, "world_size": 3}
+                     "warmup_steps": plan3.warmup_steps}, "world_size": 3,
+            "position": {"step": 14}}
     ckpt = ckpt_io.Checkpoint(meta, {"w": np.zeros(1)}, path=Path("ckpt-000000014.npz"))
     check_resume_fits(ckpt, *at(1, lr=0.15, lr_scaling="none"), LOG)        # resumes
     with pytest.raises(CheckpointError) as e:
@@ -144,12 +145,11 @@ def test_a_run_folder_of_the_other_mode_is_not_silently_started_over(tmp_path):
 @pytest.mark.parametrize("saved, run, key", [
     ({"momentum": 0.9}, {"momentum": 0.0}, "momentum"),
     ({"weight_decay": 0.0}, {"weight_decay": 0.05}, "weight_decay"),
-    ({"batch_size": 32}, {"batch_size": 64}, "batch_size"),
     ({"ps_consistency": "async"}, {"ps_consistency": "bsp"}, "ps_consistency"),
     ({"seed": 0}, {"seed": 5}, "seed"),
     ({"shuffle": True}, {"shuffle": False}, "shuffle"),
 ])
-def test_a_resume_keeps_the_optimizer_and_the_workers_batch(saved, run, key):
+def test_a_resume_keeps_the_settings_its_state_depends_on(saved, run, key):
     """Found by a new-user hunt: PyTorch kept the checkpoint's momentum and weight decay while
     config.json recorded the new ones; a parameter server reread its workers' clocks in a new
     batch size and skipped samples."""
@@ -214,3 +214,76 @@ def test_a_resume_that_drops_the_checkpoints_compression_state_says_so(caplog, n
     assert said == warned, caplog.text
     assert "rng" in backend.exchange                  # restored whatever the compression
     assert ("residual" in backend.exchange) == (now["compression"] == "topk")
+
+
+def test_a_parameter_server_resume_keeps_each_workers_samples_per_update():
+    """Found by a review: the check compared batch_size alone, so another global_batch_size
+    or backward_passes_per_step went through (and skipped samples), while another batch_size
+    under a global_batch_size, which changes nothing, was refused."""
+    from harness.driver import check_worker_batch
+
+    saved = RunConfig(batch_size=32).to_dict()
+    ckpt = ckpt_io.Checkpoint({"config": saved}, {}, path=Path("ps-server0-000000011.npz"))
+    check_worker_batch(ckpt, RunConfig(global_batch_size=64, batch_size=7), 2)   # 32 each
+    for changed in ({"batch_size": 64}, {"backward_passes_per_step": 2},
+                    {"global_batch_size": 128}):
+        with pytest.raises(CheckpointError, match=r"written with 32 samples per worker and "
+                           r"update .*, this run has 64"):
+            check_worker_batch(ckpt, RunConfig(**changed), 2)
+
+
+def test_a_resume_at_another_world_size_inside_the_warm_up_is_refused():
+    """Found by a review: following the advice (lr = the peak, lr_scaling = 'none') inside the
+    warm-up flattened the ramp, which ran from lr to lr x ranks."""
+    from harness.env import World
+    from harness.loop import Plan
+    from harness.train import check_resume_fits
+
+    def at(ranks: int, **kw):
+        cfg = RunConfig(global_batch_size=96, warmup_epochs=1.0, **kw)
+        return cfg, World(0, ranks, 0, ranks, "test"), Plan.of(cfg, ranks, 960)
+
+    cfg3, _, plan3 = at(3, lr=0.05)
+    assert plan3.warmup_steps == 10
+
+    def ckpt_at(step: int):
+        meta = {"plan": {"global_batch": 96, "lr_peak": plan3.lr_peak, "warmup_steps": 10},
+                "world_size": 3, "config": cfg3.to_dict(), "position": {"step": step}}
+        return ckpt_io.Checkpoint(meta, {}, path=Path(f"ckpt-{step:09d}.npz"))
+
+    with pytest.raises(CheckpointError, match=r"stopped in the learning-rate warm-up \(step 4 "
+                       r"of 10\), which ramps from lr = 0.05 to the peak 0.15 set by its 3 "
+                       r"rank\(s\); this run's ramp starts at lr = 0.15: resume with 3"):
+        check_resume_fits(ckpt_at(4), *at(1, lr=0.15, lr_scaling="none"), LOG)
+    check_resume_fits(ckpt_at(14), *at(1, lr=0.15, lr_scaling="none"), LOG)   # after it
+
+
+def test_each_ranks_keras_velocity_of_an_older_checkpoint_is_not_restored_as_a_buffer():
+    """Found by a review: under local SGD each rank's optimizer rows of a TensorFlow
+    checkpoint from before TorchSGD were loaded as PyTorch's buffer (sign flipped, scaled by
+    the learning rate); only rank 0's state is converted, so the ranks start from it."""
+    from harness.train import load_into_backend
+
+    class Backend:
+        def __init__(self, cfg):
+            self.cfg, self.exchange = cfg, None
+
+        def set_weights(self, w):
+            pass
+
+        def set_optimizer_state(self, arrays, meta):
+            pass
+
+        def set_exchange_state(self, state):
+            self.exchange = state
+
+    cfg = RunConfig(framework="tensorflow", local_sgd_period=4)
+    rows = {"opt/0000": np.zeros((2, 3)), "rng": np.zeros((2, 4))}
+    for meta, kept in (({"kind": "keras.optimizers.sgd"}, ["rng"]),
+                       ({"kind": "keras.optimizers.sgd", "momentum_buffer": "torch"},
+                        ["opt/0000", "rng"])):
+        ckpt = ckpt_io.Checkpoint({"config": cfg.to_dict(), "optimizer": meta},
+                                  {"w": np.zeros(1)}, {"0000": np.zeros(3)}, exchange=rows)
+        backend = Backend(cfg)
+        load_into_backend(backend, ckpt)
+        assert sorted(backend.exchange) == kept

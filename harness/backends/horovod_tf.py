@@ -442,7 +442,12 @@ class TFBackend(Backend):
         momentums = {id(m) for m in getattr(self.opt, "momentums", [])}
         saved_lr = [i for i, n in enumerate(meta.get("names", []))
                     if str(n).endswith("learning_rate")]
-        lr = float(arrays[f"{saved_lr[0]:04d}"]) if velocity and momentums and saved_lr else None
+        if velocity and momentums and not saved_lr:
+            raise CheckpointError("this checkpoint's SGD momentum is Keras' velocity (written "
+                                  "before the harness gave TensorFlow PyTorch's momentum "
+                                  "update) and it names no learning rate to convert it at: "
+                                  "start in a fresh run_name/out_dir")
+        lr = float(arrays[f"{saved_lr[0]:04d}"]) if velocity and momentums else None
         for i, v in enumerate(variables):
             a = arrays[f"{i:04d}"]
             if lr and id(v) in momentums:
@@ -450,7 +455,7 @@ class TFBackend(Backend):
                 # learning rate was constant) as the buffer TorchSGD keeps
                 a = a / np.float32(-lr)
             v.assign(a)
-        if lr is not None and momentums:
+        if lr and momentums:
             import logging
             logging.getLogger("harness").warning(
                 "this checkpoint's SGD momentum is Keras' velocity (written before the harness "

@@ -83,7 +83,8 @@ class TorchBackend(Backend):
             check_scalar(task, "loss(model(x), y)", tuple(loss.shape), len(x))
             for name, fn in task.metrics.items():
                 what = f"metric {name!r}"
-                check_metric(task, name, torch.as_tensor(fn(out, yb)).cpu().numpy(), len(x))
+                check_metric(task, name, torch.as_tensor(fn(out, yb)).float().cpu().numpy(),
+                             len(x))
         except TaskError:
             raise
         except Exception as e:   # noqa: BLE001 - a misfit is one line; anything else is theirs

@@ -27,6 +27,7 @@ from harness.config import RunConfig
 from harness.backends.base import Backend
 from harness.data import Dataset, Sharder
 from harness.driver import (Target, agree_on_start, check_layout, check_same_settings,
+                            check_worker_batch,
                             checkpoint_identity, find_resume_checkpoint, final_metrics,
                             finish_record, log_finished,
                             model_record, own_task_name, run_dir_of, start_record, track_target)
@@ -126,8 +127,9 @@ def _resume_state(cfg: RunConfig, ckpt_dir: Path, k: int, identity: dict, world_
             f"{world_size - cfg.ps_servers}: each server's shard and each worker's position are "
             "saved, so resume with the same ps_servers and number of ranks, or start in a fresh "
             "run_name/out_dir")
-    check_same_settings(ckpt, cfg, ("batch_size", "ps_consistency", "seed", "shuffle",
-                                    "momentum", "weight_decay"))
+    check_same_settings(ckpt, cfg, ("ps_consistency", "seed", "shuffle", "momentum",
+                                    "weight_decay"))
+    check_worker_batch(ckpt, cfg, world_size - cfg.ps_servers)
     pos = ckpt.meta["position"]
     return {"params": ckpt.weights["params"], "momentum": ckpt.optimizer["momentum"],
             "version": pos["step"], "clock": pos["clock"],
