@@ -116,8 +116,10 @@ def load_run(path: Path) -> Run:
             unfinished += "; the summary of an earlier start is not shown"
     steps = latest_by_step(records, "step")
     epochs = latest_by_step([r for r in records if r.get("kind") == "epoch"], "epoch", "epoch")
+    # a drill (HARNESS_FAULT) in any start: its steps are in the run's numbers
+    faults = list(dict.fromkeys(str(r["fault"]) for r in runs if r.get("fault")))
     return Run(path, path.name, run, summaries[-1] if summaries else {}, steps, epochs,
-               {"restarts": last + 1}, unfinished)
+               {"restarts": last + 1, "faults": faults}, unfinished)
 
 
 def unique_names(paths: list[Path]) -> list[str]:
@@ -172,9 +174,10 @@ def check_comparable(runs: list[Run]) -> list[str]:
                          f"its start's; samples/s total: the median step of every size; per "
                          f"device: over the last size); the Elastic runs section gives each "
                          f"size's own")
-        if r.run.get("fault"):
+        faults = r.extra.get("faults") or []
+        if faults:
             notes.append(f"{r.path} ran with an injected fault (HARNESS_FAULT="
-                         f"{r.run['fault']}): its numbers are a drill's")
+                         f"{', '.join(faults)}): its numbers are a drill's")
     return notes
 
 
@@ -786,8 +789,8 @@ def render_markdown(runs: list[Run], notes: list[str], figs: list[Path], out_dir
                   f"- machine: {env['host']}, {env['cpu']} ({env['cpus']} CPUs); git "
                   f"{env.get('git_commit')}",
                   f"- settings: `{json.dumps(b.get('settings', {}), sort_keys=True)}`",
-                  *([f"- injected fault: `HARNESS_FAULT={r.run['fault']}`"]
-                    if r.run.get("fault") else []),
+                  *([f"- injected fault: `HARNESS_FAULT={', '.join(r.extra['faults'])}`"]
+                    if r.extra.get("faults") else []),
                   f"- rank 0 command: `{env['command']}`", ""]
     if commands:
         lines += ["## Launch commands", "", "```"] + commands + ["```", ""]

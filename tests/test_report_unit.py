@@ -611,9 +611,9 @@ def test_a_run_with_an_injected_fault_is_marked_in_the_report(tmp_path, no_figur
     assert "fault" not in start_record(folder, MetricsWriter(None), RunConfig(), {}, Data(),
                                        {"size": 1}, {}, None)
 
-    drill = start(0, summary={})
-    drill[0]["fault"] = "slow@1:1"
-    report = build_report([write_run(tmp_path / "a", drill),
+    drill = start(0, preempted_at=2)
+    drill[0]["fault"] = "slow@1:1"          # resumed without it: the first start's steps count
+    report = build_report([write_run(tmp_path / "a", drill, start(1, summary={})),
                            write_run(tmp_path / "b", start(0, summary={}))],
                           tmp_path / "rep", show=False)
     md = report.read_text()
