@@ -604,12 +604,14 @@ class NumpyOps:
         if self.comm is None:
             return x.copy()
         out = np.empty((self.size * x.shape[0], *x.shape[1:]), x.dtype)
-        self.comm.Allgather(np.ascontiguousarray(x), out)
+        # as bytes: mpi4py maps no MPI datatype to float16 (fp16's gather), and a gather
+        # only copies
+        self.comm.Allgather(_bytes(np.ascontiguousarray(x)), _bytes(out))
         return out
 
     def broadcast(self, x, name):
         if self.comm is not None:
-            self.comm.Bcast(x, root=0)
+            self.comm.Bcast(_bytes(x), root=0)
         return x
 
     def nbytes(self, x):
@@ -626,6 +628,13 @@ class NumpyOps:
 
     def to_numpy(self, x):
         return np.asarray(x)
+
+
+def _bytes(a: np.ndarray) -> np.ndarray:
+    """A contiguous array's memory as uint8, a view (a collective that copies writes ``a``)."""
+    if not a.flags.c_contiguous:
+        raise ValueError("a collective needs a contiguous array (a copy would not be written)")
+    return a.reshape(-1).view(np.uint8)
 
 
 # --- the parameter server's compressed pushes ---------------------------------------------
