@@ -11,7 +11,7 @@ from bench.common import emit, env_record
 from harness.errors import ConfigError
 
 BENCHES = ("allreduce", "allreduce_target", "overhead", "scaling", "async_sync", "fusion",
-           "peers", "main_job", "allreduce_flat", "compression", "threads")
+           "peers", "main_job", "allreduce_flat", "compression", "threads", "paths")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -58,13 +58,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: allreduce, allreduce_target, overhead, "
                                      "scaling, async_sync, fusion, peers, main_job, "
-                                     "allreduce_flat, compression, threads")
+                                     "allreduce_flat, compression, threads, paths")
     p.add_argument("name", choices=(*BENCHES, "all"))
     p.add_argument("--quick", action="store_true", help="tiny sizes: check that it runs")
     p.add_argument("--out", help="also append the JSON lines to this file")
     p.add_argument("--launches", type=int, metavar="N",
-                   help="launches per variant (main_job, overhead, peers, allreduce_flat: "
-                        "default 3; compression: default 1; threads: default 5)")
+                   help="launches per variant (main_job, overhead, peers, allreduce_flat, "
+                        "paths: default 3; compression: default 1; threads: default 5)")
     p.add_argument("--models", metavar="A,B",
                    help="models to time, comma-separated (peers: default resnet20,cnn; the "
                         "gpt: --models gpt)")

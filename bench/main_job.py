@@ -6,9 +6,10 @@
   that launch wrote, so the numbers are the ones its ``report.md`` shows.
 * ``idle_cycle_pair``: the same sync job at 2 ranks (``horovodrun``, the main job's launcher)
   with stock Horovod (``HOROVOD_WAKE_ON_ENQUEUE=0``: each step sleeps out the 1 ms cycle), the
-  harness's default (an enqueue wakes Horovod's thread; 1 ms cycle), the default with a 20 ms
-  idle cycle, and without Horovod (``allreduce = "mpi"``), launches interleaved; median step
-  time and samples/s from each run's summary.
+  harness's Horovod settings (an enqueue wakes Horovod's thread; 1 ms cycle), those with a
+  20 ms idle cycle, without Horovod (``allreduce = "mpi"``), and the harness's default
+  (``allreduce = "auto"``: mpi4py for PyTorch on CPU, Horovod for TensorFlow), launches
+  interleaved; median step time and samples/s from each run's summary.
 
 ``--quick`` (the test suite's smoke run): one launch of PyTorch's sync runs for one epoch, and
 two idle-cycle variants (``QUICK_VARIANTS``).
@@ -65,12 +66,14 @@ def _train(out_dir: Path, name: str, extra: list[str], quick: bool,
             "samples_per_s_total": s["samples_per_s_total"]}
 
 
+HOROVOD = ["--allreduce", "horovod"]
 #: variant -> (train flags, environment)
 VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
-    "stock Horovod (sleeps out the 1 ms cycle)": ([], {"HOROVOD_WAKE_ON_ENQUEUE": "0"}),
-    "default (an enqueue wakes Horovod, 1 ms cycle)": ([], {}),
-    "wake on enqueue, 20 ms idle cycle": (["--cycle-time-ms", "20"], {}),
-    "allreduce = mpi (no Horovod)": (["--allreduce", "mpi"], {})}
+    "stock Horovod (sleeps out the 1 ms cycle)": (HOROVOD, {"HOROVOD_WAKE_ON_ENQUEUE": "0"}),
+    "Horovod, an enqueue wakes it (1 ms cycle)": (HOROVOD, {}),
+    "wake on enqueue, 20 ms idle cycle": (HOROVOD + ["--cycle-time-ms", "20"], {}),
+    "allreduce = mpi (no Horovod)": (["--allreduce", "mpi"], {}),
+    "default (allreduce = auto)": ([], {})}
 #: --quick (the smoke test): one variant set through the environment, one through a flag
 QUICK_VARIANTS = ("stock Horovod (sleeps out the 1 ms cycle)", "allreduce = mpi (no Horovod)")
 

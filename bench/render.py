@@ -195,6 +195,22 @@ def main_job_tables(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def paths_table(rows: list[dict]) -> str:
+    """``harness bench paths``: the main job's samples/s through each gradient path, and
+    ``allreduce = auto`` (what it resolved to), as a ratio to Horovod's in the same round."""
+    out = ["| framework | ranks | allreduce | ran as | step p50 (ms) | samples/s median "
+           "| vs Horovod median | min | max | launches |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["kind"] == "path":
+            x, q = r["samples_per_s"], r["ratio_to_horovod"]
+            out.append(f"| {r['framework']} | {r['ranks']} | {r['allreduce']} "
+                       f"| {', '.join(r['gradient_path'])} | {r['step_time_p50_s'] * 1e3:.2f} "
+                       f"| {x['median']:.0f} | {q['median']:.3f} | {q['min']:.3f} "
+                       f"| {q['max']:.3f} | {r['launches']} |")
+    return "\n".join(out)
+
+
 def threads_table(rows: list[dict]) -> str:
     """``harness bench threads``: the main job's 1-rank step at one thread and at every core,
     and the ceiling that puts on E(2) (the all-cores step over the 1-thread step)."""
@@ -287,6 +303,8 @@ def main(paths: list[str]) -> str:
         parts += [main_job_tables(rows), ""]
     if any(r["kind"] == "threads" for r in rows):
         parts += [threads_table(rows), ""]
+    if any(r["kind"] == "path" for r in rows):
+        parts += [paths_table(rows), ""]
     if any(r["kind"] == "compression_row" for r in rows):
         parts += [compression_table(rows), ""]
     return "\n".join(parts)

@@ -71,7 +71,9 @@ class RunConfig:
                      ("sync", "async"))
     allreduce: str = _opt("auto", "sync gradient path: horovod, mpi (mpi4py Allreduce of one flat "
                           "buffer), local (one process, no communication runtime), or auto "
-                          "(horovod if importable, else mpi)", ("auto", "horovod", "mpi", "local"))
+                          "(the fastest path measured that supports the run: local at one "
+                          "rank; mpi for PyTorch on CPU under mpirun/srun; else horovod, "
+                          "or mpi without Horovod)", ("auto", "horovod", "mpi", "local"))
 
     # --- optimisation ---
     optimizer: str = _opt("sgd", "optimizer (the parameter server supports sgd only)",

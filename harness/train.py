@@ -12,7 +12,7 @@ import os
 from harness import checkpoint as ckpt_io
 from harness import compress
 from harness.compress import EF_METHODS
-from harness.backends.base import RNG_ROWS, Backend, create, resolve_gradient_path
+from harness.backends.base import RNG_ROWS, Backend, create
 from harness.config import RunConfig
 from harness.data import Dataset
 from harness.elastic import RunFinished, refuse_elastic_start, train_elastic
@@ -149,7 +149,7 @@ def run(cfg: RunConfig, task: Task | None = None) -> int:
         from harness.ps.driver import run as run_ps
 
         return run_ps(cfg, launcher_world, log, task, data, own)
-    backend = create(cfg, launcher_world, resolve_gradient_path(cfg.allreduce, cfg.mode))
+    backend = create(cfg, launcher_world)
     rt = backend.init_distributed()
     if launcher_world.size > 1 or rt.size > 1:
         check_runtime_world(launcher_world, rt.rank, rt.size, backend.gradient_path)

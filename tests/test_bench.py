@@ -21,7 +21,7 @@ EXPECTED = {"allreduce": {"allreduce", "allreduce_ratio"},
             "main_job": {"main_job_run", "main_job", "idle_cycle_pair", "idle_cycle"},
             "allreduce_flat": {"allreduce_flat_sample", "allreduce_flat"},
             "compression": {"compression_run", "compression_row"},
-            "threads": {"threads_pair", "threads"}}
+            "threads": {"threads_pair", "threads"}, "paths": {"path_pair", "path"}}
 
 
 @pytest.mark.parametrize("args, message", [
@@ -67,7 +67,8 @@ def check_overhead(records: list[dict]) -> None:
     for p in pairs:
         assert p["method"] == "wall" and p["harness_wall_s"] > 0 and p["bare_wall_s"] > 0
         assert p["ratio"] == pytest.approx(p["harness_wall_s"] / p["bare_wall_s"])
-        assert p["harness_grad_exchange"] in ("flat", "optimizer")
+        # the harness's default path: mpi4py for PyTorch on CPU at np=2 (allreduce = auto)
+        assert p["harness_gradient_path"] == "mpi" and p["harness_grad_exchange"] is None
         assert p["bare_env"]["OMPI_MCA_mpi_yield_when_idle"] == "1"
     assert row["steps_timed"] == row["steps"] - row["warmup"] > 0
 
@@ -106,5 +107,17 @@ def check_threads(records: list[dict]) -> None:
     assert row[f"step_time_p50_s_{cores}_threads"] == pairs[1]["step_time_p50_s"]
 
 
+def check_paths(records: list[dict]) -> None:
+    """Each round runs every path once; auto says which path it resolved to (PyTorch at np=2
+    under horovodrun's MPI: mpi4py), and each ratio is against Horovod's run of its round."""
+    pairs = [r for r in records if r["kind"] == "path_pair"]
+    assert [p["allreduce"] for p in pairs] == ["horovod", "mpi", "auto"]
+    assert [p["gradient_path"] for p in pairs] == ["horovod", "mpi", "mpi"]
+    assert all(p["wall_s"] > 0 and p["steps"] > p["warmup"] for p in pairs)
+    for p in pairs:
+        assert p["ratio_to_horovod"] == pytest.approx(p["samples_per_s"] /
+                                                      pairs[0]["samples_per_s"])
+
+
 RAW_CHECKS = {"overhead": check_overhead, "allreduce_target": check_allreduce_target,
-              "threads": check_threads}
+              "threads": check_threads, "paths": check_paths}

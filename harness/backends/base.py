@@ -15,16 +15,17 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 
 from harness.backends.common import FlatLayout, configure_threads
 from harness.compress import Compressor
 from harness.config import RunConfig
-from harness.env import World
+from harness.env import OpenMPISource, PMISource, PMIxSource, World
 from harness.errors import ConfigError
 from harness.task import Task
 
@@ -408,20 +409,74 @@ class FitBackend(Backend):
         in order, ``batch`` per step."""
 
 
-def resolve_gradient_path(requested: str, mode: str) -> str:
-    """``auto`` means Horovod when it imports, else mpi4py. Async workers compute locally."""
-    if mode == "async":
+def horovod_features(cfg: RunConfig) -> list[str]:
+    """The options of ``cfg`` that need Horovod's gradient path (empty: any path will do)."""
+    wanted = [("elastic = true", cfg.elastic), ("tf_loop = 'fit'", cfg.tf_loop == "fit"),
+              ("reduction = 'adasum'", cfg.reduction == "adasum"),
+              ("grad_exchange = 'optimizer'", cfg.grad_exchange == "optimizer"),
+              ("fusion_threshold_mb", cfg.fusion_threshold_mb is not None),
+              ("cycle_time_ms", cfg.cycle_time_ms is not None),
+              ("horovod_timeline", cfg.horovod_timeline is not None),
+              ("gradient_predivide_factor", cfg.gradient_predivide_factor != 1.0)]
+    return [name for name, on in wanted if on]
+
+
+def mpi_launched(env: Mapping[str, str]) -> bool:
+    """An MPI process manager started this rank (mpirun, horovodrun on MPI, srun with PMIx,
+    Hydra), so mpi4py can connect the ranks; horovodrun on Gloo starts none."""
+    return any(s.read(env) is not None for s in (OpenMPISource, PMIxSource, PMISource))
+
+
+def resolve_gradient_path(cfg: RunConfig, world: World,
+                          env: Mapping[str, str] | None = None,
+                          has_cuda: Callable[[], bool] | None = None) -> str:
+    """The gradient path that runs: ``cfg.allreduce``, with ``auto`` resolved to the fastest
+    path measured that supports the run (docs/benchmarks.md section 1), so a user gets it
+    without a flag:
+
+    - what only Horovod does (elastic, Adasum, model.fit, the optimizer exchange, Horovod's
+      knobs) runs on Horovod;
+    - one rank exchanges nothing: ``local`` (no Horovod background thread: 6-14% more
+      samples/s for PyTorch's cnn, 0.5-4% for TensorFlow's);
+    - PyTorch on CPU under an MPI launcher: ``mpi``, one mpi4py Allreduce of the flat buffer
+      (4-10% faster than Horovod's flat exchange at 2 ranks; TensorFlow's host staging makes
+      its mpi path 0.6x Horovod's, so TensorFlow keeps Horovod), and Horovod with NCCL on GPUs;
+    - else Horovod when it imports, else mpi4py.
+
+    ``has_cuda`` is asked last (it imports torch; the thread settings must be made first).
+    Parameter-server workers compute locally."""
+    if cfg.mode == "async":
         return "local"
-    if requested != "auto":
-        return requested
-    if importlib.util.find_spec("horovod") is not None:
+    if cfg.allreduce != "auto":
+        return cfg.allreduce
+    env = os.environ if env is None else env
+    horovod = importlib.util.find_spec("horovod") is not None
+    mpi4py = importlib.util.find_spec("mpi4py") is not None
+    if horovod and horovod_features(cfg):
         return "horovod"
-    return "mpi" if importlib.util.find_spec("mpi4py") is not None else "local"
+    if world.size == 1:
+        return "local"
+    if cfg.framework == "torch" and mpi4py and mpi_launched(env) \
+            and not (has_cuda and has_cuda()):
+        return "mpi"
+    if horovod:
+        return "horovod"
+    return "mpi" if mpi4py else "local"
 
 
-def create(cfg: RunConfig, world: World, gradient_path: str) -> Backend:
-    """Instantiate the backend for ``cfg.framework`` and ``gradient_path`` (imports it now)."""
+def _torch_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def create(cfg: RunConfig, world: World, gradient_path: str | None = None) -> Backend:
+    """Instantiate the backend for ``cfg.framework`` and ``gradient_path`` (None: the one
+    :func:`resolve_gradient_path` picks), importing its framework now."""
     threads = configure_threads(cfg, world)      # before the framework is imported
+    if gradient_path is None:
+        gradient_path = resolve_gradient_path(
+            cfg, world, has_cuda=_torch_cuda if cfg.framework == "torch" else None)
     key = (cfg.framework, gradient_path + ("-fit" if cfg.tf_loop == "fit" else ""))
     if cfg.tf_loop == "fit" and key not in IMPLEMENTATIONS:
         raise ConfigError(f"tf_loop = 'fit' trains with Horovod's Keras optimizer, but the "
