@@ -1,7 +1,8 @@
 """Asynchronous parameter server against synchronous allreduce, 2 workers, with and without one
 straggler at 2x step time: samples/s and the samples needed to reach the sync run's accuracy.
 
-Sync: ``mpirun -np 2 harness train`` (Horovod). Async: ``mpirun -np 3 harness train --mode
+Sync: ``mpirun -np 2 harness train`` (its default path: Horovod until the default became
+``allreduce = "auto"``, mpi4py for PyTorch since). Async: ``mpirun -np 3 harness train --mode
 async`` (1 server, 2 workers). Same model, data, seed and hyperparameters (cnn on digits)."""
 
 from __future__ import annotations

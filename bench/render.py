@@ -103,7 +103,17 @@ def overhead_table(rows: list[dict]) -> str:
         if r.get("method") != "wall":
             continue
         q, p50 = r["ratio"], r["step_p50_ratio"]
-        out.append(f"| {r['framework']} | {r['ranks']} | {r.get('harness_grad_exchange')} "
+        exchange = r.get("harness_grad_exchange")
+        # the path its launches took (each pair records it): since allreduce = auto,
+        # mpi4py or local for some
+        paths = sorted({p["harness_gradient_path"] for p in rows
+                        if p["kind"] == "overhead_pair" and p.get("harness_gradient_path")
+                        and (p["framework"], p["ranks"], p["model"]) ==
+                        (r["framework"], r["ranks"], r["model"])})
+        if paths:
+            exchange = ", ".join(f"horovod {exchange}" if p == "horovod" else p
+                                 for p in paths)
+        out.append(f"| {r['framework']} | {r['ranks']} | {exchange} "
                    f"| {r['warmup'] + 1}-{r['steps']} | {r['harness_ms_per_step']:.1f} "
                    f"| {r['bare_ms_per_step']:.1f} | {q['median']:.3f} | {q['min']:.3f} "
                    f"| {q['max']:.3f} | {p50['median']:.3f} "

@@ -31,7 +31,7 @@ def main(out_path: str, rounds: int) -> None:
                             "--model", "resnet20", "--dataset", "synthetic",
                             "--synthetic-samples", "4096", "--no-shuffle", "--batch-size", "32",
                             "--max-steps", "60", "--eval-every", "0", "--out-dir", d,
-                            "--run-name", "o"]
+                            "--run-name", "o", "--allreduce", "horovod"]
                         p = subprocess.run(argv, capture_output=True, text=True, cwd=REPO,
                                            env={**os.environ, "HOROVOD_WAKE_ON_ENQUEUE": wake})
                         if p.returncode:

@@ -38,6 +38,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from harness.backends.mpi_comm import as_bytes
+
 
 METHODS = ("none", "fp16", "bf16", "int8", "sign", "topk", "randomk", "powersgd")
 #: methods whose dropped part is kept per rank and added back (``error_feedback``)
@@ -606,12 +608,12 @@ class NumpyOps:
         out = np.empty((self.size * x.shape[0], *x.shape[1:]), x.dtype)
         # as bytes: mpi4py maps no MPI datatype to float16 (fp16's gather), and a gather
         # only copies
-        self.comm.Allgather(_bytes(np.ascontiguousarray(x)), _bytes(out))
+        self.comm.Allgather(as_bytes(np.ascontiguousarray(x)), as_bytes(out))
         return out
 
     def broadcast(self, x, name):
         if self.comm is not None:
-            self.comm.Bcast(_bytes(x), root=0)
+            self.comm.Bcast(as_bytes(x), root=0)
         return x
 
     def nbytes(self, x):
@@ -628,13 +630,6 @@ class NumpyOps:
 
     def to_numpy(self, x):
         return np.asarray(x)
-
-
-def _bytes(a: np.ndarray) -> np.ndarray:
-    """A contiguous array's memory as uint8, a view (a collective that copies writes ``a``)."""
-    if not a.flags.c_contiguous:
-        raise ValueError("a collective needs a contiguous array (a copy would not be written)")
-    return a.reshape(-1).view(np.uint8)
 
 
 # --- the parameter server's compressed pushes ---------------------------------------------

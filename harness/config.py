@@ -71,9 +71,13 @@ class RunConfig:
                      ("sync", "async"))
     allreduce: str = _opt("auto", "sync gradient path: horovod, mpi (mpi4py Allreduce of one flat "
                           "buffer), local (one process, no communication runtime), or auto "
-                          "(the fastest path measured that supports the run: local at one "
-                          "rank; mpi for PyTorch on CPU under mpirun/srun; else horovod, "
-                          "or mpi without Horovod)", ("auto", "horovod", "mpi", "local"))
+                          "(the fastest path measured that supports the run: horovod for "
+                          "what only Horovod does (elastic, adasum, tf_loop = fit, "
+                          "grad_exchange = optimizer, Horovod's knobs and HOROVOD_* "
+                          "settings) and fp16; else local at one rank; mpi for PyTorch on "
+                          "CPU under an MPI launcher (mpirun, horovodrun on MPI, srun); "
+                          "else horovod, or mpi without Horovod)",
+                          ("auto", "horovod", "mpi", "local"))
 
     # --- optimisation ---
     optimizer: str = _opt("sgd", "optimizer (the parameter server supports sgd only)",

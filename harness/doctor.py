@@ -250,7 +250,8 @@ def diagnose(facts: dict[str, Any]) -> list[Finding]:
         a, b = facts.get("mpi4py_libmpi"), facts.get("horovod_libmpi")
         if a and b and a != b:
             out.append(Finding("mpi4py", FAIL, f"mpi4py loads {a} but Horovod loads {b}: the "
-                               "parameter server and Horovod would use different MPIs",
+                               "parameter server and the mpi4py gradient path (PyTorch's "
+                               "default on CPU) would use another MPI than Horovod",
                                f"load one MPI module, then {BOOTSTRAP} (it rebuilds both)"))
         elif a and b:
             out.append(Finding("mpi4py", OK, f"mpi4py and Horovod share {a}"))

@@ -103,6 +103,13 @@ class PMISource(_Source):
     local_rank, local_size = "MPI_LOCALRANKID", "MPI_LOCALNRANKS"
 
 
+class MVAPICHSource(_Source):
+    """MVAPICH2's mpirun_rsh and Hydra."""
+    name = "MVAPICH"
+    rank, size = "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE"
+    local_rank, local_size = "MV2_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_SIZE"
+
+
 class SlurmStepSource(_Source):
     """Only inside an srun step: the batch script's own SLURM_PROCID=0 is not a rank."""
     name = "SLURM step"
@@ -121,7 +128,16 @@ class SlurmStepSource(_Source):
                      cls.name)
 
 
-LAUNCHER_SOURCES = (HorovodSource, OpenMPISource, PMIxSource, PMISource)
+LAUNCHER_SOURCES = (HorovodSource, OpenMPISource, PMIxSource, PMISource, MVAPICHSource)
+#: the sources set by an MPI process manager, which mpi4py's MPI_Init joins
+MPI_SOURCES = (OpenMPISource, PMIxSource, PMISource, MVAPICHSource)
+
+
+def mpi_launched(env: Mapping[str, str] | None = None) -> bool:
+    """An MPI process manager started this rank (mpirun, horovodrun on MPI, srun with PMIx,
+    Hydra), so mpi4py can connect the ranks; horovodrun on Gloo starts none."""
+    env = os.environ if env is None else env
+    return any(s.read(env) is not None for s in MPI_SOURCES)
 
 
 def _slurm_tasks_on_node(env: Mapping[str, str]) -> int | None:
@@ -179,7 +195,9 @@ def check_runtime_world(expected: World, rank: int, size: int, runtime: str) -> 
             f"{expected.source} describes rank {expected.rank} of {expected.size}, but {runtime} "
             f"initialised as rank {rank} of {size}. The processes are not connected: under SLURM "
             "use `srun --mpi=pmix`; with Open MPI make sure mpi4py and Horovod were built against "
-            "the mpirun on PATH (`harness doctor`).")
+            "the mpirun on PATH (`harness doctor`)"
+            + (", or set allreduce = 'horovod' (Horovod may be built against that MPI)"
+               if runtime == "mpi" else "") + ".")
 
 
 def cores_per_rank(local_size: int, cpu_count: int | None = None) -> int:

@@ -199,7 +199,10 @@ class TrainingRun:
         self.startup_s = process_age_s()
         self.first_step_s: float | None = None
         self.progress = Progress(world.rank == 0, self.total_steps, ctx.log, cfg.log_every)
-        self.watchdog = Watchdog(world.rank, cfg.stall_timeout_s, ctx.log)
+        self.watchdog = Watchdog(world.rank, cfg.stall_timeout_s, ctx.log,
+                                 stall_inspector=ctx.backend.gradient_path == "horovod")
+        ctx.backend.wait_hook = lambda on: self.watchdog.tick(
+            phase=Watchdog.WAITING if on else "training")
         self.start_wall = time.perf_counter() - pos.wall_s
         self.last_eval: dict[str, Any] = {}
         self.lr = self.schedule(pos.step)

@@ -58,8 +58,16 @@ class Watchdog:
     stack to stderr; the launcher then stops the other ranks.
     """
 
-    def __init__(self, rank: int, timeout: float, log) -> None:
+    #: the phase of a rank that waits in the gradient exchange for the other ranks
+    WAITING = "waiting for the other ranks' gradients"
+
+    def __init__(self, rank: int, timeout: float, log, stall_inspector: bool = False) -> None:
         self.rank, self.timeout, self.log = rank, timeout, log
+        #: Horovod's stall inspector reports the ranks missing from a collective
+        self.stall_inspector = stall_inspector
+        #: a rank waiting on the others reports this much later, so that a rank stalled
+        #: elsewhere (the cause) reports itself first and the launcher stops the job on it
+        self.grace = max(2.0, timeout / 4)
         self.phase, self.step = "starting", 0
         self.describe = None            # optional callable: more context for the report
         self._last = time.monotonic()
@@ -83,12 +91,21 @@ class Watchdog:
     def _run(self) -> None:
         while not self._stop.wait(min(1.0, self.timeout / 4)):
             idle = time.monotonic() - self._last
-            if idle > self.timeout:
+            waiting = self.phase == self.WAITING
+            if idle > self.timeout + (self.grace if waiting else 0.0):
+                if waiting:
+                    why = ("a rank did not send its gradients; a rank stalled elsewhere "
+                           "reports itself before this one")
+                elif self.stall_inspector:
+                    why = ("if it waits in a collective, Horovod's stall report above names "
+                           "the ranks that did not join")
+                else:
+                    why = ""
                 self.log.error(
                     f"rank {self.rank} stalled: no progress for {idle:.0f}s (stall_timeout_s = "
-                    f"{self.timeout:g}) while {self.phase} at step {self.step}. If it waits in a "
-                    "collective, Horovod's stall report above names the ranks that did not "
-                    "join. Stopping this rank; the launcher stops the others." +
+                    f"{self.timeout:g}) while {self.phase} at step {self.step}"
+                    + (f" ({why})" if why else "") + ". "
+                    "Stopping this rank; the launcher stops the others." +
                     (f" ({self.describe()})" if self.describe else ""))
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 sys.stderr.flush()

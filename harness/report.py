@@ -165,6 +165,13 @@ def check_comparable(runs: list[Run]) -> list[str]:
         values = {str(r.cfg.get(key)) for r in runs}
         if len(values) > 1:
             notes.append(f"{key} differs between runs: {', '.join(sorted(values))}")
+    paths = {f"{r.framework} x{r.workers}": (r.run.get("backend") or {}).get("gradient_path")
+             for r in runs if r.cfg["mode"] == "sync" and r.workers > 1}
+    if len(set(paths.values())) > 1:
+        notes.append("the gradient path differs between runs: " +
+                     ", ".join(f"{k} {v}" for k, v in sorted(paths.items())) +
+                     " (allreduce = 'auto' takes each run's fastest measured path; "
+                     "allreduce = 'horovod' runs every one on Horovod)")
     for r in runs:
         sizes = [seg.get("world_size") for seg in
                  (r.summary.get("elastic") or {}).get("segments", [])]

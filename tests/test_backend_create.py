@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from harness.backends.base import create, horovod_features, resolve_gradient_path
+from harness.backends.base import create, resolve_gradient_path
+from harness.backends.common import check_no_horovod_features, horovod_features
 from harness.config import RunConfig
 from harness.env import World
 from harness.errors import ConfigError
@@ -45,10 +46,15 @@ def test_auto_picks_the_fastest_path_that_supports_the_run(monkeypatch):
     for fw in ("torch", "tensorflow"):
         assert auto(monkeypatch, framework=fw, world=one, env={}) == "local"
     assert auto(monkeypatch, framework="torch") == "mpi"
-    assert auto(monkeypatch, framework="torch", env={"PMIX_RANK": "0",
-                                                     "SLURM_STEP_NUM_TASKS": "2"}) == "mpi"
+    for launcher in ({"PMIX_RANK": "0", "SLURM_STEP_NUM_TASKS": "2"},      # srun --mpi=pmix
+                     {"PMI_RANK": "0", "PMI_SIZE": "2"},                      # Hydra
+                     {"MV2_COMM_WORLD_RANK": "0", "MV2_COMM_WORLD_SIZE": "2"}):  # MVAPICH
+        assert auto(monkeypatch, framework="torch", env=launcher) == "mpi"
     assert auto(monkeypatch, framework="tensorflow") == "horovod"
     assert auto(monkeypatch, framework="torch", cuda=True) == "horovod"      # NCCL
+    # fp16 is a float16 sum in Horovod, a gather (more bytes beyond 2 ranks) on mpi4py
+    assert auto(monkeypatch, framework="torch", compression="fp16") == "horovod"
+    assert auto(monkeypatch, framework="torch", compression="int8") == "mpi"
     assert auto(monkeypatch, framework="torch", env=GLOO) == "horovod"      # no MPI to join
     assert auto(monkeypatch, framework="torch", mpi4py=False) == "horovod"
     assert auto(monkeypatch, framework="tensorflow", horovod=False) == "mpi"
@@ -68,8 +74,25 @@ def test_auto_keeps_horovod_for_what_only_horovod_does(monkeypatch, setting):
     assert horovod_features(RunConfig(**cfg))
     for world in (TWO, World(0, 1, 0, 1, "single process")):
         assert auto(monkeypatch, world=world, **cfg) == "horovod"
-    # without Horovod the mpi4py path's own checks name what it cannot do
+    # without Horovod, the mpi4py and local paths refuse it (one line, exit 2), not ignore it
     assert auto(monkeypatch, horovod=False, **cfg) == "mpi"
+    for path in ("mpi", "local"):
+        with pytest.raises(ConfigError, match=f"needs Horovod, but this run's gradient path "
+                                              f"is allreduce = '{path}'"):
+            check_no_horovod_features(RunConfig(**cfg), path)
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("HOROVOD_TIMELINE", "/tmp/t.json"), ("HOROVOD_AUTOTUNE", "1"),
+    ("HOROVOD_FUSION_THRESHOLD", "0"), ("HOROVOD_CYCLE_TIME", "5"),
+    ("HOROVOD_HIERARCHICAL_ALLREDUCE", "1"), ("HOROVOD_CPU_OPERATIONS", "gloo"),
+    ("HOROVOD_WAKE_ON_ENQUEUE", "0")])
+def test_auto_keeps_horovod_for_horovod_settings_in_the_launch(monkeypatch, variable, value):
+    """horovodrun --timeline-filename / --autotune / --fusion-threshold-mb ... reach the ranks
+    as HOROVOD_* variables, which only Horovod reads."""
+    assert auto(monkeypatch, framework="torch", env={**MPIRUN, variable: value}) == "horovod"
+    if variable == "HOROVOD_AUTOTUNE":          # a flag: 0 is off
+        assert auto(monkeypatch, framework="torch", env={**MPIRUN, variable: "0"}) == "mpi"
 
 
 def test_auto_resolves_before_the_framework_is_imported_for_its_threads(monkeypatch):

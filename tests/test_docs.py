@@ -61,7 +61,7 @@ def test_the_metrics_record_kinds_documented_are_the_ones_written():
 # docs/bench-data are earlier runs that its prose cites by figure)
 QUOTED_RECORDS = ("allreduce", "allreduce_target", "overhead", "overhead_1ad7a8a", "scaling",
                   "async_sync", "fusion", "main_job", "main_job_patch0007", "allreduce_flat",
-                  "peers", "compression", "threads")
+                  "peers", "compression", "threads", "paths")
 # earlier runs (cited by figure), and records that are not benchmark tables
 NOT_TABULATED = ("allreduce_flat_patch0004", "allreduce_flat_patch0007", "main_job_cycle20",
                  "main_job_patch0004", "overhead_patch0004", "peers_edf08c0", "peers_1ad7a8a",

@@ -2,7 +2,7 @@
 
 import pytest
 
-from harness.env import World, check_runtime_world, cores_per_rank, detect_world
+from harness.env import World, check_runtime_world, cores_per_rank, detect_world, mpi_launched
 from harness.errors import EnvironmentMismatch
 
 
@@ -22,6 +22,16 @@ def test_open_mpi():
            "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
     w = detect_world(env)
     assert (w.rank, w.size, w.local_rank, w.local_size, w.source) == (3, 4, 1, 2, "Open MPI")
+
+
+def test_mvapich():
+    """MVAPICH2's launchers: without this source its N ranks each looked like rank 0 of 1,
+    which allreduce = auto trains on the local path, unconnected."""
+    env = {"MV2_COMM_WORLD_RANK": "1", "MV2_COMM_WORLD_SIZE": "2",
+           "MV2_COMM_WORLD_LOCAL_RANK": "1", "MV2_COMM_WORLD_LOCAL_SIZE": "2"}
+    w = detect_world(env)
+    assert (w.rank, w.size, w.local_rank, w.local_size, w.source) == (1, 2, 1, 2, "MVAPICH")
+    assert mpi_launched(env) and not mpi_launched({"HOROVOD_RANK": "0", "HOROVOD_SIZE": "2"})
 
 
 def test_horovodrun_gloo():
@@ -58,8 +68,12 @@ def test_disagreeing_launchers_are_refused():
 
 
 def test_runtime_must_match_launcher():
-    with pytest.raises(EnvironmentMismatch, match="not connected"):
+    with pytest.raises(EnvironmentMismatch, match="not connected") as e:
         check_runtime_world(World(1, 2, 1, 2, "Open MPI"), 0, 1, "horovod")
+    assert "allreduce = 'horovod'" not in str(e.value)
+    # mpi4py built against another MPI than the launcher's: Horovod may still connect
+    with pytest.raises(EnvironmentMismatch, match="or set allreduce = 'horovod'"):
+        check_runtime_world(World(1, 2, 1, 2, "Open MPI"), 0, 1, "mpi")
 
 
 def test_threads_split_cores_between_local_ranks():

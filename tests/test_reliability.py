@@ -19,7 +19,7 @@ from conftest import (PY, REPO, checkpoint_weights, harness, latest_checkpoint, 
 from harness import checkpoint as ck
 from harness.config import RunConfig
 from harness.data import load_dataset
-from harness.preemption import EXIT_STALLED
+from harness.preemption import EXIT_STALLED, Watchdog
 
 
 def multiprocess(test):
@@ -85,16 +85,26 @@ def test_rank_crash_ends_the_job_and_names_the_rank(launcher, kind, results):
 
 
 @multiprocess
-def test_hung_rank_is_reported_and_the_job_stopped(results):
+@pytest.mark.parametrize("path", ["horovod", "mpi"])
+def test_hung_rank_is_reported_and_the_job_stopped(path, results):
+    """Rank 1 hangs at step 10; rank 0 waits for its gradients. Horovod's stall inspector
+    names the missing rank; on mpi4py (PyTorch's default on CPU) the waiting rank reports
+    later than the hung one, so the hung rank names itself and the launcher stops the job
+    on it (before, both watchdogs fired together and either might speak first)."""
     start = time.monotonic()
-    p = run(launch("horovodrun", 2, *SHORT, "--stall-timeout-s", "8", "--out-dir", results,
-                   "--run-name", "hang"), env={"HARNESS_FAULT": "hang@1:10"}, timeout=120)
+    p = run(launch("horovodrun", 2, *SHORT, "--allreduce", path, "--stall-timeout-s", "8",
+                   "--out-dir", results, "--run-name", f"hang-{path}"),
+            env={"HARNESS_FAULT": "hang@1:10"}, timeout=120)
     out = p.stdout + p.stderr
     assert p.returncode == EXIT_STALLED, f"exit {p.returncode}\n{out[-3000:]}"
     assert time.monotonic() - start < 60, out[-3000:]
-    assert "rank 1 stalled" in out or "missing ranks: 1" in out.lower(), out[-4000:]
+    if path == "horovod":
+        assert "rank 1 stalled" in out or "missing ranks: 1" in out.lower(), out[-4000:]
+    else:
+        assert "rank 1 stalled" in out and "while training at step 9" in out, out[-4000:]
+        assert "rank 0 stalled" not in out, out[-4000:]
     time.sleep(1)
-    assert not leftover_ranks("run-name hang")
+    assert not leftover_ranks(f"run-name hang-{path}")
 
 
 # --- preemption -------------------------------------------------------------------------------
@@ -461,3 +471,35 @@ def test_source_has_no_servers_or_pickle_loads():
         text = path.read_text()
         for b in bad:
             assert not re.search(b, text), f"{path}: {b}"
+
+
+WATCHDOG = """
+import logging, sys, time
+from harness.preemption import Watchdog
+logging.basicConfig(stream=sys.stderr, format="%(message)s")
+w = Watchdog(0, 0.5, logging.getLogger("t"), stall_inspector=sys.argv[2] == "horovod")
+w.tick(7, sys.argv[1])
+w.start()
+time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("phase, path", [("training", "horovod"), ("training", "mpi"),
+                                         (Watchdog.WAITING, "mpi")])
+def test_the_watchdog_names_the_phase_and_lets_the_stalled_rank_speak_first(phase, path):
+    """A rank waiting for the others' gradients reports only after a grace period (2 s past
+    the timeout here), so the rank stalled elsewhere is the first to name itself; Horovod's
+    stall report is cited only where Horovod runs."""
+    start = time.monotonic()
+    p = subprocess.run([PY, "-c", WATCHDOG, phase, path], capture_output=True, text=True,
+                       timeout=60, cwd=REPO)
+    took = time.monotonic() - start
+    assert p.returncode == EXIT_STALLED, p.stderr
+    assert "rank 0 stalled: no progress for" in p.stderr
+    assert f"while {phase} at step 7" in p.stderr
+    assert ("Horovod's stall report" in p.stderr) == (path == "horovod" and
+                                                       phase == "training")
+    if phase == Watchdog.WAITING:
+        assert took >= 2.5 and "reports itself before this one" in p.stderr
+    else:
+        assert took < 2.5, took

@@ -619,3 +619,19 @@ def test_a_run_with_an_injected_fault_is_marked_in_the_report(tmp_path, no_figur
     md = report.read_text()
     assert f"- {tmp_path / 'a'} ran with an injected fault (HARNESS_FAULT=slow@1:1)" in md
     assert md.count("- injected fault: `HARNESS_FAULT=slow@1:1`") == 1
+
+
+def test_a_report_says_when_the_runs_took_different_gradient_paths(tmp_path, no_figures):
+    """allreduce = auto gives PyTorch mpi4py and TensorFlow Horovod at 2 ranks on CPU: the
+    comparison says so under its table (1-rank runs exchange nothing and are not named)."""
+    folders = []
+    for fw, workers, path in (("torch", 2, "mpi"), ("tensorflow", 2, "horovod"),
+                              ("torch", 1, "local")):
+        records = start(0, workers=workers, summary={}, framework=fw)
+        records[0]["backend"]["gradient_path"] = path
+        folders.append(write_run(tmp_path / f"{fw}{workers}", records))
+    text = build_report(folders, tmp_path / "out").read_text()
+    assert "the gradient path differs between runs: tensorflow x2 horovod, torch x2 mpi " \
+        "(allreduce = 'auto'" in text
+    same = build_report(folders[:1] + folders[2:], tmp_path / "out2").read_text()
+    assert "gradient path differs" not in same

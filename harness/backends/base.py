@@ -22,10 +22,11 @@ from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 
-from harness.backends.common import FlatLayout, configure_threads
+from harness.backends.common import (FlatLayout, configure_threads, horovod_features,
+                                     horovod_settings_in)
 from harness.compress import Compressor
 from harness.config import RunConfig
-from harness.env import OpenMPISource, PMISource, PMIxSource, World
+from harness.env import World, mpi_launched
 from harness.errors import ConfigError
 from harness.task import Task
 
@@ -159,6 +160,9 @@ class Backend(ABC):
     # --- compressed exchange (harness/compress.py): its per-rank state and bytes ---
     #: set by ``setup`` where the config compresses the flat exchange and there are peers
     compressor: Compressor | None = None
+    #: set by the training loop: told True as this rank starts waiting for the other ranks'
+    #: gradients and False when they came (paths without Horovod's stall inspector)
+    wait_hook: Callable[[bool], None] | None = None
     _restored_exchange: dict[str, np.ndarray] | None = None
 
     def _make_compressor(self) -> None:  # noqa: B027 - optional hook
@@ -409,39 +413,23 @@ class FitBackend(Backend):
         in order, ``batch`` per step."""
 
 
-def horovod_features(cfg: RunConfig) -> list[str]:
-    """The options of ``cfg`` that need Horovod's gradient path (empty: any path will do)."""
-    wanted = [("elastic = true", cfg.elastic), ("tf_loop = 'fit'", cfg.tf_loop == "fit"),
-              ("reduction = 'adasum'", cfg.reduction == "adasum"),
-              ("grad_exchange = 'optimizer'", cfg.grad_exchange == "optimizer"),
-              ("fusion_threshold_mb", cfg.fusion_threshold_mb is not None),
-              ("cycle_time_ms", cfg.cycle_time_ms is not None),
-              ("horovod_timeline", cfg.horovod_timeline is not None),
-              ("gradient_predivide_factor", cfg.gradient_predivide_factor != 1.0)]
-    return [name for name, on in wanted if on]
-
-
-def mpi_launched(env: Mapping[str, str]) -> bool:
-    """An MPI process manager started this rank (mpirun, horovodrun on MPI, srun with PMIx,
-    Hydra), so mpi4py can connect the ranks; horovodrun on Gloo starts none."""
-    return any(s.read(env) is not None for s in (OpenMPISource, PMIxSource, PMISource))
-
-
 def resolve_gradient_path(cfg: RunConfig, world: World,
                           env: Mapping[str, str] | None = None,
                           has_cuda: Callable[[], bool] | None = None) -> str:
     """The gradient path that runs: ``cfg.allreduce``, with ``auto`` resolved to the fastest
-    path measured that supports the run (docs/benchmarks.md section 1), so a user gets it
-    without a flag:
+    path measured that supports the run (``harness bench paths``, docs/benchmarks.md section
+    6), so a user gets it without a flag:
 
     - what only Horovod does (elastic, Adasum, model.fit, the optimizer exchange, Horovod's
-      knobs) runs on Horovod;
-    - one rank exchanges nothing: ``local`` (no Horovod background thread: 6-14% more
-      samples/s for PyTorch's cnn, 0.5-4% for TensorFlow's);
+      knobs in the config or in the launch's environment, e.g. ``horovodrun
+      --timeline-filename``), and fp16 compression (a float16 sum in Horovod, a gather on
+      mpi4py), runs on Horovod;
+    - one rank exchanges nothing: ``local`` (no Horovod background thread);
     - PyTorch on CPU under an MPI launcher: ``mpi``, one mpi4py Allreduce of the flat buffer
-      (4-10% faster than Horovod's flat exchange at 2 ranks; TensorFlow's host staging makes
-      its mpi path 0.6x Horovod's, so TensorFlow keeps Horovod), and Horovod with NCCL on GPUs;
-    - else Horovod when it imports, else mpi4py.
+      (at 2 ranks faster than Horovod's flat exchange, whose background thread shares the
+      compute cores; TensorFlow's mpi path stages through host arrays and is slower, so
+      TensorFlow keeps Horovod, as GPUs do for NCCL);
+    - else Horovod when it is installed, else mpi4py.
 
     ``has_cuda`` is asked last (it imports torch; the thread settings must be made first).
     Parameter-server workers compute locally."""
@@ -452,7 +440,8 @@ def resolve_gradient_path(cfg: RunConfig, world: World,
     env = os.environ if env is None else env
     horovod = importlib.util.find_spec("horovod") is not None
     mpi4py = importlib.util.find_spec("mpi4py") is not None
-    if horovod and horovod_features(cfg):
+    if horovod and (horovod_features(cfg) or horovod_settings_in(env)
+                    or cfg.compression == "fp16"):
         return "horovod"
     if world.size == 1:
         return "local"
@@ -464,19 +453,15 @@ def resolve_gradient_path(cfg: RunConfig, world: World,
     return "mpi" if mpi4py else "local"
 
 
-def _torch_cuda() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
-
-
 def create(cfg: RunConfig, world: World, gradient_path: str | None = None) -> Backend:
     """Instantiate the backend for ``cfg.framework`` and ``gradient_path`` (None: the one
     :func:`resolve_gradient_path` picks), importing its framework now."""
     threads = configure_threads(cfg, world)      # before the framework is imported
     if gradient_path is None:
-        gradient_path = resolve_gradient_path(
-            cfg, world, has_cuda=_torch_cuda if cfg.framework == "torch" else None)
+        # PyTorch's CUDA probe imports torch: the module that PyTorch's backends are in
+        probe = (lambda: importlib.import_module("harness.backends.horovod_torch")
+                 .cuda_available()) if cfg.framework == "torch" else None
+        gradient_path = resolve_gradient_path(cfg, world, has_cuda=probe)
     key = (cfg.framework, gradient_path + ("-fit" if cfg.tf_loop == "fit" else ""))
     if cfg.tf_loop == "fit" and key not in IMPLEMENTATIONS:
         raise ConfigError(f"tf_loop = 'fit' trains with Horovod's Keras optimizer, but the "

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import importlib
 import os
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 
 from harness.backends.base import Backend, BackendInfo
 from harness.backends.common import (apply_horovod_environment, check_horovod_combination,
-                                     check_mpi_path)
+                                     check_no_horovod_features)
 from harness.compress import dense_sent_bytes
 from harness.env import World, loopback_slot
 from harness.errors import ConfigError
@@ -27,9 +29,12 @@ class LocalComm(Backend):
     gradient_path = "local"
 
     def init_distributed(self) -> World:
-        if self.world.size > 1 and self.cfg.mode == "sync":
-            raise ConfigError(f"allreduce = 'local' trains one process, but the launcher started "
-                              f"{self.world.size}: use allreduce = 'horovod' or 'mpi'")
+        if self.cfg.mode == "sync":
+            if self.world.size > 1:
+                raise ConfigError(f"allreduce = 'local' trains one process, but the launcher "
+                                  f"started {self.world.size}: use allreduce = 'horovod' or "
+                                  "'mpi'")
+            check_no_horovod_features(self.cfg, "local")
         return self.world
 
     def broadcast_state(self, resumed: bool = False) -> None:
@@ -130,7 +135,7 @@ class MPIComm(Backend):
     gradient_path = "mpi"
 
     def init_distributed(self) -> World:
-        check_mpi_path(self.cfg)
+        check_no_horovod_features(self.cfg, "mpi")
         from harness.backends.mpi_comm import HostReducer
 
         self.comm = HostReducer()
@@ -155,13 +160,23 @@ class MPIComm(Backend):
 
     def _allgather_host(self, a: np.ndarray) -> np.ndarray:
         out = np.empty((self.comm.size, *a.shape), a.dtype)
-        self.comm.comm.Allgather(np.ascontiguousarray(a[None]), out)
+        self.comm.allgather_(np.ascontiguousarray(a), out)
         return out
 
     def _broadcast_host(self, a: np.ndarray) -> np.ndarray:
         a = np.array(a)
         self.comm.bcast_(a)
         return a
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """The gradient exchange: the loop's watchdog knows this rank waits on the others (a
+        rank stalled elsewhere then reports itself first; mpi4py has no stall inspector)."""
+        if self.wait_hook is not None:
+            self.wait_hook(True)
+        yield
+        if self.wait_hook is not None:
+            self.wait_hook(False)
 
     def _make_compressor(self) -> None:
         """The run's compressor over mpi4py (NumPy arithmetic on host buffers)."""

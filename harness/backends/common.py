@@ -146,10 +146,48 @@ def check_horovod_combination(cfg: RunConfig, size: int, gloo: bool, gpu: bool) 
             raise ConfigError("gradient_predivide_factor applies to reduction = 'average' only")
 
 
-def check_mpi_path(cfg: RunConfig) -> None:
-    """The mpi4py gradient path implements the averaging allreduce (compressed or not)."""
-    if cfg.reduction != "average":
-        raise ConfigError(f"reduction = {cfg.reduction!r} needs Horovod (allreduce = 'horovod')")
+#: Horovod settings a launch may make in the environment (``horovodrun --timeline-filename``,
+#: ``--autotune``, ``--fusion-threshold-mb``, ...; or the user's own exports): a run that has
+#: them wants Horovod. Flags among them count when not "0".
+HOROVOD_TUNING = ("HOROVOD_TIMELINE", "HOROVOD_AUTOTUNE", "HOROVOD_FUSION_THRESHOLD",
+                  "HOROVOD_CYCLE_TIME", "HOROVOD_CACHE_CAPACITY",
+                  "HOROVOD_HIERARCHICAL_ALLREDUCE", "HOROVOD_HIERARCHICAL_ALLGATHER",
+                  "HOROVOD_TORUS_ALLREDUCE", "HOROVOD_CPU_OPERATIONS",
+                  "HOROVOD_WAKE_ON_ENQUEUE")
+HOROVOD_FLAGS = ("HOROVOD_AUTOTUNE", "HOROVOD_HIERARCHICAL_ALLREDUCE",
+                 "HOROVOD_HIERARCHICAL_ALLGATHER", "HOROVOD_TORUS_ALLREDUCE")
+
+
+def horovod_features(cfg: RunConfig) -> list[str]:
+    """The options of ``cfg`` that only Horovod's gradient path implements (empty: any path
+    runs it)."""
+    wanted = [("elastic = true", cfg.elastic), ("tf_loop = 'fit'", cfg.tf_loop == "fit"),
+              (f"reduction = {cfg.reduction!r}", cfg.reduction != "average"),
+              ("grad_exchange = 'optimizer'", cfg.grad_exchange == "optimizer"),
+              ("fusion_threshold_mb", cfg.fusion_threshold_mb is not None),
+              ("cycle_time_ms", cfg.cycle_time_ms is not None),
+              ("horovod_timeline", cfg.horovod_timeline is not None),
+              ("gradient_predivide_factor", cfg.gradient_predivide_factor != 1.0)]
+    return [name for name, on in wanted if on]
+
+
+def horovod_settings_in(env: Mapping[str, str]) -> list[str]:
+    """The Horovod tuning variables set in ``env``."""
+    return [v for v in HOROVOD_TUNING
+            if env.get(v, "").strip() not in ("", *(("0",) if v in HOROVOD_FLAGS else ()))]
+
+
+def check_no_horovod_features(cfg: RunConfig, path: str) -> None:
+    """The mpi4py and local gradient paths implement the averaging allreduce (compressed or
+    not) and nothing else: a Horovod-only option set for them is refused, not ignored."""
+    features = horovod_features(cfg)
+    if features:
+        raise ConfigError(f"{features[0]} needs Horovod, but this run's gradient path is "
+                          f"allreduce = {path!r}"
+                          + (" (Horovod is not installed)" if cfg.allreduce == "auto" else "")
+                          + f": drop {features[0]}, or set allreduce = 'horovod'"
+                          + (" (scripts/bootstrap.sh installs it)"
+                             if cfg.allreduce == "auto" else ""))
 
 
 @dataclass(frozen=True)

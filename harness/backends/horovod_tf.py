@@ -628,11 +628,15 @@ class MPITFBackend(MPIComm, TFBackend):
         loss, sums, grads = self._grad_fn(x, y)
         t1 = time.perf_counter()
         flat = tf.concat([tf.reshape(g, [-1]) for g in grads], 0).numpy()
-        if self.compressor is not None:
-            flat = self.compressor.exchange(flat) * np.float32(1.0 / self.comm.size)
-        elif self.comm.size > 1:
-            self.comm.allreduce_flat_(flat)
+        if self.comm.size > 1:
+            # scaled before the sum, as on Horovod's flat exchange (the loss by 1/size), so
+            # compression's residuals have the same scale on both paths
             flat *= np.float32(1.0 / self.comm.size)
+            with self.waiting():
+                if self.compressor is not None:
+                    flat = self.compressor.exchange(flat)
+                else:
+                    self.comm.allreduce_flat_(flat)
         exchange_s = time.perf_counter() - t1
         applied = bool(self._apply_fn(tf.constant(flat)))
         return StepResult(float(loss), self._metrics(sums), applied, exchange_s=exchange_s)

@@ -23,6 +23,11 @@ from harness.env import World
 from harness.task import Task, TaskError
 
 
+def cuda_available() -> bool:
+    """PyTorch sees a CUDA device (``allreduce = "auto"`` keeps Horovod's NCCL for it)."""
+    return bool(torch.cuda.is_available())
+
+
 class TorchBackend(Backend):
     """Model, optimizer and steps; subclasses decide how gradients travel."""
 
@@ -423,13 +428,20 @@ class HorovodTorchBackend(HorovodComm, TorchBackend):
 class MPITorchBackend(MPIComm, TorchBackend):
     """No Horovod: one in-place mpi4py Allreduce of the flat gradient buffer per step."""
 
+    def wrap_optimizer(self, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        # the loss scaled by 1/size, as on Horovod's flat exchange: the sum over ranks is the
+        # average with no pass after it, and compression's residuals (error feedback) have
+        # the same scale on both paths, so a checkpoint resumes on either
+        self.grad_scale = 1.0 / self.comm.size
+        return opt
+
     def zero_grad(self) -> None:
         self._use_flat_grads().zero_()
 
     def exchange_and_step(self) -> bool:
         flat = self._use_flat_grads()
         if self.comm.size > 1:
-            with self.exchange_timer():
+            with self.exchange_timer(), self.waiting():
                 if self.compressor is not None:
                     flat.copy_(torch.from_numpy(self.compressor.exchange(flat.cpu().numpy())))
                 elif self.device.type != "cpu":
@@ -438,7 +450,6 @@ class MPITorchBackend(MPIComm, TorchBackend):
                     flat.copy_(torch.from_numpy(host))
                 else:
                     self.comm.allreduce_flat_(flat.numpy())
-            flat.mul_(1.0 / self.comm.size)
         return super().exchange_and_step()
 
     def broadcast_state(self, resumed: bool = False) -> None:

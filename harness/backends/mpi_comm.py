@@ -5,6 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 
+def as_bytes(a: np.ndarray) -> np.ndarray:
+    """A contiguous array's memory as uint8, a view: a collective that writes it writes ``a``
+    (mpi4py maps no MPI datatype to float16 and bfloat16, and a copy needs none)."""
+    if not a.flags.c_contiguous:
+        raise ValueError("a collective needs a contiguous array (a copy would not be written)")
+    return a.reshape(-1).view(np.uint8)
+
+
 def mpi():
     """The mpi4py MPI module, initialised with MPI_THREAD_MULTIPLE (Horovod needs it too)."""
     import mpi4py
@@ -34,8 +42,13 @@ class HostReducer:
         """In-place sum of a contiguous float32 vector (the flat gradient)."""
         self.comm.Allreduce(self.MPI.IN_PLACE, flat, op=self.MPI.SUM)
 
-    def bcast_(self, flat: np.ndarray, root: int = 0) -> None:
-        self.comm.Bcast(flat, root=root)
+    def bcast_(self, a: np.ndarray, root: int = 0) -> None:
+        """In place, any dtype (as bytes: mpi4py maps no MPI datatype to float16)."""
+        self.comm.Bcast(as_bytes(a), root=root)
+
+    def allgather_(self, a: np.ndarray, out: np.ndarray) -> None:
+        """Every rank's ``a`` into ``out`` (shape (size, *a.shape)), any dtype."""
+        self.comm.Allgather(as_bytes(a), as_bytes(out))
 
     def bcast_bytes(self, blob: bytes, root: int = 0) -> bytes:
         """Broadcast a byte string through the buffer API (length first; nothing pickled)."""
