@@ -12,7 +12,8 @@ anything else measured beside it):
   exchange for an MLP whose gradients total SIZE bytes, with the Horovod settings the harness
   applies: ``DistributedOptimizer.synchronize()`` (the default ``grad_exchange``), one in-place
   Horovod allreduce of the flat gradient buffer (``grad_exchange = "flat"``), or one in-place
-  mpi4py Allreduce of it and the division by the world size (``allreduce = "mpi"``);
+  mpi4py Allreduce of it (``allreduce = "mpi"``; both scale the loss by 1/size, so no pass
+  follows the sum);
 * ``tensorflow``: ``hvd.allreduce`` sum and average of TF tensors;
 * ``harness-tf-flat``: the harness's TensorFlow flat exchange (the default) for an MLP whose
   gradients total SIZE bytes.
@@ -119,7 +120,6 @@ def harness_impls(comm, exchange: str) -> dict:
 
         def mpi_exchange():
             b.comm.allreduce_flat_(flat.numpy())
-            flat.mul_(1.0 / size)
         return mpi_exchange
     return {f"harness_{exchange}": make}
 

@@ -90,8 +90,10 @@ class Watchdog:
 
     def _run(self) -> None:
         while not self._stop.wait(min(1.0, self.timeout / 4)):
-            idle = time.monotonic() - self._last
+            # the phase first: tick() writes the time, then the phase, so a new phase is
+            # never read with the time before it (a wait that just ended is not a stall)
             waiting = self.phase == self.WAITING
+            idle = time.monotonic() - self._last
             if idle > self.timeout + (self.grace if waiting else 0.0):
                 if waiting:
                     why = ("a rank did not send its gradients; a rank stalled elsewhere "

@@ -165,8 +165,9 @@ def check_comparable(runs: list[Run]) -> list[str]:
         values = {str(r.cfg.get(key)) for r in runs}
         if len(values) > 1:
             notes.append(f"{key} differs between runs: {', '.join(sorted(values))}")
-    paths = {f"{r.framework} x{r.workers}": (r.run.get("backend") or {}).get("gradient_path")
+    paths = {r.name: (r.run.get("backend") or {}).get("gradient_path")
              for r in runs if r.cfg["mode"] == "sync" and r.workers > 1}
+    paths = {name: path for name, path in paths.items() if path is not None}
     if len(set(paths.values())) > 1:
         notes.append("the gradient path differs between runs: " +
                      ", ".join(f"{k} {v}" for k, v in sorted(paths.items())) +

@@ -52,8 +52,11 @@ def test_auto_picks_the_fastest_path_that_supports_the_run(monkeypatch):
         assert auto(monkeypatch, framework="torch", env=launcher) == "mpi"
     assert auto(monkeypatch, framework="tensorflow") == "horovod"
     assert auto(monkeypatch, framework="torch", cuda=True) == "horovod"      # NCCL
-    # fp16 is a float16 sum in Horovod, a gather (more bytes beyond 2 ranks) on mpi4py
+    # fp16 is a float16 sum in Horovod, a gather (more bytes beyond 2 ranks) on mpi4py; one
+    # rank compresses nothing
     assert auto(monkeypatch, framework="torch", compression="fp16") == "horovod"
+    assert auto(monkeypatch, framework="torch", compression="fp16", world=one,
+                env={}) == "local"
     assert auto(monkeypatch, framework="torch", compression="int8") == "mpi"
     assert auto(monkeypatch, framework="torch", env=GLOO) == "horovod"      # no MPI to join
     assert auto(monkeypatch, framework="torch", mpi4py=False) == "horovod"
@@ -91,8 +94,9 @@ def test_auto_keeps_horovod_for_horovod_settings_in_the_launch(monkeypatch, vari
     """horovodrun --timeline-filename / --autotune / --fusion-threshold-mb ... reach the ranks
     as HOROVOD_* variables, which only Horovod reads."""
     assert auto(monkeypatch, framework="torch", env={**MPIRUN, variable: value}) == "horovod"
-    if variable == "HOROVOD_AUTOTUNE":          # a flag: 0 is off
-        assert auto(monkeypatch, framework="torch", env={**MPIRUN, variable: "0"}) == "mpi"
+    if variable == "HOROVOD_AUTOTUNE":          # a flag: 0 is off, as Horovod reads it
+        for off in ("0", "00", "false", ""):
+            assert auto(monkeypatch, framework="torch", env={**MPIRUN, variable: off}) == "mpi"
 
 
 def test_auto_resolves_before_the_framework_is_imported_for_its_threads(monkeypatch):

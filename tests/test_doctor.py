@@ -51,7 +51,7 @@ def test_missing_framework_and_mismatched_mpi():
     comp = {(f.component, f.status) for f in found}
     assert ("tensorflow", FAIL) in comp and ("horovod-tensorflow", FAIL) in comp
     mpi = [f for f in found if f.component == "mpi4py" and f.status == FAIL]
-    assert mpi and "different MPIs" in mpi[0].detail
+    assert mpi and "another MPI than Horovod" in mpi[0].detail
     assert by_component(diagnose(GOOD))["torch"].status == OK
 
 

@@ -631,7 +631,7 @@ def test_a_report_says_when_the_runs_took_different_gradient_paths(tmp_path, no_
         records[0]["backend"]["gradient_path"] = path
         folders.append(write_run(tmp_path / f"{fw}{workers}", records))
     text = build_report(folders, tmp_path / "out").read_text()
-    assert "the gradient path differs between runs: tensorflow x2 horovod, torch x2 mpi " \
+    assert "the gradient path differs between runs: tensorflow2 horovod, torch2 mpi " \
         "(allreduce = 'auto'" in text
     same = build_report(folders[:1] + folders[2:], tmp_path / "out2").read_text()
     assert "gradient path differs" not in same

@@ -440,13 +440,12 @@ def resolve_gradient_path(cfg: RunConfig, world: World,
     env = os.environ if env is None else env
     horovod = importlib.util.find_spec("horovod") is not None
     mpi4py = importlib.util.find_spec("mpi4py") is not None
-    if horovod and (horovod_features(cfg) or horovod_settings_in(env)
-                    or cfg.compression == "fp16"):
+    if horovod and (horovod_features(cfg) or horovod_settings_in(env)):
         return "horovod"
     if world.size == 1:
-        return "local"
+        return "local"                  # fp16 too: one rank compresses nothing
     if cfg.framework == "torch" and mpi4py and mpi_launched(env) \
-            and not (has_cuda and has_cuda()):
+            and cfg.compression != "fp16" and not (has_cuda and has_cuda()):
         return "mpi"
     if horovod:
         return "horovod"

@@ -174,9 +174,11 @@ class MPIComm(Backend):
         rank stalled elsewhere then reports itself first; mpi4py has no stall inspector)."""
         if self.wait_hook is not None:
             self.wait_hook(True)
-        yield
-        if self.wait_hook is not None:
-            self.wait_hook(False)
+        try:
+            yield
+        finally:
+            if self.wait_hook is not None:
+                self.wait_hook(False)
 
     def _make_compressor(self) -> None:
         """The run's compressor over mpi4py (NumPy arithmetic on host buffers)."""

@@ -172,9 +172,16 @@ def horovod_features(cfg: RunConfig) -> list[str]:
 
 
 def horovod_settings_in(env: Mapping[str, str]) -> list[str]:
-    """The Horovod tuning variables set in ``env``."""
-    return [v for v in HOROVOD_TUNING
-            if env.get(v, "").strip() not in ("", *(("0",) if v in HOROVOD_FLAGS else ()))]
+    """The Horovod tuning variables set in ``env`` (a flag when it is a number other than 0,
+    as Horovod reads it)."""
+    def on(v: str) -> bool:
+        value = env.get(v, "").strip()
+        if v not in HOROVOD_FLAGS:
+            return value != ""
+        m = re.match(r"[+-]?\d+", value)
+        return m is not None and int(m.group()) != 0
+
+    return [v for v in HOROVOD_TUNING if on(v)]
 
 
 def check_no_horovod_features(cfg: RunConfig, path: str) -> None:
