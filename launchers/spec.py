@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from harness.backends.common import HOROVOD_TUNING
 from harness.config import option, validate_fields
 from harness.errors import ConfigError
 
@@ -100,7 +101,8 @@ class LaunchSpec:
         """A spec with this machine's defaults for what ``given`` leaves out: Open MPI as root
         needs ``--allow-run-as-root``; more ranks than cores on one host (no hosts, no
         SLURM allocation) need ``--oversubscribe``; mpirun and srun pass the environment
-        variables that find this Python and its libraries (``DEFAULT_EXPORTS``)."""
+        variables that find this Python and its libraries (``DEFAULT_EXPORTS``) and the
+        Horovod settings that are set."""
         launcher, np_ = given.get("launcher", "horovodrun"), given.get("np", 2)
         if launcher == "mpirun":
             given.setdefault("allow_run_as_root", os.geteuid() == 0)
@@ -108,7 +110,10 @@ class LaunchSpec:
                             os.environ.get("SLURM_JOB_ID"))
             given.setdefault("oversubscribe", one_host and np_ > (os.cpu_count() or 1))
         if launcher in ("mpirun", "srun"):
-            given.setdefault("export", [v for v in DEFAULT_EXPORTS if v in os.environ])
+            # the Horovod settings too: allreduce = 'auto' reads them on every rank, and a
+            # multi-host mpirun forwards only what -x names
+            given.setdefault("export", [v for v in (*DEFAULT_EXPORTS, *HOROVOD_TUNING)
+                                        if v in os.environ])
         return cls(**given)
 
     def __post_init__(self) -> None:

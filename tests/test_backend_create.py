@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import subprocess
 import sys
 
 import pytest
+from conftest import PY, REPO, needs_horovod, needs_mpi
 
 from harness.backends.base import create, resolve_gradient_path
 from harness.backends.common import check_no_horovod_features, horovod_features
@@ -110,3 +114,52 @@ def test_auto_resolves_before_the_framework_is_imported_for_its_threads(monkeypa
     with pytest.raises(ValueError, match="gradient path 'nowhere'"):
         create(RunConfig(framework="torch", threads_per_rank=3), TWO)
     assert seen["threads"] == "3"
+
+
+@needs_horovod
+@needs_mpi
+@pytest.mark.mpi
+def test_ranks_whose_environments_differ_agree_on_one_path(results):
+    """Found by a review: ``auto`` reads each rank's own environment, and a multi-host mpirun
+    forwards only ``-x`` variables, so a rank with HOROVOD_CYCLE_TIME started Horovod while the
+    other started mpi4py, and both waited in their first exchange. One mpirun with two app
+    contexts gives the ranks those two environments on this one host."""
+    args = [PY, "-m", "harness", "train", "--framework", "torch", "--model", "mlp",
+            "--dataset", "synthetic", "--max-steps", "3", "--eval-every", "0",
+            "--stall-timeout-s", "20", "--out-dir", results, "--run-name", "mixed"]
+    mpirun = ["mpirun", *(["--allow-run-as-root"] if os.geteuid() == 0 else []),
+              "--oversubscribe", "-x", "PATH", "-x", "PYTHONPATH"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOROVOD_")}
+    p = subprocess.run([str(a) for a in [*mpirun, "-np", "1", *args, ":", "-np", "1",
+                                         "-x", "HOROVOD_CYCLE_TIME=2", *args]],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-3000:]
+    assert re.search(r"chose different gradient paths .*\(rank\(s\) 0 mpi; rank\(s\) 1 "
+                     r"horovod: .*every rank takes horovod", out), out[-3000:]
+    start = json.loads((results / "mixed" / "config.json").read_text())
+    assert start["backend"]["gradient_path"] == "horovod"
+
+
+@pytest.mark.parametrize("allreduce, path, warned", [
+    ("mpi", "mpi", True), ("local", "local", True), ("horovod", "horovod", False),
+    ("auto", "horovod", False)])
+def test_horovod_settings_a_path_without_horovod_ignores_are_named(caplog, allreduce, path,
+                                                                   warned):
+    """Found by a review: an explicit mpi4py or local path ignored HOROVOD_AUTOTUNE and the
+    like without a word."""
+    import logging
+
+    from harness.backends.base import warn_unused_horovod_settings
+
+    env = {"HOROVOD_AUTOTUNE": "1", "HOROVOD_TIMELINE": "/tmp/t.json"}
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        warn_unused_horovod_settings(RunConfig(allreduce=allreduce), World(0, 2, 0, 2, "test"),
+                                     path, env)
+        warn_unused_horovod_settings(RunConfig(allreduce=allreduce), World(1, 2, 1, 2, "test"),
+                                     path, env)         # rank 0 says it
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == warned, said
+    if warned:
+        assert said[0].startswith(f"HOROVOD_TIMELINE, HOROVOD_AUTOTUNE set, but this run's "
+                                  f"gradient path is {path!r} (allreduce = {allreduce!r})")

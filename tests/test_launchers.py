@@ -42,6 +42,20 @@ def test_mpirun_open_mpi():
         "LD_LIBRARY_PATH", *PROG]
 
 
+def test_mpirun_forwards_the_horovod_settings_that_auto_reads(monkeypatch):
+    """allreduce = 'auto' takes Horovod when HOROVOD_CYCLE_TIME and the like are set; a
+    multi-host mpirun passes a variable only with -x (harness.backends.base.agree_on_path
+    catches a line written by hand)."""
+    for name in [n for n in os.environ if n.startswith("HOROVOD_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HOROVOD_CYCLE_TIME", "2")
+    monkeypatch.setenv("HOROVOD_TIMELINE", "/tmp/t.json")
+    s = LaunchSpec.with_defaults(launcher="mpirun", np=2, hosts="a,b")
+    argv = build_argv(s, ARGS)
+    exported = [argv[i + 1] for i, a in enumerate(argv) if a == "-x"]
+    assert exported[-2:] == ["HOROVOD_TIMELINE", "HOROVOD_CYCLE_TIME"], argv
+
+
 def test_mpirun_mpich():
     s = spec(launcher="mpirun", mpi_flavour="mpich", np=8, hosts="n1:4,n2:4", bind_to="core",
              export=["PATH"])

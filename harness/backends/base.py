@@ -452,6 +452,61 @@ def resolve_gradient_path(cfg: RunConfig, world: World,
     return "mpi" if mpi4py else "local"
 
 
+def warn_unused_horovod_settings(cfg: RunConfig, world: World, path: str,
+                                 env: Mapping[str, str] | None = None) -> None:
+    """Rank 0 says when the launch sets Horovod's variables (``horovodrun --autotune``,
+    ``--timeline-filename``, an ``export``) for a run whose gradient path does not start
+    Horovod: they would do nothing, silently."""
+    names = horovod_settings_in(os.environ if env is None else env)
+    if path != "horovod" and cfg.mode == "sync" and names and world.rank == 0:
+        logging.getLogger("harness").warning(
+            f"{', '.join(names)} set, but this run's gradient path is {path!r} (allreduce = "
+            f"{cfg.allreduce!r}), which does not start Horovod: "
+            f"{'it has' if len(names) == 1 else 'they have'} no effect. Set allreduce = "
+            "'horovod' to use Horovod, or unset them")
+
+
+PATH_CODES = ("local", "mpi", "horovod")
+
+
+def agree_on_path(path: str, cfg: RunConfig, world: World,
+                  env: Mapping[str, str] | None = None) -> str:
+    """``auto`` resolves from each rank's own environment, and a multi-host ``mpirun``
+    forwards only the variables given with ``-x``: a rank with ``HOROVOD_CYCLE_TIME`` (or a
+    GPU) would start Horovod while the others start mpi4py, and both would wait in their
+    first exchange. Under an MPI launcher the ranks compare their choices first (one small
+    mpi4py allgather, before either runtime starts; Horovod then joins the MPI that mpi4py
+    initialised) and, if they differ, all take Horovod, which runs whatever one of them
+    asked for; rank 0 says so."""
+    env = os.environ if env is None else env
+    if cfg.allreduce != "auto" or cfg.mode != "sync" or world.size == 1 \
+            or not mpi_launched(env) or importlib.util.find_spec("mpi4py") is None:
+        return path
+    from harness.backends.mpi_comm import mpi
+
+    MPI = mpi()
+    horovod = importlib.util.find_spec("horovod") is not None
+    mine = np.array([PATH_CODES.index(path), horovod], np.int64)
+    every = np.empty((MPI.COMM_WORLD.Get_size(), 2), np.int64)
+    MPI.COMM_WORLD.Allgather(mine, every)
+    if len(set(every[:, 0].tolist())) == 1:
+        return path
+    chose = "; ".join(f"rank(s) {', '.join(str(r) for r in np.flatnonzero(every[:, 0] == c))} "
+                      f"{PATH_CODES[c]}" for c in sorted(set(every[:, 0].tolist())))
+    if not every[:, 1].all():
+        missing = ", ".join(str(r) for r in np.flatnonzero(every[:, 1] == 0))
+        raise ConfigError(f"allreduce = 'auto' chose different gradient paths on the ranks "
+                          f"({chose}) and Horovod is not installed on rank(s) {missing}: "
+                          "set allreduce = 'mpi' (or install Horovod on every host)")
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        logging.getLogger("harness").warning(
+            f"allreduce = 'auto' chose different gradient paths from the ranks' own "
+            f"environments ({chose}: HOROVOD_* settings or GPUs differ between hosts): every "
+            "rank takes horovod. Forward the same HOROVOD_* settings to every rank (mpirun -x "
+            "NAME) or set allreduce explicitly")
+    return "horovod"
+
+
 def create(cfg: RunConfig, world: World, gradient_path: str | None = None) -> Backend:
     """Instantiate the backend for ``cfg.framework`` and ``gradient_path`` (None: the one
     :func:`resolve_gradient_path` picks), importing its framework now."""
@@ -460,7 +515,9 @@ def create(cfg: RunConfig, world: World, gradient_path: str | None = None) -> Ba
         # PyTorch's CUDA probe imports torch: the module that PyTorch's backends are in
         probe = (lambda: importlib.import_module("harness.backends.horovod_torch")
                  .cuda_available()) if cfg.framework == "torch" else None
-        gradient_path = resolve_gradient_path(cfg, world, has_cuda=probe)
+        gradient_path = agree_on_path(resolve_gradient_path(cfg, world, has_cuda=probe),
+                                      cfg, world)
+    warn_unused_horovod_settings(cfg, world, gradient_path)
     key = (cfg.framework, gradient_path + ("-fit" if cfg.tf_loop == "fit" else ""))
     if cfg.tf_loop == "fit" and key not in IMPLEMENTATIONS:
         raise ConfigError(f"tf_loop = 'fit' trains with Horovod's Keras optimizer, but the "
