@@ -201,8 +201,7 @@ class TrainingRun:
         self.progress = Progress(world.rank == 0, self.total_steps, ctx.log, cfg.log_every)
         self.watchdog = Watchdog(world.rank, cfg.stall_timeout_s, ctx.log,
                                  stall_inspector=ctx.backend.gradient_path == "horovod")
-        ctx.backend.wait_hook = lambda on: self.watchdog.tick(
-            phase=Watchdog.WAITING if on else "training")
+        ctx.backend.wait_hook = self.watchdog.wait
         self.start_wall = time.perf_counter() - pos.wall_s
         self.last_eval: dict[str, Any] = {}
         self.lr = self.schedule(pos.step)

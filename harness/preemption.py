@@ -69,6 +69,7 @@ class Watchdog:
         #: elsewhere (the cause) reports itself first and the launcher stops the job on it
         self.grace = max(2.0, timeout / 4)
         self.phase, self.step = "starting", 0
+        self._waits, self._outer = 0, self.phase       # collectives this rank is inside
         self.describe = None            # optional callable: more context for the report
         self._last = time.monotonic()
         self._stop = threading.Event()
@@ -85,6 +86,22 @@ class Watchdog:
         if phase is not None:
             self.phase = phase
 
+    def wait(self, on: bool) -> None:
+        """This rank enters (``on``) or leaves a collective that waits for the other ranks
+        (nested ones count once): its report comes ``grace`` later, and names the phase it
+        waits in."""
+        if on:
+            if self._waits == 0:
+                self._outer = self.phase
+                self.tick(phase=self.WAITING if self.phase == "training" else
+                          f"waiting for the other ranks ({self.phase})")
+            self._waits += 1
+            return
+        self._last = time.monotonic()    # the time first, as tick(): see _run
+        self._waits -= 1
+        if self._waits == 0:
+            self.phase = self._outer
+
     def stop(self) -> None:
         self._stop.set()
 
@@ -92,12 +109,13 @@ class Watchdog:
         while not self._stop.wait(min(1.0, self.timeout / 4)):
             # the phase first: tick() writes the time, then the phase, so a new phase is
             # never read with the time before it (a wait that just ended is not a stall)
-            waiting = self.phase == self.WAITING
+            waiting = self._waits > 0
             idle = time.monotonic() - self._last
             if idle > self.timeout + (self.grace if waiting else 0.0):
                 if waiting:
-                    why = ("a rank did not send its gradients; a rank stalled elsewhere "
-                           "reports itself before this one")
+                    why = ("a rank did not join" + (" with its gradients" if self.phase ==
+                                                    self.WAITING else "") +
+                           "; a rank stalled elsewhere reports itself before this one")
                 elif self.stall_inspector:
                     why = ("if it waits in a collective, Horovod's stall report above names "
                            "the ranks that did not join")

@@ -481,27 +481,34 @@ from harness.preemption import Watchdog
 logging.basicConfig(stream=sys.stderr, format="%(message)s")
 w = Watchdog(0, 0.5, logging.getLogger("t"), stall_inspector=sys.argv[2] == "horovod")
 w.tick(7, sys.argv[1])
+for _ in range(int(sys.argv[3])):      # inside so many (nested) collectives
+    w.wait(True)
+w.wait(True); w.wait(False)            # one that ended
 w.start()
 time.sleep(30)
 """
 
 
-@pytest.mark.parametrize("phase, path", [("training", "horovod"), ("training", "mpi"),
-                                         (Watchdog.WAITING, "mpi")])
-def test_the_watchdog_names_the_phase_and_lets_the_stalled_rank_speak_first(phase, path):
-    """A rank waiting for the others' gradients reports only after a grace period (2 s past
-    the timeout here), so the rank stalled elsewhere is the first to name itself; Horovod's
-    stall report is cited only where Horovod runs."""
+@pytest.mark.parametrize("phase, path, waits, said", [
+    ("training", "horovod", 0, "training"), ("training", "mpi", 0, "training"),
+    ("training", "mpi", 1, Watchdog.WAITING),
+    # local SGD's average, the stop-flag agreement: the phase it waits in
+    ("agreeing on stop flags", "mpi", 2, "waiting for the other ranks (agreeing on stop flags)")])
+def test_the_watchdog_names_the_phase_and_lets_the_stalled_rank_speak_first(phase, path,
+                                                                           waits, said):
+    """A rank waiting in a collective (the gradients, local SGD's average, the agreements)
+    reports only after a grace period (2 s past the timeout here), so the rank stalled
+    elsewhere is the first to name itself; Horovod's stall report is cited only where Horovod
+    runs."""
     start = time.monotonic()
-    p = subprocess.run([PY, "-c", WATCHDOG, phase, path], capture_output=True, text=True,
-                       timeout=60, cwd=REPO)
+    p = subprocess.run([PY, "-c", WATCHDOG, phase, path, str(waits)], capture_output=True,
+                       text=True, timeout=60, cwd=REPO)
     took = time.monotonic() - start
     assert p.returncode == EXIT_STALLED, p.stderr
     assert "rank 0 stalled: no progress for" in p.stderr
-    assert f"while {phase} at step 7" in p.stderr
-    assert ("Horovod's stall report" in p.stderr) == (path == "horovod" and
-                                                       phase == "training")
-    if phase == Watchdog.WAITING:
+    assert f"while {said} at step 7" in p.stderr
+    assert ("Horovod's stall report" in p.stderr) == (path == "horovod" and not waits)
+    if waits:
         assert took >= 2.5 and "reports itself before this one" in p.stderr
     else:
         assert took < 2.5, took

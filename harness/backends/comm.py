@@ -145,7 +145,8 @@ class MPIComm(Backend):
         return self.world
 
     def allreduce_host(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
-        return self.comm.allreduce(values, op)
+        with self.waiting():
+            return self.comm.allreduce(values, op)
 
     def sent_bytes(self) -> int | None:
         if self.compressor is not None:
@@ -155,23 +156,27 @@ class MPIComm(Backend):
     def _sum_params(self, flat):
         host = np.array(self._to_host(flat), np.float32)
         if self.comm.size > 1:
-            self.comm.allreduce_flat_(host)
+            with self.waiting():
+                self.comm.allreduce_flat_(host)
         return self._from_host(host)
 
     def _allgather_host(self, a: np.ndarray) -> np.ndarray:
         out = np.empty((self.comm.size, *a.shape), a.dtype)
-        self.comm.allgather_(np.ascontiguousarray(a), out)
+        with self.waiting():
+            self.comm.allgather_(np.ascontiguousarray(a), out)
         return out
 
     def _broadcast_host(self, a: np.ndarray) -> np.ndarray:
         a = np.array(a)
-        self.comm.bcast_(a)
+        with self.waiting():
+            self.comm.bcast_(a)
         return a
 
     @contextmanager
     def waiting(self) -> Iterator[None]:
-        """The gradient exchange: the loop's watchdog knows this rank waits on the others (a
-        rank stalled elsewhere then reports itself first; mpi4py has no stall inspector)."""
+        """A collective (the gradient exchange, local SGD's average, the loop's agreements):
+        the loop's watchdog knows this rank waits on the others, so a rank stalled elsewhere
+        reports itself first (mpi4py has no stall inspector)."""
         if self.wait_hook is not None:
             self.wait_hook(True)
         try:
