@@ -44,10 +44,11 @@ def guarded(fn: Callable[[], int], distributed: bool, is_rank: bool = True) -> i
         code = fn()
     except HarnessError as e:
         where = f" (rank {rank})" if rank else ""
-        # one write with its newline: print writes the text and the newline apart, and
-        # mpirun then glued two ranks' lines into one
-        sys.stderr.write(f"harness: error{where}: {e}\n")
-        sys.stderr.flush()
+        if not e.quiet:
+            # one write with its newline: print writes the text and the newline apart, and
+            # mpirun then glued two ranks' lines into one
+            sys.stderr.write(f"harness: error{where}: {e}\n")
+            sys.stderr.flush()
         code = e.exit_code
     except KeyboardInterrupt:
         print("harness: interrupted", file=sys.stderr, flush=True)

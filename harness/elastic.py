@@ -220,7 +220,8 @@ class Elastic:
             f"; the last checkpoint is in {self.ctx.run_dir / 'checkpoints'}"
         raise TrainingAborted(f"{size} rank(s) left, fewer than min_ranks = {self.min_ranks}: "
                               f"the job stops at step {pos.step}{where}; "
-                              "resume it with resume = 'auto' once enough ranks are back")
+                              "resume it with resume = 'auto' once enough ranks are back",
+                              quiet=self.ctx.world.rank != 0)    # each rank left stops here
 
     def summary(self) -> dict[str, Any]:
         """The summary's ``elastic`` entry: every reset and each segment's throughput."""

@@ -2,9 +2,15 @@
 
 
 class HarnessError(Exception):
-    """A problem the user can fix; the message names the bad value and the fix."""
+    """A problem the user can fix; the message names the bad value and the fix. ``quiet``:
+    every rank meets the same error at the same point, and this one leaves saying it to
+    rank 0."""
 
     exit_code = 2
+
+    def __init__(self, *args: object, quiet: bool = False) -> None:
+        super().__init__(*args)
+        self.quiet = quiet
 
 
 class ConfigError(HarnessError):

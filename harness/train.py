@@ -9,6 +9,8 @@ import logging
 import math
 import os
 
+import numpy as np
+
 from harness import checkpoint as ckpt_io
 from harness import compress
 from harness.compress import EF_METHODS
@@ -88,9 +90,42 @@ def check_resume_fits(ckpt: ckpt_io.Checkpoint, cfg: RunConfig, world: World, pl
                     f"rank's own {' and '.join(per_rank)} start afresh")
 
 
+#: the compression options that only some methods read
+READ_BY = {"compression_ratio": "topk and randomk", "powersgd_rank": "powersgd"}
+
+
+def unused_compression_settings(cfg: RunConfig) -> list[str]:
+    """The compression options set away from their defaults that this run's method does not
+    read (a sweep's shared config may set them: named, not refused)."""
+    defaults = RunConfig()
+    return [name for name, methods in (("compression_ratio", ("topk", "randomk")),
+                                       ("powersgd_rank", ("powersgd",)))
+            if getattr(cfg, name) != getattr(defaults, name) and cfg.compression not in methods]
+
+
 def compression_settings(config: dict) -> tuple:
     """What a checkpoint's compression state depends on (its config's or this run's)."""
     return tuple(config.get(k) for k in compress.KEYS)
+
+
+#: checkpoint meta: each rank's gradient was scaled by 1/size before the sum on every path, so
+#: error-feedback residuals have one scale whichever path wrote them
+GRADIENT_SCALE = "before_sum"
+
+
+def presum_exchange(ckpt: ckpt_io.Checkpoint) -> dict:
+    """The checkpoint's per-rank exchange state at today's scale. The mpi4py path divided
+    the sum by the world size until the checkpoints carried ``gradient_scale``; its residuals
+    were world size times Horovod's, and are divided here (exact: a power of two or not, the
+    residual is linear in the gradient)."""
+    exchange = dict(ckpt.exchange)
+    config = ckpt.meta.get("config", {})
+    if "residual" in exchange and ckpt.meta.get("gradient_scale") != GRADIENT_SCALE \
+            and config.get("allreduce") == "mpi" and config.get("mode", "sync") == "sync":
+        size = exchange["residual"].shape[0]
+        exchange["residual"] = (exchange["residual"] / np.float32(size)).astype(
+            exchange["residual"].dtype)
+    return exchange
 
 
 def load_into_backend(backend: Backend, ckpt: ckpt_io.Checkpoint) -> None:
@@ -123,7 +158,7 @@ def load_into_backend(backend: Backend, ckpt: ckpt_io.Checkpoint) -> None:
         # each rank's optimizer rows (local SGD) of a checkpoint from before TensorFlow's
         # TorchSGD hold Keras' velocity, which only rank 0's state above is converted from:
         # the ranks start from that one (warned by the backend)
-        backend.set_exchange_state({k: v for k, v in ckpt.exchange.items()
+        backend.set_exchange_state({k: v for k, v in presum_exchange(ckpt).items()
                                     if k == RNG_ROWS or same and not
                                     (velocity and k.startswith("opt/"))})
     except CheckpointError:
@@ -144,6 +179,10 @@ def run(cfg: RunConfig, task: Task | None = None) -> int:
         raise ConfigError("elastic = true needs horovodrun's elastic mode: launch with "
                           "`harness launch --launcher horovodrun --elastic -np N -- ...` (on "
                           "SLURM: slurm/elastic.sbatch), or set elastic = false")
+    if launcher_world.rank == 0:
+        for name in unused_compression_settings(cfg):
+            log.warning(f"{name} = {getattr(cfg, name)!r} is not read by compression = "
+                        f"{cfg.compression!r} ({READ_BY[name]} read it): it has no effect")
     task, data = load_task_data(cfg, task)      # the user's code runs on every rank
     if cfg.mode == "async":
         from harness.ps.driver import run as run_ps
@@ -226,6 +265,7 @@ def _run(cfg: RunConfig, backend: Backend, world: World, log, stop: StopFlag, ta
                      start_step=pos.step)
     ctx = RunContext(cfg, world, backend, data, run_dir, log, metrics, stop,
                      ckpt_meta={**identity, "config": cfg.to_dict(), "world_size": world.size,
+                                "gradient_scale": GRADIENT_SCALE,
                                 "layout": model["layout"]},
                      # every rank: checkpoints are collectives (compression state)
                      last_saved_step=pos.step if resumed else None,

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import PY, REPO, checkpoint_weights, fw_check, json_line, latest_checkpoint, \
     launch, needs_horovod, needs_mpi, read_jsonl, run
+from harness import checkpoint as ckpt_io
 from harness import compress as C
 from launchers.builders import mpirun_argv
 from launchers.spec import LaunchSpec
@@ -164,6 +165,8 @@ def test_a_resume_with_error_feedback_is_exact(fw, path, method, results):
         rows = [z[k] for k in z.files if k.startswith("e/opt/")] if method in LOCAL else \
             [z["e/residual"]]
     assert stopped.name == f"ckpt-{8 if method in LOCAL else 7:09d}.npz"
+    # its residuals' scale is one on every path (harness.train.presum_exchange)
+    assert ckpt_io.load(stopped).meta["gradient_scale"] == "before_sum"
     assert rows and all(r.shape[0] == 2 for r in rows)
     assert max(np.abs(r[0] - r[1]).max() for r in rows) > 0         # one per rank
     again = run(launch("mpirun", 2, *resume_args(fw, then, method, results, "cut")),

@@ -287,3 +287,69 @@ def test_each_ranks_keras_velocity_of_an_older_checkpoint_is_not_restored_as_a_b
         backend = Backend(cfg)
         load_into_backend(backend, ckpt)
         assert sorted(backend.exchange) == kept
+
+
+@pytest.mark.parametrize("allreduce, marked, scale", [
+    ("mpi", False, 0.5),          # the mpi path's old scale: the sum divided after it
+    ("mpi", True, 1.0), ("horovod", False, 1.0), ("auto", False, 1.0)])
+def test_error_feedback_residuals_of_the_old_mpi_path_resume_at_todays_scale(
+        allreduce, marked, scale):
+    """Found by a review: the mpi4py path scaled gradients after the sum until it moved the
+    1/size into the loss, as Horovod's flat exchange; a checkpoint it wrote before that holds
+    residuals size times today's, which a resume took as they were."""
+    from harness.train import GRADIENT_SCALE, load_into_backend
+
+    class Backend:
+        def __init__(self, cfg):
+            self.cfg, self.exchange = cfg, None
+
+        def set_weights(self, w):
+            pass
+
+        def set_exchange_state(self, state):
+            self.exchange = state
+
+    cfg = RunConfig(compression="topk", allreduce=allreduce)
+    residual = np.arange(6, dtype=np.float32).reshape(2, 3)
+    meta = {"config": cfg.to_dict(), "world_size": 2} | \
+        ({"gradient_scale": GRADIENT_SCALE} if marked else {})
+    ckpt = ckpt_io.Checkpoint(meta, {"w": np.zeros(1)}, exchange={"residual": residual})
+    backend = Backend(RunConfig(compression="topk", allreduce="mpi"))
+    load_into_backend(backend, ckpt)
+    np.testing.assert_array_equal(backend.exchange["residual"], residual * np.float32(scale))
+    assert backend.exchange["residual"].dtype == np.float32
+    np.testing.assert_array_equal(ckpt.exchange["residual"], residual)    # the file's own
+
+
+
+@pytest.mark.parametrize("settings, unused", [
+    ({"compression": "sign", "compression_ratio": 0.05}, ["compression_ratio"]),
+    ({"compression": "topk", "compression_ratio": 0.05, "powersgd_rank": 2}, ["powersgd_rank"]),
+    ({"compression": "powersgd", "powersgd_rank": 2}, []),
+    ({"compression": "randomk", "compression_ratio": 0.25}, []),
+    ({"compression": "none"}, [])])
+def test_compression_options_the_method_does_not_read_are_named(settings, unused):
+    """Found by a new-user hunt: --compression-ratio with sign (or --powersgd-rank with
+    top-k) trained without a word about the option doing nothing."""
+    from harness.train import unused_compression_settings
+
+    assert unused_compression_settings(RunConfig(**settings)) == unused
+
+
+def test_an_error_every_rank_meets_is_said_by_rank_0_alone(capsys, monkeypatch):
+    """Found by a new-user hunt: when an elastic job fell below min_ranks, every rank left
+    printed the same stop line; ``quiet`` leaves it to rank 0 (harness.elastic)."""
+    from harness.api import guarded
+    from harness.errors import TrainingAborted
+
+    def fails(quiet: bool):
+        def fn() -> int:
+            raise TrainingAborted("1 rank(s) left, fewer than min_ranks = 2", quiet=quiet)
+        return fn
+
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
+    assert guarded(fails(True), distributed=False) == 3
+    assert capsys.readouterr().err == ""
+    assert guarded(fails(False), distributed=False) == 3
+    assert capsys.readouterr().err == \
+        "harness: error (rank 1): 1 rank(s) left, fewer than min_ranks = 2\n"
