@@ -44,7 +44,7 @@ def guarded(fn: Callable[[], int], distributed: bool, is_rank: bool = True) -> i
         code = fn()
     except HarnessError as e:
         where = f" (rank {rank})" if rank else ""
-        if not e.quiet:
+        if not getattr(e, "quiet", False):
             # one write with its newline: print writes the text and the newline apart, and
             # mpirun then glued two ranks' lines into one
             sys.stderr.write(f"harness: error{where}: {e}\n")

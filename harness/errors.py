@@ -7,6 +7,7 @@ class HarnessError(Exception):
     rank 0."""
 
     exit_code = 2
+    quiet = False       # (a subclass's own __init__ need not pass it)
 
     def __init__(self, *args: object, quiet: bool = False) -> None:
         super().__init__(*args)

@@ -80,7 +80,11 @@ class MetricsWriter:
             return
         record = {"kind": kind, "restart": self.restart, "time": time.time(), **fields}
         try:
-            self._f.write(json.dumps(_clean(record), allow_nan=False) + "\n")
+            try:                # a record of plain finite numbers needs no cleaning (most)
+                line = json.dumps(record, allow_nan=False)
+            except (ValueError, TypeError):
+                line = json.dumps(_clean(record), allow_nan=False)
+            self._f.write(line + "\n")
         except OSError as e:
             self._fail(e)
         self._pending += 1

@@ -97,6 +97,8 @@ class Watchdog:
                           f"waiting for the other ranks ({self.phase})")
             self._waits += 1
             return
+        if self._waits == 0:
+            return                          # not inside one (an exit without its entry)
         self._last = time.monotonic()    # the time first, as tick(): see _run
         self._waits -= 1
         if self._waits == 0:

@@ -9,8 +9,6 @@ import logging
 import math
 import os
 
-import numpy as np
-
 from harness import checkpoint as ckpt_io
 from harness import compress
 from harness.compress import EF_METHODS
@@ -114,17 +112,18 @@ GRADIENT_SCALE = "before_sum"
 
 
 def presum_exchange(ckpt: ckpt_io.Checkpoint) -> dict:
-    """The checkpoint's per-rank exchange state at today's scale. The mpi4py path divided
-    the sum by the world size until the checkpoints carried ``gradient_scale``; its residuals
-    were world size times Horovod's, and are divided here (exact: a power of two or not, the
-    residual is linear in the gradient)."""
+    """The checkpoint's per-rank exchange state, less residuals of unknown scale. The mpi4py
+    path divided the sum by the world size until it scaled the loss as Horovod's flat
+    exchange does (checkpoints have said ``gradient_scale`` since shortly after): residuals
+    it wrote before were world size times today's. An unmarked checkpoint of a run that may
+    have taken that path (allreduce = 'mpi', or 'auto', which fell back to mpi4py without
+    Horovod and takes it for PyTorch on CPU now) cannot tell which scale it holds, so its
+    residuals start afresh, and the resume says it is not exact (Backend.restore_exchange);
+    Horovod's were always scaled before the sum."""
     exchange = dict(ckpt.exchange)
-    config = ckpt.meta.get("config", {})
-    if "residual" in exchange and ckpt.meta.get("gradient_scale") != GRADIENT_SCALE \
-            and config.get("allreduce") == "mpi" and config.get("mode", "sync") == "sync":
-        size = exchange["residual"].shape[0]
-        exchange["residual"] = (exchange["residual"] / np.float32(size)).astype(
-            exchange["residual"].dtype)
+    if ckpt.meta.get("gradient_scale") != GRADIENT_SCALE and \
+            ckpt.meta.get("config", {}).get("allreduce") in ("mpi", "auto"):
+        exchange.pop("residual", None)
     return exchange
 
 

@@ -474,17 +474,24 @@ def agree_on_path(path: str, cfg: RunConfig, world: World,
     """``auto`` resolves from each rank's own environment, and a multi-host ``mpirun``
     forwards only the variables given with ``-x``: a rank with ``HOROVOD_CYCLE_TIME`` (or a
     GPU) would start Horovod while the others start mpi4py, and both would wait in their
-    first exchange. Under an MPI launcher the ranks compare their choices first (one small
-    mpi4py allgather, before either runtime starts; Horovod then joins the MPI that mpi4py
-    initialised) and, if they differ, all take Horovod, which runs whatever one of them
-    asked for; rank 0 says so."""
+    first exchange. Under an MPI launcher the PyTorch ranks (the framework whose choice
+    depends on the environment) compare their choices first (one small mpi4py allgather,
+    before either runtime starts; Horovod then joins the MPI that mpi4py initialised) and,
+    if they differ, all take Horovod, which runs whatever one of them asked for; rank 0 says
+    so. A rank whose host lacks mpi4py cannot join: mpi4py belongs on every host (the
+    bootstrap installs it)."""
     env = os.environ if env is None else env
-    if cfg.allreduce != "auto" or cfg.mode != "sync" or world.size == 1 \
-            or not mpi_launched(env) or importlib.util.find_spec("mpi4py") is None:
+    # TensorFlow takes Horovod at 2+ ranks whatever the environment; HOROVOD_MPI_THREADS_DISABLE
+    # asks Horovod to start MPI itself, without threads
+    if cfg.allreduce != "auto" or cfg.mode != "sync" or cfg.framework != "torch" \
+            or world.size == 1 or not mpi_launched(env) or "HOROVOD_MPI_THREADS_DISABLE" in env \
+            or importlib.util.find_spec("mpi4py") is None:
         return path
     from harness.backends.mpi_comm import mpi
 
     MPI = mpi()
+    if MPI.COMM_WORLD.Get_size() != world.size:
+        return path         # mpi4py is not in the launcher's MPI: check_runtime_world says so
     horovod = importlib.util.find_spec("horovod") is not None
     mine = np.array([PATH_CODES.index(path), horovod], np.int64)
     every = np.empty((MPI.COMM_WORLD.Get_size(), 2), np.int64)

@@ -148,6 +148,22 @@ class MPIComm(Backend):
         with self.waiting():
             return self.comm.allreduce(values, op)
 
+    def broadcast_state(self, resumed: bool = False) -> None:
+        with self.waiting():
+            self._broadcast_state(resumed)
+
+    def _broadcast_state(self, resumed: bool) -> None:
+        """Rank 0's weights (and a restored optimizer state) to every rank, over mpi4py."""
+        raise NotImplementedError
+
+    def exchange_state(self) -> dict[str, np.ndarray]:
+        with self.waiting():            # the compressor's gathers, on its own communicator
+            return super().exchange_state()
+
+    def restore_exchange(self) -> list[str]:
+        with self.waiting():
+            return super().restore_exchange()
+
     def sent_bytes(self) -> int | None:
         if self.compressor is not None:
             return self.compressor.sent_bytes
@@ -177,13 +193,14 @@ class MPIComm(Backend):
         """A collective (the gradient exchange, local SGD's average, the loop's agreements):
         the loop's watchdog knows this rank waits on the others, so a rank stalled elsewhere
         reports itself first (mpi4py has no stall inspector)."""
-        if self.wait_hook is not None:
-            self.wait_hook(True)
+        hook = self.wait_hook
+        if hook is not None:
+            hook(True)
         try:
             yield
         finally:
-            if self.wait_hook is not None:
-                self.wait_hook(False)
+            if hook is not None:
+                hook(False)
 
     def _make_compressor(self) -> None:
         """The run's compressor over mpi4py (NumPy arithmetic on host buffers)."""

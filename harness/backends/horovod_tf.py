@@ -641,7 +641,7 @@ class MPITFBackend(MPIComm, TFBackend):
         applied = bool(self._apply_fn(tf.constant(flat)))
         return StepResult(float(loss), self._metrics(sums), applied, exchange_s=exchange_s)
 
-    def broadcast_state(self, resumed: bool = False) -> None:
+    def _broadcast_state(self, resumed: bool) -> None:
         if self.comm.size == 1:
             return
         for v in list(self.model.variables) + optimizer_variables(self.opt):

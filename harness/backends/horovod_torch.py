@@ -180,8 +180,30 @@ class TorchBackend(Backend):
     def grads_finite(self) -> bool:
         if self._flat_grad is not None:
             return bool(torch.isfinite(self._flat_grad.sum()))
-        return bool(torch.isfinite(torch.stack([p.grad.sum() for p in self.params
-                                                if p.grad is not None]).sum()))
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if self._amp_check:
+            # GradScaler's check: one fused pass over all the gradients of a device and dtype
+            # (x 1.0, in place: the same values), instead of a sum per parameter (the main
+            # job's cnn: 8.5 against 38 us a step; resnet20: 55 against 204)
+            try:
+                if self._amp_scalars is None:
+                    self._amp_scalars = (torch.zeros(1, device=self.device),
+                                         torch.ones(1, device=self.device))
+                found, one = self._amp_scalars
+                found.zero_()
+                groups: dict[tuple, list[torch.Tensor]] = {}
+                for g in grads:
+                    groups.setdefault((g.device, g.dtype), []).append(g)
+                for gs in groups.values():
+                    torch._amp_foreach_non_finite_check_and_unscale_(gs, found, one)
+                return not bool(found)
+            except (RuntimeError, NotImplementedError, AttributeError):
+                self._amp_check = False     # sparse gradients, another device: sum them
+        return bool(torch.isfinite(torch.stack([g.sum() for g in grads]).sum()))
+
+    #: whether grads_finite may use GradScaler's fused check, and its two scalars
+    _amp_check = True
+    _amp_scalars: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def exchange_and_step(self) -> bool:
         """Reduce gradients over ranks and apply them; False if the step was skipped. The
@@ -452,7 +474,7 @@ class MPITorchBackend(MPIComm, TorchBackend):
                     self.comm.allreduce_flat_(flat.numpy())
         return super().exchange_and_step()
 
-    def broadcast_state(self, resumed: bool = False) -> None:
+    def _broadcast_state(self, resumed: bool) -> None:
         if self.comm.size == 1:
             return
         for t in self._state.values():
