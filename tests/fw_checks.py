@@ -173,6 +173,17 @@ def check_backend(fw: str) -> dict:
     res = b3.train_step(np.full_like(xs, np.nan), ys)
     out["nan_step_skipped"] = (not res.applied) and all(
         np.array_equal(before[k], v) for k, v in b3.get_weights().items())
+    if fw == "torch":       # one non-finite value in one parameter's gradient, loss finite
+        b3.train_step(xs, ys)
+        seen = [b3.grads_finite()]
+        last = b3.params[-1].grad
+        for bad in (float("nan"), float("inf")):
+            keep = last.view(-1)[0].item()
+            last.view(-1)[0] = bad
+            seen.append(b3.grads_finite())
+            last.view(-1)[0] = keep
+        seen.append(b3.grads_finite())
+        out["a_non_finite_gradient_is_seen"] = seen == [True, False, False, True]
     return out
 
 
