@@ -62,11 +62,11 @@ def test_the_metrics_record_kinds_documented_are_the_ones_written():
 QUOTED_RECORDS = ("allreduce", "allreduce_target", "overhead", "overhead_a49c5ac",
                   "overhead_1ad7a8a", "scaling", "async_sync", "fusion", "main_job",
                   "main_job_1ad7a8a", "main_job_patch0007", "allreduce_flat",
-                  "peers", "peers_a6aa353", "compression", "threads", "paths")
+                  "peers", "peers_5526f9b", "compression", "threads", "paths")
 # earlier runs (cited by figure), and records that are not benchmark tables
 NOT_TABULATED = ("allreduce_flat_patch0004", "allreduce_flat_patch0007", "main_job_cycle20",
-                 "main_job_patch0004", "overhead_patch0004", "peers_edf08c0", "peers_1ad7a8a",
-                 "peers_cycle20", "peers_gpt", "elastic", "gpt_compare", "suite_times",
+                 "main_job_patch0004", "overhead_patch0004", "peers_a6aa353", "peers_edf08c0",
+                 "peers_1ad7a8a", "peers_cycle20", "peers_gpt", "elastic", "gpt_compare", "suite_times",
                  "task_api_ab", "wake_ab")
 
 
