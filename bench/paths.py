@@ -7,7 +7,8 @@ through Open MPI here), at np=1 and np=2, in both frameworks, through each gradi
 run it: Horovod (its flat exchange, the harness's Horovod default) and ``local`` at np=1, Horovod
 and ``mpi`` (one mpi4py Allreduce of the flat buffer) at np=2, and ``auto`` (what a user gets
 without a flag; the record says which path it resolved to). Variants are interleaved: each
-round runs every variant once, in the same order.
+round runs every variant once, the order rotating from round to round (``position`` in the
+record).
 
 What is timed: rank 0's wall clock from step W's record to the last step's (steps W+1..N, every
 step and everything the harness does between steps), as bench/overhead.py; samples/s is the
@@ -53,6 +54,13 @@ def _train(out_dir: Path, framework: str, np_: int, path: str, epochs: int) -> d
             "step_time_p50_s": summary["step_time_p50_s"]}
 
 
+def rotated(variants: tuple[str, ...], round_: int) -> tuple[str, ...]:
+    """Round ``round_``'s order: each variant starts a round in turn, so none always runs
+    first (on a cold cache) or right after the same neighbour."""
+    k = round_ % len(variants)
+    return variants[k:] + variants[:k]
+
+
 def run(quick: bool = False, out=None, launches: int = 3) -> list[dict]:
     launches, epochs = (1, 1) if quick else (launches, 20)
     rows = []
@@ -61,12 +69,14 @@ def run(quick: bool = False, out=None, launches: int = 3) -> list[dict]:
             variants = (*PATHS[np_], "auto")
             got: dict[str, list[dict]] = {v: [] for v in variants}
             for i in range(launches):          # interleaved: every variant once per round
-                for v in variants:
+                order = rotated(variants, i)
+                for v in order:
                     with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
-                        r = _train(Path(d), framework, np_, v, epochs)
-                    got[v].append(r)
+                        got[v].append(_train(Path(d), framework, np_, v, epochs))
+                for v in variants:
+                    r = got[v][i]
                     emit({"kind": "path_pair", "framework": framework, "ranks": np_,
-                          "round": i, "allreduce": v, **r,
+                          "round": i, "position": order.index(v), "allreduce": v, **r,
                           "ratio_to_horovod": (r["samples_per_s"] / got["horovod"][i][
                               "samples_per_s"])}, out)
             for v, rs in got.items():

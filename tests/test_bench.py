@@ -113,6 +113,7 @@ def check_paths(records: list[dict]) -> None:
     pairs = [r for r in records if r["kind"] == "path_pair"]
     assert [p["allreduce"] for p in pairs] == ["horovod", "mpi", "auto"]
     assert [p["gradient_path"] for p in pairs] == ["horovod", "mpi", "mpi"]
+    assert [p["position"] for p in pairs] == [0, 1, 2]          # round 0: the listed order
     assert all(p["wall_s"] > 0 and p["steps"] > p["warmup"] for p in pairs)
     for p in pairs:
         assert p["ratio_to_horovod"] == pytest.approx(p["samples_per_s"] /
@@ -121,3 +122,14 @@ def check_paths(records: list[dict]) -> None:
 
 RAW_CHECKS = {"overhead": check_overhead, "allreduce_target": check_allreduce_target,
               "threads": check_threads, "paths": check_paths}
+
+
+def test_the_paths_benchmark_rotates_its_order_from_round_to_round():
+    """Found by a review: every round ran Horovod first, so its runs alone met a cold start."""
+    from bench.paths import rotated
+
+    orders = [rotated(("horovod", "mpi", "auto"), i) for i in range(4)]
+    assert orders[:3] == [("horovod", "mpi", "auto"), ("mpi", "auto", "horovod"),
+                          ("auto", "horovod", "mpi")]
+    assert orders[3] == orders[0]
+    assert {o[0] for o in orders[:3]} == {"horovod", "mpi", "auto"}
