@@ -185,6 +185,22 @@ def test_a_checkpoint_of_the_other_mode_given_to_resume_says_so(tmp_path):
                                   LOG).step == 20
 
 
+class LoadingBackend:
+    """What harness.train.load_into_backend calls on a backend; keeps the exchange state."""
+
+    def __init__(self, cfg):
+        self.cfg, self.exchange = cfg, None
+
+    def set_weights(self, w):
+        pass
+
+    def set_optimizer_state(self, arrays, meta):
+        pass
+
+    def set_exchange_state(self, state):
+        self.exchange = state
+
+
 @pytest.mark.parametrize("now, warned", [
     ({"compression": "none"}, True),                   # found by a new-user hunt: silent
     ({"compression": "topk", "compression_ratio": 0.01}, False),      # the same: restored
@@ -193,22 +209,12 @@ def test_a_checkpoint_of_the_other_mode_given_to_resume_says_so(tmp_path):
 def test_a_resume_that_drops_the_checkpoints_compression_state_says_so(caplog, now, warned):
     from harness.train import load_into_backend
 
-    class Backend:
-        def __init__(self, cfg):
-            self.cfg, self.exchange = cfg, None
-
-        def set_weights(self, w):
-            pass
-
-        def set_exchange_state(self, state):
-            self.exchange = state
-
     saved = RunConfig(compression="topk", compression_ratio=0.01).to_dict()
     ckpt = ckpt_io.Checkpoint({"config": saved, "gradient_scale": "before_sum"},
                               {"w": np.zeros(1)},
                               exchange={"residual": np.zeros((2, 3)), "rng": np.zeros((2, 4))},
                               path=Path("ckpt-000000007.npz"))
-    backend = Backend(RunConfig(**now))
+    backend = LoadingBackend(RunConfig(**now))
     with caplog.at_level(logging.WARNING, logger="harness"):
         load_into_backend(backend, ckpt)
     said = "holds each rank's residual state of compression = 'topk'" in caplog.text
@@ -265,19 +271,6 @@ def test_each_ranks_keras_velocity_of_an_older_checkpoint_is_not_restored_as_a_b
     the learning rate); only rank 0's state is converted, so the ranks start from it."""
     from harness.train import load_into_backend
 
-    class Backend:
-        def __init__(self, cfg):
-            self.cfg, self.exchange = cfg, None
-
-        def set_weights(self, w):
-            pass
-
-        def set_optimizer_state(self, arrays, meta):
-            pass
-
-        def set_exchange_state(self, state):
-            self.exchange = state
-
     cfg = RunConfig(framework="tensorflow", local_sgd_period=4)
     rows = {"opt/0000": np.zeros((2, 3)), "rng": np.zeros((2, 4))}
     for meta, kept in (({"kind": "keras.optimizers.sgd"}, ["rng"]),
@@ -285,7 +278,7 @@ def test_each_ranks_keras_velocity_of_an_older_checkpoint_is_not_restored_as_a_b
                         ["opt/0000", "rng"])):
         ckpt = ckpt_io.Checkpoint({"config": cfg.to_dict(), "optimizer": meta},
                                   {"w": np.zeros(1)}, {"0000": np.zeros(3)}, exchange=rows)
-        backend = Backend(cfg)
+        backend = LoadingBackend(cfg)
         load_into_backend(backend, ckpt)
         assert sorted(backend.exchange) == kept
 
@@ -300,23 +293,13 @@ def test_error_feedback_residuals_of_unknown_scale_start_afresh(allreduce, marke
     cannot tell which scale it holds (PowerSGD's Q, scale-free, stays)."""
     from harness.train import GRADIENT_SCALE, load_into_backend
 
-    class Backend:
-        def __init__(self, cfg):
-            self.cfg, self.exchange = cfg, None
-
-        def set_weights(self, w):
-            pass
-
-        def set_exchange_state(self, state):
-            self.exchange = state
-
     cfg = RunConfig(compression="powersgd", allreduce=allreduce)
     residual = np.arange(6, dtype=np.float32).reshape(2, 3)
     meta = {"config": cfg.to_dict(), "world_size": 2} | \
         ({"gradient_scale": GRADIENT_SCALE} if marked else {})
     ckpt = ckpt_io.Checkpoint(meta, {"w": np.zeros(1)},
                               exchange={"residual": residual, "q": np.ones((1, 3))})
-    backend = Backend(RunConfig(compression="powersgd", allreduce="mpi"))
+    backend = LoadingBackend(RunConfig(compression="powersgd", allreduce="mpi"))
     load_into_backend(backend, ckpt)
     assert sorted(backend.exchange) == (["q", "residual"] if kept else ["q"])
     if kept:
