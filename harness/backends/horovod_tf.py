@@ -623,15 +623,28 @@ class HorovodTFBackend(HorovodComm, TFBackend):
 class MPITFBackend(MPIComm, TFBackend):
     """No Horovod: one in-place mpi4py Allreduce of the flat gradient per step."""
 
+    def setup(self, task: Task, x: np.ndarray, y: np.ndarray, lr: float) -> None:
+        super().setup(task, x, y, lr)
+        tf, scale = self.tf, 1.0 / self.comm.size
+
+        def flat_gradients(x, y):
+            # the loss scaled by 1/size, as on Horovod's flat exchange: the sum over ranks is
+            # the average, and compression's residuals have the same scale on both paths (to
+            # the bit, at any world size), so a checkpoint resumes on either
+            loss, sums, grads = self._local_gradients(x, y, scale)
+            return loss, sums, tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
+
+        def spec(a: np.ndarray):
+            return tf.TensorSpec([None, *a.shape[1:]], tf.as_dtype(a.dtype))
+
+        self._flat_grad_fn = self._graph(flat_gradients, [spec(x), spec(y)])
+
     def train_step(self, x: np.ndarray, y: np.ndarray) -> StepResult:
         tf = self.tf
-        loss, sums, grads = self._grad_fn(x, y)
+        loss, sums, flat_t = self._flat_grad_fn(x, y)
         t1 = time.perf_counter()
-        flat = tf.concat([tf.reshape(g, [-1]) for g in grads], 0).numpy()
+        flat = np.array(flat_t)             # a host buffer of our own, reduced in place
         if self.comm.size > 1:
-            # scaled before the sum, as on Horovod's flat exchange (the loss by 1/size), so
-            # compression's residuals have the same scale on both paths
-            flat *= np.float32(1.0 / self.comm.size)
             with self.waiting():
                 if self.compressor is not None:
                     flat = self.compressor.exchange(flat)
