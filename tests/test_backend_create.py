@@ -99,8 +99,13 @@ def test_auto_keeps_horovod_for_horovod_settings_in_the_launch(monkeypatch, vari
     as HOROVOD_* variables, which only Horovod reads."""
     assert auto(monkeypatch, framework="torch", env={**MPIRUN, variable: value}) == "horovod"
     if variable == "HOROVOD_AUTOTUNE":          # a flag: 0 is off, as Horovod reads it
-        for off in ("0", "00", "false", ""):
+        for off in ("0", "00", ""):
             assert auto(monkeypatch, framework="torch", env={**MPIRUN, variable: off}) == "mpi"
+        # found by a new-user hunt: what is no whole number was ignored under auto, and
+        # refused under allreduce = 'horovod'; now auto takes Horovod, which refuses it
+        for odd in ("yes", "true", "false"):
+            assert auto(monkeypatch, framework="torch", env={**MPIRUN, variable: odd}) == \
+                "horovod"
 
 
 def test_auto_resolves_before_the_framework_is_imported_for_its_threads(monkeypatch):

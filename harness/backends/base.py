@@ -18,7 +18,8 @@ import logging
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping
+from contextlib import contextmanager
+from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 import numpy as np
 
@@ -160,10 +161,24 @@ class Backend(ABC):
     # --- compressed exchange (harness/compress.py): its per-rank state and bytes ---
     #: set by ``setup`` where the config compresses the flat exchange and there are peers
     compressor: Compressor | None = None
-    #: set by the training loop: told True as this rank starts waiting for the other ranks'
-    #: gradients and False when they came (paths without Horovod's stall inspector)
+    #: set by the training loop: told True as this rank starts waiting for the other ranks
+    #: in a collective and False when they came (``waiting``)
     wait_hook: Callable[[bool], None] | None = None
     _restored_exchange: dict[str, np.ndarray] | None = None
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """A collective (the gradient exchange, local SGD's average, the loop's agreements):
+        the loop's watchdog knows this rank waits on the others, so a rank stalled elsewhere
+        reports itself first (it names itself, and the launcher stops the job on it)."""
+        hook = self.wait_hook
+        if hook is not None:
+            hook(True)
+        try:
+            yield
+        finally:
+            if hook is not None:
+                hook(False)
 
     def _make_compressor(self) -> None:  # noqa: B027 - optional hook
         """Set ``compressor`` for the run's config (the end of ``setup``; communication
@@ -504,7 +519,8 @@ def agree_on_path(path: str, cfg: RunConfig, world: World,
         missing = ", ".join(str(r) for r in np.flatnonzero(every[:, 1] == 0))
         raise ConfigError(f"allreduce = 'auto' chose different gradient paths on the ranks "
                           f"({chose}) and Horovod is not installed on rank(s) {missing}: "
-                          "set allreduce = 'mpi' (or install Horovod on every host)")
+                          "set allreduce = 'mpi' (or install Horovod on every host)",
+                          quiet=MPI.COMM_WORLD.Get_rank() != 0)      # every rank stops here
     if MPI.COMM_WORLD.Get_rank() == 0:
         logging.getLogger("harness").warning(
             f"allreduce = 'auto' chose different gradient paths from the ranks' own "

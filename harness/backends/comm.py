@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import importlib
 import os
-from contextlib import contextmanager
-from typing import Iterator
 
 import numpy as np
 
@@ -187,20 +185,6 @@ class MPIComm(Backend):
         with self.waiting():
             self.comm.bcast_(a)
         return a
-
-    @contextmanager
-    def waiting(self) -> Iterator[None]:
-        """A collective (the gradient exchange, local SGD's average, the loop's agreements):
-        the loop's watchdog knows this rank waits on the others, so a rank stalled elsewhere
-        reports itself first (mpi4py has no stall inspector)."""
-        hook = self.wait_hook
-        if hook is not None:
-            hook(True)
-        try:
-            yield
-        finally:
-            if hook is not None:
-                hook(False)
 
     def _make_compressor(self) -> None:
         """The run's compressor over mpi4py (NumPy arithmetic on host buffers)."""

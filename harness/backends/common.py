@@ -172,14 +172,16 @@ def horovod_features(cfg: RunConfig) -> list[str]:
 
 
 def horovod_settings_in(env: Mapping[str, str]) -> list[str]:
-    """The Horovod tuning variables set in ``env`` (a flag when it is a number other than 0,
-    as Horovod reads it)."""
+    """The Horovod tuning variables set in ``env``: a flag when it is a whole number other than
+    0, as Horovod reads it, or no whole number at all (``yes``, ``false``), which the Horovod
+    path refuses (horovod_variable_problems), so that ``auto`` refuses it too instead of
+    ignoring it."""
     def on(v: str) -> bool:
         value = env.get(v, "").strip()
         if v not in HOROVOD_FLAGS:
             return value != ""
-        m = re.match(r"[+-]?\d+", value)
-        return m is not None and int(m.group()) != 0
+        m = re.fullmatch(r"[+-]?\d+", value)
+        return value != "" and (m is None or int(m.group()) != 0)
 
     return [v for v in HOROVOD_TUNING if on(v)]
 

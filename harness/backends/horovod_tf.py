@@ -514,6 +514,12 @@ class HorovodTFBackend(HorovodComm, TFBackend):
 
     hvd_module = "horovod.tensorflow"
 
+    def train_step(self, x: np.ndarray, y: np.ndarray) -> StepResult:
+        # the exchange runs inside the step's graph: the whole step counts as the wait (a rank
+        # stalled before its step still names itself first)
+        with self.waiting():
+            return super().train_step(x, y)
+
     def _reduced_gradients(self, x, y):
         tf, hvd, c = self.tf, self.hvd, self.cfg
         compression = hvd.Compression.fp16 if c.compression == "fp16" else hvd.Compression.none

@@ -427,18 +427,18 @@ class HorovodTorchBackend(HorovodComm, TorchBackend):
 
     def exchange_and_step(self) -> bool:
         if self.cfg.exchange == "flat":
-            with self.exchange_timer():
+            with self.exchange_timer(), self.waiting():
                 self._exchange_flat()
             return super().exchange_and_step()
         if self.cfg.reduction == "adasum":
             # Adasum's step applies the local update and reduces the deltas: one wait,
             # timed whole (the update is in it); it cannot synchronize apart from its step,
             # so the config refuses nan_policy = skip with it
-            with self.exchange_timer():
+            with self.exchange_timer(), self.waiting():
                 self.optimizer.step()
             return True
         opt: Any = self.optimizer                 # hvd.DistributedOptimizer
-        with self.exchange_timer():
+        with self.exchange_timer(), self.waiting():
             opt.synchronize()                     # averaged gradients: the same on every rank
         if not self.grads_finite():
             return False
