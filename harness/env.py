@@ -191,6 +191,12 @@ def detect_world(env: Mapping[str, str] | None = None) -> World:
 def check_runtime_world(expected: World, rank: int, size: int, runtime: str) -> None:
     """After MPI/Horovod init: the runtime must see the world the launcher described."""
     if (rank, size) != (expected.rank, expected.size):
+        if runtime == "mpi" and not mpi_launched(os.environ):
+            raise EnvironmentMismatch(
+                f"{expected.source} started {expected.size} ranks without an MPI launcher "
+                "(horovodrun --gloo, say), so mpi4py, the gradient path of allreduce = 'mpi', "
+                "cannot connect them: set allreduce = 'horovod' (or 'auto'), or launch with "
+                "mpirun or horovodrun --mpi")
         raise EnvironmentMismatch(
             f"{expected.source} describes rank {expected.rank} of {expected.size}, but {runtime} "
             f"initialised as rank {rank} of {size}. The processes are not connected: under SLURM "

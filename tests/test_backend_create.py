@@ -168,3 +168,20 @@ def test_horovod_settings_a_path_without_horovod_ignores_are_named(caplog, allre
     if warned:
         assert said[0].startswith(f"HOROVOD_TIMELINE, HOROVOD_AUTOTUNE set, but this run's "
                                   f"gradient path is {path!r} (allreduce = {allreduce!r})")
+
+
+def test_what_horovodrun_gloo_sets_itself_is_not_named(caplog):
+    """Found by a new-user hunt: horovodrun --gloo sets HOROVOD_CPU_OPERATIONS=gloo, which
+    the warning blamed on the user."""
+    import logging
+
+    from harness.backends.base import warn_unused_horovod_settings
+
+    env = {"HOROVOD_CONTROLLER": "gloo", "HOROVOD_CPU_OPERATIONS": "gloo"}
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        warn_unused_horovod_settings(RunConfig(allreduce="local"), World(0, 1, 0, 1, "test"),
+                                     "local", env)
+        assert not caplog.records
+        warn_unused_horovod_settings(RunConfig(allreduce="local"), World(0, 1, 0, 1, "test"),
+                                     "local", {**env, "HOROVOD_CYCLE_TIME": "2"})
+    assert [r.getMessage().split(" set,")[0] for r in caplog.records] == ["HOROVOD_CYCLE_TIME"]

@@ -158,6 +158,25 @@ def test_horovod_variables_are_checked():
     assert f.status == OK and "HOROVOD_CONTROLLER=MPI" in f.detail
 
 
+def test_a_timeline_horovod_cannot_write_is_refused_before_horovod_starts(monkeypatch,
+                                                                          tmp_path):
+    """Found by a new-user hunt: Horovod said so in one C++ line and trained on without it."""
+    from harness.backends.common import apply_horovod_environment
+    from harness.config import RunConfig
+    from harness.errors import ConfigError
+
+    monkeypatch.delenv("HOROVOD_TIMELINE", raising=False)
+    with pytest.raises(ConfigError, match=r"the Horovod timeline '/nonexistent/dir/t.json' "
+                       r"cannot be written: its folder '/nonexistent/dir' does not exist"):
+        apply_horovod_environment(RunConfig(horovod_timeline="/nonexistent/dir/t.json"))
+    (f,) = env_findings({"HOROVOD_TIMELINE": "/nonexistent/dir/t.json"})
+    assert f.status == FAIL and "cannot be written" in f.detail
+    for fine in (str(tmp_path / "t.json"), "DYNAMIC"):
+        assert env_findings({"HOROVOD_TIMELINE": fine})[0].status == OK
+        with mock.patch.dict(os.environ):
+            apply_horovod_environment(RunConfig(horovod_timeline=fine))
+
+
 def test_a_bad_horovod_variable_is_refused_before_horovod_starts(monkeypatch):
     from harness.backends.common import apply_horovod_environment
     from harness.config import RunConfig

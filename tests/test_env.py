@@ -1,5 +1,7 @@
 """Rank and topology detection from launcher variables."""
 
+import os
+
 import pytest
 
 from harness.env import World, check_runtime_world, cores_per_rank, detect_world, mpi_launched
@@ -67,13 +69,22 @@ def test_disagreeing_launchers_are_refused():
         detect_world(env)
 
 
-def test_runtime_must_match_launcher():
+def test_runtime_must_match_launcher(monkeypatch):
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
     with pytest.raises(EnvironmentMismatch, match="not connected") as e:
         check_runtime_world(World(1, 2, 1, 2, "Open MPI"), 0, 1, "horovod")
     assert "allreduce = 'horovod'" not in str(e.value)
     # mpi4py built against another MPI than the launcher's: Horovod may still connect
     with pytest.raises(EnvironmentMismatch, match="or set allreduce = 'horovod'"):
         check_runtime_world(World(1, 2, 1, 2, "Open MPI"), 0, 1, "mpi")
+    # found by a new-user hunt: horovodrun --gloo with allreduce = 'mpi' was told to look at
+    # SLURM and the MPI builds
+    for name in [n for n in os.environ if n.startswith(("OMPI_", "PMI", "PMIX_", "MV2_"))]:
+        monkeypatch.delenv(name)
+    with pytest.raises(EnvironmentMismatch, match=r"horovodrun started 2 ranks without an MPI "
+                       r"launcher .* set allreduce = 'horovod' \(or 'auto'\)"):
+        check_runtime_world(World(1, 2, 1, 2, "horovodrun"), 0, 1, "mpi")
 
 
 def test_threads_split_cores_between_local_ranks():

@@ -418,6 +418,17 @@ def test_bad_input_gives_one_clear_error_and_writes_nothing(case, bad_files, req
     assert after == before, "the failed run wrote or changed files"
 
 
+def test_a_malformed_fault_drill_writes_no_run(tmp_path):
+    """Found by a new-user hunt: HARNESS_FAULT was read after the run record was written, so
+    the report listed an unfinished drill and offered to resume it."""
+    p = run(harness("train", "--framework", "torch", "--model", "mlp", "--max-steps", "3",
+                    "--out-dir", tmp_path / "results"), env={"HARNESS_FAULT": "hang@x:3"},
+            timeout=120)
+    assert p.returncode == EXIT_BAD_INPUT, p.stderr[-3000:]
+    assert "HARNESS_FAULT entry 'hang@x:3' is not kind@rank:step" in p.stderr
+    assert not (tmp_path / "results").exists()
+
+
 @needs_mpi
 @pytest.mark.mpi
 def test_parameter_server_without_workers_is_refused(results):

@@ -472,7 +472,9 @@ def warn_unused_horovod_settings(cfg: RunConfig, world: World, path: str,
     """Rank 0 says when the launch sets Horovod's variables (``horovodrun --autotune``,
     ``--timeline-filename``, an ``export``) for a run whose gradient path does not start
     Horovod: they would do nothing, silently."""
-    names = horovod_settings_in(os.environ if env is None else env)
+    env = os.environ if env is None else env
+    names = [n for n in horovod_settings_in(env)    # horovodrun --gloo sets this one itself
+             if not (n == "HOROVOD_CPU_OPERATIONS" and env.get("HOROVOD_CONTROLLER") == "gloo")]
     if path != "horovod" and cfg.mode == "sync" and names and world.rank == 0:
         logging.getLogger("harness").warning(
             f"{', '.join(names)} set, but this run's gradient path is {path!r} (allreduce = "

@@ -95,8 +95,9 @@ HARNESS_SETS_ALWAYS = {"HOROVOD_STALL_CHECK_TIME_SECONDS": "stall_timeout_s",
 
 
 def horovod_variable_problems(env: Mapping[str, str]) -> list[tuple[str, str, str]]:
-    """(variable, problem, fix) for each HOROVOD_* value Horovod would abort on or misread.
-    Pure: ``env`` is the environment Horovod will see."""
+    """(variable, problem, fix) for each HOROVOD_* value Horovod would abort on, misread or
+    silently not use (a timeline it cannot write). ``env`` is the environment Horovod will
+    see; the file system is read for the timeline's folder only."""
     problems = []
     for name, valid in HOROVOD_CHOICES.items():
         value = env.get(name)
@@ -117,6 +118,16 @@ def horovod_variable_problems(env: Mapping[str, str]) -> list[tuple[str, str, st
         problems.append((name, f"{name}={value!r} is not {kind} (Horovod would read it as "
                                f"{prefix.group().strip() if prefix else '0'})",
                          f"give {kind}, or unset it"))
+    timeline = env.get("HOROVOD_TIMELINE", "")
+    folder = os.path.dirname(os.path.abspath(timeline)) if timeline else ""
+    if timeline and timeline != "DYNAMIC" and not (os.path.isdir(folder) and
+                                                  os.access(folder, os.W_OK)):
+        # Horovod says so in one C++ line and trains on without a timeline
+        problems.append(("HOROVOD_TIMELINE", f"the Horovod timeline {timeline!r} cannot be "
+                         f"written: its folder {folder!r} "
+                         + ("is not writable" if os.path.isdir(folder) else "does not exist"),
+                         "create the folder, or give horovod_timeline (HOROVOD_TIMELINE) a "
+                         "path in one that exists"))
     return problems
 
 
