@@ -512,6 +512,19 @@ def compression_section(runs: list[Run]) -> list[str]:
             f"{_fmt(sent / ds if sent is not None and ds else None, '.3f')} | "
             f"{_fmt(rate, ',.0f')} | {_fmt(rate / dr if rate and dr else None, '.2f')} | "
             f"{_fmt(s.get('time_to_target_s'), '.2f')} |")
+    def path(r: Run | None) -> str | None:
+        return None if r is None else (r.run.get("backend") or {}).get("gradient_path")
+
+    pairs = [(r, d) for r in runs if (d := twins.get(r.path)) is not None]
+    crossed = [f"{r.name} ran on {path(r)}, its dense run {d.name} on {path(d)}"
+               for r, d in pairs if path(r) != path(d)]
+    if crossed:
+        # allreduce = 'auto' keeps fp16 on Horovod (it sums in float16) while the dense run
+        # may take mpi4py: the samples/s ratio then holds the paths' difference too
+        lines.append("")
+        lines.append(f"The gradient path differs from the dense run's ({'; '.join(crossed)}): "
+                     "its samples/s ratio includes the paths' difference; set allreduce "
+                     "explicitly to compare compression alone.")
     missing = [r.name for r in runs if r.path in twins and twins[r.path] is None]
     if missing:
         lines.append("")

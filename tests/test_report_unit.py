@@ -527,6 +527,22 @@ def test_each_compressed_run_is_set_against_the_dense_run_of_its_config(tmp_path
     assert table(tmp_path / "report.md")["topk"]["sent/step (KB)"] == "3.0"
 
 
+def test_a_compressed_run_on_another_path_than_its_dense_run_says_so(tmp_path, no_figures):
+    """Found by a new-user hunt: under allreduce = 'auto', fp16 keeps Horovod while the dense
+    run takes mpi4py, and the table's samples/s ratio held the paths' difference unsaid."""
+    folders = []
+    for name, compression, path in (("dense", "none", "mpi"), ("fp16", "fp16", "horovod"),
+                                    ("topk", "topk", "mpi")):
+        records = start(0, workers=2, model="cnn", compression=compression,
+                        summary={"samples_per_s_total": 20_000.0})
+        records[0]["backend"]["gradient_path"] = path
+        folders.append(write_run(tmp_path / name, records))
+    text = build_report(folders, tmp_path / "out").read_text()
+    assert "The gradient path differs from the dense run's (fp16 ran on horovod, its dense " \
+        "run dense on mpi): its samples/s ratio includes" in text
+    assert "topk ran on" not in text
+
+
 def test_a_report_without_compressed_runs_has_no_compression_section(tmp_path, no_figures):
     write_run(tmp_path / "a", start(0, workers=2, summary={}))
     build_report([tmp_path / "a"], tmp_path)
