@@ -56,7 +56,7 @@ def _train(out_dir: Path, framework: str, np_: int, path: str, epochs: int) -> d
 
 def rotated(variants: tuple[str, ...], round_: int) -> tuple[str, ...]:
     """Round ``round_``'s order: each variant starts a round in turn, so none always runs
-    first (on a cold cache) or right after the same neighbour."""
+    first, after a launch of another kind (the cyclic order itself stays)."""
     k = round_ % len(variants)
     return variants[k:] + variants[:k]
 

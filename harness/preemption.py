@@ -86,15 +86,15 @@ class Watchdog:
         if phase is not None:
             self.phase = phase
 
-    def wait(self, on: bool) -> None:
+    def wait(self, on: bool, what: str | None = None) -> None:
         """This rank enters (``on``) or leaves a collective that waits for the other ranks
         (nested ones count once): its report comes ``grace`` later, and names the phase it
-        waits in."""
+        waits in (``what``, where given)."""
         if on:
             if self._waits == 0:
                 self._outer = self.phase
-                self.tick(phase=self.WAITING if self.phase == "training" else
-                          f"waiting for the other ranks ({self.phase})")
+                self.tick(phase=what or (self.WAITING if self.phase == "training" else
+                                         f"waiting for the other ranks ({self.phase})"))
             self._waits += 1
             return
         if self._waits == 0:

@@ -171,8 +171,11 @@ def load_into_backend(backend: Backend, ckpt: ckpt_io.Checkpoint) -> None:
 def run(cfg: RunConfig, task: Task | None = None) -> int:
     """Train ``task`` (a user's; None: ``cfg.task`` or the built-in ``cfg.model``) on this
     rank; the exit code (0, or EXIT_PREEMPTED after a checkpointed stop)."""
-    faults.parse(os.environ.get("HARNESS_FAULT"))      # a bad drill: one line, nothing written
     launcher_world = detect_world()
+    try:                        # a bad drill: one line (rank 0's), nothing written
+        faults.parse(os.environ.get("HARNESS_FAULT"))
+    except ConfigError as e:
+        raise ConfigError(str(e), quiet=launcher_world.rank != 0) from None
     log = get_logger(launcher_world.rank)
     own = task is not None or cfg.task is not None
     if cfg.elastic and os.environ.get("HOROVOD_ELASTIC") != "1":

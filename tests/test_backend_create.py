@@ -170,6 +170,21 @@ def test_horovod_settings_a_path_without_horovod_ignores_are_named(caplog, allre
                                   f"gradient path is {path!r} (allreduce = {allreduce!r})")
 
 
+def test_what_horovodrun_gloo_sets_itself_leaves_one_rank_local(monkeypatch):
+    """Found by a review: HOROVOD_CPU_OPERATIONS=gloo, which horovodrun --gloo sets itself,
+    took a 1-rank run onto Horovod; HOROVOD_TORUS_ALLREDUCE=false counted as set but was
+    never refused."""
+    one = World(0, 1, 0, 1, "horovodrun")
+    gloo = {"HOROVOD_CONTROLLER": "gloo", "HOROVOD_CPU_OPERATIONS": "gloo"}
+    assert auto(monkeypatch, framework="torch", world=one, env=gloo) == "local"
+    assert auto(monkeypatch, framework="torch", world=one,
+                env={"HOROVOD_CPU_OPERATIONS": "gloo"}) == "horovod"       # the user's own
+    from harness.backends.common import horovod_variable_problems
+
+    assert [p[0] for p in horovod_variable_problems({"HOROVOD_TORUS_ALLREDUCE": "false"})] == \
+        ["HOROVOD_TORUS_ALLREDUCE"]
+
+
 def test_what_horovodrun_gloo_sets_itself_is_not_named(caplog):
     """Found by a new-user hunt: horovodrun --gloo sets HOROVOD_CPU_OPERATIONS=gloo, which
     the warning blamed on the user."""

@@ -160,21 +160,28 @@ def test_horovod_variables_are_checked():
 
 def test_a_timeline_horovod_cannot_write_is_refused_before_horovod_starts(monkeypatch,
                                                                           tmp_path):
-    """Found by a new-user hunt: Horovod said so in one C++ line and trained on without it."""
+    """Found by a new-user hunt: Horovod said so in one C++ line and trained on without it.
+    Rank 0 writes it, and makes its folder (inside a run folder that does not exist yet)."""
     from harness.backends.common import apply_horovod_environment
     from harness.config import RunConfig
     from harness.errors import ConfigError
 
     monkeypatch.delenv("HOROVOD_TIMELINE", raising=False)
-    with pytest.raises(ConfigError, match=r"the Horovod timeline '/nonexistent/dir/t.json' "
-                       r"cannot be written: its folder '/nonexistent/dir' does not exist"):
-        apply_horovod_environment(RunConfig(horovod_timeline="/nonexistent/dir/t.json"))
-    (f,) = env_findings({"HOROVOD_TIMELINE": "/nonexistent/dir/t.json"})
+    (tmp_path / "file").write_text("")
+    bad = str(tmp_path / "file" / "t.json")
+    with pytest.raises(ConfigError, match=rf"the Horovod timeline '{bad}' cannot be written: "
+                       rf"'{tmp_path / 'file'}' is not a folder"):
+        apply_horovod_environment(RunConfig(horovod_timeline=bad))
+    (f,) = env_findings({"HOROVOD_TIMELINE": bad})
     assert f.status == FAIL and "cannot be written" in f.detail
-    for fine in (str(tmp_path / "t.json"), "DYNAMIC"):
+    with mock.patch.dict(os.environ):
+        apply_horovod_environment(RunConfig(horovod_timeline=bad), rank=1)   # not its file
+    new = tmp_path / "runs" / "r" / "t.json"
+    for fine in (str(new), "DYNAMIC"):
         assert env_findings({"HOROVOD_TIMELINE": fine})[0].status == OK
         with mock.patch.dict(os.environ):
             apply_horovod_environment(RunConfig(horovod_timeline=fine))
+    assert new.parent.is_dir()
 
 
 def test_a_bad_horovod_variable_is_refused_before_horovod_starts(monkeypatch):

@@ -493,7 +493,7 @@ logging.basicConfig(stream=sys.stderr, format="%(message)s")
 w = Watchdog(0, 0.5, logging.getLogger("t"), stall_inspector=sys.argv[2] == "horovod")
 w.tick(7, sys.argv[1])
 for _ in range(int(sys.argv[3])):      # inside so many (nested) collectives
-    w.wait(True)
+    w.wait(True, sys.argv[4] if len(sys.argv) > 4 else None)
 w.wait(True); w.wait(False)            # one that ended
 w.start()
 time.sleep(30)
@@ -504,7 +504,9 @@ time.sleep(30)
     ("training", "horovod", 0, "training"), ("training", "mpi", 0, "training"),
     ("training", "mpi", 1, Watchdog.WAITING),
     # local SGD's average, the stop-flag agreement: the phase it waits in
-    ("agreeing on stop flags", "mpi", 2, "waiting for the other ranks (agreeing on stop flags)")])
+    ("agreeing on stop flags", "mpi", 2, "waiting for the other ranks (agreeing on stop flags)"),
+    # TensorFlow on Horovod: the exchange is inside the step's graph
+    ("training", "horovod", 1, "in a step whose gradient exchange waits for the other ranks")])
 def test_the_watchdog_names_the_phase_and_lets_the_stalled_rank_speak_first(phase, path,
                                                                            waits, said):
     """A rank waiting in a collective (the gradients, local SGD's average, the agreements)
@@ -512,8 +514,9 @@ def test_the_watchdog_names_the_phase_and_lets_the_stalled_rank_speak_first(phas
     elsewhere is the first to name itself; Horovod's stall report is cited only where Horovod
     runs."""
     start = time.monotonic()
-    p = subprocess.run([PY, "-c", WATCHDOG, phase, path, str(waits)], capture_output=True,
-                       text=True, timeout=60, cwd=REPO)
+    what = [said] if said.startswith("in a step") else []
+    p = subprocess.run([PY, "-c", WATCHDOG, phase, path, str(waits), *what],
+                       capture_output=True, text=True, timeout=60, cwd=REPO)
     took = time.monotonic() - start
     assert p.returncode == EXIT_STALLED, p.stderr
     assert "rank 0 stalled: no progress for" in p.stderr

@@ -163,22 +163,24 @@ class Backend(ABC):
     compressor: Compressor | None = None
     #: set by the training loop: told True as this rank starts waiting for the other ranks
     #: in a collective and False when they came (``waiting``)
-    wait_hook: Callable[[bool], None] | None = None
+    wait_hook: Callable[[bool, str | None], None] | None = None
     _restored_exchange: dict[str, np.ndarray] | None = None
 
     @contextmanager
-    def waiting(self) -> Iterator[None]:
+    def waiting(self, what: str | None = None) -> Iterator[None]:
         """A collective (the gradient exchange, local SGD's average, the loop's agreements):
         the loop's watchdog knows this rank waits on the others, so a rank stalled elsewhere
-        reports itself first (it names itself, and the launcher stops the job on it)."""
-        hook = self.wait_hook
+        reports itself first (it names itself, and the launcher stops the job on it).
+        ``what``: the phase's name when the wait holds more than the collective. One rank
+        waits for no one."""
+        hook = self.wait_hook if self.world.size > 1 else None
         if hook is not None:
-            hook(True)
+            hook(True, what)
         try:
             yield
         finally:
             if hook is not None:
-                hook(False)
+                hook(False, what)
 
     def _make_compressor(self) -> None:  # noqa: B027 - optional hook
         """Set ``compressor`` for the run's config (the end of ``setup``; communication
@@ -472,9 +474,7 @@ def warn_unused_horovod_settings(cfg: RunConfig, world: World, path: str,
     """Rank 0 says when the launch sets Horovod's variables (``horovodrun --autotune``,
     ``--timeline-filename``, an ``export``) for a run whose gradient path does not start
     Horovod: they would do nothing, silently."""
-    env = os.environ if env is None else env
-    names = [n for n in horovod_settings_in(env)    # horovodrun --gloo sets this one itself
-             if not (n == "HOROVOD_CPU_OPERATIONS" and env.get("HOROVOD_CONTROLLER") == "gloo")]
+    names = horovod_settings_in(os.environ if env is None else env)
     if path != "horovod" and cfg.mode == "sync" and names and world.rank == 0:
         logging.getLogger("harness").warning(
             f"{', '.join(names)} set, but this run's gradient path is {path!r} (allreduce = "

@@ -55,7 +55,7 @@ class HorovodComm(Backend):
     hvd_module = ""
 
     def init_distributed(self) -> World:
-        self.hvd_env = apply_horovod_environment(self.cfg)
+        self.hvd_env = apply_horovod_environment(self.cfg, self.world.rank)
         hvd = importlib.import_module(self.hvd_module)
         self.hvd = hvd
         hvd.init()
@@ -63,25 +63,40 @@ class HorovodComm(Backend):
                                   gpu=self._has_gpu())
         return self.refresh_world()
 
+    # every collective counts as a wait (Backend.waiting), as on the mpi4py path
     def allreduce_host(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
         hvd = self.hvd
         t = self._host_tensor(np.asarray(values, dtype=np.float64).copy())
-        out = hvd.allreduce(t, op=hvd.Sum if op == "sum" else hvd.Max, name=f"harness.host.{op}")
-        return out.numpy()
+        with self.waiting():
+            out = hvd.allreduce(t, op=hvd.Sum if op == "sum" else hvd.Max,
+                                name=f"harness.host.{op}")
+            return out.numpy()
 
     def shutdown(self) -> None:
         self.hvd.shutdown()
 
     def _sum_params(self, flat):
-        return self.hvd.allreduce(flat, op=self.hvd.Sum, name="harness.params")
+        with self.waiting():
+            return self.hvd.allreduce(flat, op=self.hvd.Sum, name="harness.params")
 
     def _allgather_host(self, a: np.ndarray) -> np.ndarray:
         t = self._host_tensor(np.ascontiguousarray(a[None]))
-        return np.array(self.hvd.allgather(t, name="harness.host.allgather").numpy())
+        with self.waiting():
+            return np.array(self.hvd.allgather(t, name="harness.host.allgather").numpy())
 
     def _broadcast_host(self, a: np.ndarray) -> np.ndarray:
         t = self._host_tensor(np.ascontiguousarray(a))
-        return np.array(self.hvd.broadcast(t, root_rank=0, name="harness.host.broadcast").numpy())
+        with self.waiting():
+            return np.array(self.hvd.broadcast(t, root_rank=0,
+                                               name="harness.host.broadcast").numpy())
+
+    def exchange_state(self) -> dict[str, np.ndarray]:
+        with self.waiting():            # the compressor's gathers
+            return super().exchange_state()
+
+    def restore_exchange(self) -> list[str]:
+        with self.waiting():
+            return super().restore_exchange()
 
     def elastic_run(self, func):
         return importlib.import_module(self.hvd_module + ".elastic").run(func)

@@ -85,7 +85,8 @@ HOROVOD_CHOICES = {"HOROVOD_CONTROLLER": ("mpi", "gloo"),
 HOROVOD_INTEGERS = ("HOROVOD_FUSION_THRESHOLD", "HOROVOD_CACHE_CAPACITY",
                     "HOROVOD_STALL_CHECK_DISABLE", "HOROVOD_STALL_CHECK_TIME_SECONDS",
                     "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "HOROVOD_HIERARCHICAL_ALLREDUCE",
-                    "HOROVOD_HIERARCHICAL_ALLGATHER", "HOROVOD_AUTOTUNE",
+                    "HOROVOD_HIERARCHICAL_ALLGATHER", "HOROVOD_TORUS_ALLREDUCE",
+                    "HOROVOD_AUTOTUNE",
                     "HOROVOD_NUM_NCCL_STREAMS", "HOROVOD_BATCH_D2D_MEMCOPIES",
                     "HOROVOD_WAKE_ON_ENQUEUE")
 HOROVOD_FLOATS = ("HOROVOD_CYCLE_TIME",)
@@ -94,10 +95,12 @@ HARNESS_SETS_ALWAYS = {"HOROVOD_STALL_CHECK_TIME_SECONDS": "stall_timeout_s",
                        "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "stall_timeout_s"}
 
 
-def horovod_variable_problems(env: Mapping[str, str]) -> list[tuple[str, str, str]]:
+def horovod_variable_problems(env: Mapping[str, str],
+                              timeline_here: bool = True) -> list[tuple[str, str, str]]:
     """(variable, problem, fix) for each HOROVOD_* value Horovod would abort on, misread or
     silently not use (a timeline it cannot write). ``env`` is the environment Horovod will
-    see; the file system is read for the timeline's folder only."""
+    see; the file system is read for the timeline's folder only, where it is written
+    (``timeline_here``: Horovod writes it on rank 0)."""
     problems = []
     for name, valid in HOROVOD_CHOICES.items():
         value = env.get(name)
@@ -118,27 +121,34 @@ def horovod_variable_problems(env: Mapping[str, str]) -> list[tuple[str, str, st
         problems.append((name, f"{name}={value!r} is not {kind} (Horovod would read it as "
                                f"{prefix.group().strip() if prefix else '0'})",
                          f"give {kind}, or unset it"))
-    timeline = env.get("HOROVOD_TIMELINE", "")
-    folder = os.path.dirname(os.path.abspath(timeline)) if timeline else ""
-    if timeline and timeline != "DYNAMIC" and not (os.path.isdir(folder) and
-                                                  os.access(folder, os.W_OK)):
-        # Horovod says so in one C++ line and trains on without a timeline
-        problems.append(("HOROVOD_TIMELINE", f"the Horovod timeline {timeline!r} cannot be "
-                         f"written: its folder {folder!r} "
-                         + ("is not writable" if os.path.isdir(folder) else "does not exist"),
-                         "create the folder, or give horovod_timeline (HOROVOD_TIMELINE) a "
-                         "path in one that exists"))
+    timeline = env.get("HOROVOD_TIMELINE", "") if timeline_here else ""
+    if timeline and timeline != "DYNAMIC":
+        # Horovod (rank 0) says so in one C++ line and trains on without a timeline
+        folder = os.path.dirname(os.path.abspath(timeline))
+        base = folder
+        while not os.path.exists(base):          # the folder may be made (run folders are)
+            base = os.path.dirname(base)
+        if not (os.path.isdir(base) and os.access(base, os.W_OK)):
+            problems.append(("HOROVOD_TIMELINE", f"the Horovod timeline {timeline!r} cannot be "
+                             f"written: {base!r} "
+                             + ("is not writable" if os.path.isdir(base) else "is not a folder"),
+                             "give horovod_timeline (HOROVOD_TIMELINE) a path in a writable "
+                             "folder"))
     return problems
 
 
-def apply_horovod_environment(cfg: RunConfig) -> dict[str, str]:
+def apply_horovod_environment(cfg: RunConfig, rank: int = 0) -> dict[str, str]:
     """Export the config's Horovod settings, after checking every HOROVOD_* value Horovod will
-    read: a bad one is a ConfigError here, not an abort inside Horovod's C++ thread."""
+    read: a bad one is a ConfigError here, not an abort inside Horovod's C++ thread. Rank 0,
+    which writes the timeline, makes its folder."""
     env = horovod_environment(cfg)
-    problems = horovod_variable_problems({**os.environ, **env})
+    full = {**os.environ, **env}
+    problems = horovod_variable_problems(full, timeline_here=rank == 0)
     if problems:
         _, problem, fix = problems[0]
         raise ConfigError(f"{problem}: {fix}")
+    if rank == 0 and full.get("HOROVOD_TIMELINE", "DYNAMIC") != "DYNAMIC":
+        os.makedirs(os.path.dirname(os.path.abspath(full["HOROVOD_TIMELINE"])), exist_ok=True)
     os.environ.update(env)
     return env
 
@@ -189,6 +199,8 @@ def horovod_settings_in(env: Mapping[str, str]) -> list[str]:
     ignoring it."""
     def on(v: str) -> bool:
         value = env.get(v, "").strip()
+        if v == "HOROVOD_CPU_OPERATIONS" and env.get("HOROVOD_CONTROLLER") == "gloo":
+            return False                # horovodrun --gloo sets it itself
         if v not in HOROVOD_FLAGS:
             return value != ""
         m = re.fullmatch(r"[+-]?\d+", value)

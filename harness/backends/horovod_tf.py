@@ -516,8 +516,8 @@ class HorovodTFBackend(HorovodComm, TFBackend):
 
     def train_step(self, x: np.ndarray, y: np.ndarray) -> StepResult:
         # the exchange runs inside the step's graph: the whole step counts as the wait (a rank
-        # stalled before its step still names itself first)
-        with self.waiting():
+        # stalled before its step still names itself first), named for what it holds
+        with self.waiting("in a step whose gradient exchange waits for the other ranks"):
             return super().train_step(x, y)
 
     def _reduced_gradients(self, x, y):
