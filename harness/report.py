@@ -52,6 +52,11 @@ class Run:
         return f"ps-{c['ps_consistency']}"
 
     @property
+    def gradient_path(self) -> str | None:
+        """The path the run's gradients took (its record; None before runs recorded it)."""
+        return (self.run.get("backend") or {}).get("gradient_path")
+
+    @property
     def workers(self) -> int:
         world = self.run.get("world") or {}       # the latest start's world, finished or not
         return int(world.get("workers") or world.get("size") or self.summary.get("workers")
@@ -165,8 +170,7 @@ def check_comparable(runs: list[Run]) -> list[str]:
         values = {str(r.cfg.get(key)) for r in runs}
         if len(values) > 1:
             notes.append(f"{key} differs between runs: {', '.join(sorted(values))}")
-    paths = {r.name: (r.run.get("backend") or {}).get("gradient_path")
-             for r in runs if r.cfg["mode"] == "sync" and r.workers > 1}
+    paths = {r.name: r.gradient_path for r in runs if r.cfg["mode"] == "sync" and r.workers > 1}
     paths = {name: path for name, path in paths.items() if path is not None}
     if len(set(paths.values())) > 1:
         notes.append("the gradient path differs between runs: " +
@@ -512,12 +516,12 @@ def compression_section(runs: list[Run]) -> list[str]:
             f"{_fmt(sent / ds if sent is not None and ds else None, '.3f')} | "
             f"{_fmt(rate, ',.0f')} | {_fmt(rate / dr if rate and dr else None, '.2f')} | "
             f"{_fmt(s.get('time_to_target_s'), '.2f')} |")
-    def path(r: Run | None) -> str | None:
-        return None if r is None else (r.run.get("backend") or {}).get("gradient_path")
 
     pairs = [(r, d) for r in runs if (d := twins.get(r.path)) is not None]
-    crossed = [f"{r.name} ran on {path(r)}, its dense run {d.name} on {path(d)}"
-               for r, d in pairs if path(r) != path(d)]
+    crossed = [f"{r.name} ran on {r.gradient_path}, its dense run {d.name} on "
+               f"{d.gradient_path}" for r, d in pairs
+               if None not in (r.gradient_path, d.gradient_path)
+               and r.gradient_path != d.gradient_path]
     if crossed:
         # allreduce = 'auto' keeps fp16 on Horovod (it sums in float16) while the dense run
         # may take mpi4py: the samples/s ratio then holds the paths' difference too
