@@ -102,7 +102,19 @@ def run(task: Any, config: Any = None, argv: list[str] | None = None, **override
         cfg, resolved = configure(task, values, "harness.run(task)", "harness.run()")
         return train_run(cfg, resolved)
 
-    return guarded(go, distributed=detect_world().size > 1)
+    def restoring_environment() -> int:
+        # the run exports its settings (threads, HOROVOD_*, MPI's wait policy) for the
+        # frameworks it starts; a later run in this process must not inherit them (a
+        # HOROVOD_* setting would take the next run's `allreduce = "auto"` onto Horovod)
+        before = dict(os.environ)
+        try:
+            return go()
+        finally:
+            for key in set(os.environ) - set(before):
+                del os.environ[key]
+            os.environ.update({k: v for k, v in before.items() if os.environ.get(k) != v})
+
+    return guarded(restoring_environment, distributed=detect_world().size > 1)
 
 
 def probe_task(framework: str, train_args: list[str]) -> int:

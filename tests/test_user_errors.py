@@ -5,11 +5,12 @@ trying the harness as a new user (none of them imports a framework).
 
 from __future__ import annotations
 
+import json
 import textwrap
 
 import pytest
 
-from conftest import PY, REPO, harness, run
+from conftest import PY, REPO, harness, needs_horovod, run
 from harness.checkpoint import Checkpoint, save
 from harness.config import RunConfig
 from harness.errors import CheckpointError, ConfigError
@@ -226,6 +227,48 @@ def test_the_readme_torch_snippet_runs_as_written(tmp_path):
             timeout=180)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (tmp_path / "out" / "torch-diabetes_mlp-sync-np1" / "summary.json").is_file()
+
+
+TWO_RUNS = '''
+    import json, os, sys
+    sys.path.insert(0, {examples!r})
+    import harness
+    from torch_own_model import task
+
+    def run(name, **keys):
+        code = harness.run(task, dict(epochs=1, out_dir={out!r}, run_name=name, **keys))
+        print(json.dumps([name, code, dict(os.environ) == before]), flush=True)
+
+    before = dict(os.environ)
+    run("a", allreduce="horovod", fusion_threshold_mb=8)
+    run("b")                           # auto: one rank, no exchange (a's HOROVOD_* are gone)
+    run("c", allreduce="horovod")      # Horovod ended MPI: one line, not MPI's abort
+    run("d", allreduce="mpi")
+'''
+
+
+@needs_horovod
+@pytest.mark.framework
+def test_runs_in_one_process_leave_no_settings_and_a_second_mpi_run_is_one_line(tmp_path):
+    """harness.run twice in one process (a notebook, a sweep): the first run's exported settings
+    (HOROVOD_*, threads) are gone after it, so the next `auto` run is not moved onto Horovod;
+    a run that needs MPI after Horovod ended it says so in one line (exit 2, nothing
+    written) instead of MPI's abort."""
+    out = tmp_path / "out"
+    script = tmp_path / "two_runs.py"
+    script.write_text(textwrap.dedent(TWO_RUNS.format(examples=str(REPO / "examples"),
+                                                      out=str(out))))
+    p = run([PY, script], timeout=240)
+    lines = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("[")]
+    assert [line[:2] for line in lines] == [["a", 0], ["b", 0], ["c", 2], ["d", 2]], \
+        (p.returncode, p.stdout[-2000:], p.stderr[-3000:])
+    assert all(line[2] for line in lines), lines      # the environment as before each run
+    b = json.loads((out / "b" / "metrics.jsonl").read_text().splitlines()[0])
+    assert b["backend"]["gradient_path"] == "local"
+    errors = [line for line in p.stderr.splitlines() if line.startswith("harness: error")]
+    assert len(errors) == 2 and all("MPI cannot start twice in one process" in e
+                                    for e in errors), p.stderr[-3000:]
+    assert sorted(d.name for d in out.iterdir()) == ["a", "b"]
 
 
 # --- found by a second new-user hunt ----------------------------------------------------------
