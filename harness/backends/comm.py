@@ -75,6 +75,7 @@ class HorovodComm(Backend):
 
     gradient_path = "horovod"
     hvd_module = ""
+    _mpi_was_running = False
 
     def init_distributed(self) -> World:
         check_mpi_can_start("allreduce = 'horovod'")
@@ -98,7 +99,10 @@ class HorovodComm(Backend):
 
     def shutdown(self) -> None:
         global _MPI_ENDED
-        ends_mpi = self.hvd.mpi_enabled() and not self._mpi_was_running
+        try:
+            ends_mpi = self.hvd.mpi_enabled() and not self._mpi_was_running
+        except ValueError:      # Horovod is not running: its shutdown ends nothing
+            ends_mpi = False
         self.hvd.shutdown()
         if ends_mpi:     # Horovod started MPI, so its shutdown finalized it
             _MPI_ENDED = True
