@@ -111,6 +111,22 @@ def test_a_users_script_refuses_a_task_of_harness_train(task_file, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("launch, train, expected", [
+    (["--launcher", "mpirun", "-np", "2"], ["--allreduce", "local"],
+     "allreduce = 'local' trains one process, but this launch starts 2"),
+    (["--launcher", "sbatch", "-np", "4", "--nodes", "2", "--dry-run"], ["--allreduce", "local"],
+     "allreduce = 'local' trains one process, but this launch starts 4"),
+    (["--launcher", "horovodrun", "--controller", "gloo", "-np", "2"], ["--allreduce", "mpi"],
+     "allreduce = 'mpi' reduces with mpi4py, but --controller gloo starts the ranks without MPI"),
+])
+def test_launch_refuses_a_gradient_path_the_ranks_would_refuse(tmp_path, launch, train,
+                                                                expected):
+    """Once started, every rank would refuse it inside the launcher's abort notice."""
+    p = run(harness("launch", *launch, "--", *train, "--out-dir", tmp_path / "out"), timeout=60)
+    assert expected in one_line(p)
+    assert not (tmp_path / "out").exists()
+
+
 # --- compare: every framework can train the task, before the first run -----------------------
 
 def test_compare_refuses_a_task_of_one_framework_before_any_run(task_file, tmp_path):
