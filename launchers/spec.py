@@ -71,7 +71,9 @@ class LaunchSpec:
     bind_to: str | None = _opt(None, "process binding (core, socket, none, ...)", MPI)
     map_by: str | None = _opt(None, "process mapping (slot, node, socket, ...)", MPI)
     export: list = _opt([], "environment variables to pass to every rank (mpirun -x, "
-                        "srun/sbatch --export)", MPI + SLURM)
+                        "srun/sbatch --export), besides those mpirun and srun pass by default "
+                        "(PATH, LD_LIBRARY_PATH, PYTHONPATH, VIRTUAL_ENV and the HOROVOD_* "
+                        "settings that are set)", MPI + SLURM)
     ompi_server: str | None = _opt(None, "(Open MPI) the ompi-server that connects this job "
                                    "with others: its URI, or file:URI_FILE (a ps_join run: "
                                    "started for you)", MPI)
@@ -112,8 +114,9 @@ class LaunchSpec:
         if launcher in ("mpirun", "srun"):
             # the Horovod settings too: allreduce = 'auto' reads them on every rank, and a
             # multi-host mpirun forwards only what -x names
-            given.setdefault("export", [v for v in (*DEFAULT_EXPORTS, *HOROVOD_TUNING)
-                                        if v in os.environ])
+            # added to, not replaced by, the variables the user names (--export)
+            defaults = [v for v in (*DEFAULT_EXPORTS, *HOROVOD_TUNING) if v in os.environ]
+            given["export"] = list(dict.fromkeys([*defaults, *given.get("export", [])]))
         return cls(**given)
 
     def __post_init__(self) -> None:

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import shlex
+import subprocess
 import typing
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from conftest import PY, REPO, harness, needs_horovod, run
 from harness.config import RunConfig, parse_train_args
 from harness.errors import ConfigError
 from launchers import LaunchSpec, build_argv
-from launchers.spec import LAUNCHERS
+from launchers.spec import DEFAULT_EXPORTS, LAUNCHERS
 
 ARGS = ["--framework", "torch", "--run-name", "my run's \"best\""]
 PROG = ["/opt/my env/bin/python", "-m", "harness", "train", *ARGS]
@@ -226,12 +227,19 @@ def test_abbreviated_flags_are_refused():
 
 
 def test_dry_run_prints_the_exact_command():
-    p = run(harness("launch", "--launcher", "mpirun", "-np", "2", "--bind-to", "core",
-                    "--export", "PATH", "--dry-run", "--", *ARGS), check=True)
+    """--export adds to the variables mpirun passes by default (a multi-host job's ranks need
+    them: this Python's PATH and the Horovod settings that allreduce = 'auto' reads)."""
+    env = {k: v for k, v in os.environ.items() if k not in DEFAULT_EXPORTS and
+           not k.startswith("HOROVOD_")}
+    env.update(PATH=os.environ["PATH"], HOROVOD_CYCLE_TIME="2", MY_VAR="1")
+    p = subprocess.run([str(a) for a in harness(
+        "launch", "--launcher", "mpirun", "-np", "2", "--bind-to", "core", "--export", "MY_VAR,PATH",
+        "--dry-run", "--", *ARGS)], capture_output=True, text=True, env=env,
+        cwd=REPO, check=True)
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
     assert shlex.split(p.stdout.strip()) == [
-        "mpirun", "-np", "2", *root, "--bind-to", "core", "-x", "PATH",
-        PY, "-m", "harness", "train", *ARGS]
+        "mpirun", "-np", "2", *root, "--bind-to", "core", "-x", "PATH", "-x",
+        "HOROVOD_CYCLE_TIME", "-x", "MY_VAR", PY, "-m", "harness", "train", *ARGS]
 
 
 def test_launch_validates_train_args_first():
