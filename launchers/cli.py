@@ -25,7 +25,7 @@ import sys
 from harness.config import add_dataclass_arguments, fields_from_namespace, parse_train_args
 from harness.errors import ConfigError
 from launchers.builders import build_argv
-from launchers.spec import LaunchSpec
+from launchers.spec import LaunchSpec, check_gradient_path
 
 def add_launch_parser(sub) -> None:
     p = sub.add_parser("launch", help="start a run with horovodrun, mpirun, srun or sbatch",
@@ -69,8 +69,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         from harness.ps.plan import check_ps_world
 
         check_ps_world(cfg, spec.np)
-    else:
-        check_gradient_path(cfg, spec)
+    check_gradient_path(cfg, spec)
     if not (args.dry_run or args.print_argv):   # a printed command may be for another machine
         spec.check_local_files()
         if spec.runs_here():
@@ -99,18 +98,6 @@ def cmd_launch(args: argparse.Namespace) -> int:
                 return _run(build_argv(dataclasses.replace(spec, ompi_server=uri), train_args),
                             args)
     return _run(build_argv(spec, train_args), args)
-
-
-def check_gradient_path(cfg, spec: LaunchSpec) -> None:
-    """A gradient path every rank would refuse once started (each in mpirun's abort notice)."""
-    if cfg.allreduce == "local" and spec.np > 1:
-        raise ConfigError(f"allreduce = 'local' trains one process, but this launch starts "
-                          f"{spec.np}: use allreduce = 'auto', 'horovod' or 'mpi', or -np 1")
-    if cfg.allreduce == "mpi" and spec.launcher == "horovodrun" and spec.controller == "gloo" \
-            and spec.np > 1:
-        raise ConfigError("allreduce = 'mpi' reduces with mpi4py, but --controller gloo starts "
-                          "the ranks without MPI: drop --controller gloo, use --launcher "
-                          "mpirun, or set allreduce = 'horovod' (or 'auto')")
 
 
 def check_run_files(cfg) -> None:

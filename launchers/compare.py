@@ -92,6 +92,23 @@ def compression_settings(value: str | None) -> list[tuple[str, list[str]]]:
     return out
 
 
+#: ``harness train`` flags that compare sets for each run itself, and what to do instead
+OWN_FLAGS = {"--framework": "list frameworks with --frameworks",
+             "--mode": "list modes with --modes",
+             "--out-dir": "give --out-dir before --",
+             "--run-name": "drop it (runs are named framework-mode-npN)",
+             "--resume": "compare's --resume (before --) continues a comparison: drop it"}
+
+
+def refuse_own_flags(train_args: list[str]) -> None:
+    """A flag after ``--`` that compare sets for each run would lose silently to its own."""
+    for arg in train_args:
+        flag = arg.split("=", 1)[0]
+        if flag in OWN_FLAGS:
+            raise ConfigError(f"{arg} after --: compare sets {flag} for each run itself; "
+                              f"{OWN_FLAGS[flag]}")
+
+
 def plan(train_args: list[str], frameworks: list[str], nps: list[int], modes: list[str],
          launcher: str, out_dir: Path, python: str, resume: bool = False,
          compressions: str | None = None) -> list[Job]:
@@ -99,8 +116,9 @@ def plan(train_args: list[str], frameworks: list[str], nps: list[int], modes: li
     continue their own folders (a finished one is left as it is), else they must be new.
     ``compressions``: the ``--compression`` axis (None: the config's own)."""
     from launchers.builders import build_argv
-    from launchers.spec import LaunchSpec
+    from launchers.spec import LaunchSpec, check_gradient_path
 
+    refuse_own_flags(train_args)
     cfg = parse_train_args(train_args)
     jobs: list[Job] = []
     planned: dict[tuple, str] = {}      # what each run trains with -> its --compression item
@@ -123,6 +141,7 @@ def plan(train_args: list[str], frameworks: list[str], nps: list[int], modes: li
         planned[same] = item
         use = launcher if mode == "sync" or launcher == "srun" else "mpirun"
         spec = LaunchSpec.with_defaults(launcher=use, np=ranks, python=python)
+        check_gradient_path(run_cfg, spec)
         if any(j.name == name for j in jobs):
             raise ConfigError(f"run {name} is planned twice: list each framework, mode "
                               "and rank count once")

@@ -223,3 +223,22 @@ class LaunchSpec:
             raise ConfigError(f"{f.name} ({flag}) is {'an' if readers[0][0] in 'ms' else 'a'} "
                               f"{'/'.join(readers)} option; launcher {self.launcher!r} would "
                               f"ignore it: {fix}")
+
+
+def check_gradient_path(cfg: Any, spec: LaunchSpec) -> None:
+    """What every rank of a sync or async run would refuse once started (each inside the
+    launcher's abort notice), refused once before the launch (``harness launch``, ``compare``)."""
+    gloo = spec.launcher == "horovodrun" and spec.controller == "gloo" and spec.np > 1
+    if cfg.mode == "async":
+        if gloo:
+            raise ConfigError("mode = 'async' runs its parameter servers on MPI (mpi4py), but "
+                              "--controller gloo starts the ranks without it: drop --controller "
+                              "gloo, or use --launcher mpirun")
+        return
+    if cfg.allreduce == "local" and spec.np > 1:
+        raise ConfigError(f"allreduce = 'local' trains one process, but this launch starts "
+                          f"{spec.np}: use allreduce = 'auto', 'horovod' or 'mpi', or -np 1")
+    if cfg.allreduce == "mpi" and gloo:
+        raise ConfigError("allreduce = 'mpi' reduces with mpi4py, but --controller gloo starts "
+                          "the ranks without MPI: drop --controller gloo, use --launcher "
+                          "mpirun, or set allreduce = 'horovod' (or 'auto')")

@@ -233,8 +233,8 @@ def test_dry_run_prints_the_exact_command():
            not k.startswith("HOROVOD_")}
     env.update(PATH=os.environ["PATH"], HOROVOD_CYCLE_TIME="2", MY_VAR="1")
     p = subprocess.run([str(a) for a in harness(
-        "launch", "--launcher", "mpirun", "-np", "2", "--bind-to", "core", "--export", "MY_VAR,PATH",
-        "--dry-run", "--", *ARGS)], capture_output=True, text=True, env=env,
+        "launch", "--launcher", "mpirun", "-np", "2", "--bind-to", "core", "--export",
+        "MY_VAR,PATH", "--dry-run", "--", *ARGS)], capture_output=True, text=True, env=env,
         cwd=REPO, check=True)
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
     assert shlex.split(p.stdout.strip()) == [

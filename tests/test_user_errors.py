@@ -118,11 +118,31 @@ def test_a_users_script_refuses_a_task_of_harness_train(task_file, tmp_path):
      "allreduce = 'local' trains one process, but this launch starts 4"),
     (["--launcher", "horovodrun", "--controller", "gloo", "-np", "2"], ["--allreduce", "mpi"],
      "allreduce = 'mpi' reduces with mpi4py, but --controller gloo starts the ranks without MPI"),
+    (["--launcher", "horovodrun", "--controller", "gloo", "-np", "2"], ["--mode", "async"],
+     "mode = 'async' runs its parameter servers on MPI (mpi4py), but --controller gloo"),
 ])
 def test_launch_refuses_a_gradient_path_the_ranks_would_refuse(tmp_path, launch, train,
                                                                 expected):
     """Once started, every rank would refuse it inside the launcher's abort notice."""
     p = run(harness("launch", *launch, "--", *train, "--out-dir", tmp_path / "out"), timeout=60)
+    assert expected in one_line(p)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("train, expected", [
+    (["--allreduce", "local"], "allreduce = 'local' trains one process, but this launch starts 2"),
+    (["--mode", "async"], "--mode after --: compare sets --mode for each run itself; list modes "
+                          "with --modes"),
+    (["--framework=tensorflow"], "--framework=tensorflow after --: compare sets --framework"),
+    (["--run-name", "mine"], "--run-name after --: compare sets --run-name"),
+])
+def test_compare_refuses_what_it_would_fail_on_or_override_before_any_run(tmp_path, train,
+                                                                          expected):
+    """A path the ranks would refuse, and a flag compare sets for each run itself (it used to
+    win silently over the user's), are one line before anything starts."""
+    p = run(harness("compare", "--frameworks", "torch", "--np", "1,2", "--out-dir",
+                    tmp_path / "out", "--", "--model", "cnn", "--epochs", "1", *train),
+            timeout=120)
     assert expected in one_line(p)
     assert not (tmp_path / "out").exists()
 
