@@ -54,12 +54,12 @@ def test_every_framework_mode_and_rank_count_is_planned_once(tmp_path, launcher,
     assert len(jobs) == len(seen) == len({j.name for j in jobs})
 
 
-def test_a_framework_or_mode_in_the_train_args_is_overridden_per_run(tmp_path):
-    jobs = plan([*TRAIN, "--framework", "tensorflow", "--mode", "async"], ["torch"], [2],
-                ["sync"], "horovodrun", tmp_path, PYTHON)
-    (job,) = jobs
-    _, ranks, cfg = launched(job.argv)
-    assert (cfg.framework, cfg.mode, ranks, job.name) == ("torch", "sync", 2, "torch-sync-np2")
+@pytest.mark.parametrize("flag", ["--framework", "--mode", "--out-dir", "--run-name",
+                                  "--resume"])
+def test_a_flag_compare_sets_per_run_is_refused_in_the_train_args(tmp_path, flag):
+    """It used to lose silently to compare's own value for each run."""
+    with pytest.raises(ConfigError, match=f"{flag} after --: compare sets {flag} for each run"):
+        plan([*TRAIN, flag, "x"], ["torch"], [2], ["sync"], "horovodrun", tmp_path, PYTHON)
 
 
 def test_invalid_train_args_are_refused_before_any_plan(tmp_path):
