@@ -307,6 +307,35 @@ def test_runs_in_one_process_leave_no_settings_and_a_second_mpi_run_is_one_line(
     assert sorted(d.name for d in out.iterdir()) == ["a", "b"]
 
 
+KERAS_RUNS = '''
+    import json, sys
+    sys.path.insert(0, {examples!r})
+    import harness
+    from keras_own_model import task
+
+    for name, threads in (("a", 1), ("b", None)):
+        keys = dict(epochs=1, out_dir={out!r}, run_name=name, threads_per_rank=threads)
+        print(json.dumps([name, harness.run(task, keys)]), flush=True)
+'''
+
+
+@pytest.mark.framework
+def test_a_second_keras_run_in_one_process_says_its_threads_are_the_first_runs(tmp_path):
+    """TensorFlow's thread pools cannot change once they exist: the second run warns and its
+    run record holds the threads it really used (it claimed the ones it would have set)."""
+    out = tmp_path / "out"
+    script = tmp_path / "keras_runs.py"
+    script.write_text(textwrap.dedent(KERAS_RUNS.format(examples=str(REPO / "examples"),
+                                                        out=str(out))))
+    p = run([PY, script], timeout=300)
+    codes = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("[")]
+    assert codes == [["a", 0], ["b", 0]], (p.stdout[-2000:], p.stderr[-3000:])
+    first = json.loads((out / "b" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["backend"]["settings"]["threads_per_rank"] == 1
+    assert "TensorFlow started in this process with 1 compute thread(s), which cannot " \
+           "change now" in p.stderr
+
+
 # --- found by a second new-user hunt ----------------------------------------------------------
 
 @pytest.mark.parametrize("train, expected", [

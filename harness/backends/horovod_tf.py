@@ -9,6 +9,7 @@ underlying ``tf.Variable`` of each (``v.value``).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import sys
@@ -189,8 +190,18 @@ class TFBackend(Backend):
         try:
             tf.config.threading.set_intra_op_parallelism_threads(self.threads)
             tf.config.threading.set_inter_op_parallelism_threads(1)
-        except RuntimeError:   # the runtime was already initialised in this process
-            pass
+        except RuntimeError:
+            # TensorFlow's thread pools exist already (an earlier run in this process, or
+            # the user's own TensorFlow work) and cannot change: say so, and record the truth
+            fixed = tf.config.threading.get_intra_op_parallelism_threads()
+            if fixed != self.threads:
+                if world.rank == 0:
+                    logging.getLogger("harness").warning(
+                        f"TensorFlow started in this process with {fixed or 'its default'} "
+                        f"compute thread(s), which cannot change now: this run uses them, "
+                        f"not the {self.threads} it would set (threads_per_rank). Start it in "
+                        "a process of its own for its own thread count")
+                self.threads = fixed or self.threads
         gpus = tf.config.list_physical_devices("GPU")
         if gpus:
             gpu = gpus[world.gpu(len(gpus))]
