@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -836,6 +837,31 @@ def print_table(runs: list[Run]) -> None:
     Console(width=200).print(t)
 
 
+#: report.md's last line names the runs it reports (relative to its folder), so a report of
+#: other runs does not replace it unasked (``harness report``)
+REPORT_OF = "<!-- harness report of:"
+
+
+def report_ids(paths: list[Path], out_dir: Path) -> list[str]:
+    return sorted(os.path.relpath(Path(p).resolve(), out_dir.resolve()) for p in paths)
+
+
+def reported_runs(report: Path) -> list[str] | None:
+    """The runs an existing report.md reports (None: no report, or one without the line)."""
+    try:
+        text = report.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in reversed(text.splitlines()):
+        if line.startswith(REPORT_OF) and line.endswith("-->"):
+            try:
+                ids = json.loads(line[len(REPORT_OF):-3])
+            except ValueError:
+                return None
+            return ids if isinstance(ids, list) else None
+    return None
+
+
 def build_report(paths: list[Path], out_dir: Path, commands: list[str] | None = None,
                  show: bool = True) -> Path:
     if not paths:
@@ -855,6 +881,7 @@ def build_report(paths: list[Path], out_dir: Path, commands: list[str] | None = 
     out_dir.mkdir(parents=True, exist_ok=True)
     figs = figures(runs, out_dir / "figures")
     md = render_markdown(runs, notes, figs, out_dir, commands)
+    md += f"\n{REPORT_OF} {json.dumps(report_ids(paths, out_dir))} -->\n"
     report = out_dir / "report.md"
     blob = md.encode("utf-8")
 

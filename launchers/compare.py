@@ -208,15 +208,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from harness.report import build_report
+    from harness.report import build_report, report_ids, reported_runs
 
     paths = [Path(p) for p in args.runs]
+    if len(paths) > 1:        # `harness report cmp/*` names the comparison's own outputs too
+        paths = [p for p in paths if not (p.name in ("report.md", "figures")
+                                          and (p.parent / "report.md").is_file())]
     if args.out:
         out = Path(args.out)
-    elif len(paths) > 1:      # rep/x/run rep/y/run: rep, not the first run's parent
-        out = Path(os.path.commonpath([p.resolve().parent for p in paths]))
     else:
-        out = paths[0]
+        if len(paths) > 1:    # rep/x/run rep/y/run: rep, not the first run's parent
+            out = Path(os.path.commonpath([p.resolve().parent for p in paths]))
+        else:
+            out = paths[0]
+        there = reported_runs(out / "report.md")
+        if there is not None and there != report_ids(paths, out):
+            raise ConfigError(f"{out / 'report.md'} reports other runs ({', '.join(there)}), and "
+                              "this report would replace it: give --out FOLDER for a report of "
+                              "these runs (or list all of that report's runs)")
     build_report(paths, out)
     return 0
 
