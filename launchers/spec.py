@@ -116,7 +116,7 @@ class LaunchSpec:
             # multi-host mpirun forwards only what -x names
             # added to, not replaced by, the variables the user names (--export)
             defaults = [v for v in (*DEFAULT_EXPORTS, *HOROVOD_TUNING) if v in os.environ]
-            given["export"] = list(dict.fromkeys([*defaults, *given.get("export", [])]))
+            given["export"] = list(dict.fromkeys([*given.get("export", []), *defaults]))
         return cls(**given)
 
     def __post_init__(self) -> None:

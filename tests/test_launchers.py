@@ -238,8 +238,8 @@ def test_dry_run_prints_the_exact_command():
         cwd=REPO, check=True)
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
     assert shlex.split(p.stdout.strip()) == [
-        "mpirun", "-np", "2", *root, "--bind-to", "core", "-x", "PATH", "-x",
-        "HOROVOD_CYCLE_TIME", "-x", "MY_VAR", PY, "-m", "harness", "train", *ARGS]
+        "mpirun", "-np", "2", *root, "--bind-to", "core", "-x", "MY_VAR", "-x", "PATH", "-x",
+        "HOROVOD_CYCLE_TIME", PY, "-m", "harness", "train", *ARGS]
 
 
 def test_launch_validates_train_args_first():

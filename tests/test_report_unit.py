@@ -290,28 +290,33 @@ def test_harness_report_cli_on_two_folders_named_run(tmp_path):
     assert "x/run" in p.stdout and "y/run" in p.stdout
 
 
-def test_harness_report_does_not_replace_a_report_of_other_runs(tmp_path):
+def test_harness_report_does_not_replace_a_report_of_other_runs(tmp_path, no_figures):
     """`harness report cmp/a cmp/b` writes to cmp/ by default, where a comparison's report of
-    a, b and c already is: it is refused (one line, the report unchanged) unless --out says
-    where; the same runs again, or `harness report cmp/*` (its report.md and figures/
-    included), rewrite it."""
-    from conftest import harness, run
+    a, b and c already is: it is refused (the report unchanged) unless --out says where; the
+    same runs again, or `harness report cmp/*` (its report.md and figures/ included), rewrite
+    it."""
+    import argparse
+
+    from launchers.compare import cmd_report
+
+    def report(*runs: Path, out: Path | None = None) -> int:
+        return cmd_report(argparse.Namespace(runs=[str(r) for r in runs], out=out))
 
     cmp = tmp_path / "cmp"
     runs = [write_run(cmp / n, start(0, workers=w, summary={"samples_per_s_total": 90.0 * w}))
             for n, w in (("a", 1), ("b", 2), ("c", 2))]
-    run(harness("report", *runs), check=True)
-    report = (cmp / "report.md").read_text()
-    assert report.rstrip().endswith('<!-- harness report of: ["a", "b", "c"] -->')
-    p = run(harness("report", *runs[:2]))
-    line = p.stderr.strip()
-    assert p.returncode == 2 and len(line.splitlines()) == 1, p.stderr
-    assert f"{cmp / 'report.md'} reports other runs (a, b, c)" in line and "--out" in line
-    assert (cmp / "report.md").read_text() == report
-    run(harness("report", *runs[:2], "--out", tmp_path / "ab"), check=True)
+    assert report(*runs) == 0
+    text = (cmp / "report.md").read_text()
+    assert text.rstrip().endswith('<!-- harness report of: ["a", "b", "c"] -->')
+    with pytest.raises(ConfigError, match=re.escape(f"{cmp / 'report.md'} reports other runs "
+                                                    "(a, b, c), and this report would replace "
+                                                    "it: give --out FOLDER")):
+        report(*runs[:2])
+    assert (cmp / "report.md").read_text() == text
+    assert report(*runs[:2], out=tmp_path / "ab") == 0
     assert set(table(tmp_path / "ab" / "report.md")) == {"a", "b"}
     (cmp / "figures").mkdir(exist_ok=True)
-    run(harness("report", *sorted(cmp.iterdir())), check=True)       # cmp/*
+    assert report(*sorted(cmp.iterdir())) == 0                          # cmp/*
     assert set(table(cmp / "report.md")) == {"a", "b", "c"}
 
 

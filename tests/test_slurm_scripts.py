@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 
 from conftest import PY, REPO, harness, run
+from harness.backends.common import HOROVOD_TUNING
 from harness.config import parse_train_args
+from launchers.spec import DEFAULT_EXPORTS
 
 SLURM_DIR = REPO / "slurm"
 TOOLS = ("srun", "mpirun", "sbatch", "scancel", "scontrol")
@@ -255,8 +257,10 @@ def test_mpirun_line_of_the_batch_scripts_is_the_builders(fake):
     assert p.returncode == 0, p.stdout + p.stderr
     (call,) = fake.calls("mpirun")
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-    exports = [a for v in ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "NCCL_DEBUG",
-                           "HARNESS_FAULT", "HARNESS_FAULT_RELEASE") for a in ("-x", v)]
+    named = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "NCCL_DEBUG", "HARNESS_FAULT",
+             "HARNESS_FAULT_RELEASE")
+    defaults = [v for v in (*DEFAULT_EXPORTS, *HOROVOD_TUNING) if v in env and v not in named]
+    exports = [a for v in (*named, *defaults) for a in ("-x", v)]   # the script's, then defaults
     # inside an allocation mpirun takes its slots from SLURM: never --oversubscribe
     assert call["argv"] == [
         "-np", "6", *root, "--bind-to", "none", "--map-by", "ppr:3:node", *exports,

@@ -133,8 +133,6 @@ def test_launch_refuses_a_gradient_path_the_ranks_would_refuse(tmp_path, launch,
     (["--allreduce", "local"], "allreduce = 'local' trains one process, but this launch starts 2"),
     (["--mode", "async"], "--mode after --: compare sets --mode for each run itself; list modes "
                           "with --modes"),
-    (["--framework=tensorflow"], "--framework=tensorflow after --: compare sets --framework"),
-    (["--run-name", "mine"], "--run-name after --: compare sets --run-name"),
 ])
 def test_compare_refuses_what_it_would_fail_on_or_override_before_any_run(tmp_path, train,
                                                                           expected):
