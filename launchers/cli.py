@@ -25,7 +25,7 @@ import sys
 from harness.config import add_dataclass_arguments, fields_from_namespace, parse_train_args
 from harness.errors import ConfigError
 from launchers.builders import build_argv
-from launchers.spec import LaunchSpec, check_gradient_path
+from launchers.spec import LaunchSpec, check_launch_fits
 
 def add_launch_parser(sub) -> None:
     p = sub.add_parser("launch", help="start a run with horovodrun, mpirun, srun or sbatch",
@@ -69,7 +69,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         from harness.ps.plan import check_ps_world
 
         check_ps_world(cfg, spec.np)
-    check_gradient_path(cfg, spec)
+    check_launch_fits(cfg, spec)
     if not (args.dry_run or args.print_argv):   # a printed command may be for another machine
         spec.check_local_files()
         if spec.runs_here():

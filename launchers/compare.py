@@ -116,7 +116,7 @@ def plan(train_args: list[str], frameworks: list[str], nps: list[int], modes: li
     continue their own folders (a finished one is left as it is), else they must be new.
     ``compressions``: the ``--compression`` axis (None: the config's own)."""
     from launchers.builders import build_argv
-    from launchers.spec import LaunchSpec, check_gradient_path
+    from launchers.spec import LaunchSpec, check_launch_fits
 
     refuse_own_flags(train_args)
     cfg = parse_train_args(train_args)
@@ -141,7 +141,7 @@ def plan(train_args: list[str], frameworks: list[str], nps: list[int], modes: li
         planned[same] = item
         use = launcher if mode == "sync" or launcher == "srun" else "mpirun"
         spec = LaunchSpec.with_defaults(launcher=use, np=ranks, python=python)
-        check_gradient_path(run_cfg, spec)
+        check_launch_fits(run_cfg, spec)
         if any(j.name == name for j in jobs):
             raise ConfigError(f"run {name} is planned twice: list each framework, mode "
                               "and rank count once")

@@ -225,7 +225,7 @@ class LaunchSpec:
                               f"ignore it: {fix}")
 
 
-def check_gradient_path(cfg: Any, spec: LaunchSpec) -> None:
+def check_launch_fits(cfg: Any, spec: LaunchSpec) -> None:
     """What every rank of a sync or async run would refuse once started (each inside the
     launcher's abort notice), refused once before the launch (``harness launch``, ``compare``)."""
     gloo = spec.launcher == "horovodrun" and spec.controller == "gloo" and spec.np > 1
@@ -235,6 +235,9 @@ def check_gradient_path(cfg: Any, spec: LaunchSpec) -> None:
                               "--controller gloo starts the ranks without it: drop --controller "
                               "gloo, or use --launcher mpirun")
         return
+    if cfg.straggler_rank is not None and cfg.straggler_rank >= spec.np and not cfg.elastic:
+        raise ConfigError(f"straggler_rank = {cfg.straggler_rank} is not a rank of this launch "
+                          f"(ranks 0..{spec.np - 1}): give a rank below {spec.np}, or drop it")
     if cfg.allreduce == "local" and spec.np > 1:
         raise ConfigError(f"allreduce = 'local' trains one process, but this launch starts "
                           f"{spec.np}: use allreduce = 'auto', 'horovod' or 'mpi', or -np 1")

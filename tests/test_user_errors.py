@@ -120,6 +120,8 @@ def test_a_users_script_refuses_a_task_of_harness_train(task_file, tmp_path):
      "allreduce = 'mpi' reduces with mpi4py, but --controller gloo starts the ranks without MPI"),
     (["--launcher", "horovodrun", "--controller", "gloo", "-np", "2"], ["--mode", "async"],
      "mode = 'async' runs its parameter servers on MPI (mpi4py), but --controller gloo"),
+    (["--launcher", "mpirun", "-np", "2"], ["--straggler-rank", "2"],
+     "straggler_rank = 2 is not a rank of this launch (ranks 0..1): give a rank below 2"),
 ])
 def test_launch_refuses_a_gradient_path_the_ranks_would_refuse(tmp_path, launch, train,
                                                                 expected):
@@ -303,6 +305,17 @@ def test_runs_in_one_process_leave_no_settings_and_a_second_mpi_run_is_one_line(
     assert len(errors) == 2 and all("MPI cannot start twice in one process" in e
                                     for e in errors), p.stderr[-3000:]
     assert sorted(d.name for d in out.iterdir()) == ["a", "b"]
+
+
+@pytest.mark.framework
+def test_a_straggler_rank_the_job_does_not_have_is_refused(tmp_path):
+    """It was ignored: the run trained with nothing slowed."""
+    out = tmp_path / "out"
+    p = run(harness("train", "--model", "cnn", "--epochs", "1", "--straggler-rank", "3",
+                    "--straggler-factor", "2", "--out-dir", out), timeout=120)
+    assert "straggler_rank = 3 is not a rank of this job (ranks 0..0): give a rank below 1" \
+        in one_line(p)
+    assert not out.exists()
 
 
 KERAS_RUNS = '''
