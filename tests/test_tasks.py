@@ -398,6 +398,15 @@ FITS = {"model": "return torch.nn.Linear(5, 1)", "loss": "return ((out[:, 0] - y
                             "loss": "return torch.nn.functional.mse_loss(out, y)"},
      "task 'bad': loss(model(x), y) failed on a batch of 32 training samples (x (32, 5) float32, "
      "model output (32, 4, 2), y (32,) float32)"),
+    ("layers do not fit", {"model": "return torch.nn.Sequential(torch.nn.Linear(5, 8), "
+                                    "torch.nn.Linear(6, 1))"},
+     "task 'bad': model(x) failed on a batch of 32 training samples (x (32, 5) float32, y (32,) "
+     "float32): RuntimeError: mat1 and mat2 shapes cannot be multiplied (32x8 and 6x1). Make "
+     "the model's layers fit each other and the data's x"),
+    ("the user's forward", {"model": "return type('M', (torch.nn.Linear,), {'forward': "
+                                     "lambda self, x: x @ self.weight})(5, 3)"},
+     "RuntimeError: mat1 and mat2 shapes cannot be multiplied (32x5 and 3x5) (at bad.py:19 in "
+     "<lambda>). Make the model's layers fit each other and the data's x"),
     ("loss not a scalar", {"loss": "return (out[:, 0] - y) ** 2"},
      "task 'bad': loss(model(x), y) returned shape (32,) for a batch of 32, not a scalar"),
     ("samples differ", {"train": "Mixed()"}, "data train[9] has x of shape (6,), sample 0 of (5,)"),
@@ -419,16 +428,21 @@ def test_a_task_that_does_not_fit_is_one_line_and_nothing_is_written(tmp_path, c
 
 
 @pytest.mark.framework
-def test_a_task_whose_own_code_raises_shows_its_traceback_and_rank(tmp_path):
-    task = write(tmp_path, "raises.py", TORCH_TASK.format(**{
-        **FITS, "model": "raise RuntimeError('my model is broken')"}))
+@pytest.mark.parametrize("change, error", [
+    ({"model": "raise RuntimeError('my model is broken')"}, "RuntimeError: my model is broken"),
+    # a message that only mentions a rank is the user's own, not a shape misfit
+    ({"loss": "raise ValueError('the rank one loss is not done')"},
+     "ValueError: the rank one loss is not done"),
+])
+def test_a_task_whose_own_code_raises_shows_its_traceback_and_rank(tmp_path, change, error):
+    task = write(tmp_path, "raises.py", TORCH_TASK.format(**{**FITS, **change}))
     out = tmp_path / "out"
     p = run(harness("train", "--task", f"{task}:task", "--allreduce", "local", "--out-dir", out),
             timeout=120)
     assert p.returncode == 1, p.stderr[-3000:]
     assert "harness: unexpected error on rank 0" in p.stderr
     assert "Traceback" in p.stderr and f'File "{task}"' in p.stderr
-    assert "RuntimeError: my model is broken" in p.stderr
+    assert error in p.stderr
     assert not out.exists()
 
 

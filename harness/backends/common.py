@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -273,7 +274,7 @@ def check_weight_names(expected: dict[str, tuple[int, ...]], got: dict[str, np.n
 # --- checking a task's model, loss and metrics on a sample batch (both frameworks) -----------
 
 #: words in a framework's message that mean "these shapes or types do not fit together"
-_MISFIT = re.compile(r"shape|size of tensor|dimension|rank|mismatch|must match|dtype|"
+_MISFIT = re.compile(r"shape|size of tensor|dimension|rank \d|mismatch|must match|dtype|"
                      r"incompatible|Dims|broadcast|out of bounds|expected (scalar )?type",
                      re.IGNORECASE)
 #: ... and those that mean something else (the machine, not the task)
@@ -294,10 +295,30 @@ def misfit(task: Task, what: str, error: Exception, x: np.ndarray, y: np.ndarray
         return None
     message = " ".join(str(error).split())[:300]
     out = f"model output {out_shape}, " if out_shape is not None else ""
+    fix = ("Make the model's layers fit each other and the data's x" if what == "model(x)" else
+           f"Make {what} fit the model's output and the data's y" if what.startswith("metric")
+           else "Make the model's output and the data's y fit what the loss expects")
     return TaskError(f"task {task.name!r}: {what} failed on a batch of {len(x)} training "
                      f"samples (x {x.shape} {x.dtype}, {out}y {y.shape} {y.dtype}): "
-                     f"{type(error).__name__}: {message}. Make the model's output and the "
-                     "data's y fit what the loss expects")
+                     f"{type(error).__name__}: {message}{user_frame(error)}. {fix}")
+
+
+def user_frame(error: BaseException) -> str:
+    """`` (at FILE:LINE in FUNCTION)`` for the last frame of the error's traceback in the
+    user's own code (not the harness's, a framework's or Python's); "" when none is."""
+    import sysconfig
+    import traceback
+
+    paths = sysconfig.get_paths()
+    library = tuple(str(Path(p).resolve()) for p in
+                    (paths["stdlib"], paths["purelib"], paths["platlib"],
+                     str(Path(__file__).parents[1])))
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        path = str(Path(frame.filename).resolve())
+        if not path.startswith(library) and "-packages" not in path and \
+                not frame.filename.startswith("<"):
+            return f" (at {Path(frame.filename).name}:{frame.lineno} in {frame.name})"
+    return ""
 
 
 def initial_canonical_weights(task: Task, model, seed: int,
