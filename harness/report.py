@@ -100,9 +100,17 @@ def load_run(path: Path) -> Run:
     start is never used: if the latest start has none, the run is ``unfinished``.
     """
     metrics = path / "metrics.jsonl"
+    if not path.exists():
+        raise ConfigError(f"result folder {path} does not exist: pass the folders that "
+                          "`harness train` wrote, e.g. results/<run>")
     if not metrics.is_file():
-        raise ConfigError(f"{path} is not a result folder: it has no metrics.jsonl (pass the "
-                          "folders that `harness train` wrote, e.g. results/<run>)")
+        inside = sorted(p.parent.name for p in path.glob("*/metrics.jsonl")) \
+            if path.is_dir() else []
+        hint = (f"it holds the runs {', '.join(inside[:6])}"
+                f"{', ...' if len(inside) > 6 else ''}: give them (`harness report {path}/*`)"
+                if inside else
+                "pass the folders that `harness train` wrote, e.g. results/<run>")
+        raise ConfigError(f"{path} is not a result folder: it has no metrics.jsonl ({hint})")
     records = read_records(metrics)
     runs = [r for r in records if r.get("kind") == "run"]
     if not runs:

@@ -222,7 +222,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         else:
             out = paths[0]
         there = reported_runs(out / "report.md")
-        if there is not None and there != report_ids(paths, out):
+        runs = all((p / "metrics.jsonl").is_file() for p in paths)    # else: which is not
+        if runs and there is not None and there != report_ids(paths, out):
             raise ConfigError(f"{out / 'report.md'} reports other runs ({', '.join(there)}), and "
                               "this report would replace it: give --out FOLDER for a report of "
                               "these runs (or list all of that report's runs)")

@@ -318,6 +318,10 @@ def test_harness_report_does_not_replace_a_report_of_other_runs(tmp_path, no_fig
     (cmp / "figures").mkdir(exist_ok=True)
     assert report(*sorted(cmp.iterdir())) == 0                          # cmp/*
     assert set(table(cmp / "report.md")) == {"a", "b", "c"}
+    with pytest.raises(ConfigError, match=re.escape(                    # the comparison's folder
+            f"{cmp} is not a result folder: it has no metrics.jsonl (it holds the runs a, b, c: "
+            f"give them (`harness report {cmp}/*`))")):
+        report(cmp)
 
 
 # --- every column of the table, read from the latest summary ----------------------------------

@@ -451,7 +451,7 @@ def test_a_task_function_may_read_a_built_in_key():
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["report", "/no/such/run"], "harness: error: /no/such/run is not a result folder"),
+    (["report", "/no/such/run"], "harness: error: result folder /no/such/run does not exist"),
     (["compare", "--config", "/no/such.toml"],
      "harness: error: config file '/no/such.toml' does not exist"),
     (["launch", "-np", "2", "--hosts", "a", "--", "--epochs", "1"], "harness: error: hosts = 'a'"),
