@@ -6,6 +6,7 @@ trying the harness as a new user (none of them imports a framework).
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 
 import pytest
@@ -316,6 +317,25 @@ def test_a_straggler_rank_the_job_does_not_have_is_refused(tmp_path):
     assert "straggler_rank = 3 is not a rank of this job (ranks 0..0): give a rank below 1" \
         in one_line(p)
     assert not out.exists()
+
+
+@needs_horovod
+@pytest.mark.mpi
+def test_a_second_auto_run_under_mpirun_after_horovod_ended_mpi_is_one_line(tmp_path):
+    """Under mpirun, `auto` agrees on its path through mpi4py before any backend starts: after
+    a Horovod run ended MPI in the process, that agreement aborted inside MPI."""
+    out = tmp_path / "out"
+    script = tmp_path / "two_runs.py"
+    script.write_text(textwrap.dedent(TWO_RUNS.format(examples=str(REPO / "examples"),
+                                                      out=str(out))))
+    mpirun = ["mpirun", *(["--allow-run-as-root"] if os.geteuid() == 0 else []),
+              "--oversubscribe", "-np", "2", "-x", "PATH", "-x", "PYTHONPATH"]
+    p = run([*mpirun, PY, script], timeout=240)
+    lines = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("[")]
+    assert [line[:2] for line in lines] == [["a", 0]] * 2, (p.stdout[-2000:], p.stderr[-3000:])
+    assert p.returncode != 0                   # both ranks ran a; b stopped the job
+    assert "MPI cannot start twice in one process" in p.stderr, p.stderr[-3000:]
+    assert "MPI_FINALIZE" not in p.stderr, p.stderr[-3000:]
 
 
 KERAS_RUNS = '''

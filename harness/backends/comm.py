@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 
 import numpy as np
 
+from harness.backends import mpi_comm
 from harness.backends.base import Backend, BackendInfo
 from harness.backends.common import (apply_horovod_environment, check_horovod_combination,
                                      check_no_horovod_features)
@@ -49,27 +49,6 @@ class LocalComm(Backend):
         return flat
 
 
-#: set when Horovod, having started MPI in this process, shut it down: MPI cannot start twice
-#: in one process, so a later run on Horovod or mpi4py here would abort inside MPI
-_MPI_ENDED = False
-
-
-def mpi_running() -> bool:
-    """MPI was started in this process before Horovod (by mpi4py): Horovod leaves it running."""
-    mpi = sys.modules.get("mpi4py.MPI")
-    return bool(mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized())
-
-
-def check_mpi_can_start(path: str) -> None:
-    """One line instead of MPI's abort for a second run in one process (``harness.run`` twice)
-    after a Horovod run ended MPI."""
-    if _MPI_ENDED:
-        raise ConfigError(f"{path} needs MPI, which an earlier Horovod run in this process has "
-                          "shut down, and MPI cannot start twice in one process: start each "
-                          "run in a process of its own (`harness train`, or a subprocess "
-                          "that calls harness.run)")
-
-
 class HorovodComm(Backend):
     """Horovod: init with the harness's Horovod settings; small reductions through hvd."""
 
@@ -78,11 +57,11 @@ class HorovodComm(Backend):
     _mpi_was_running = False
 
     def init_distributed(self) -> World:
-        check_mpi_can_start("allreduce = 'horovod'")
+        mpi_comm.check_mpi_can_start("allreduce = 'horovod'")
         self.hvd_env = apply_horovod_environment(self.cfg, self.world.rank)
         hvd = importlib.import_module(self.hvd_module)
         self.hvd = hvd
-        self._mpi_was_running = mpi_running()
+        self._mpi_was_running = mpi_comm.mpi_running()
         hvd.init()
         check_horovod_combination(self.cfg, hvd.size(), gloo=hvd.gloo_enabled(),
                                   gpu=self._has_gpu())
@@ -98,14 +77,13 @@ class HorovodComm(Backend):
             return out.numpy()
 
     def shutdown(self) -> None:
-        global _MPI_ENDED
         try:
             ends_mpi = self.hvd.mpi_enabled() and not self._mpi_was_running
         except ValueError:      # Horovod is not running: its shutdown ends nothing
             ends_mpi = False
         self.hvd.shutdown()
         if ends_mpi:     # Horovod started MPI, so its shutdown finalized it
-            _MPI_ENDED = True
+            mpi_comm.MPI_ENDED = True
 
     def _sum_params(self, flat):
         with self.waiting():
@@ -181,7 +159,6 @@ class MPIComm(Backend):
 
     def init_distributed(self) -> World:
         check_no_horovod_features(self.cfg, "mpi")
-        check_mpi_can_start("allreduce = 'mpi'")
         from harness.backends.mpi_comm import HostReducer
 
         self.comm = HostReducer()

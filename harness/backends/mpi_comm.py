@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
+
+from harness.errors import ConfigError
 
 
 def as_bytes(a: np.ndarray) -> np.ndarray:
@@ -13,8 +17,31 @@ def as_bytes(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1).view(np.uint8)
 
 
+#: set when Horovod, having started MPI in this process, shut it down: MPI cannot start twice
+#: in one process, so a later run here (Horovod, mpi4py, the parameter server, auto's agreement)
+#: would abort inside MPI
+MPI_ENDED = False
+
+
+def mpi_running() -> bool:
+    """MPI was started in this process before Horovod (by mpi4py): Horovod leaves it running."""
+    m = sys.modules.get("mpi4py.MPI")
+    return bool(m is not None and m.Is_initialized() and not m.Is_finalized())
+
+
+def check_mpi_can_start(what: str = "this run") -> None:
+    """One line instead of MPI's abort for a second run in one process (``harness.run`` twice)
+    after a Horovod run ended MPI."""
+    if MPI_ENDED:
+        raise ConfigError(f"{what} needs MPI, which an earlier Horovod run in this process has "
+                          "shut down, and MPI cannot start twice in one process: start each "
+                          "run in a process of its own (`harness train`, or a subprocess "
+                          "that calls harness.run)")
+
+
 def mpi():
     """The mpi4py MPI module, initialised with MPI_THREAD_MULTIPLE (Horovod needs it too)."""
+    check_mpi_can_start()
     import mpi4py
 
     mpi4py.rc.thread_level = "multiple"
