@@ -210,15 +210,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.report import build_report, report_ids, reported_runs
 
-    paths = [Path(p) for p in args.runs]
-    if len(paths) > 1:        # `harness report cmp/*` names the comparison's own outputs too
-        paths = [p for p in paths if not (p.name in ("report.md", "figures")
-                                          and (p.parent / "report.md").is_file())]
+    given = [Path(p) for p in args.runs]
+    # `harness report cmp/*` names the comparison's own outputs too
+    paths = [p for p in given if not (len(given) > 1 and p.name in ("report.md", "figures")
+                                      and (p.parent / "report.md").is_file())]
     if args.out:
         out = Path(args.out)
     else:
-        if len(paths) > 1:    # rep/x/run rep/y/run: rep, not the first run's parent
-            out = Path(os.path.commonpath([p.resolve().parent for p in paths]))
+        if len(given) > 1:    # rep/x/run rep/y/run: rep, not the first run's parent
+            out = Path(os.path.commonpath([p.resolve().parent for p in given]))
         else:
             out = paths[0]
         there = reported_runs(out / "report.md")

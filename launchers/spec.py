@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from harness.backends.common import HOROVOD_TUNING
-from harness.config import option, validate_fields
+from harness.config import RunConfig, option, validate_fields
 from harness.errors import ConfigError
 
 LAUNCHERS = ("horovodrun", "mpirun", "srun", "sbatch", "local")
@@ -116,7 +116,8 @@ class LaunchSpec:
             # multi-host mpirun forwards only what -x names
             # added to, not replaced by, the variables the user names (--export)
             defaults = [v for v in (*DEFAULT_EXPORTS, *HOROVOD_TUNING) if v in os.environ]
-            given["export"] = list(dict.fromkeys([*given.get("export", []), *defaults]))
+            named = {e.split("=", 1)[0] for e in given.get("export", [])}
+            given["export"] = [*given.get("export", []), *(v for v in defaults if v not in named)]
         return cls(**given)
 
     def __post_init__(self) -> None:
@@ -225,7 +226,7 @@ class LaunchSpec:
                               f"ignore it: {fix}")
 
 
-def check_launch_fits(cfg: Any, spec: LaunchSpec) -> None:
+def check_launch_fits(cfg: RunConfig, spec: LaunchSpec) -> None:
     """What every rank of a sync or async run would refuse once started (each inside the
     launcher's abort notice), refused once before the launch (``harness launch``, ``compare``)."""
     gloo = spec.launcher == "horovodrun" and spec.controller == "gloo" and spec.np > 1
@@ -235,9 +236,6 @@ def check_launch_fits(cfg: Any, spec: LaunchSpec) -> None:
                               "--controller gloo starts the ranks without it: drop --controller "
                               "gloo, or use --launcher mpirun")
         return
-    if cfg.straggler_rank is not None and cfg.straggler_rank >= spec.np and not cfg.elastic:
-        raise ConfigError(f"straggler_rank = {cfg.straggler_rank} is not a rank of this launch "
-                          f"(ranks 0..{spec.np - 1}): give a rank below {spec.np}, or drop it")
     if cfg.allreduce == "local" and spec.np > 1:
         raise ConfigError(f"allreduce = 'local' trains one process, but this launch starts "
                           f"{spec.np}: use allreduce = 'auto', 'horovod' or 'mpi', or -np 1")

@@ -14,7 +14,7 @@ from conftest import PY, REPO, harness, needs_horovod, run
 from harness.config import RunConfig, parse_train_args
 from harness.errors import ConfigError
 from launchers import LaunchSpec, build_argv
-from launchers.spec import DEFAULT_EXPORTS, LAUNCHERS
+from launchers.spec import LAUNCHERS
 
 ARGS = ["--framework", "torch", "--run-name", "my run's \"best\""]
 PROG = ["/opt/my env/bin/python", "-m", "harness", "train", *ARGS]
@@ -228,18 +228,20 @@ def test_abbreviated_flags_are_refused():
 
 def test_dry_run_prints_the_exact_command():
     """--export adds to the variables mpirun passes by default (a multi-host job's ranks need
-    them: this Python's PATH and the Horovod settings that allreduce = 'auto' reads)."""
-    env = {k: v for k, v in os.environ.items() if k not in DEFAULT_EXPORTS and
-           not k.startswith("HOROVOD_")}
-    env.update(PATH=os.environ["PATH"], HOROVOD_CYCLE_TIME="2", MY_VAR="1")
+    them: this Python's PATH and the Horovod settings that allreduce = 'auto' reads); a
+    variable it gives a value (PATH=...) is not passed again with the local one."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith("HOROVOD_")}
+    env.update(HOROVOD_CYCLE_TIME="2", MY_VAR="1")
     p = subprocess.run([str(a) for a in harness(
         "launch", "--launcher", "mpirun", "-np", "2", "--bind-to", "core", "--export",
-        "MY_VAR,PATH", "--dry-run", "--", *ARGS)], capture_output=True, text=True, env=env,
-        cwd=REPO, check=True)
+        "MY_VAR,PATH=/opt/x/bin", "--dry-run", "--", *ARGS)], capture_output=True, text=True,
+        env=env, cwd=REPO, check=True)
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    ld = ["-x", "LD_LIBRARY_PATH"] if "LD_LIBRARY_PATH" in env else []
     assert shlex.split(p.stdout.strip()) == [
-        "mpirun", "-np", "2", *root, "--bind-to", "core", "-x", "MY_VAR", "-x", "PATH", "-x",
-        "HOROVOD_CYCLE_TIME", PY, "-m", "harness", "train", *ARGS]
+        "mpirun", "-np", "2", *root, "--bind-to", "core", "-x", "MY_VAR", "-x",
+        "PATH=/opt/x/bin", *ld, "-x", "HOROVOD_CYCLE_TIME", PY, "-m", "harness", "train", *ARGS]
 
 
 def test_launch_validates_train_args_first():

@@ -318,6 +318,12 @@ def test_harness_report_does_not_replace_a_report_of_other_runs(tmp_path, no_fig
     (cmp / "figures").mkdir(exist_ok=True)
     assert report(*sorted(cmp.iterdir())) == 0                          # cmp/*
     assert set(table(cmp / "report.md")) == {"a", "b", "c"}
+    one = tmp_path / "one"                             # a comparison of one run, one/*
+    write_run(one / "a", start(0, workers=1, summary={"samples_per_s_total": 90.0}))
+    (one / "report.md").write_text("old\n")
+    (one / "figures").mkdir()
+    assert report(*sorted(one.iterdir())) == 0
+    assert set(table(one / "report.md")) == {"a"} and not (one / "a" / "report.md").exists()
     with pytest.raises(ConfigError, match=re.escape(                    # the comparison's folder
             f"{cmp} is not a result folder: it has no metrics.jsonl (it holds the runs a, b, c: "
             f"give them (`harness report {cmp}/*`))")):

@@ -121,8 +121,6 @@ def test_a_users_script_refuses_a_task_of_harness_train(task_file, tmp_path):
      "allreduce = 'mpi' reduces with mpi4py, but --controller gloo starts the ranks without MPI"),
     (["--launcher", "horovodrun", "--controller", "gloo", "-np", "2"], ["--mode", "async"],
      "mode = 'async' runs its parameter servers on MPI (mpi4py), but --controller gloo"),
-    (["--launcher", "mpirun", "-np", "2"], ["--straggler-rank", "2"],
-     "straggler_rank = 2 is not a rank of this launch (ranks 0..1): give a rank below 2"),
 ])
 def test_launch_refuses_a_gradient_path_the_ranks_would_refuse(tmp_path, launch, train,
                                                                 expected):
@@ -309,14 +307,13 @@ def test_runs_in_one_process_leave_no_settings_and_a_second_mpi_run_is_one_line(
 
 
 @pytest.mark.framework
-def test_a_straggler_rank_the_job_does_not_have_is_refused(tmp_path):
-    """It was ignored: the run trained with nothing slowed."""
-    out = tmp_path / "out"
-    p = run(harness("train", "--model", "cnn", "--epochs", "1", "--straggler-rank", "3",
-                    "--straggler-factor", "2", "--out-dir", out), timeout=120)
-    assert "straggler_rank = 3 is not a rank of this job (ranks 0..0): give a rank below 1" \
-        in one_line(p)
-    assert not out.exists()
+def test_a_straggler_rank_the_job_does_not_have_is_said(tmp_path):
+    """It was ignored silently: the run trained with nothing slowed. A warning, not a refusal:
+    a comparison's 1-rank baseline of a straggler experiment runs with the same flags."""
+    p = run(harness("train", "--model", "cnn", "--epochs", "1", "--straggler-rank", "1",
+                    "--straggler-factor", "2", "--out-dir", tmp_path / "out"), timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "straggler_rank = 1 is not a rank of this 1-rank job: nothing is slowed" in p.stderr
 
 
 @needs_horovod
@@ -344,7 +341,7 @@ KERAS_RUNS = '''
     import harness
     from keras_own_model import task
 
-    for name, threads in (("a", 1), ("b", None)):
+    for name, threads in (("a", 1), ("b", 2)):
         keys = dict(epochs=1, out_dir={out!r}, run_name=name, threads_per_rank=threads)
         print(json.dumps([name, harness.run(task, keys)]), flush=True)
 '''

@@ -310,14 +310,14 @@ def user_frame(error: BaseException) -> str:
     import traceback
 
     paths = sysconfig.get_paths()
-    library = tuple(str(Path(p).resolve()) for p in
-                    (paths["stdlib"], paths["purelib"], paths["platlib"],
-                     str(Path(__file__).parents[1])))
+    library = [Path(p).resolve() for p in (paths["stdlib"], paths["purelib"], paths["platlib"],
+                                           Path(__file__).parents[1])]
     for frame in reversed(traceback.extract_tb(error.__traceback__)):
-        path = str(Path(frame.filename).resolve())
-        if not path.startswith(library) and "-packages" not in path and \
-                not frame.filename.startswith("<"):
-            return f" (at {Path(frame.filename).name}:{frame.lineno} in {frame.name})"
+        path = Path(frame.filename).resolve()
+        if not frame.filename.startswith("<") and \
+                not any(path.is_relative_to(root) for root in library) and \
+                not {"site-packages", "dist-packages"} & set(path.parts):
+            return f" (at {path.name}:{frame.lineno} in {frame.name})"
     return ""
 
 

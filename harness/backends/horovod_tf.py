@@ -201,7 +201,8 @@ class TFBackend(Backend):
                         f"compute thread(s), which cannot change now: this run uses them, "
                         f"not the {self.threads} it would set (threads_per_rank). Start it in "
                         "a process of its own for its own thread count")
-                self.threads = fixed or self.threads
+                # 0: TensorFlow's own choice, one thread per schedulable core
+                self.threads = fixed or len(os.sched_getaffinity(0))
         gpus = tf.config.list_physical_devices("GPU")
         if gpus:
             gpu = gpus[world.gpu(len(gpus))]
