@@ -282,6 +282,17 @@ TWO_RUNS = '''
 '''
 
 
+def run_script(tmp_path, template: str, launch: tuple = (), timeout: float = 240):
+    """A user's script (``template`` with the examples folder and an out_dir filled in) run
+    as ``[*launch, python, script]``: the process, the JSON lines it printed, its out_dir."""
+    out = tmp_path / "out"
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(template.format(examples=str(REPO / "examples"),
+                                                      out=str(out))))
+    p = run([*launch, PY, script], timeout=timeout)
+    return p, [json.loads(line) for line in p.stdout.splitlines() if line.startswith("[")], out
+
+
 @needs_horovod
 @pytest.mark.framework
 def test_runs_in_one_process_leave_no_settings_and_a_second_mpi_run_is_one_line(tmp_path):
@@ -289,12 +300,7 @@ def test_runs_in_one_process_leave_no_settings_and_a_second_mpi_run_is_one_line(
     (HOROVOD_*, threads) are gone after it, so the next `auto` run is not moved onto Horovod;
     a run that needs MPI after Horovod ended it says so in one line (exit 2, nothing
     written) instead of MPI's abort."""
-    out = tmp_path / "out"
-    script = tmp_path / "two_runs.py"
-    script.write_text(textwrap.dedent(TWO_RUNS.format(examples=str(REPO / "examples"),
-                                                      out=str(out))))
-    p = run([PY, script], timeout=240)
-    lines = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("[")]
+    p, lines, out = run_script(tmp_path, TWO_RUNS)
     assert [line[:2] for line in lines] == [["a", 0], ["b", 0], ["c", 2], ["d", 2]], \
         (p.returncode, p.stdout[-2000:], p.stderr[-3000:])
     assert all(line[2] for line in lines), lines      # the environment as before each run
@@ -321,14 +327,9 @@ def test_a_straggler_rank_the_job_does_not_have_is_said(tmp_path):
 def test_a_second_auto_run_under_mpirun_after_horovod_ended_mpi_is_one_line(tmp_path):
     """Under mpirun, `auto` agrees on its path through mpi4py before any backend starts: after
     a Horovod run ended MPI in the process, that agreement aborted inside MPI."""
-    out = tmp_path / "out"
-    script = tmp_path / "two_runs.py"
-    script.write_text(textwrap.dedent(TWO_RUNS.format(examples=str(REPO / "examples"),
-                                                      out=str(out))))
-    mpirun = ["mpirun", *(["--allow-run-as-root"] if os.geteuid() == 0 else []),
-              "--oversubscribe", "-np", "2", "-x", "PATH", "-x", "PYTHONPATH"]
-    p = run([*mpirun, PY, script], timeout=240)
-    lines = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("[")]
+    mpirun = ("mpirun", *(["--allow-run-as-root"] if os.geteuid() == 0 else []),
+              "--oversubscribe", "-np", "2", "-x", "PATH", "-x", "PYTHONPATH")
+    p, lines, _ = run_script(tmp_path, TWO_RUNS, mpirun)
     assert [line[:2] for line in lines] == [["a", 0]] * 2, (p.stdout[-2000:], p.stderr[-3000:])
     assert p.returncode != 0                   # both ranks ran a; b stopped the job
     assert "MPI cannot start twice in one process" in p.stderr, p.stderr[-3000:]
@@ -351,12 +352,7 @@ KERAS_RUNS = '''
 def test_a_second_keras_run_in_one_process_says_its_threads_are_the_first_runs(tmp_path):
     """TensorFlow's thread pools cannot change once they exist: the second run warns and its
     run record holds the threads it really used (it claimed the ones it would have set)."""
-    out = tmp_path / "out"
-    script = tmp_path / "keras_runs.py"
-    script.write_text(textwrap.dedent(KERAS_RUNS.format(examples=str(REPO / "examples"),
-                                                        out=str(out))))
-    p = run([PY, script], timeout=300)
-    codes = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("[")]
+    p, codes, out = run_script(tmp_path, KERAS_RUNS, timeout=300)
     assert codes == [["a", 0], ["b", 0]], (p.stdout[-2000:], p.stderr[-3000:])
     first = json.loads((out / "b" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["backend"]["settings"]["threads_per_rank"] == 1
