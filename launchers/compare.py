@@ -171,6 +171,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir or f"results/compare-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.resume and not args.out_dir:
         raise ConfigError("--resume continues a comparison: give its --out-dir")
+    if (out_dir / "metrics.jsonl").is_file():
+        raise ConfigError(f"--out-dir {str(out_dir)!r} is one run's folder (it holds "
+                          "metrics.jsonl): give the comparison's folder, which holds one folder "
+                          "per run")
     jobs = plan(train_args, frameworks, nps, modes, args.launcher, out_dir, sys.executable,
                 resume=args.resume, compressions=args.compression)
     if not args.dry_run:             # a task: each framework can load it, before any run

@@ -130,6 +130,19 @@ def test_launch_refuses_a_gradient_path_the_ranks_would_refuse(tmp_path, launch,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("resume", [[], ["--resume"]])
+def test_compare_refuses_a_runs_folder_as_its_out_dir(tmp_path, resume):
+    """Found by a new-user hunt: `compare --resume --out-dir results/<run>` started a new
+    comparison inside that run's folder and wrote its report there."""
+    run_dir = tmp_path / "torch-sync-np2"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("")
+    p = run(harness("compare", *resume, "--out-dir", run_dir, "--dry-run", "--", "--epochs",
+                    "1"), timeout=60)
+    assert f"--out-dir '{run_dir}' is one run's folder (it holds metrics.jsonl)" in one_line(p)
+    assert sorted(q.name for q in run_dir.iterdir()) == ["metrics.jsonl"]
+
+
 @pytest.mark.parametrize("train, expected", [
     (["--allreduce", "local"], "allreduce = 'local' trains one process, but this launch starts 2"),
     (["--mode", "async"], "--mode after --: compare sets --mode for each run itself; list modes "
