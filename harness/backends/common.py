@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 import os
 import re
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
