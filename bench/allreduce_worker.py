@@ -16,7 +16,10 @@ anything else measured beside it):
   follows the sum);
 * ``tensorflow``: ``hvd.allreduce`` sum and average of TF tensors;
 * ``harness-tf-flat``: the harness's TensorFlow flat exchange (the default) for an MLP whose
-  gradients total SIZE bytes.
+  gradients total SIZE bytes. Each call makes the gradients afresh in the graph, as the
+  backward pass does (Horovod reduces in place only a buffer that nothing else holds); the
+  median time of making them alone is subtracted from every sample
+  (``baseline_us_median_subtracted``).
 
 Bus bandwidth follows nccl-tests: algbw x 2(n-1)/n.
 
@@ -125,10 +128,11 @@ def harness_impls(comm, exchange: str) -> dict:
 
 
 def harness_tf_impls(comm) -> dict:
-    """The harness's TensorFlow flat exchange (grad_exchange = flat, the default): the
-    gradients of an MLP totalling SIZE bytes concatenated, one Horovod sum allreduce, split back
-    (``HorovodTFBackend._flat_allreduce`` in a ``tf.function``), with the harness's Horovod
-    settings."""
+    """The harness's TensorFlow flat exchange (grad_exchange = flat, the default) of an MLP's
+    gradients totalling SIZE bytes (``HorovodTFBackend._flat_allreduce`` in a ``tf.function``):
+    the first layer's kernel, from 1 MiB on, reduced in place by an allreduce of its own, the
+    rest concatenated, reduced by one Horovod sum allreduce and split back; with the harness's
+    Horovod settings."""
     import tensorflow as tf
 
     from harness.backends.base import create
@@ -155,9 +159,20 @@ def harness_tf_impls(comm) -> dict:
         x = np.zeros((2, features), np.float32)
         y = np.zeros(2, np.int64)
         b.setup(keras_task(spec, Data(train=(x, y), test=(x, y))), x, y, 0.1)
-        grads = [tf.ones_like(v) for v in b.tf_trainable]
-        exchange = tf.function(lambda: b._flat_allreduce(grads, none))
-        return exchange
+        # fresh gradients each call, as the backward pass hands them over: buffers that
+        # nothing else holds, which Horovod may reduce in place (constants captured by the
+        # graph would be held by it). Filled from a variable, so that the graph cannot fold
+        # them into constants; the fill's own time is measured apart and subtracted.
+        shapes = [tuple(v.shape) for v in b.tf_trainable]
+        one = tf.Variable(1.0)
+        fill = tf.function(lambda: [tf.fill(s, one) for s in shapes])
+        exchange = tf.function(lambda: b._flat_allreduce([tf.fill(s, one) for s in shapes],
+                                                         none))
+
+        def run():
+            return exchange()
+        run.baseline = fill
+        return run
     return {"harness_tf_flat": make}
 
 
@@ -212,6 +227,12 @@ def main() -> None:
             fn = make(nbytes)
             timed(fn, max(3, it // 4), comm.Barrier)            # warm-up
             times = timed(fn, it, comm.Barrier)
+            base = getattr(fn, "baseline", None)     # work in fn that is not the exchange
+            base_t = 0.0
+            if base is not None:
+                timed(base, max(3, it // 4), comm.Barrier)
+                base_t = float(np.median(timed(base, it, comm.Barrier)))
+                times = [t - base_t for t in times]
             t = float(np.median(times))
             if rank == 0:
                 print(json.dumps({
@@ -220,6 +241,7 @@ def main() -> None:
                     "time_us_p10": float(np.percentile(times, 10)) * 1e6,
                     "algbw_GBps": nbytes / t / 1e9,
                     "busbw_GBps": nbytes / t * 2 * (n - 1) / n / 1e9,
+                    **({"baseline_us_median_subtracted": base_t * 1e6} if base else {}),
                     "horovod_cycle_time_ms": os.environ.get("HOROVOD_CYCLE_TIME"),
                     "env_at_start": env_ranks,
                     "env_after_setup": {k: os.environ.get(k) for k in WATCHED}}), flush=True)

@@ -296,6 +296,47 @@ def check_broadcast_state(fw: str, gradient_path: str) -> dict:
             "differ_after": after}
 
 
+def check_tf_exchange(fw: str) -> dict:
+    """Under mpirun -np 2: TensorFlow's flat exchange where one gradient (mlp's 2048 x 128
+    kernel, 1 MiB) has an allreduce of its own and the others share the flat buffer. Each rank
+    makes distinct gradients inside the graph (as the backward pass does: buffers that nothing
+    else holds); returns, on rank 0, which gradients went apart, whether every reduced gradient
+    is the exact float32 sum of both ranks' and Horovod's fusion threshold."""
+    import tensorflow as tf
+
+    from harness.backends.horovod_tf import variable_name
+    from harness.data import Data
+    from harness.env import detect_world
+    from models.tasks import keras_task
+
+    cfg = RunConfig(framework=fw, model="mlp", allreduce="horovod", threads_per_rank=1)
+    b = create(cfg, detect_world(), "horovod")
+    world = b.init_distributed()
+    x, y = np.zeros((2, 2048), np.float32), np.zeros(2, np.int64)
+    b.setup(keras_task(get_spec("mlp", (2048,), 10), Data(train=(x, y), test=(x, y))), x, y, 0.1)
+    shapes = [tuple(v.shape) for v in b.tf_trainable]
+
+    def grads_of(rank):
+        """Rank ``rank``'s gradients: its own constant plus a ramp, in float32."""
+        return [np.float32((rank + 1) * (i + 1)) +
+                np.arange(np.prod(s), dtype=np.float32).reshape(s) * np.float32(1e-3)
+                for i, s in enumerate(shapes)]
+
+    first = tf.Variable(float(world.rank + 1))        # a variable: no constant folding
+    exchange = tf.function(lambda: b._flat_allreduce(
+        [first * (i + 1) + tf.reshape(tf.range(int(np.prod(s)), dtype=tf.float32) * 1e-3, s)
+         for i, s in enumerate(shapes)], b.hvd.Compression.none))
+    reduced = [g.numpy() for g in exchange()]
+    expected = [a + c for a, c in zip(grads_of(0), grads_of(1))]
+    out = {"own": [variable_name(b.trainable[i]) for i in b._own_allreduces],
+           "exact": [bool(np.array_equal(r, e)) for r, e in zip(reduced, expected)],
+           "fusion_threshold": os.environ.get("HOROVOD_FUSION_THRESHOLD")}
+    b.shutdown()
+    if world.rank != 0:
+        sys.stdout = open(os.devnull, "w")
+    return out
+
+
 def check_serial_sgd(fw: str, out_path: str, steps: str, *flags: str) -> dict:
     """The reference for a one-worker parameter-server run: the same gradients and the servers'
     SGD applied in one process, in order."""
@@ -461,7 +502,8 @@ CHECKS = {"compress": check_compress, "compressed_training": check_compressed_tr
           "models": check_models, "forward": check_forward, "backend": check_backend,
           "fidelity": check_fidelity, "gpt_fidelity": check_gpt_fidelity,
           "horovod": check_horovod, "broadcast_state": check_broadcast_state,
-          "serial_sgd": check_serial_sgd, "late_rank": check_late_rank}
+          "serial_sgd": check_serial_sgd, "late_rank": check_late_rank,
+          "tf_exchange": check_tf_exchange}
 
 if __name__ == "__main__":
     fw, check, *args = sys.argv[1:]

@@ -71,6 +71,26 @@ def test_every_horovod_path_wakes_on_enqueue(monkeypatch):
     assert "HOROVOD_WAKE_ON_ENQUEUE" not in horovod_environment(RunConfig())
 
 
+def test_tensorflows_flat_exchange_turns_fusion_off_unless_set(monkeypatch):
+    """It hands Horovod its large gradients apart, to reduce in place: fusion would copy them."""
+    from harness.backends.common import horovod_environment
+    from harness.config import RunConfig
+
+    for var in ("HOROVOD_FUSION_THRESHOLD", "HOROVOD_AUTOTUNE"):
+        monkeypatch.delenv(var, raising=False)
+    def fusion(**kw):
+        return horovod_environment(RunConfig(**kw)).get("HOROVOD_FUSION_THRESHOLD")
+
+    assert fusion(framework="tensorflow") == "0"
+    assert fusion(framework="tensorflow", grad_exchange="optimizer") is None
+    assert fusion() is None                             # PyTorch's flat buffer is one tensor
+    assert fusion(framework="tensorflow", fusion_threshold_mb=8) == str(8 << 20)
+    for var in ("HOROVOD_FUSION_THRESHOLD", "HOROVOD_AUTOTUNE"):    # the user's choice stays
+        monkeypatch.setenv(var, "1")
+        assert fusion(framework="tensorflow") is None
+        monkeypatch.delenv(var)
+
+
 @pytest.mark.framework
 @needs_horovod
 def test_real_doctor_reports_the_build():

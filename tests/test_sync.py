@@ -72,6 +72,18 @@ def test_broadcast_state_gives_every_rank_rank_0s_weights_and_optimizer_state(fw
     assert rank1["differ_after"] == []
 
 
+def test_tensorflow_flat_exchange_reduces_a_large_gradient_apart_and_exactly():
+    """A gradient of 1 MiB or more gets an allreduce of its own (in place, no copy into the
+    flat buffer and out); with the flat buffer's, every gradient is the exact sum of both
+    ranks', in its own place. Fusion is off, or Horovod would copy them together again."""
+    spec = LaunchSpec(launcher="mpirun", np=2, allow_run_as_root=os.geteuid() == 0)
+    argv = mpirun_argv(spec, [PY, REPO / "tests" / "fw_checks.py", "tensorflow", "tf_exchange"])
+    out = json_line(run(argv, timeout=180, check=True).stdout, "own")
+    assert out["own"] == ["fc1/kernel"]
+    assert out["exact"] == [True] * 6
+    assert out["fusion_threshold"] == "0"
+
+
 def test_a_tensor_waiting_on_a_late_rank_does_not_sleep_out_a_cycle():
     """Patch 0007: with an enqueue waking Horovod's thread and a 50 ms cycle, rank 0's thread
     negotiates again at once while its tensor waits on rank 1, instead of sleeping 50 ms after

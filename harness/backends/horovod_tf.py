@@ -36,6 +36,12 @@ _KERAS: Any = None          # the Keras module this process's backend chose
 #: saved where the harness imports Keras first (not a task module that imports it at its top).
 OPTIONAL_AT_IMPORT = ("sklearn", "matplotlib")
 
+#: On CPU the flat exchange gives a gradient of this many bytes or more an allreduce of its own,
+#: in place, rather than copy it into the flat buffer and out again (``_flat_allreduce``). The
+#: two copies of 1 MiB take about 0.2 ms on the development machine; one more allreduce's
+#: negotiation and latency on shared memory are a small part of that (docs/benchmarks.md)
+OWN_ALLREDUCE_BYTES = 1 << 20
+
 
 @contextlib.contextmanager
 def hidden_modules(names):
@@ -573,19 +579,43 @@ class HorovodTFBackend(HorovodComm, TFBackend):
 
     def _flat_allreduce(self, grads, compression):
         """The gradients in one contiguous buffer, one Horovod sum allreduce, split back: one
-        tensor per step leaves Horovod nothing to fuse or negotiate tensor by tensor."""
+        tensor per step leaves Horovod nothing to fuse or negotiate tensor by tensor.
+
+        On CPU, a gradient of ``OWN_ALLREDUCE_BYTES`` or more has an allreduce of its own
+        instead: TensorFlow hands each gradient over in a buffer of its own, so the buffer's
+        concatenation and split copy every byte twice, and for a large gradient those copies
+        cost more than one more allreduce. Horovod reduces such a gradient in its own buffer,
+        in place (our patch 0009), and the flat exchange sets Horovod's fusion threshold to 0
+        so that it does not copy them into its fusion buffer (``horovod_environment``). A
+        compressor needs the whole vector and gets it."""
         tf, hvd = self.tf, self.hvd
-        flat = tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
-        if self.compressor is not None:
-            flat = self.compressor.exchange(flat)
-            if self.cfg.gradient_predivide_factor != 1.0:
-                flat = flat * self.cfg.gradient_predivide_factor
-        else:
-            flat = hvd.allreduce(flat, op=hvd.Sum, compression=compression,
-                                 postscale_factor=self.cfg.gradient_predivide_factor,
-                                 name="harness_grads")
-        parts = tf.split(flat, [int(np.prod(v.shape)) for v in self.tf_trainable])
-        return [tf.reshape(p, v.shape) for p, v in zip(parts, self.tf_trainable)]
+        own = [] if self.compressor is not None else self._own_allreduces
+        reduced = {i: hvd.allreduce(grads[i], op=hvd.Sum, compression=compression,
+                                    postscale_factor=self.cfg.gradient_predivide_factor,
+                                    name=f"harness_grads.{i}") for i in own}
+        rest = [i for i in range(len(grads)) if i not in reduced]
+        if rest:
+            flat = tf.concat([tf.reshape(grads[i], [-1]) for i in rest], 0)
+            if self.compressor is not None:
+                flat = self.compressor.exchange(flat)
+                if self.cfg.gradient_predivide_factor != 1.0:
+                    flat = flat * self.cfg.gradient_predivide_factor
+            else:
+                flat = hvd.allreduce(flat, op=hvd.Sum, compression=compression,
+                                     postscale_factor=self.cfg.gradient_predivide_factor,
+                                     name="harness_grads")
+            shapes = [self.tf_trainable[i].shape for i in rest]
+            parts = tf.split(flat, [int(np.prod(s)) for s in shapes])
+            reduced.update((i, tf.reshape(p, s)) for i, p, s in zip(rest, parts, shapes))
+        return [reduced[i] for i in range(len(grads))]
+
+    @property
+    def _own_allreduces(self) -> list[int]:
+        """The gradients (indices) that the flat exchange reduces apart (``_flat_allreduce``)."""
+        if self.gpu:      # a device copy costs next to nothing against an allreduce's latency
+            return []
+        return [i for i, v in enumerate(self.tf_trainable)
+                if int(np.prod(v.shape)) * v.dtype.size >= OWN_ALLREDUCE_BYTES]
 
     def elastic_run(self, func):
         """Horovod's TF ``elastic.run`` turns a failed Horovod op into HorovodInternalError
