@@ -109,6 +109,29 @@ def refuse_own_flags(train_args: list[str]) -> None:
                               f"{OWN_FLAGS[flag]}")
 
 
+#: run-config keys that compare sets for each run itself, as the flags in OWN_FLAGS
+OWN_KEYS = {"framework": "it runs each of --frameworks", "mode": "it runs each of --modes",
+            "out_dir": "its runs go to {out_dir} (--out-dir)",
+            "run_name": "runs are named framework-mode-npN",
+            "resume": "compare's --resume continues a comparison"}
+
+
+def unused_config_keys(train_args: list[str], out_dir: Path) -> list[str]:
+    """A notice for each key of the ``--config`` file that compare sets for each run itself:
+    a config shared with ``harness train`` may hold them, but compare does not use them."""
+    import tomllib
+
+    paths = [a.split("=", 1)[1] if a.startswith("--config=") else b
+             for a, b in zip(train_args, [*train_args[1:], ""])
+             if a.startswith("--config=") or a == "--config"]
+    if not paths:
+        return []
+    # the file parsed already: the plan loaded it
+    data = tomllib.loads(Path(paths[-1]).read_text(encoding="utf-8"))
+    return [f"the config's {key} = {data[key]!r} is not used: {why.format(out_dir=out_dir)}"
+            for key, why in OWN_KEYS.items() if key in data]
+
+
 def plan(train_args: list[str], frameworks: list[str], nps: list[int], modes: list[str],
          launcher: str, out_dir: Path, python: str, resume: bool = False,
          compressions: str | None = None) -> list[Job]:
@@ -177,6 +200,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                           "per run")
     jobs = plan(train_args, frameworks, nps, modes, args.launcher, out_dir, sys.executable,
                 resume=args.resume, compressions=args.compression)
+    for notice in unused_config_keys(train_args, out_dir):
+        print(f"harness compare: {notice}", file=sys.stderr, flush=True)
     if not args.dry_run:             # a task: each framework can load it, before any run
         from harness.task import check_frameworks
 

@@ -11,6 +11,7 @@ import pytest
 from harness.config import RunConfig, parse_train_args
 from harness.errors import ConfigError
 from launchers.compare import plan
+from conftest import harness, run
 
 PYTHON = "/opt/venv/bin/python"
 TRAIN = ["--model", "mlp", "--lr", "0.07", "--epochs", "3", "--ps-servers", "2",
@@ -60,6 +61,25 @@ def test_a_flag_compare_sets_per_run_is_refused_in_the_train_args(tmp_path, flag
     """It used to lose silently to compare's own value for each run."""
     with pytest.raises(ConfigError, match=f"{flag} after --: compare sets {flag} for each run"):
         plan([*TRAIN, flag, "x"], ["torch"], [2], ["sync"], "horovodrun", tmp_path, PYTHON)
+
+
+def test_config_keys_compare_sets_per_run_are_named_as_unused(tmp_path):
+    """A config shared with harness train may set them; compare says it does not use them
+    (they used to lose silently to its own values)."""
+    config = tmp_path / "run.toml"
+    config.write_text('model = "mlp"\nframework = "tensorflow"\nout_dir = "elsewhere"\n')
+    p = run(harness("compare", "--config", config, "--np", "1", "--frameworks", "torch",
+                    "--out-dir", tmp_path / "cmp", "--dry-run"), timeout=60, check=True)
+    assert p.stderr.splitlines() == [
+        "harness compare: the config's framework = 'tensorflow' is not used: it runs each of "
+        "--frameworks",
+        f"harness compare: the config's out_dir = 'elsewhere' is not used: its runs go to "
+        f"{tmp_path / 'cmp'} (--out-dir)"]
+    assert "--config" in p.stdout and not (tmp_path / "cmp").exists()
+    config.write_text('model = "mlp"\n')
+    p = run(harness("compare", f"--config={config}", "--np", "1", "--dry-run"), timeout=60,
+            check=True)
+    assert "not used" not in p.stderr
 
 
 def test_invalid_train_args_are_refused_before_any_plan(tmp_path):

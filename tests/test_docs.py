@@ -64,7 +64,8 @@ QUOTED_RECORDS = ("allreduce", "allreduce_target", "overhead", "overhead_a49c5ac
                   "main_job_5523cb6", "main_job_1ad7a8a", "main_job_patch0007", "allreduce_flat",
                   "peers", "peers_5526f9b", "compression", "threads", "paths")
 # earlier runs (cited by figure), and records that are not benchmark tables
-NOT_TABULATED = ("allreduce_flat_patch0004", "allreduce_flat_patch0007", "allreduce_flat_edf08c0", "main_job_cycle20",
+NOT_TABULATED = ("allreduce_flat_patch0004", "allreduce_flat_patch0007",
+                 "allreduce_flat_edf08c0", "main_job_cycle20",
                  "main_job_patch0004", "overhead_patch0004", "peers_a6aa353", "peers_edf08c0",
                  "peers_1ad7a8a", "peers_cycle20", "peers_gpt", "paths_5523cb6", "elastic",
                  "gpt_compare",
