@@ -230,6 +230,9 @@ def check_launch_fits(cfg: RunConfig, spec: LaunchSpec) -> None:
     """What every rank of a sync or async run would refuse once started (each inside the
     launcher's abort notice), refused once before the launch (``harness launch``, ``compare``)."""
     gloo = spec.launcher == "horovodrun" and spec.controller == "gloo" and spec.np > 1
+    workers = spec.np - (cfg.ps_servers if cfg.mode == "async" else 0)
+    if workers >= 1 and not cfg.elastic:   # an elastic run keeps its starting ranks' batch
+        cfg.per_rank_batch(workers)          # global_batch_size divides among the workers
     if cfg.mode == "async":
         if gloo:
             raise ConfigError("mode = 'async' runs its parameter servers on MPI (mpi4py), but "

@@ -121,6 +121,11 @@ def test_a_users_script_refuses_a_task_of_harness_train(task_file, tmp_path):
      "allreduce = 'mpi' reduces with mpi4py, but --controller gloo starts the ranks without MPI"),
     (["--launcher", "horovodrun", "--controller", "gloo", "-np", "2"], ["--mode", "async"],
      "mode = 'async' runs its parameter servers on MPI (mpi4py), but --controller gloo"),
+    (["--launcher", "mpirun", "-np", "3"], ["--global-batch-size", "64"],
+     "global_batch_size = 64 does not divide by 3 ranks: use a multiple of 3, e.g. 66"),
+    (["--launcher", "mpirun", "-np", "4"], ["--mode", "async", "--ps-servers", "2",
+                                            "--global-batch-size", "1"],
+     "global_batch_size = 1 is smaller than the 2 ranks that share it"),
 ])
 def test_launch_refuses_a_gradient_path_the_ranks_would_refuse(tmp_path, launch, train,
                                                                 expected):
