@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from harness.errors import HarnessError
+from harness.errors import ConfigError, HarnessError
 
 
 def rank_hint() -> str:
@@ -79,6 +79,10 @@ def run(task: Any, config: Any = None, argv: list[str] | None = None, **override
         from harness.task import configure
         from harness.train import run as train_run
 
+        if task is None:
+            raise ConfigError("harness.run(task, ...): task is None: give a Task, a Tasks pair "
+                              "or a function of the config that returns one (a PATH.py:NAME "
+                              "task is for `harness train --task`)")
         values: dict[str, Any] = {}
         if isinstance(config, RunConfig):       # the values it sets (its defaults are not set)
             default = RunConfig().to_dict()

@@ -112,6 +112,15 @@ def test_a_users_script_refuses_a_task_of_harness_train(task_file, tmp_path):
     assert not out.exists()
 
 
+def test_harness_run_without_a_task_is_one_line(tmp_path):
+    """It used to read its own label as a --task path and name --task."""
+    p = run([PY, "-c", "import sys, harness; sys.exit(harness.run(None, {'out_dir': "
+             f"{str(tmp_path / 'out')!r}}}))"], timeout=60)
+    line = one_line(p)
+    assert "harness.run(task, ...): task is None: give a Task" in line and "--task " not in line
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("launch, train, expected", [
     (["--launcher", "mpirun", "-np", "2"], ["--allreduce", "local"],
      "allreduce = 'local' trains one process, but this launch starts 2"),
