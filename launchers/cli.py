@@ -74,6 +74,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         spec.check_local_files()
         if spec.runs_here():
             check_run_files(cfg)
+            spec.check_interfaces_here()
     if spec.elastic:
         from launchers import elastic
 

@@ -206,6 +206,19 @@ class LaunchSpec:
                               "give the interpreter of the harness's virtualenv (the default "
                               "is the one running this command)")
 
+    def check_interfaces_here(self) -> None:
+        """``--network-interfaces`` of a job whose ranks all start on this machine names an
+        interface it has: horovodrun uses those of the names that exist, and with none it ends
+        in a traceback of its own."""
+        import socket
+
+        have = [name for _, name in socket.if_nameindex()]
+        names = [n for n in (self.network_interfaces or "").split(",") if n]
+        if names and not set(names) & set(have):
+            raise ConfigError(f"--network-interfaces {self.network_interfaces}: this machine has "
+                              f"no such interface; it has {', '.join(have)}: name those the "
+                              "ranks should use")
+
     def _refuse_options_of_other_launchers(self) -> None:
         """An option the chosen launcher does not read would be dropped without a word."""
         for f in fields(self):

@@ -112,6 +112,12 @@ def test_a_users_script_refuses_a_task_of_harness_train(task_file, tmp_path):
     assert not out.exists()
 
 
+def test_network_interfaces_of_which_one_exists_here_are_horovodruns_to_use():
+    from launchers.spec import LaunchSpec
+
+    LaunchSpec(launcher="horovodrun", np=2, network_interfaces="lo,eth99").check_interfaces_here()
+
+
 def test_harness_run_without_a_task_is_one_line(tmp_path):
     """It used to read its own label as a --task path and name --task."""
     p = run([PY, "-c", "import sys, harness; sys.exit(harness.run(None, {'out_dir': "
@@ -135,6 +141,8 @@ def test_harness_run_without_a_task_is_one_line(tmp_path):
     (["--launcher", "mpirun", "-np", "4"], ["--mode", "async", "--ps-servers", "2",
                                             "--global-batch-size", "1"],
      "global_batch_size = 1 is smaller than the 2 ranks that share it"),
+    (["--launcher", "horovodrun", "-np", "2", "--network-interfaces", "eth98,eth99"], [],
+     "--network-interfaces eth98,eth99: this machine has no such interface; it has lo"),
 ])
 def test_launch_refuses_a_gradient_path_the_ranks_would_refuse(tmp_path, launch, train,
                                                                 expected):
