@@ -116,20 +116,25 @@ OWN_KEYS = {"framework": "it runs each of --frameworks", "mode": "it runs each o
             "resume": "compare's --resume continues a comparison"}
 
 
-def unused_config_keys(train_args: list[str], out_dir: Path) -> list[str]:
-    """A notice for each key of the ``--config`` file that compare sets for each run itself:
-    a config shared with ``harness train`` may hold them, but compare does not use them."""
-    import tomllib
+def unused_config_keys(train_args: list[str], used: dict[str, list]) -> list[str]:
+    """A notice for each key of the ``--config`` file that compare sets for each run itself to
+    other values (``used``: the values compare gives each key): a config shared with
+    ``harness train`` may hold them, but compare does not use them."""
+    from harness.config import read_toml
 
     paths = [a.split("=", 1)[1] if a.startswith("--config=") else b
              for a, b in zip(train_args, [*train_args[1:], ""])
              if a.startswith("--config=") or a == "--config"]
     if not paths:
         return []
-    # the file parsed already: the plan loaded it
-    data = tomllib.loads(Path(paths[-1]).read_text(encoding="utf-8"))
-    return [f"the config's {key} = {data[key]!r} is not used: {why.format(out_dir=out_dir)}"
-            for key, why in OWN_KEYS.items() if key in data]
+    data = read_toml(paths[-1])         # as harness train reads it: the last --config
+    def same(key: str) -> bool:
+        text = (lambda v: str(Path(v))) if key == "out_dir" else str
+        return [text(v) for v in used.get(key, [])] == [text(data[key])]
+
+    return [f"the config's {key} = {data[key]!r} is not used: "
+            f"{why.format(out_dir=used['out_dir'][0])}"
+            for key, why in OWN_KEYS.items() if key in data and not same(key)]
 
 
 def plan(train_args: list[str], frameworks: list[str], nps: list[int], modes: list[str],
@@ -180,6 +185,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if train_args and train_args[0] == "--":
         train_args = train_args[1:]
     if args.config:
+        given = [a for a in train_args if a == "--config" or a.startswith("--config=")]
+        if given:            # harness train reads the last --config alone
+            raise ConfigError(f"--config {args.config} and {given[0]} after --: harness train "
+                              "would read the second alone; give one --config")
         train_args = ["--config", args.config, *train_args]
     frameworks = _csv(args.frameworks, ("torch", "tensorflow"), "frameworks")
     modes = _csv(args.modes, ("sync", "async"), "modes")
@@ -200,7 +209,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
                           "per run")
     jobs = plan(train_args, frameworks, nps, modes, args.launcher, out_dir, sys.executable,
                 resume=args.resume, compressions=args.compression)
-    for notice in unused_config_keys(train_args, out_dir):
+    used: dict[str, list] = {"framework": frameworks, "mode": modes, "out_dir": [out_dir],
+                             "resume": ["auto" if args.resume else "never"]}
+    for notice in unused_config_keys(train_args, used):
         print(f"harness compare: {notice}", file=sys.stderr, flush=True)
     if not args.dry_run:             # a task: each framework can load it, before any run
         from harness.task import check_frameworks

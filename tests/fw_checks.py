@@ -300,8 +300,10 @@ def check_tf_exchange(fw: str) -> dict:
     """Under mpirun -np 2: TensorFlow's flat exchange where one gradient (mlp's 2048 x 128
     kernel, 1 MiB) has an allreduce of its own and the others share the flat buffer. Each rank
     makes distinct gradients inside the graph (as the backward pass does: buffers that nothing
-    else holds); returns, on rank 0, which gradients went apart, whether every reduced gradient
-    is the exact float32 sum of both ranks' and Horovod's fusion threshold."""
+    else holds); returns, on rank 0, which gradients went apart, the Horovod allreduces in the
+    exchange's graph, whether every reduced gradient is the exact float32 sum of both ranks'
+    times the gradient_predivide_factor (4: Horovod's postscale on each allreduce) and Horovod's
+    fusion threshold."""
     import tensorflow as tf
 
     from harness.backends.horovod_tf import variable_name
@@ -309,7 +311,8 @@ def check_tf_exchange(fw: str) -> dict:
     from harness.env import detect_world
     from models.tasks import keras_task
 
-    cfg = RunConfig(framework=fw, model="mlp", allreduce="horovod", threads_per_rank=1)
+    cfg = RunConfig(framework=fw, model="mlp", allreduce="horovod", threads_per_rank=1,
+                    gradient_predivide_factor=4.0)
     b = create(cfg, detect_world(), "horovod")
     world = b.init_distributed()
     x, y = np.zeros((2, 2048), np.float32), np.zeros(2, np.int64)
@@ -327,10 +330,13 @@ def check_tf_exchange(fw: str) -> dict:
         [first * (i + 1) + tf.reshape(tf.range(int(np.prod(s)), dtype=tf.float32) * 1e-3, s)
          for i, s in enumerate(shapes)], b.hvd.Compression.none))
     reduced = [g.numpy() for g in exchange()]
-    expected = [a + c for a, c in zip(grads_of(0), grads_of(1))]
+    expected = [(a + c) * np.float32(4) for a, c in zip(grads_of(0), grads_of(1))]
+    graph = exchange.get_concrete_function().graph
     out = {"own": [variable_name(b.trainable[i]) for i in b._own_allreduces],
+           "allreduces": sorted(op.name for op in graph.get_operations()
+                                if op.type == "HorovodAllreduce"),
            "exact": [bool(np.array_equal(r, e)) for r, e in zip(reduced, expected)],
-           "fusion_threshold": os.environ.get("HOROVOD_FUSION_THRESHOLD")}
+           "fusion_threshold": os.environ.get("HOROVOD_FUSION_THRESHOLD"), "gpu": b.gpu}
     b.shutdown()
     if world.rank != 0:
         sys.stdout = open(os.devnull, "w")

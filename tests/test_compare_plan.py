@@ -76,10 +76,22 @@ def test_config_keys_compare_sets_per_run_are_named_as_unused(tmp_path):
         f"harness compare: the config's out_dir = 'elsewhere' is not used: its runs go to "
         f"{tmp_path / 'cmp'} (--out-dir)"]
     assert "--config" in p.stdout and not (tmp_path / "cmp").exists()
+    # after --, as --config=PATH; values compare uses anyway are not named
+    config.write_text('model = "mlp"\nmode = "sync"\nrun_name = "mine"\n'
+                      f'out_dir = "{tmp_path / "cmp"}"\n')
+    p = run(harness("compare", "--np", "1", "--out-dir", tmp_path / "cmp/.", "--dry-run", "--",
+                    f"--config={config}"), timeout=60, check=True)
+    assert p.stderr.splitlines() == ["harness compare: the config's run_name = 'mine' is not "
+                                     "used: runs are named framework-mode-npN"]
+
+
+def test_a_second_config_after_the_dashes_is_refused(tmp_path):
+    """harness train reads the last --config alone: compare's own would be dropped unseen."""
+    config = tmp_path / "run.toml"
     config.write_text('model = "mlp"\n')
-    p = run(harness("compare", f"--config={config}", "--np", "1", "--dry-run"), timeout=60,
-            check=True)
-    assert "not used" not in p.stderr
+    p = run(harness("compare", "--config", config, "--np", "1", "--dry-run", "--",
+                    f"--config={config}"), timeout=60)
+    assert p.returncode == 2 and f"--config {config} and --config={config} after --" in p.stderr
 
 
 def test_invalid_train_args_are_refused_before_any_plan(tmp_path):

@@ -89,6 +89,8 @@ def test_tensorflows_flat_exchange_turns_fusion_off_unless_set(monkeypatch):
         monkeypatch.setenv(var, "1")
         assert fusion(framework="tensorflow") is None
         monkeypatch.delenv(var)
+    monkeypatch.setenv("HOROVOD_AUTOTUNE", "0")          # off, as Horovod reads it
+    assert fusion(framework="tensorflow") == "0"
 
 
 @pytest.mark.framework

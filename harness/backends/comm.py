@@ -144,6 +144,8 @@ class HorovodComm(Backend):
         info.settings.update(self.hvd_env)
         # the effective value, also when the launch environment set it rather than the harness
         info.settings["HOROVOD_WAKE_ON_ENQUEUE"] = os.environ.get("HOROVOD_WAKE_ON_ENQUEUE", "0")
+        info.settings["HOROVOD_FUSION_THRESHOLD"] = os.environ.get(
+            "HOROVOD_FUSION_THRESHOLD", str(64 << 20))          # Horovod's default: 64 MiB
         info.settings["controller"] = "gloo" if self.hvd.gloo_enabled() else "mpi"
         info.settings.update(compression=self.cfg.compression, reduction=self.cfg.reduction,
                              backward_passes_per_step=self.cfg.backward_passes_per_step,

@@ -53,8 +53,8 @@ def horovod_environment(cfg: RunConfig) -> dict[str, str]:
     env: dict[str, str] = {}
     if cfg.fusion_threshold_mb is not None:
         env["HOROVOD_FUSION_THRESHOLD"] = str(int(cfg.fusion_threshold_mb * 1024 * 1024))
-    elif (cfg.framework == "tensorflow" and cfg.exchange == "flat"
-          and not {"HOROVOD_FUSION_THRESHOLD", "HOROVOD_AUTOTUNE"} & set(os.environ)):
+    elif (cfg.framework == "tensorflow" and cfg.exchange == "flat" and not
+          {"HOROVOD_FUSION_THRESHOLD", "HOROVOD_AUTOTUNE"} & set(horovod_settings_in(os.environ))):
         # TensorFlow's flat exchange hands Horovod each large gradient on its own, to reduce
         # in place (HorovodTFBackend._flat_allreduce); fusing them would copy them into
         # Horovod's buffer and out again, the copies that exchange exists to avoid

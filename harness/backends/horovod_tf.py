@@ -38,8 +38,10 @@ OPTIONAL_AT_IMPORT = ("sklearn", "matplotlib")
 
 #: On CPU the flat exchange gives a gradient of this many bytes or more an allreduce of its own,
 #: in place, rather than copy it into the flat buffer and out again (``_flat_allreduce``). The
-#: two copies of 1 MiB take about 0.2 ms on the development machine; one more allreduce's
-#: negotiation and latency on shared memory are a small part of that (docs/benchmarks.md)
+#: two copies of 1 MiB take about 0.25 ms on the development machine; one more allreduce's
+#: negotiation and latency on shared memory are a small part of that (docs/benchmarks.md). Set
+#: on one host: between hosts each such gradient is a message of its own, which still pays
+#: where a 1 MiB message takes longer than its latency
 OWN_ALLREDUCE_BYTES = 1 << 20
 
 
@@ -579,7 +581,8 @@ class HorovodTFBackend(HorovodComm, TFBackend):
 
     def _flat_allreduce(self, grads, compression):
         """The gradients in one contiguous buffer, one Horovod sum allreduce, split back: one
-        tensor per step leaves Horovod nothing to fuse or negotiate tensor by tensor.
+        tensor per step leaves Horovod nothing to fuse or negotiate tensor by tensor; except,
+        on CPU, the large ones.
 
         On CPU, a gradient of ``OWN_ALLREDUCE_BYTES`` or more has an allreduce of its own
         instead: TensorFlow hands each gradient over in a buffer of its own, so the buffer's
