@@ -326,17 +326,29 @@ def check_tf_exchange(fw: str) -> dict:
                 for i, s in enumerate(shapes)]
 
     first = tf.Variable(float(world.rank + 1))        # a variable: no constant folding
-    exchange = tf.function(lambda: b._flat_allreduce(
-        [first * (i + 1) + tf.reshape(tf.range(int(np.prod(s)), dtype=tf.float32) * 1e-3, s)
-         for i, s in enumerate(shapes)], b.hvd.Compression.none))
-    reduced = [g.numpy() for g in exchange()]
+
+    def grads(wide=()):
+        """This rank's gradients in the graph; those in ``wide`` in float64."""
+        return [tf.cast(g, tf.float64) if i in wide else g for i, g in enumerate(
+            first * (i + 1) + tf.reshape(tf.range(int(np.prod(s)), dtype=tf.float32) * 1e-3, s)
+            for i, s in enumerate(shapes))]
+
+    out: dict = {"own": [variable_name(b.trainable[i]) for i in b._own_allreduces]}
     expected = [(a + c) * np.float32(4) for a, c in zip(grads_of(0), grads_of(1))]
-    graph = exchange.get_concrete_function().graph
-    out = {"own": [variable_name(b.trainable[i]) for i in b._own_allreduces],
-           "allreduces": sorted(op.name for op in graph.get_operations()
-                                if op.type == "HorovodAllreduce"),
-           "exact": [bool(np.array_equal(r, e)) for r, e in zip(reduced, expected)],
-           "fusion_threshold": os.environ.get("HOROVOD_FUSION_THRESHOLD"), "gpu": b.gpu}
+    # as the model has them, and with a small float64 gradient among them (a layer of its own
+    # dtype: one flat buffer per dtype)
+    for key, wide in (("", ()), ("mixed_", (1,))):
+        exchange = tf.function(lambda: b._flat_allreduce(grads(wide), b.hvd.Compression.none))
+        reduced = exchange()
+        graph = exchange.get_concrete_function().graph
+        out[key + "allreduces"] = sorted(op.name for op in graph.get_operations()
+                                         if op.type == "HorovodAllreduce")
+        wide_expected = [(a.astype(np.float64) + c.astype(np.float64)) * 4 if i in wide else e
+                         for i, (a, c, e) in enumerate(zip(grads_of(0), grads_of(1), expected))]
+        out[key + "exact"] = [bool(np.array_equal(r.numpy(), e))
+                              for r, e in zip(reduced, wide_expected)]
+        out[key + "dtypes"] = [r.dtype.name for r in reduced]
+    out.update(fusion_threshold=os.environ.get("HOROVOD_FUSION_THRESHOLD"), gpu=b.gpu)
     b.shutdown()
     if world.rank != 0:
         sys.stdout = open(os.devnull, "w")

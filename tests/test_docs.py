@@ -59,10 +59,10 @@ def test_the_metrics_record_kinds_documented_are_the_ones_written():
 
 # the raw records whose tables docs/benchmarks.md quotes as its current ones (the other files in
 # docs/bench-data are earlier runs that its prose cites by figure)
-QUOTED_RECORDS = ("allreduce", "allreduce_target", "overhead", "overhead_5523cb6", "overhead_a49c5ac",
-                  "overhead_1ad7a8a", "scaling", "async_sync", "fusion", "main_job",
-                  "main_job_5523cb6", "main_job_1ad7a8a", "main_job_patch0007", "allreduce_flat",
-                  "peers", "peers_5526f9b", "compression", "threads", "paths")
+QUOTED_RECORDS = ("allreduce", "allreduce_target", "overhead", "overhead_5523cb6",
+                  "overhead_a49c5ac", "overhead_1ad7a8a", "scaling", "async_sync", "fusion",
+                  "main_job", "main_job_5523cb6", "main_job_1ad7a8a", "main_job_patch0007",
+                  "allreduce_flat", "peers", "peers_5526f9b", "compression", "threads", "paths")
 # earlier runs (cited by figure), and records that are not benchmark tables
 NOT_TABULATED = ("allreduce_flat_patch0004", "allreduce_flat_patch0007",
                  "allreduce_flat_edf08c0", "main_job_cycle20",

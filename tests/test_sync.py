@@ -85,6 +85,11 @@ def test_tensorflow_flat_exchange_reduces_a_large_gradient_apart_and_exactly():
     assert out["own"] == ["fc1/kernel"]
     assert out["allreduces"] == ["harness_grads", "harness_grads.0"]      # in the step's graph
     assert out["exact"] == [True] * 6
+    # a float64 layer among float32 ones: a flat buffer per dtype (it failed in the concat)
+    assert out["mixed_allreduces"] == ["harness_grads.0", "harness_grads.float32",
+                                       "harness_grads.float64"]
+    assert out["mixed_exact"] == [True] * 6
+    assert out["mixed_dtypes"] == ["float32", "float64"] + ["float32"] * 4
     assert out["fusion_threshold"] == "0"
 
 
@@ -219,7 +224,7 @@ def test_allreduce_equals_single_rank_with_double_batch(fw, results):
         assert rec["gradient_path"] == "horovod" and rec["settings"]["grad_exchange"] == name
         assert rec["settings"]["HOROVOD_WAKE_ON_ENQUEUE"] == "1"     # no idle cycle, any path
         # what Horovod fuses with: TensorFlow's flat exchange hands it large gradients apart
-        fused = "0" if (fw, name) == ("tensorflow", "flat") else str(64 << 20)
+        fused = "0" if (fw, name) == ("tensorflow", "flat") else str(128 << 20)  # Horovod's
         assert rec["settings"]["HOROVOD_FUSION_THRESHOLD"] == fused
     flat = checkpoint_weights(latest_checkpoint(results / "flat"))
     avg = checkpoint_weights(latest_checkpoint(results / "optimizer"))

@@ -16,7 +16,7 @@ import numpy as np
 from harness.backends import mpi_comm
 from harness.backends.base import Backend, BackendInfo
 from harness.backends.common import (apply_horovod_environment, check_horovod_combination,
-                                     check_no_horovod_features)
+                                     check_no_horovod_features, horovod_settings_in)
 from harness.compress import dense_sent_bytes
 from harness.env import World, loopback_slot
 from harness.errors import ConfigError
@@ -144,8 +144,11 @@ class HorovodComm(Backend):
         info.settings.update(self.hvd_env)
         # the effective value, also when the launch environment set it rather than the harness
         info.settings["HOROVOD_WAKE_ON_ENQUEUE"] = os.environ.get("HOROVOD_WAKE_ON_ENQUEUE", "0")
+        # what Horovod fuses with: the set value, else autotuned or Horovod 0.28.1's 128 MiB
         info.settings["HOROVOD_FUSION_THRESHOLD"] = os.environ.get(
-            "HOROVOD_FUSION_THRESHOLD", str(64 << 20))          # Horovod's default: 64 MiB
+            "HOROVOD_FUSION_THRESHOLD",
+            "autotuned" if "HOROVOD_AUTOTUNE" in horovod_settings_in(os.environ)
+            else str(128 << 20))
         info.settings["controller"] = "gloo" if self.hvd.gloo_enabled() else "mpi"
         info.settings.update(compression=self.cfg.compression, reduction=self.cfg.reduction,
                              backward_passes_per_step=self.cfg.backward_passes_per_step,

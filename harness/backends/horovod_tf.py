@@ -597,8 +597,15 @@ class HorovodTFBackend(HorovodComm, TFBackend):
                                     postscale_factor=self.cfg.gradient_predivide_factor,
                                     name=f"harness_grads.{i}") for i in own}
         rest = [i for i in range(len(grads)) if i not in reduced]
-        if rest:
-            flat = tf.concat([tf.reshape(grads[i], [-1]) for i in rest], 0)
+        # One buffer per dtype: a model may hold a float64 or float16 layer among float32 ones.
+        # A compressor works on the whole float32 vector, as its layout has it.
+        dtypes = sorted({grads[i].dtype.name for i in rest})
+        if self.compressor is not None and rest:
+            dtypes = ["float32"]
+        for dtype in dtypes:
+            group = [i for i in rest if self.compressor is not None or
+                     grads[i].dtype.name == dtype]
+            flat = tf.concat([tf.cast(tf.reshape(grads[i], [-1]), dtype) for i in group], 0)
             if self.compressor is not None:
                 flat = self.compressor.exchange(flat)
                 if self.cfg.gradient_predivide_factor != 1.0:
@@ -606,10 +613,12 @@ class HorovodTFBackend(HorovodComm, TFBackend):
             else:
                 flat = hvd.allreduce(flat, op=hvd.Sum, compression=compression,
                                      postscale_factor=self.cfg.gradient_predivide_factor,
-                                     name="harness_grads")
-            shapes = [self.tf_trainable[i].shape for i in rest]
+                                     name="harness_grads" if len(dtypes) == 1 else
+                                     f"harness_grads.{dtype}")
+            shapes = [self.tf_trainable[i].shape for i in group]
             parts = tf.split(flat, [int(np.prod(s)) for s in shapes])
-            reduced.update((i, tf.reshape(p, s)) for i, p, s in zip(rest, parts, shapes))
+            reduced.update((i, tf.cast(tf.reshape(p, s), grads[i].dtype))
+                           for i, p, s in zip(group, parts, shapes))
         return [reduced[i] for i in range(len(grads))]
 
     @property
