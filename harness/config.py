@@ -633,9 +633,21 @@ def train_parser(parser: argparse.ArgumentParser | None = None,
     # no abbreviations: horovodrun hands the program's flags to its own argparse first, where
     # --stall would abbreviate two of its options and fail after the check here had passed
     parser.allow_abbrev = False
-    parser.add_argument("--config", metavar="TOML", help="run config file; flags override its keys")
+    parser.add_argument("--config", metavar="TOML", action=_OneConfig,
+                        help="run config file; flags override its keys")
     add_config_arguments(parser)
     return parser
+
+
+class _OneConfig(argparse.Action):
+    """--config once: a second would replace the first without a word."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"--config given twice ({getattr(namespace, self.dest)} and {values}): "
+                         "one run reads one config file; merge them, or give the other's keys "
+                         "as flags")
+        setattr(namespace, self.dest, values)
 
 
 def parse_train_args(argv: list[str]) -> RunConfig:

@@ -129,7 +129,7 @@ def unused_config_keys(train_args: list[str], used: dict[str, list]) -> list[str
         return []
     data = read_toml(paths[-1])         # as harness train reads it: the last --config
     def same(key: str) -> bool:
-        text = (lambda v: str(Path(v))) if key == "out_dir" else str
+        text = (lambda v: os.path.abspath(v)) if key == "out_dir" else str
         return [text(v) for v in used.get(key, [])] == [text(data[key])]
 
     return [f"the config's {key} = {data[key]!r} is not used: "

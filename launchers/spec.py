@@ -212,12 +212,15 @@ class LaunchSpec:
         in a traceback of its own."""
         import socket
 
+        if self.network_interfaces is None:
+            return
         have = [name for _, name in socket.if_nameindex()]
-        names = [n for n in (self.network_interfaces or "").split(",") if n]
-        if names and not set(names) & set(have):
-            raise ConfigError(f"--network-interfaces {self.network_interfaces}: this machine has "
-                              f"no such interface; it has {', '.join(have)}: name those the "
-                              "ranks should use")
+        names = [n for n in self.network_interfaces.split(",") if n]
+        if not set(names) & set(have):
+            given = ", ".join(map(repr, names)) or "no name"
+            raise ConfigError(f"--network-interfaces {self.network_interfaces!r} gives {given}, "
+                              f"and this machine has no such interface; it has "
+                              f"{', '.join(have)}: name those the ranks should use")
 
     def _refuse_options_of_other_launchers(self) -> None:
         """An option the chosen launcher does not read would be dropped without a word."""

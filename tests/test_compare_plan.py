@@ -77,10 +77,9 @@ def test_config_keys_compare_sets_per_run_are_named_as_unused(tmp_path):
         f"{tmp_path / 'cmp'} (--out-dir)"]
     assert "--config" in p.stdout and not (tmp_path / "cmp").exists()
     # after --, as --config=PATH; values compare uses anyway are not named
-    config.write_text('model = "mlp"\nmode = "sync"\nrun_name = "mine"\n'
-                      f'out_dir = "{tmp_path / "cmp"}"\n')
-    p = run(harness("compare", "--np", "1", "--out-dir", tmp_path / "cmp/.", "--dry-run", "--",
-                    f"--config={config}"), timeout=60, check=True)
+    config.write_text('model = "mlp"\nmode = "sync"\nrun_name = "mine"\nout_dir = "./cmp/"\n')
+    p = run(harness("compare", "--np", "1", "--out-dir", tmp_path / "cmp", "--dry-run", "--",
+                    f"--config={config}"), timeout=60, check=True, cwd=tmp_path)
     assert p.stderr.splitlines() == ["harness compare: the config's run_name = 'mine' is not "
                                      "used: runs are named framework-mode-npN"]
 

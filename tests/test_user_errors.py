@@ -112,6 +112,17 @@ def test_a_users_script_refuses_a_task_of_harness_train(task_file, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", [["train"], ["compare", "--np", "1", "--dry-run", "--"]])
+def test_a_second_config_is_refused_not_dropped(tmp_path, command):
+    """Found by a new-user hunt: the last --config alone was read, the first dropped unseen."""
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    a.write_text(f'model = "mlp"\nout_dir = "{tmp_path / "out"}"\n')
+    b.write_text("epochs = 1\n")
+    p = run(harness(*command, "--config", a, f"--config={b}"), timeout=60, cwd=tmp_path)
+    assert f"--config given twice ({a} and {b}): one run reads one config file" in one_line(p)
+    assert not (tmp_path / "out").exists()
+
+
 def test_network_interfaces_of_which_one_exists_here_are_horovodruns_to_use():
     from launchers.spec import LaunchSpec
 
@@ -142,7 +153,10 @@ def test_harness_run_without_a_task_is_one_line(tmp_path):
                                             "--global-batch-size", "1"],
      "global_batch_size = 1 is smaller than the 2 ranks that share it"),
     (["--launcher", "horovodrun", "-np", "2", "--network-interfaces", "eth98,eth99"], [],
-     "--network-interfaces eth98,eth99: this machine has no such interface; it has lo"),
+     "--network-interfaces 'eth98,eth99' gives 'eth98', 'eth99', and this machine has no such "
+     "interface; it has lo"),
+    (["--launcher", "horovodrun", "-np", "2", "--network-interfaces", ","], [],
+     "--network-interfaces ',' gives no name, and this machine has no such interface"),
 ])
 def test_launch_refuses_a_gradient_path_the_ranks_would_refuse(tmp_path, launch, train,
                                                                 expected):
