@@ -75,6 +75,15 @@ def cmd_launch(args: argparse.Namespace) -> int:
         if spec.runs_here():
             check_run_files(cfg)
             spec.check_interfaces_here()
+        if cfg.mode == "sync" and cfg.allreduce in ("horovod", "auto"):
+            # a HOROVOD_* value Horovod would abort on: every rank would refuse it (the ranks
+            # get this environment), inside the launcher's abort notice
+            from harness.backends.common import horovod_variable_problems
+
+            problems = horovod_variable_problems(os.environ, timeline_here=spec.runs_here())
+            if problems:
+                _, problem, fix = problems[0]
+                raise ConfigError(f"{problem}: {fix}")
     if spec.elastic:
         from launchers import elastic
 

@@ -105,6 +105,8 @@ class LaunchSpec:
         SLURM allocation) need ``--oversubscribe``; mpirun and srun pass the environment
         variables that find this Python and its libraries (``DEFAULT_EXPORTS``) and the
         Horovod settings that are set."""
+        if "np" not in given and given.get("nodes") and given.get("ntasks_per_node"):
+            given["np"] = given["nodes"] * given["ntasks_per_node"]    # SLURM's own count
         launcher, np_ = given.get("launcher", "horovodrun"), given.get("np", 2)
         if launcher == "mpirun":
             given.setdefault("allow_run_as_root", os.geteuid() == 0)

@@ -73,6 +73,18 @@ def test_srun():
         "--export=ALL,NCCL_DEBUG", *PROG]
 
 
+@pytest.mark.parametrize("launcher", ["sbatch", "srun"])
+def test_nodes_times_tasks_per_node_is_the_rank_count_when_np_is_not_given(launcher):
+    """Found by a new-user hunt: the launch help's own example (--nodes 2 --ntasks-per-node 4,
+    no -np) was refused for disagreeing with -np's default of 2, which the user never gave."""
+    p = run(harness("launch", "--launcher", launcher, "--nodes", "2", "--ntasks-per-node", "4",
+                    "--dry-run", "--", "--model", "cnn"), timeout=60, check=True)
+    assert "--ntasks=8 --nodes=2 --ntasks-per-node=4" in p.stdout
+    p = run(harness("launch", "--launcher", launcher, "-np", "4", "--nodes", "2",
+                    "--ntasks-per-node", "4", "--dry-run"), timeout=60)
+    assert p.returncode == 2 and "np = 4 but nodes x ntasks_per_node = 2 x 4 = 8" in p.stderr
+
+
 SBATCH_EXPORT = f"--export=ALL,HARNESS_ROOT={REPO},HARNESS_PYTHON=/opt/my env/bin/python"
 TRAIN_SBATCH = str(REPO / "slurm" / "train.sbatch")
 

@@ -166,6 +166,15 @@ def test_launch_refuses_a_gradient_path_the_ranks_would_refuse(tmp_path, launch,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("train", [[], ["--allreduce", "horovod"]])
+def test_launch_refuses_a_horovod_variable_the_ranks_would_refuse(tmp_path, train):
+    """Found by a new-user hunt: each rank refused it inside mpirun's abort notice."""
+    p = run(harness("launch", "--launcher", "mpirun", "-np", "2", "--", *train, "--out-dir",
+                    tmp_path / "out"), env={"HOROVOD_FUSION_THRESHOLD": "64MB"}, timeout=60)
+    assert "HOROVOD_FUSION_THRESHOLD='64MB' is not a whole number" in one_line(p)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("resume", [[], ["--resume"]])
 def test_compare_refuses_a_runs_folder_as_its_out_dir(tmp_path, resume):
     """Found by a new-user hunt: `compare --resume --out-dir results/<run>` started a new
