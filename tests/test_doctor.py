@@ -83,6 +83,7 @@ def test_tensorflows_flat_exchange_turns_fusion_off_unless_set(monkeypatch):
 
     assert fusion(framework="tensorflow") == "0"
     assert fusion(framework="tensorflow", grad_exchange="optimizer") is None
+    assert fusion(framework="tensorflow", compression="topk") is None   # one vector, compressed
     assert fusion() is None                             # PyTorch's flat buffer is one tensor
     assert fusion(framework="tensorflow", fusion_threshold_mb=8) == str(8 << 20)
     for var in ("HOROVOD_FUSION_THRESHOLD", "HOROVOD_AUTOTUNE"):    # the user's choice stays

@@ -53,11 +53,13 @@ def horovod_environment(cfg: RunConfig) -> dict[str, str]:
     env: dict[str, str] = {}
     if cfg.fusion_threshold_mb is not None:
         env["HOROVOD_FUSION_THRESHOLD"] = str(int(cfg.fusion_threshold_mb * 1024 * 1024))
-    elif (cfg.framework == "tensorflow" and cfg.exchange == "flat" and not
-          {"HOROVOD_FUSION_THRESHOLD", "HOROVOD_AUTOTUNE"} & set(horovod_settings_in(os.environ))):
+    elif (cfg.framework == "tensorflow" and cfg.exchange == "flat" and cfg.compression == "none"
+          and not {"HOROVOD_FUSION_THRESHOLD", "HOROVOD_AUTOTUNE"} &
+          set(horovod_settings_in(os.environ))):
         # TensorFlow's flat exchange hands Horovod each large gradient on its own, to reduce
         # in place (HorovodTFBackend._flat_allreduce); fusing them would copy them into
-        # Horovod's buffer and out again, the copies that exchange exists to avoid
+        # Horovod's buffer and out again, the copies that exchange exists to avoid. (A
+        # compressor takes the whole vector: no gradient goes apart.)
         env["HOROVOD_FUSION_THRESHOLD"] = "0"
     if "HOROVOD_WAKE_ON_ENQUEUE" not in os.environ:
         # Our patch 0004: an enqueued tensor ends the background thread's sleep, so no step
