@@ -93,6 +93,38 @@ def test_tensorflow_flat_exchange_reduces_a_large_gradient_apart_and_exactly():
     assert out["fusion_threshold"] == "0"
 
 
+MIXED_TASK = """
+import numpy as np
+import harness
+
+def model():
+    import keras
+    inp = keras.Input(shape=(8,))
+    h = keras.layers.Dense(16, activation="relu", name="wide", dtype="float64")(inp)
+    return keras.Model(inp, keras.layers.Dense(1, name="out")(h))
+
+def mse(out, y):
+    import tensorflow as tf
+    return tf.reduce_mean((tf.cast(out, tf.float32)[:, 0] - y) ** 2)
+
+rng = np.random.default_rng(0)
+x = rng.random((256, 8), dtype=np.float32)
+data = harness.Data(train=(x, x.sum(1)), test=(x[:64], x[:64].sum(1)))
+task = harness.Task(framework="tensorflow", model=model, loss=mse, loss_name="mse", data=data)
+"""
+
+
+@pytest.mark.parametrize("path", ["horovod", "mpi"])
+def test_a_keras_model_with_a_float64_layer_trains_on_two_ranks(tmp_path, path):
+    """Found by a new-user hunt: the flat buffer's concat failed on a float64 layer among
+    float32 ones (the Horovod path reduces one buffer per dtype, the mpi path in float32)."""
+    (tmp_path / "mixed.py").write_text(MIXED_TASK)
+    run(launch("mpirun", 2, "--task", "mixed.py:task", "--allreduce", path, "--max-steps", "8",
+               "--out-dir", tmp_path / "out", "--run-name", "r"), cwd=tmp_path, timeout=180,
+        check=True)
+    assert summary(tmp_path / "out" / "r")["steps"] == 8
+
+
 def test_a_tensor_waiting_on_a_late_rank_does_not_sleep_out_a_cycle():
     """Patch 0007: with an enqueue waking Horovod's thread and a 50 ms cycle, rank 0's thread
     negotiates again at once while its tensor waits on rank 1, instead of sleeping 50 ms after

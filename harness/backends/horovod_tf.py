@@ -368,7 +368,7 @@ class TFBackend(Backend):
         grads, off = [], 0
         for v in self.tf_trainable:
             n = int(np.prod(v.shape))
-            grads.append(tf.reshape(flat[off:off + n], v.shape))
+            grads.append(tf.cast(tf.reshape(flat[off:off + n], v.shape), v.dtype))
             off += n
         return self._apply(grads)
 
@@ -691,8 +691,11 @@ class MPITFBackend(MPIComm, TFBackend):
             # the loss scaled by 1/size, as on Horovod's flat exchange: the sum over ranks is
             # the average, and compression's residuals have the same scale on both paths (to
             # the bit, at any world size), so a checkpoint resumes on either
+            # one float32 host buffer, as the flat layout has it: a float64 or float16
+            # layer's gradient is reduced in float32 and cast back (_apply_flat)
             loss, sums, grads = self._local_gradients(x, y, scale)
-            return loss, sums, tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
+            return loss, sums, tf.concat([tf.cast(tf.reshape(g, [-1]), tf.float32)
+                                          for g in grads], 0)
 
         def spec(a: np.ndarray):
             return tf.TensorSpec([None, *a.shape[1:]], tf.as_dtype(a.dtype))
