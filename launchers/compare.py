@@ -128,8 +128,9 @@ def unused_config_keys(train_args: list[str], used: dict[str, list]) -> list[str
     if not paths:
         return []
     data = read_toml(paths[-1])         # as harness train reads it: the last --config
+
     def same(key: str) -> bool:
-        text = (lambda v: os.path.abspath(v)) if key == "out_dir" else str
+        text = os.path.abspath if key == "out_dir" else str
         return [text(v) for v in used.get(key, [])] == [text(data[key])]
 
     return [f"the config's {key} = {data[key]!r} is not used: "

@@ -588,9 +588,9 @@ class HorovodTFBackend(HorovodComm, TFBackend):
         instead: TensorFlow hands each gradient over in a buffer of its own, so the buffer's
         concatenation and split copy every byte twice, and for a large gradient those copies
         cost more than one more allreduce. Horovod reduces such a gradient in its own buffer,
-        in place (our patch 0009), and the flat exchange sets Horovod's fusion threshold to 0
-        so that it does not copy them into its fusion buffer (``horovod_environment``). A
-        compressor needs the whole vector and gets it."""
+        in place (our patch 0009), and the flat exchange without compression sets Horovod's
+        fusion threshold to 0 so that it does not copy them into its fusion buffer
+        (``horovod_environment``). A compressor needs the whole vector and gets it."""
         tf, hvd = self.tf, self.hvd
         own = [] if self.compressor is not None else self._own_allreduces
         reduced = {i: hvd.allreduce(grads[i], op=hvd.Sum, compression=compression,
